@@ -1,0 +1,169 @@
+"""An asyncio WebSocket client of PROTOCOL.md.
+
+Replies are matched to requests by `rid`; everything else the server pushes (`msg`,
+`typing`, `score`, `reconnect`, ...) lands in `events`, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import uuid
+from typing import Any
+
+import msgpack
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+SUBPROTOCOLS = {"json": "chat.v1.json", "msgpack": "chat.v1.msgpack"}
+
+
+class ServerError(Exception):
+    """The server answered a request with `err`."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('msg')}")
+        self.code: str = frame.get("code", "")
+        self.frame = frame
+
+
+class AgoraClient:
+    def __init__(self, ws: ClientConnection, encoding: str) -> None:
+        self.ws = ws
+        self.encoding = encoding
+        self.hello: dict[str, Any] = {}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._rids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+        self.close_code: int | None = None
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        token: str | None,
+        encoding: str = "json",
+        *,
+        use_header: bool = True,
+        timeout: float = 10,
+        **kwargs: Any,
+    ) -> AgoraClient:
+        headers = {}
+        if token and use_header:
+            headers["Authorization"] = f"Bearer {token}"
+        elif token:
+            url = f"{url}{'&' if '?' in url else '?'}token={token}"
+        ws = await connect(
+            url,
+            subprotocols=[SUBPROTOCOLS[encoding]],  # type: ignore[list-item]
+            additional_headers=headers,
+            open_timeout=timeout,
+            compression=None,
+            max_size=2**24,
+            **kwargs,
+        )
+        client = cls(ws, encoding)
+        client._reader = asyncio.create_task(client._read())
+        first = await asyncio.wait_for(client.events.get(), timeout)
+        if first.get("t") != "hello":
+            await client.close()
+            raise RuntimeError(f"expected hello, got {first}")
+        client.hello = first
+        return client
+
+    def encode(self, frame: dict[str, Any]) -> bytes | str:
+        if self.encoding == "msgpack":
+            out: bytes = msgpack.packb(frame)
+            return out
+        return orjson.dumps(frame).decode()
+
+    def decode(self, data: bytes | str) -> dict[str, Any]:
+        if isinstance(data, bytes):
+            obj: dict[str, Any] = msgpack.unpackb(data, raw=False)
+            return obj
+        parsed: dict[str, Any] = orjson.loads(data)
+        return parsed
+
+    async def _read(self) -> None:
+        try:
+            async for data in self.ws:
+                frame = self.decode(data)
+                rid = frame.get("rid")
+                fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                if fut is not None and frame.get("t") in ("ok", "pong", "ack", "subbed", "err"):
+                    if not fut.done():
+                        fut.set_result(frame)
+                else:
+                    await self.events.put(frame)
+        except Exception:
+            pass
+        finally:
+            self.close_code = self.ws.close_code
+            self.closed.set()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"closed ({self.close_code})"))
+
+    async def send_raw(self, data: bytes | str) -> None:
+        await self.ws.send(data)
+
+    async def request(self, frame: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+        rid = next(self._rids)
+        frame = {**frame, "rid": rid}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await self.ws.send(self.encode(frame))
+        reply = await asyncio.wait_for(fut, timeout)
+        if reply.get("t") == "err":
+            raise ServerError(reply)
+        return reply
+
+    async def sub(self, conv: str, since: int | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"t": "sub", "conv": conv}
+        if since is not None:
+            frame["since"] = since
+        return await self.request(frame)
+
+    async def unsub(self, conv: str) -> dict[str, Any]:
+        return await self.request({"t": "unsub", "conv": conv})
+
+    async def send(
+        self, conv: str, body: str, cid: str | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "t": "send",
+            "conv": conv,
+            "cid": cid or uuid.uuid4().hex,
+            "body": body,
+        }
+        if kind:
+            frame["kind"] = kind
+        return await self.request(frame)
+
+    async def typing(self, conv: str) -> None:
+        await self.ws.send(self.encode({"t": "typing", "conv": conv}))
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.request({"t": "ping"})
+
+    async def next_event(self, t: str | None = None, timeout: float = 10) -> dict[str, Any]:
+        """The next pushed frame (of type `t`, skipping others)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no {t or 'event'} within {timeout}s")
+            frame = await asyncio.wait_for(self.events.get(), remaining)
+            if t is None or frame.get("t") == t:
+                return frame
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader

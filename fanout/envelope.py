@@ -1,0 +1,140 @@
+"""The internal envelope: what Kafka records and Redis deliveries carry (MessagePack).
+
+Separate from the wire frame of PROTOCOL.md and versioned (`v`), so the two can change
+independently: a worker refuses an envelope version it does not know instead of guessing.
+Keys are short because every message crosses Kafka once and Redis once per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from storage.models import Message, NewMessage
+
+VERSION = 1
+
+
+class EnvelopeError(ValueError):
+    """An envelope that cannot be decoded (corrupt, or an unknown version)."""
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise EnvelopeError(f"undecodable envelope: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeError("envelope is not a map")
+    if obj.get("v") != VERSION:
+        raise EnvelopeError(f"unknown envelope version {obj.get('v')!r}")
+    return obj
+
+
+def encode_new_message(m: NewMessage) -> bytes:
+    out: bytes = msgpack.packb(
+        {
+            "v": VERSION,
+            "c": m.conv,
+            "i": m.id,
+            "f": m.sender,
+            "k": m.cid,
+            "b": m.body,
+            "t": m.ts,
+            "y": m.kind,
+        }
+    )
+    return out
+
+
+def decode_new_message(data: bytes) -> NewMessage:
+    o = _unpack(data)
+    try:
+        return NewMessage(
+            conv=int(o["c"]),
+            id=int(o["i"]),
+            sender=str(o["f"]),
+            cid=str(o["k"]),
+            body=str(o["b"]),
+            ts=int(o["t"]),
+            kind=str(o["y"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"bad message envelope: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """A vote delta on the votes topic (keyed by post)."""
+
+    post: int
+    up: int  # change of the up count: -1, 0 or +1
+    down: int
+    ts: int
+
+
+def encode_vote(v: Vote) -> bytes:
+    out: bytes = msgpack.packb({"v": VERSION, "p": v.post, "u": v.up, "d": v.down, "t": v.ts})
+    return out
+
+
+def decode_vote(data: bytes) -> Vote:
+    o = _unpack(data)
+    try:
+        return Vote(post=int(o["p"]), up=int(o["u"]), down=int(o["d"]), ts=int(o["t"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"bad vote envelope: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    post: int
+    thread: int
+    score: int
+    up: int
+    down: int
+
+
+@dataclass
+class Delivery:
+    """One publish to one gateway node: everything a batch has for that node's subscribers.
+
+    `user_frames` are wire-level frames addressed to every connection of a user (for
+    example being added to a conversation).
+    """
+
+    messages: list[Message] = field(default_factory=list)
+    typing: list[tuple[int, str]] = field(default_factory=list)  # (conv, user)
+    scores: list[Score] = field(default_factory=list)
+    user_frames: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def encode_delivery(d: Delivery) -> bytes:
+    payload: dict[str, Any] = {"v": VERSION}
+    if d.messages:
+        payload["m"] = [
+            [m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind] for m in d.messages
+        ]
+    if d.typing:
+        payload["ty"] = [[c, u] for c, u in d.typing]
+    if d.scores:
+        payload["sc"] = [[s.post, s.thread, s.score, s.up, s.down] for s in d.scores]
+    if d.user_frames:
+        payload["u"] = [[u, f] for u, f in d.user_frames]
+    out: bytes = msgpack.packb(payload)
+    return out
+
+
+def decode_delivery(data: bytes) -> Delivery:
+    o = _unpack(data)
+    try:
+        return Delivery(
+            messages=[Message(*row) for row in o.get("m", ())],
+            typing=[(int(c), str(u)) for c, u in o.get("ty", ())],
+            scores=[Score(*row) for row in o.get("sc", ())],
+            user_frames=[(str(u), dict(f)) for u, f in o.get("u", ())],
+        )
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError(f"bad delivery envelope: {exc!r}") from None

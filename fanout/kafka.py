@@ -1,0 +1,99 @@
+"""Kafka plumbing: topic names, idempotent topic creation, producer and consumer factories.
+
+Only aiokafka is used, so Apache Kafka (production) and Tansu (dev/tests) run the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def messages_topic(settings: Settings) -> str:
+    return f"{settings.kafka_topic_prefix}.messages"
+
+
+def votes_topic(settings: Settings) -> str:
+    return f"{settings.kafka_topic_prefix}.votes"
+
+
+def fanout_group(settings: Settings) -> str:
+    return f"{settings.kafka_topic_prefix}.fanout"
+
+
+def scores_group(settings: Settings) -> str:
+    return f"{settings.kafka_topic_prefix}.scores"
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create the topics that do not exist yet (safe to run concurrently and repeatedly)."""
+    wanted = [messages_topic(settings), votes_topic(settings)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, settings.kafka_partitions, 1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topic is what we wanted
+        return missing
+    finally:
+        await admin.close()
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    # acks=all: `ack` to a client only after every in-sync replica has the record.
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        linger_ms=1,
+        request_timeout_ms=5000,
+        retry_backoff_ms=100,
+        max_batch_size=256 * 1024,
+    )
+
+
+def make_consumer(settings: Settings, topic: str, group: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.fanout_batch_max,
+        fetch_max_wait_ms=20,  # latency: return a fetch as soon as there is anything
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        rebalance_timeout_ms=6000,
+    )
+
+
+async def wait_for_broker(settings: Settings, seconds: float = 30) -> None:
+    """Block until the broker answers metadata (processes may start before it)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except Exception as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"kafka at {settings.kafka_bootstrap} unreachable") from exc
+            log.info("waiting for kafka at %s", settings.kafka_bootstrap)
+            await asyncio.sleep(0.5)
+        finally:
+            await admin.close()

@@ -1,0 +1,145 @@
+"""Who listens where: gateway nodes register their conversations and users in Redis.
+
+A node holds a lease key (`node_lease`) that it renews; its entries in the per-conversation
+and per-user route sets stay until a publisher notices the lease is gone and prunes them.
+When the renewal finds the lease missing (it lapsed, or Redis restarted empty), the node
+registers everything again. Publishers send one frame per (node, batch), never one per
+recipient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fanout.envelope import Delivery, encode_delivery
+from storage.redis_keys import RedisKeys
+
+_LIVENESS_CACHE_S = 1.0
+
+
+class Routes:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._alive: dict[str, tuple[bool, float]] = {}
+
+    # -- the gateway side ------------------------------------------------------------------
+    async def register(
+        self, node: str, lease_s: int, convs: Iterable[int], users: Iterable[str]
+    ) -> None:
+        """(Re)register a node and everything it serves, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
+        for conv in convs:
+            pipe.sadd(self.keys.conv_routes(conv), node)
+        for user in users:
+            pipe.sadd(self.keys.user_routes(user), node)
+        await pipe.execute()
+
+    async def renew(self, node: str, lease_s: int) -> bool:
+        """Extend the lease; False when it was gone (the caller must register again)."""
+        ok = await self.redis.set(self.keys.node_lease(node), b"1", ex=lease_s, xx=True)
+        return bool(ok)
+
+    async def update(
+        self,
+        node: str,
+        add_convs: Iterable[int] = (),
+        drop_convs: Iterable[int] = (),
+        add_users: Iterable[str] = (),
+        drop_users: Iterable[str] = (),
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for conv in add_convs:
+            pipe.sadd(self.keys.conv_routes(conv), node)
+            n += 1
+        for conv in drop_convs:
+            pipe.srem(self.keys.conv_routes(conv), node)
+            n += 1
+        for user in add_users:
+            pipe.sadd(self.keys.user_routes(user), node)
+            n += 1
+        for user in drop_users:
+            pipe.srem(self.keys.user_routes(user), node)
+            n += 1
+        if n:
+            await pipe.execute()
+
+    async def leave(self, node: str, convs: Iterable[int], users: Iterable[str]) -> None:
+        """A clean shutdown: drop the lease and every registration."""
+        await self.update(node, drop_convs=convs, drop_users=users)
+        await self.redis.delete(self.keys.node_lease(node))
+
+    # -- the publisher side ----------------------------------------------------------------
+    async def _live_nodes(self, nodes: set[str]) -> set[str]:
+        now = time.monotonic()
+        unknown = [n for n in nodes if self._alive.get(n, (False, 0.0))[1] < now]
+        if unknown:
+            flags = await self.redis.mget([self.keys.node_lease(n) for n in unknown])
+            for n, flag in zip(unknown, flags, strict=True):
+                self._alive[n] = (flag is not None, now + _LIVENESS_CACHE_S)
+        return {n for n in nodes if self._alive[n][0]}
+
+    async def nodes_for(
+        self, convs: Iterable[int] = (), users: Iterable[str] = ()
+    ) -> tuple[dict[int, set[str]], dict[str, set[str]]]:
+        """Live nodes per conversation and per user (one round trip, plus one for liveness)."""
+        conv_list = list(convs)
+        user_list = list(users)
+        if not conv_list and not user_list:
+            return {}, {}
+        pipe = self.redis.pipeline(transaction=False)
+        for conv in conv_list:
+            pipe.smembers(self.keys.conv_routes(conv))
+        for user in user_list:
+            pipe.smembers(self.keys.user_routes(user))
+        raw: list[Any] = await pipe.execute()
+        sets = [{m.decode() if isinstance(m, bytes) else m for m in r} for r in raw]
+        every = set().union(*sets) if sets else set()
+        live = await self._live_nodes(every)
+        dead = every - live
+        if dead:
+            await self._prune(conv_list, user_list, sets, dead)
+        by_conv = {c: s & live for c, s in zip(conv_list, sets[: len(conv_list)], strict=True)}
+        by_user = {u: s & live for u, s in zip(user_list, sets[len(conv_list) :], strict=True)}
+        return by_conv, by_user
+
+    async def _prune(
+        self, convs: list[int], users: list[str], sets: list[set[str]], dead: set[str]
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for conv, s in zip(convs, sets[: len(convs)], strict=True):
+            gone = s & dead
+            if gone:
+                pipe.srem(self.keys.conv_routes(conv), *gone)
+        for user, s in zip(users, sets[len(convs) :], strict=True):
+            gone = s & dead
+            if gone:
+                pipe.srem(self.keys.user_routes(user), *gone)
+        await pipe.execute()
+
+    async def publish(self, deliveries: dict[str, Delivery]) -> None:
+        """One PUBLISH per node, all in one round trip."""
+        if not deliveries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for node, delivery in deliveries.items():
+            pipe.publish(self.keys.node_channel(node), encode_delivery(delivery))
+        await pipe.execute()
+
+
+def group_by_node(
+    items: Iterable[tuple[Any, set[str]]],
+) -> dict[str, list[Any]]:
+    """Invert (item, nodes) pairs into node -> items, keeping the items' order."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for item, nodes in items:
+        for node in nodes:
+            out[node].append(item)
+    return out

@@ -1,0 +1,65 @@
+"""Where a message gets its seq: one transaction per physical shard per batch.
+
+The numbers come from `conversations.last_seq` in PostgreSQL (the source of truth), so a
+lost Redis can never make a seq be reused. A message already stored keeps its seq and is
+returned as `redelivered` so the worker can publish it again (gateways drop the duplicate by
+seq); it is never sequenced twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from storage.messages import append_batch
+from storage.models import Message, NewMessage
+from storage.pools import ShardPools
+
+log = logging.getLogger(__name__)
+_ATTEMPTS = 3
+
+
+@dataclass
+class Sequenced:
+    stored: list[Message] = field(default_factory=list)
+    redelivered: list[Message] = field(default_factory=list)
+    orphans: list[NewMessage] = field(default_factory=list)
+
+    def in_order(self) -> list[Message]:
+        """Everything to publish, per conversation in seq order."""
+        return sorted(self.stored + self.redelivered, key=lambda m: (m.conv, m.seq))
+
+
+async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
+    for attempt in range(_ATTEMPTS):
+        try:
+            async with pools.transaction(physical) as conn:
+                stored, already, orphans = await append_batch(conn, batch)
+            return Sequenced(stored, already, orphans)
+        except asyncpg.UniqueViolationError:
+            # Another worker (a zombie after a rebalance) stored some of these between our
+            # check and our insert; the transaction rolled back, so no seq was used. Retry:
+            # the check now finds them.
+            if attempt == _ATTEMPTS - 1:
+                raise
+            log.info("sequencing race on shard %s, retrying", pools.names[physical])
+    raise AssertionError("unreachable")
+
+
+async def sequence(pools: ShardPools, batch: list[NewMessage]) -> Sequenced:
+    """Sequence and persist `batch`; shards in parallel. Raises ShardUnavailable if any
+    shard is down (the caller retries the batch; what was stored is then `redelivered`)."""
+    by_shard: dict[int, list[NewMessage]] = defaultdict(list)
+    for m in batch:
+        by_shard[pools.for_id(m.conv)].append(m)
+    parts = await asyncio.gather(*(_one_shard(pools, p, ms) for p, ms in by_shard.items()))
+    out = Sequenced()
+    for part in parts:
+        out.stored.extend(part.stored)
+        out.redelivered.extend(part.redelivered)
+        out.orphans.extend(part.orphans)
+    return out

@@ -1,0 +1,1 @@
+"""The WebSocket and HTTP gateway: stateless nodes holding client connections."""

@@ -1,0 +1,86 @@
+"""JWT verification: who is this connection or request?
+
+Accepted algorithms come from settings; the key is chosen by the token's algorithm (a
+secret for HS*, the public key for RS256/ES256), so an RS256 public key can never be used
+as an HMAC secret. `alg: none` is never in the accepted list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.protocol.frames import USER_ID
+from storage.errors import ConfigError, Unauthorized
+from storage.settings import Settings
+
+MAX_TOKEN_CHARS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str
+    name: str
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings) -> None:
+        self.algorithms = list(settings.jwt_algorithms)
+        self._hmac = [a for a in self.algorithms if a.startswith("HS")]
+        self._public = [a for a in self.algorithms if not a.startswith("HS")]
+        if self._hmac and not settings.jwt_secret:
+            raise ConfigError("AGORA_JWT_SECRET is required when AGORA_JWT_ALGORITHMS has HS*")
+        if self._public and not settings.jwt_public_key:
+            raise ConfigError("AGORA_JWT_PUBLIC_KEY is required for RS256/ES256")
+        self._secret = settings.jwt_secret
+        self._public_key = settings.jwt_public_key
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise Unauthorized("token missing")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("token too long")
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise Unauthorized("token is malformed") from None
+        if alg in self._hmac:
+            key = self._secret
+        elif alg in self._public:
+            key = self._public_key
+        else:
+            raise Unauthorized(f"token algorithm {str(alg)[:16]!r} is not accepted")
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], options={"require": ["exp", "sub"]}, leeway=5
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"token invalid: {type(exc).__name__}") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not USER_ID.match(sub):
+            raise Unauthorized("token sub is not a valid user id")
+        name = claims.get("name")
+        return Identity(sub, name[:100] if isinstance(name, str) else sub)
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <jwt>` header, if that is what it is."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def make_token(secret: str, user: str, name: str | None, ttl_s: int, alg: str = "HS256") -> str:
+    """A signed token for development and tests (`agora token`)."""
+    import time
+
+    claims: dict[str, object] = {"sub": user, "exp": int(time.time()) + ttl_s}
+    if name:
+        claims["name"] = name
+    return jwt.encode(claims, secret, algorithm=alg)

@@ -1,0 +1,214 @@
+"""`agora`: one command line for every process and chore.
+
+agora services up|down|status   local PostgreSQL, Redis and Kafka (Tansu) for dev/tests
+agora migrate                   apply schema migrations to every physical shard
+agora gateway --port P --workers N
+agora fanout [--workers N]      the messages fan-out workers
+agora dev                       services + migrate + a gateway and a fan-out worker
+agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from storage.errors import ConfigError
+from storage.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"agora: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from storage import services
+
+    state_dir = Path(args.state_dir)
+    if args.action == "down":
+        lines = services.down(state_dir)
+    else:
+        settings = _settings()
+        if args.action == "up":
+            lines = services.up(settings, state_dir)
+            from fanout.kafka import ensure_topics
+            from storage.migrate import migrate_all
+
+            applied = asyncio.run(migrate_all(settings.shard_dsns))
+            for shard, versions in applied.items():
+                lines.append(f"migrations on {shard}: {versions or 'up to date'}")
+            created = asyncio.run(ensure_topics(settings))
+            lines.append(f"kafka topics created: {created or 'none (all exist)'}")
+        else:
+            lines = services.status(settings, state_dir)
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from storage.migrate import migrate_all
+
+    settings = _settings()
+    applied = asyncio.run(migrate_all(settings.shard_dsns))
+    for shard, versions in applied.items():
+        print(f"{shard}: applied {versions}" if versions else f"{shard}: up to date")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    _logging(settings)
+    uvicorn.run(
+        "gateway.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers if args.workers > 1 else None,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_ms / 1000,
+        ws_ping_timeout=settings.heartbeat_ms / 1000,
+        ws_per_message_deflate=False,  # compression triples memory per connection
+        backlog=4096,
+        timeout_graceful_shutdown=10,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+def _run_fanout_process() -> None:
+    import uvloop
+
+    from fanout.worker import run_worker
+
+    settings = _settings()
+    _logging(settings)
+    uvloop.run(run_worker(settings))
+
+
+def cmd_fanout(args: argparse.Namespace) -> int:
+    if args.workers <= 1:
+        _run_fanout_process()
+        return 0
+    procs = [multiprocessing.Process(target=_run_fanout_process) for _ in range(args.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid:
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.auth import make_token
+
+    settings = _settings()
+    if not settings.jwt_secret:
+        print("agora: AGORA_JWT_SECRET is not set", file=sys.stderr)
+        return 2
+    print(make_token(settings.jwt_secret, args.user, args.name, args.ttl))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Engines up, schema applied, then a gateway and a fan-out worker until Ctrl-C."""
+    services_args = argparse.Namespace(action="up", state_dir=args.state_dir)
+    cmd_services(services_args)
+    exe = [sys.executable, "-m", "gateway.cli"]
+    children = [
+        subprocess.Popen([*exe, "gateway", "--port", str(args.port)]),
+        subprocess.Popen([*exe, "fanout"]),
+    ]
+    print(f"agora dev: gateway on http://127.0.0.1:{args.port} (Ctrl-C stops)")
+    try:
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGTERM)
+        for c in children:
+            try:
+                c.wait(15)
+            except subprocess.TimeoutExpired:
+                c.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="local engines for dev and tests")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--state-dir", default=".agora", help="where what was started is recorded")
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("migrate", help="apply migrations to every physical shard")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("gateway", help="run the WebSocket/HTTP gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes; each is its own node")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("fanout", help="run fan-out workers on the messages topic")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_fanout)
+
+    p = sub.add_parser("token", help="print a signed dev token")
+    p.add_argument("user")
+    p.add_argument("--name", default=None)
+    p.add_argument("--ttl", type=int, default=24 * 3600, help="seconds")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("dev", help="run the whole dev stack in the foreground")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state-dir", default=".agora")
+    p.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

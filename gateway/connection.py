@@ -1,0 +1,114 @@
+"""One client connection: its subscriptions and its bounded outbound queue.
+
+Frames are queued, not written inline, so a delivery to ten thousand connections never
+waits on one socket. A writer task drains the queue; the socket's own flow control pauses
+it. A connection whose queue passes the frame or byte limit is a slow consumer: it is
+closed with 4009 instead of being allowed to grow memory or stall the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from gateway.protocol.codec import Codec
+from gateway.protocol.frames import CloseCode
+from gateway.protocol.subscription import Subscription
+
+log = logging.getLogger("agora.gateway")
+_ids = itertools.count(1)
+CLOSE_TIMEOUT_S = 2.0
+
+
+class Connection:
+    def __init__(
+        self, websocket: WebSocket, codec: Codec, user: str, max_frames: int, max_bytes: int
+    ) -> None:
+        self.id = next(_ids)
+        self.websocket = websocket
+        self.codec = codec
+        self.user = user
+        self.subs: dict[int, Subscription] = {}
+        self.filling: set[int] = set()  # conversations with a gap fill in flight
+        self._queue: deque[bytes | str] = deque()
+        self._queued_bytes = 0
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._wake = asyncio.Event()
+        self.close_code: int | None = None
+        self.closed = asyncio.Event()
+        self.sent_frames = 0
+        self.reader: asyncio.Task[object] | None = None  # cancelled once we have closed
+
+    # -- outbound ---------------------------------------------------------------------------
+    def push(self, data: bytes | str) -> None:
+        """Queue an encoded frame; a full queue closes the connection with 4009."""
+        if self.close_code is not None:
+            return
+        size = len(data)
+        if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+            log.info("conn %d (%s): slow consumer, closing 4009", self.id, self.user)
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self._queue.append(data)
+        self._queued_bytes += size
+        self._wake.set()
+
+    def push_frame(self, frame: dict[str, Any]) -> None:
+        self.push(self.codec.encode(frame))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close after what is queued (the writer sends the close frame last)."""
+        if self.close_code is None:
+            self.close_code = code
+            self._close_reason = reason
+            if code == CloseCode.SLOW_CONSUMER:
+                self._queue.clear()  # it cannot read them anyway; free the memory now
+                self._queued_bytes = 0
+            self._wake.set()
+
+    async def writer(self) -> None:
+        send = self.websocket.send
+        binary = self.codec.binary
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    data = self._queue.popleft()
+                    self._queued_bytes -= len(data)
+                    if binary:
+                        await send({"type": "websocket.send", "bytes": data})
+                    else:
+                        await send({"type": "websocket.send", "text": data})
+                    self.sent_frames += 1
+                if self.close_code is not None:
+                    break
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    send(
+                        {
+                            "type": "websocket.close",
+                            "code": self.close_code,
+                            "reason": self._close_reason,
+                        }
+                    ),
+                    CLOSE_TIMEOUT_S,
+                )
+        except Exception:  # the peer is gone; the reader notices and cleans up
+            pass
+        finally:
+            self.closed.set()
+            if self.close_code is not None and self.reader is not None:
+                # We closed: stop waiting for frames from a peer that may never send again.
+                self.reader.cancel()
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        return len(self._queue), self._queued_bytes

@@ -1,0 +1,1 @@
+"""The HTTP API of PROTOCOL.md, one module per resource."""

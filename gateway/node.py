@@ -1,0 +1,290 @@
+"""The gateway node: local subscribers, routing registration and delivery.
+
+Like Centrifuge's hub: the node knows which local connections follow which conversation
+and user; it registers that in Redis (fanout.routing) under a renewed lease; and it turns
+one delivery from Redis into frames, encoding each message once per encoding and pushing
+the same bytes to every local subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections import defaultdict
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fanout.envelope import Delivery, EnvelopeError, decode_delivery
+from fanout.routing import Routes
+from gateway.connection import Connection
+from gateway.protocol import frames
+from gateway.protocol.subscription import State, Subscription
+from storage import messages
+from storage.models import Message
+from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
+from storage.settings import Settings
+
+log = logging.getLogger("agora.gateway")
+
+
+def make_node_id(settings: Settings) -> str:
+    if settings.node_id:
+        return settings.node_id
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class Node:
+    def __init__(
+        self, settings: Settings, node_id: str, redis: aioredis.Redis, pools: ShardPools
+    ) -> None:
+        self.settings = settings
+        self.id = node_id
+        self.redis = redis
+        self.pools = pools
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.routes = Routes(redis, self.keys)
+        self.conv_subs: dict[int, set[Connection]] = defaultdict(set)
+        self.user_conns: dict[str, set[Connection]] = defaultdict(set)
+        self.connections: set[Connection] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fills: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.deliveries = 0  # frames pushed to local connections
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.routes.register(self.id, self.settings.route_lease_s, (), ())
+        ready = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._listen(ready)))
+        self._tasks.append(asyncio.create_task(self._keep_lease()))
+        await asyncio.wait_for(ready.wait(), 10)
+
+    async def stop(self) -> None:
+        for task in self._tasks + list(self._fills):
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
+
+    async def _keep_lease(self) -> None:
+        interval = max(self.settings.route_lease_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.routes.renew(self.id, self.settings.route_lease_s):
+                    # The lease lapsed or Redis came back empty: register everything again.
+                    log.warning("node %s: lease lost, registering again", self.id)
+                    await self.routes.register(
+                        self.id,
+                        self.settings.route_lease_s,
+                        list(self.conv_subs),
+                        list(self.user_conns),
+                    )
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("node %s: lease renewal failed: %s", self.id, exc)
+
+    async def _listen(self, ready: asyncio.Event) -> None:
+        channel = self.keys.node_channel(self.id)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                if ready.is_set():
+                    # A reconnect: anything registered may be gone (a Redis restart).
+                    await self.routes.register(
+                        self.id,
+                        self.settings.route_lease_s,
+                        list(self.conv_subs),
+                        list(self.user_conns),
+                    )
+                ready.set()
+                async for item in pubsub.listen():
+                    if item.get("type") == "message":
+                        self._on_delivery(item["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("node %s: pub/sub lost (%s); resubscribing", self.id, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- connections and subscriptions ------------------------------------------------------
+    async def attach(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        first = not self.user_conns[conn.user]
+        self.user_conns[conn.user].add(conn)
+        if first:
+            await self.routes.update(self.id, add_users=[conn.user])
+
+    async def detach(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        drop_convs = [c for c in list(conn.subs) if self._remove_sub(conn, c)]
+        users = self.user_conns.get(conn.user)
+        drop_users: list[str] = []
+        if users is not None:
+            users.discard(conn)
+            if not users:
+                del self.user_conns[conn.user]
+                drop_users.append(conn.user)
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.routes.update(self.id, drop_convs=drop_convs, drop_users=drop_users)
+
+    def _remove_sub(self, conn: Connection, conv: int) -> bool:
+        """Forget conn's subscription; True when the node has no subscriber of conv left."""
+        conn.subs.pop(conv, None)
+        subs = self.conv_subs.get(conv)
+        if subs is None:
+            return False
+        subs.discard(conn)
+        if not subs:
+            del self.conv_subs[conv]
+            return True
+        return False
+
+    async def subscribe(self, conn: Connection, conv: int, since: int | None) -> dict[str, Any]:
+        """Live first, then the missed messages from storage, then release live ones.
+        Returns the `subbed` frame fields (seq, recovered); missed msgs are already queued."""
+        sub = Subscription(conv, last_seq=since or 0, state=State.RECOVERING)
+        conn.subs[conv] = sub
+        first = not self.conv_subs.get(conv)
+        self.conv_subs[conv].add(conn)
+        if first:
+            # Registered before reading storage: anything persisted after our read is
+            # published to this node, anything before it is in what we read.
+            await self.routes.update(self.id, add_convs=[conv])
+        latest = await messages.latest_seq(self.pools, conv)
+        recovered = False
+        if since is None or since >= latest:
+            out = sub.skip_to(latest)
+            recovered = since is not None
+        else:
+            limit = self.settings.replay_limit
+            missed = await messages.after(self.pools, conv, since, limit + 1)
+            if len(missed) > limit:
+                out = sub.skip_to(latest)
+            else:
+                out = sub.fill(missed)
+                recovered = True
+        if conn.subs.get(conv) is not sub:
+            return {"seq": sub.last_seq, "recovered": recovered}  # unsubscribed meanwhile
+        self._push_messages(conn, out)
+        self._maybe_fill(conn, sub)
+        return {"seq": sub.last_seq, "recovered": recovered}
+
+    async def unsubscribe(self, conn: Connection, conv: int) -> None:
+        if conv in conn.subs and self._remove_sub(conn, conv):
+            await self.routes.update(self.id, drop_convs=[conv])
+
+    # -- delivery ---------------------------------------------------------------------------
+    def _on_delivery(self, data: bytes) -> None:
+        try:
+            delivery = decode_delivery(data)
+        except EnvelopeError as exc:
+            log.error("node %s: bad delivery dropped: %s", self.id, exc)
+            return
+        self.dispatch(delivery)
+
+    def dispatch(self, delivery: Delivery) -> None:
+        for m in delivery.messages:
+            conns = self.conv_subs.get(m.conv)
+            if conns:
+                self._deliver_message(m, conns)
+        for conv, user in delivery.typing:
+            conns = self.conv_subs.get(conv)
+            if conns:
+                self._broadcast(frames.typing(conv, user), conns, skip_user=user)
+        for s in delivery.scores:
+            conns = self.conv_subs.get(s.thread)
+            if conns:
+                self._broadcast(frames.score(s.post, s.score, s.up, s.down), conns)
+        for user, frame in delivery.user_frames:
+            conns = self.user_conns.get(user)
+            if conns:
+                self._broadcast(frame, conns)
+
+    def _broadcast(
+        self, frame: dict[str, Any], conns: set[Connection], skip_user: str | None = None
+    ) -> None:
+        encoded: dict[bool, bytes | str] = {}
+        for conn in list(conns):
+            if conn.user == skip_user:
+                continue
+            data = encoded.get(conn.codec.binary)
+            if data is None:
+                data = encoded[conn.codec.binary] = conn.codec.encode(frame)
+            conn.push(data)
+            self.deliveries += 1
+
+    def _deliver_message(self, m: Message, conns: set[Connection]) -> None:
+        encoded: dict[bool, bytes | str] = {}  # one encode per encoding, shared bytes
+        for conn in list(conns):
+            sub = conn.subs.get(m.conv)
+            if sub is None:
+                continue
+            out = sub.on_live(m)
+            if len(out) == 1 and out[0] is m:
+                data = encoded.get(conn.codec.binary)
+                if data is None:
+                    data = encoded[conn.codec.binary] = conn.codec.encode(_msg_frame(m))
+                conn.push(data)
+                self.deliveries += 1
+            elif out:
+                self._push_messages(conn, out)
+            if sub.state is State.RECOVERING and sub.held:
+                self._maybe_fill(conn, sub)
+
+    def _push_messages(self, conn: Connection, out: list[Message]) -> None:
+        for m in out:
+            conn.push_frame(_msg_frame(m))
+            self.deliveries += 1
+
+    def _maybe_fill(self, conn: Connection, sub: Subscription) -> None:
+        if sub.gap() is None or sub.conv in conn.filling:
+            return
+        conn.filling.add(sub.conv)
+        task = asyncio.create_task(self._fill(conn, sub))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, conn: Connection, sub: Subscription) -> None:
+        """Fetch a gap from storage (rare: a message published out of order)."""
+        try:
+            while (gap := sub.gap()) is not None and conn.subs.get(sub.conv) is sub:
+                after, before = gap
+                missed = await messages.between(self.pools, sub.conv, after, before)
+                if not missed:
+                    # Nothing in storage either: accept the jump rather than stall forever.
+                    self._push_messages(conn, sub.skip_to(before - 1))
+                    continue
+                self._push_messages(conn, sub.fill(missed))
+        except Exception as exc:
+            log.warning("conn %d: gap fill of %d failed: %s", conn.id, sub.conv, exc)
+        finally:
+            conn.filling.discard(sub.conv)
+
+    # -- publishing from the gateway (typing, user events) -----------------------------------
+    async def publish_typing(self, conv: int, user: str) -> None:
+        nodes, _ = await self.routes.nodes_for(convs=[conv])
+        await self.routes.publish({n: Delivery(typing=[(conv, user)]) for n in nodes.get(conv, ())})
+
+    async def publish_to_users(self, frames_by_user: dict[str, dict[str, Any]]) -> None:
+        _, nodes = await self.routes.nodes_for(users=list(frames_by_user))
+        deliveries: dict[str, Delivery] = {}
+        for user, frame in frames_by_user.items():
+            for n in nodes.get(user, ()):
+                deliveries.setdefault(n, Delivery()).user_frames.append((user, frame))
+        await self.routes.publish(deliveries)
+
+
+def _msg_frame(m: Message) -> dict[str, Any]:
+    return frames.msg(m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind)

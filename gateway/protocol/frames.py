@@ -1,0 +1,238 @@
+"""Frames of wire protocol v1: close codes, client requests, server frames.
+
+`parse_request` turns one decoded client map into a typed request, or raises:
+- `ProtocolViolation` (close 4002): not a map, no string `t`, or an unknown `t`;
+- `FrameError` (an `err` frame, connection stays open): a known `t` whose fields are
+  missing, mistyped or out of range. It carries the request's `rid` when there was one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from storage.errors import AgoraError, BadRequest, TooLarge
+from storage.ids import parse_id
+
+MAX_BODY_CHARS = 4000
+MAX_CID_CHARS = 64
+MAX_RID = (1 << 53) - 1  # a JavaScript client's largest safe integer
+MAX_SEQ = (1 << 63) - 1
+USER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MESSAGE_KINDS = ("text", "comment")
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of PROTOCOL.md, ranged like Centrifuge's: 1xxx are the
+    standard ones, 40xx are Agora's. `reconnect` says whether a client should come back."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_LARGE = 1009
+    INTERNAL = 1011
+    TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4001
+    PROTOCOL_ERROR = 4002
+    RATE_LIMITED = 4008
+    SLOW_CONSUMER = 4009
+
+    @property
+    def reconnect(self) -> bool:
+        return self in (
+            CloseCode.GOING_AWAY,
+            CloseCode.INTERNAL,
+            CloseCode.TRY_AGAIN_LATER,
+            CloseCode.RATE_LIMITED,
+            CloseCode.SLOW_CONSUMER,
+        )
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol: the connection closes with 4002."""
+
+    code = CloseCode.PROTOCOL_ERROR
+
+
+class FrameError(Exception):
+    """A known request with bad fields: answered with `err`, the connection stays open."""
+
+    def __init__(self, rid: int | None, error: AgoraError) -> None:
+        super().__init__(error.message)
+        self.rid = rid
+        self.error = error
+
+
+# -- client requests ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sub:
+    rid: int | None
+    conv: int
+    since: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsub:
+    rid: int | None
+    conv: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    rid: int | None
+    conv: int
+    cid: str
+    body: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    rid: int | None
+    conv: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    rid: int | None
+
+
+Request = Sub | Unsub | Send | Typing | Ping
+
+
+def _rid(frame: dict[str, Any]) -> int | None:
+    rid = frame.get("rid")
+    if rid is None:
+        return None
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        # No usable rid to answer with, but the request type is known: err without rid.
+        raise FrameError(None, BadRequest("rid must be an integer between 0 and 2^53-1"))
+    return rid
+
+
+def _conv(frame: dict[str, Any], rid: int | None) -> int:
+    raw = frame.get("conv")
+    if raw is None:
+        raise FrameError(rid, BadRequest("conv is required"))
+    if not isinstance(raw, str):
+        raise FrameError(rid, BadRequest("conv must be a decimal string"))
+    conv = parse_id(raw)
+    if conv is None:
+        raise FrameError(rid, BadRequest("conv is not a valid id"))
+    return conv
+
+
+def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
+    conv = _conv(f, rid)
+    since = f.get("since")
+    if since is not None and (type(since) is not int or not 0 <= since <= MAX_SEQ):
+        raise FrameError(rid, BadRequest("since must be a non-negative integer"))
+    return Sub(rid, conv, since)
+
+
+def _parse_send(f: dict[str, Any], rid: int | None) -> Send:
+    conv = _conv(f, rid)
+    cid = f.get("cid")
+    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS:
+        raise FrameError(rid, BadRequest(f"cid must be a string of 1-{MAX_CID_CHARS} chars"))
+    body = f.get("body")
+    if not isinstance(body, str):
+        raise FrameError(rid, BadRequest("body must be a string"))
+    if not body:
+        raise FrameError(rid, BadRequest("body must not be empty"))
+    if len(body) > MAX_BODY_CHARS:
+        raise FrameError(rid, TooLarge(f"body is over {MAX_BODY_CHARS} chars"))
+    kind = f.get("kind", "text")
+    if kind not in MESSAGE_KINDS:
+        raise FrameError(rid, BadRequest('kind must be "text" or "comment"'))
+    return Send(rid, conv, cid, body, kind)
+
+
+def parse_request(frame: Any) -> Request:
+    """One decoded client frame -> a typed request (see the module doc for errors)."""
+    if not isinstance(frame, dict):
+        raise ProtocolViolation("a frame must be a map")
+    t = frame.get("t")
+    if not isinstance(t, str):
+        raise ProtocolViolation("a frame needs a string field t")
+    if t not in _PARSERS:
+        raise ProtocolViolation(f"unknown frame type {t[:32]!r}")
+    rid = _rid(frame)
+    parsed: Request = _PARSERS[t](frame, rid)
+    return parsed
+
+
+_PARSERS: dict[str, Any] = {
+    "sub": _parse_sub,
+    "unsub": lambda f, rid: Unsub(rid, _conv(f, rid)),
+    "send": _parse_send,
+    "typing": lambda f, rid: Typing(rid, _conv(f, rid)),
+    "ping": lambda f, rid: Ping(rid),
+}
+
+
+# -- server frames (plain maps, encoded by the codec) --------------------------------------
+
+
+def hello(user: str, node: str, hb_ms: int, max_frame: int) -> dict[str, Any]:
+    return {"t": "hello", "user": user, "node": node, "hb": hb_ms, "max_frame": max_frame}
+
+
+def msg(
+    conv: int, id_: int, seq: int, sender: str, body: str, ts: int, cid: str, kind: str
+) -> dict[str, Any]:
+    return {
+        "t": "msg",
+        "conv": str(conv),
+        "id": str(id_),
+        "seq": seq,
+        "from": sender,
+        "body": body,
+        "ts": ts,
+        "cid": cid,
+        "kind": kind,
+    }
+
+
+def _with_rid(frame: dict[str, Any], rid: int | None) -> dict[str, Any]:
+    if rid is not None:
+        frame["rid"] = rid
+    return frame
+
+
+def subbed(rid: int | None, conv: int, seq: int, recovered: bool) -> dict[str, Any]:
+    return _with_rid({"t": "subbed", "conv": str(conv), "seq": seq, "recovered": recovered}, rid)
+
+
+def ack(rid: int | None, cid: str, id_: int, ts: int) -> dict[str, Any]:
+    return _with_rid({"t": "ack", "cid": cid, "id": str(id_), "ts": ts}, rid)
+
+
+def ok(rid: int | None) -> dict[str, Any]:
+    return _with_rid({"t": "ok"}, rid)
+
+
+def pong(rid: int | None) -> dict[str, Any]:
+    return _with_rid({"t": "pong"}, rid)
+
+
+def err(rid: int | None, error: AgoraError) -> dict[str, Any]:
+    frame: dict[str, Any] = {"t": "err", "code": error.code, "msg": error.message}
+    if error.retry_after_ms is not None:
+        frame["retry_after_ms"] = error.retry_after_ms
+    return _with_rid(frame, rid)
+
+
+def typing(conv: int, user: str) -> dict[str, Any]:
+    return {"t": "typing", "conv": str(conv), "user": user}
+
+
+def score(post: int, value: int, up: int, down: int) -> dict[str, Any]:
+    return {"t": "score", "post": str(post), "score": value, "up": up, "down": down}
+
+
+def reconnect(after_ms: int) -> dict[str, Any]:
+    return {"t": "reconnect", "after_ms": after_ms}

@@ -1,0 +1,137 @@
+"""The send path, shared by the WebSocket `send` and `POST .../messages`.
+
+validate -> access -> idempotency + id (one Redis round trip) -> produce to Kafka keyed by
+conversation (acks=all) -> `ack` only after the broker acknowledged.
+
+Idempotency on (user, cid): the first send of a cid stores a *pending* record holding the
+parts of its id; a retry gets that id back. The record turns *acked* after Kafka's ack, and
+is deleted when producing fails, so a retry after `unavailable` really sends. A retry that
+finds it pending (the first attempt is still in flight) waits briefly for the outcome.
+Behind Redis, the (conversation, sender, cid) unique key in PostgreSQL makes a duplicate
+that slipped through (say, after a Redis flush) a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from fanout.envelope import encode_new_message
+from gateway.access import Access
+from storage.errors import BadRequest, Conflict, Unavailable
+from storage.ids import SEQ_MASK, compose, now_ms, shard_of_id
+from storage.models import NewMessage
+from storage.redis_keys import RedisKeys
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
+PRODUCE_TIMEOUT_S = 5.0
+PENDING_WAIT_S = 3.0
+
+# KEYS: idempotency key, id counter of the shard. ARGV: ms, conv, pending ttl.
+# Returns {record, created}: the existing record, or a new pending "p|ms|n|conv".
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v then return {v, 0} end
+local n = redis.call('INCR', KEYS[2])
+if n > 1000000000 then redis.call('SET', KEYS[2], 0) end
+v = 'p|' .. ARGV[1] .. '|' .. n .. '|' .. ARGV[2]
+redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
+return {v, 1}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: int
+    ts: int
+
+
+class SendPath:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        producer: AIOKafkaProducer,
+        topic: str,
+        access: Access,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.producer = producer
+        self.topic = topic
+        self.access = access
+        self._claim = redis.register_script(_CLAIM)
+        self.acked = 0
+
+    async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
+        conv_kind = await self.access.check(user, conv)
+        if conv_kind == "thread":
+            kind = "comment"  # every message of a post's thread is a comment
+        elif kind == "comment":
+            raise BadRequest("comments belong to a post's thread")
+        key = self.keys.idempotency(user, cid)
+        deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
+        while True:
+            record = await self._claim_or_get(key, conv)
+            state, ms, n, stored_conv, created = record
+            if stored_conv != conv:
+                raise Conflict("this cid was already used for another conversation")
+            msg_id = compose(ms, shard_of_id(conv), n & SEQ_MASK)
+            if state == "a":
+                return Accepted(msg_id, ms)
+            if state == "p" and created:  # this attempt made the record: it produces
+                message = NewMessage(conv, msg_id, user, cid, body, ms, kind)
+                return await self._produce(key, message, record)
+            # Someone else's attempt with this cid is in flight: wait for its outcome.
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable("an earlier send with this cid is still in flight")
+            await asyncio.sleep(0.05)
+
+    async def _claim_or_get(self, key: str, conv: int) -> tuple[str, int, int, int, bool]:
+        """(state, ms, n, conv, created_now) of the cid's record, creating it if absent."""
+        try:
+            raw, created = await self._claim(
+                keys=[key, self.keys.id_counter(shard_of_id(conv))],
+                args=[now_ms(), conv, PENDING_TTL_S],
+            )
+        except aioredis.RedisError as exc:
+            raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        state, ms_s, n_s, conv_s = text.split("|")
+        return state, int(ms_s), int(n_s), int(conv_s), bool(created)
+
+    async def _produce(
+        self, key: str, message: NewMessage, record: tuple[str, int, int, int, bool]
+    ) -> Accepted:
+        acked_value = f"a|{record[1]}|{record[2]}|{record[3]}"
+        try:
+            fut = await asyncio.wait_for(
+                self.producer.send(
+                    self.topic, encode_new_message(message), key=str(message.conv).encode()
+                ),
+                PRODUCE_TIMEOUT_S,
+            )
+            await asyncio.wait_for(fut, PRODUCE_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            await self._forget(key)
+            raise Unavailable(f"message broker unavailable: {type(exc).__name__}") from None
+        except BaseException:
+            await self._forget(key)
+            raise
+        try:
+            await self.redis.set(key, acked_value, ex=IDEMPOTENCY_TTL_S)
+        except aioredis.RedisError:
+            pass  # the message is accepted; a retry will wait out the pending record
+        self.acked += 1
+        return Accepted(message.id, message.ts)
+
+    async def _forget(self, key: str) -> None:
+        try:
+            await self.redis.delete(key)
+        except aioredis.RedisError:
+            pass  # it expires; a retry meanwhile waits and then gets `unavailable`

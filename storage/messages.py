@@ -1,0 +1,148 @@
+"""Messages: the sequencing write used by fan-out workers, and the history reads.
+
+`append_batch` runs inside one transaction on one physical shard and assigns each
+conversation's next seqs from `conversations.last_seq`, the source of truth, so no seq is
+ever reused, even if Redis is lost. A message already stored (a Kafka redelivery, or a
+producer retry) keeps its first seq and is reported as such, never re-sequenced.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from storage.models import Message, NewMessage
+from storage.pools import ShardPools
+
+
+async def append_batch(
+    conn: Any, batch: list[NewMessage]
+) -> tuple[list[Message], list[Message], list[NewMessage]]:
+    """Sequence and insert `batch` on `conn` (all on its shard, inside a transaction).
+
+    Returns (stored_now, already_stored, orphans): `already_stored` holds the earlier rows of
+    redelivered messages (with their original seq); `orphans` are messages whose
+    conversation does not exist on this shard (dropped).
+    """
+    # Drop in-batch repeats of the same (conv, sender, cid): the first one wins.
+    unique: dict[tuple[int, str, str], NewMessage] = {}
+    for m in batch:
+        unique.setdefault((m.conv, m.sender, m.cid), m)
+    items = list(unique.values())
+    if not items:
+        return [], [], []
+
+    existing_rows = await conn.fetch(
+        """SELECT m.conv_id, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts
+           FROM messages m
+           JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS k(conv_id, sender, cid)
+             ON m.conv_id = k.conv_id AND m.sender = k.sender AND m.cid = k.cid""",
+        [m.conv for m in items],
+        [m.sender for m in items],
+        [m.cid for m in items],
+    )
+    already = [_row_to_message(r) for r in existing_rows]
+    seen = {(m.conv, m.sender, m.cid) for m in already}
+    fresh = [m for m in items if (m.conv, m.sender, m.cid) not in seen]
+    if not fresh:
+        return [], already, []
+
+    per_conv: dict[int, list[NewMessage]] = defaultdict(list)
+    for m in fresh:
+        per_conv[m.conv].append(m)
+    conv_ids = sorted(per_conv)  # a fixed lock order: concurrent batches cannot deadlock
+    rows = await conn.fetch(
+        """UPDATE conversations c
+           SET last_seq = c.last_seq + v.n,
+               last_message_at = to_timestamp(v.ts / 1000.0)
+           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(id, n, ts)
+           WHERE c.id = v.id
+           RETURNING c.id, c.last_seq""",
+        conv_ids,
+        [len(per_conv[c]) for c in conv_ids],
+        [max(m.ts for m in per_conv[c]) for c in conv_ids],
+    )
+    last = {r["id"]: r["last_seq"] for r in rows}
+    stored: list[Message] = []
+    orphans: list[NewMessage] = []
+    for conv in conv_ids:
+        msgs = per_conv[conv]
+        if conv not in last:
+            orphans.extend(msgs)
+            continue
+        first = last[conv] - len(msgs) + 1
+        for offset, m in enumerate(msgs):
+            stored.append(
+                Message(m.conv, m.id, first + offset, m.sender, m.body, m.ts, m.cid, m.kind)
+            )
+    if stored:
+        await conn.copy_records_to_table(
+            "messages",
+            records=[(m.conv, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts) for m in stored],
+            columns=["conv_id", "seq", "id", "sender", "cid", "body", "kind", "ts"],
+        )
+    return stored, already, orphans
+
+
+def _row_to_message(r: Any) -> Message:
+    return Message(
+        conv=r["conv_id"],
+        id=r["id"],
+        seq=r["seq"],
+        sender=r["sender"],
+        body=r["body"],
+        ts=r["ts"],
+        cid=r["cid"],
+        kind=r["kind"],
+    )
+
+
+_COLUMNS = "conv_id, seq, id, sender, cid, body, kind, ts"
+
+
+async def after(pools: ShardPools, conv: int, since_seq: int, limit: int) -> list[Message]:
+    """Messages with seq > since_seq, oldest first, at most `limit`."""
+    async with pools.connection(pools.for_id(conv)) as conn:
+        rows = await conn.fetch(
+            f"""SELECT {_COLUMNS} FROM messages
+                WHERE conv_id = $1 AND seq > $2 ORDER BY seq LIMIT $3""",
+            conv,
+            since_seq,
+            limit,
+        )
+    return [_row_to_message(r) for r in rows]
+
+
+async def between(pools: ShardPools, conv: int, after_seq: int, before_seq: int) -> list[Message]:
+    """Messages with after_seq < seq < before_seq, oldest first."""
+    async with pools.connection(pools.for_id(conv)) as conn:
+        rows = await conn.fetch(
+            f"""SELECT {_COLUMNS} FROM messages
+                WHERE conv_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq""",
+            conv,
+            after_seq,
+            before_seq,
+        )
+    return [_row_to_message(r) for r in rows]
+
+
+async def before(pools: ShardPools, conv: int, before_seq: int | None, limit: int) -> list[Message]:
+    """Newest first, seq < before_seq (keyset page), at most `limit`."""
+    async with pools.connection(pools.for_id(conv)) as conn:
+        rows = await conn.fetch(
+            f"""SELECT {_COLUMNS} FROM messages
+                WHERE conv_id = $1 AND ($2::bigint IS NULL OR seq < $2)
+                ORDER BY seq DESC LIMIT $3""",
+            conv,
+            before_seq,
+            limit,
+        )
+    return [_row_to_message(r) for r in rows]
+
+
+async def latest_seq(pools: ShardPools, conv: int) -> int:
+    async with pools.connection(pools.for_id(conv)) as conn:
+        seq: int | None = await conn.fetchval(
+            "SELECT last_seq FROM conversations WHERE id = $1", conv
+        )
+    return seq or 0

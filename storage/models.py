@@ -1,0 +1,42 @@
+"""Row types returned by the data-access modules (plain, immutable, wire-agnostic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: int
+    kind: str  # direct | group | thread
+    title: str
+    created_by: str
+    created_at_ms: int
+    members: tuple[str, ...]
+    last_seq: int = 0
+    last_activity_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    conv: int
+    id: int
+    seq: int
+    sender: str
+    body: str
+    ts: int
+    cid: str
+    kind: str  # text | comment
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message accepted by a gateway, not yet sequenced."""
+
+    conv: int
+    id: int
+    sender: str
+    cid: str
+    body: str
+    ts: int
+    kind: str

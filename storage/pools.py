@@ -1,0 +1,113 @@
+"""One asyncpg pool per physical shard database, and the error a dead shard gives.
+
+Pools are created lazily (min_size=0), so a shard that is down at start-up does not stop
+the process: only requests that need that shard fail, with `ShardUnavailable` naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from storage.errors import ShardUnavailable
+from storage.settings import Settings
+from storage.shards import ShardMap
+
+# Errors that mean "this database cannot serve us now", as opposed to a bad query.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+def shard_name(dsn: str, index: int) -> str:
+    """A log-safe name for a physical shard: index, host and database, never the password."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "local"
+    port = f":{parts.port}" if parts.port else ""
+    return f"#{index} ({host}{port}{parts.path})"
+
+
+class ShardPools:
+    def __init__(self, settings: Settings) -> None:
+        self.map = ShardMap.from_settings(settings)
+        self._dsns = settings.shard_dsns
+        self._max = settings.pg_pool_max
+        self._timeout = settings.pg_timeout_s
+        self._pools: list[asyncpg.Pool | None] = [None] * len(self._dsns)
+        self._locks = [asyncio.Lock() for _ in self._dsns]
+        self.names = [shard_name(d, i) for i, d in enumerate(self._dsns)]
+
+    @property
+    def physical_count(self) -> int:
+        return len(self._dsns)
+
+    async def _pool(self, index: int) -> asyncpg.Pool:
+        pool = self._pools[index]
+        if pool is not None:
+            return pool
+        async with self._locks[index]:
+            if self._pools[index] is None:
+                self._pools[index] = await asyncpg.create_pool(
+                    self._dsns[index],
+                    min_size=0,
+                    max_size=self._max,
+                    timeout=self._timeout,
+                    command_timeout=max(self._timeout * 2, 10),
+                    max_inactive_connection_lifetime=60,
+                )
+            pool = self._pools[index]
+            assert pool is not None
+            return pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self, physical: int) -> AsyncIterator[Any]:
+        """A connection to physical shard `physical`; connection failures -> ShardUnavailable."""
+        try:
+            pool = await self._pool(physical)
+            async with pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise ShardUnavailable(self.names[physical], exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, physical: int) -> AsyncIterator[Any]:
+        async with self.connection(physical) as conn, conn.transaction():
+            yield conn
+
+    def for_user(self, user_id: str) -> int:
+        return self.map.for_user(user_id)
+
+    def for_id(self, id_: int) -> int:
+        return self.map.for_id(id_)
+
+    async def ping(self) -> dict[str, str | None]:
+        """Each physical shard's name -> None when it answers, else the error."""
+
+        async def one(i: int) -> tuple[str, str | None]:
+            try:
+                async with self.connection(i) as conn:
+                    await conn.fetchval("SELECT 1")
+                return self.names[i], None
+            except ShardUnavailable as exc:
+                return self.names[i], exc.message
+
+        results = await asyncio.gather(*(one(i) for i in range(self.physical_count)))
+        return dict(results)
+
+    async def close(self) -> None:
+        for pool in self._pools:
+            if pool is not None:
+                await pool.close()
+        self._pools = [None] * len(self._dsns)

@@ -1,0 +1,59 @@
+"""Every Redis key and channel name Agora uses is made here, and nowhere else.
+
+User ids may contain ':', so a user id inside a compound key is length-prefixed: no two
+different (user, x) pairs can produce the same key.
+"""
+
+from __future__ import annotations
+
+
+class RedisKeys:
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    # -- send path -------------------------------------------------------------------------
+    def idempotency(self, user: str, cid: str) -> str:
+        """(user, cid) -> state of that send: pending or acked, with its id and ts."""
+        return f"{self.p}:idem:{len(user)}:{user}:{cid}"
+
+    def id_counter(self, logical_shard: int) -> str:
+        """Cluster-wide sequence for message ids of one logical shard."""
+        return f"{self.p}:idseq:{logical_shard}"
+
+    # -- routing ---------------------------------------------------------------------------
+    def node_lease(self, node: str) -> str:
+        """Exists while gateway `node` is alive (TTL = the lease)."""
+        return f"{self.p}:node:{node}"
+
+    def node_channel(self, node: str) -> str:
+        """Pub/sub channel a gateway node listens on for its deliveries."""
+        return f"{self.p}:to:{node}"
+
+    def conv_routes(self, conv: int) -> str:
+        """Set of node ids with local subscribers of conversation `conv`."""
+        return f"{self.p}:route:c:{conv}"
+
+    def user_routes(self, user: str) -> str:
+        """Set of node ids with connections of `user`."""
+        return f"{self.p}:route:u:{user}"
+
+    # -- feeds (rebuildable caches) --------------------------------------------------------
+    def feed(self, kind: str, community: str | None, window: str | None = None) -> str:
+        scope = community if community is not None else "*"
+        suffix = f":{window}" if window else ""
+        return f"{self.p}:feed:{kind}:{scope}{suffix}"
+
+    def feed_ready(self, kind: str, community: str | None, window: str | None = None) -> str:
+        """Marks a feed set as complete (a missing marker means: rebuild from the shards)."""
+        return self.feed(kind, community, window) + ":ready"
+
+    def feed_rebuild_lock(self, kind: str, community: str | None, window: str | None) -> str:
+        return self.feed(kind, community, window) + ":lock"
+
+    def post_meta(self, post: int) -> str:
+        """Hash of a post's ranking inputs (score, created ms, community)."""
+        return f"{self.p}:post:{post}"
+
+    # -- limits ----------------------------------------------------------------------------
+    def rate(self, scope: str, subject: str, window: int) -> str:
+        return f"{self.p}:rate:{scope}:{len(subject)}:{subject}:{window}"

@@ -1,0 +1,242 @@
+"""One settings object, built once from `AGORA_*` environment variables at start-up.
+
+No other module reads the environment: composition roots call `Settings.from_env()` and pass
+the object down. Every setting is declared once in `SETTINGS` with its default and meaning;
+the README table and `.env.example` are checked against that list by a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from storage.errors import ConfigError
+
+MAX_LOGICAL_SHARDS = 1 << 13  # the id layout has 13 bits for the logical shard
+
+
+def _bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algs = _csv(raw)
+    allowed = {"HS256", "HS384", "HS512", "RS256", "ES256"}
+    bad = [a for a in algs if a not in allowed]
+    if bad or not algs:
+        raise ValueError(f"allowed: {', '.join(sorted(allowed))}")
+    return algs
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _prefix(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", raw):
+        raise ValueError("1-40 chars of [A-Za-z0-9._-]")
+    return raw
+
+
+def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    shard_dsns: tuple[str, ...] = _setting(
+        "AGORA_SHARD_DSNS",
+        "postgresql://postgres@127.0.0.1:5432/agora_shard0,"
+        "postgresql://postgres@127.0.0.1:5432/agora_shard1",
+        _csv,
+        "Comma-separated DSNs of the physical shard databases, in order (index = physical id).",
+    )
+    logical_shards: int = _setting(
+        "AGORA_LOGICAL_SHARDS",
+        "4096",
+        _int_range(1, MAX_LOGICAL_SHARDS),
+        "Number of logical shards (fixed for the life of the data; at most 8192).",
+    )
+    shard_map: str = _setting(
+        "AGORA_SHARD_MAP",
+        "",
+        _str,
+        "Optional logical-to-physical ranges, e.g. `0-2047=0,2048-4095=1`; "
+        "empty means equal contiguous ranges.",
+    )
+    pg_pool_max: int = _setting(
+        "AGORA_PG_POOL_MAX", "10", _int_range(1, 500), "Max connections per physical shard pool."
+    )
+    pg_timeout_s: int = _setting(
+        "AGORA_PG_TIMEOUT_S",
+        "5",
+        _int_range(1, 120),
+        "Seconds to wait for a shard connection before answering `unavailable`.",
+    )
+    redis_url: str = _setting(
+        "AGORA_REDIS_URL", "redis://127.0.0.1:6379/0", _nonempty, "Redis URL."
+    )
+    redis_prefix: str = _setting(
+        "AGORA_REDIS_PREFIX", "agora", _prefix, "Prefix of every Redis key and channel."
+    )
+    kafka_bootstrap: str = _setting(
+        "AGORA_KAFKA_BOOTSTRAP", "127.0.0.1:9092", _nonempty, "Kafka bootstrap servers."
+    )
+    kafka_topic_prefix: str = _setting(
+        "AGORA_KAFKA_TOPIC_PREFIX", "agora", _prefix, "Prefix of the Kafka topic names."
+    )
+    kafka_partitions: int = _setting(
+        "AGORA_KAFKA_PARTITIONS",
+        "8",
+        _int_range(1, 1024),
+        "Partitions of each topic when Agora creates it.",
+    )
+    kafka_idempotence: bool = _setting(
+        "AGORA_KAFKA_IDEMPOTENCE",
+        "true",
+        _bool,
+        "Use Kafka's idempotent producer. Tansu 0.6 (dev/tests) does not implement "
+        "InitProducerId, so the dev stack sets false; the (conversation, sender, cid) "
+        "unique key still makes producer retries harmless.",
+    )
+    jwt_algorithms: tuple[str, ...] = _setting(
+        "AGORA_JWT_ALGORITHMS",
+        "HS256",
+        _algorithms,
+        "Accepted JWT algorithms (HS256/384/512, RS256, ES256). `none` is never accepted.",
+    )
+    jwt_secret: str = _setting(
+        "AGORA_JWT_SECRET", "", _str, "HMAC secret for HS* tokens. Required for HS*."
+    )
+    jwt_public_key: str = _setting(
+        "AGORA_JWT_PUBLIC_KEY", "", _str, "PEM public key for RS256/ES256 tokens."
+    )
+    node_id: str = _setting(
+        "AGORA_NODE_ID",
+        "",
+        _str,
+        "Gateway node id; empty means generated per process (each worker is its own node).",
+    )
+    heartbeat_ms: int = _setting(
+        "AGORA_HEARTBEAT_MS",
+        "25000",
+        _int_range(1000, 600_000),
+        "Server WebSocket ping interval; a connection silent for two intervals is closed.",
+    )
+    max_frame_bytes: int = _setting(
+        "AGORA_MAX_FRAME_BYTES",
+        "65536",
+        _int_range(1024, 16 * 1024 * 1024),
+        "Largest client frame accepted; larger frames close with 1009.",
+    )
+    replay_limit: int = _setting(
+        "AGORA_REPLAY_LIMIT",
+        "1000",
+        _int_range(1000, 100_000),
+        "Most missed messages replayed over the socket on `sub` with `since`.",
+    )
+    route_lease_s: int = _setting(
+        "AGORA_ROUTE_LEASE_S",
+        "15",
+        _int_range(2, 3600),
+        "Lease of a gateway node's routing registration in Redis; renewed at a third of it.",
+    )
+    outbound_max_frames: int = _setting(
+        "AGORA_OUTBOUND_MAX_FRAMES",
+        "2000",
+        _int_range(10, 1_000_000),
+        "Frames queued for one connection before it is closed as a slow consumer (4009).",
+    )
+    outbound_max_bytes: int = _setting(
+        "AGORA_OUTBOUND_MAX_BYTES",
+        "4194304",
+        _int_range(65536, 1 << 30),
+        "Bytes queued for one connection before it is closed as a slow consumer (4009).",
+    )
+    max_connections: int = _setting(
+        "AGORA_MAX_CONNECTIONS",
+        "50000",
+        _int_range(1, 10_000_000),
+        "Connections per gateway process; above it new upgrades get 503 + Retry-After.",
+    )
+    fanout_batch_max: int = _setting(
+        "AGORA_FANOUT_BATCH_MAX",
+        "2000",
+        _int_range(1, 100_000),
+        "Most records a fan-out worker takes from Kafka per batch.",
+    )
+    dev_tokens: bool = _setting(
+        "AGORA_DEV_TOKENS",
+        "false",
+        _bool,
+        "Serve the dev-only token endpoint. Never enable in production.",
+    )
+    log_level: str = _setting("AGORA_LOG_LEVEL", "INFO", _nonempty, "Python logging level.")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `env` (default: the process environment).
+
+        Raises ConfigError naming the first setting whose value does not parse.
+        """
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            raw = source.get(meta["env"], meta["default"])
+            try:
+                values[f.name] = meta["parse"](raw)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{meta['env']}={raw!r} is invalid: {exc}") from None
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        # JWT keys are checked where tokens are verified (gateway.auth), so that
+        # `agora migrate` and the workers do not need them.
+        if not self.shard_dsns:
+            raise ConfigError("AGORA_SHARD_DSNS must name at least one database")
+        # Parsing the map validates it (ranges cover every logical shard exactly once).
+        from storage.shards import ShardMap
+
+        ShardMap.from_settings(self)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (tests and CLI flags)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env name, default, meaning) for every setting, in declaration order."""
+    return [(f.metadata["env"], f.metadata["default"], f.metadata["doc"]) for f in fields(Settings)]

@@ -1,0 +1,86 @@
+"""The real engines for the test session: PostgreSQL, Redis and a private Tansu broker.
+
+PostgreSQL and Redis are reused when reachable (and started, or installed, when not: the
+same code as `agora services up`). Each session gets fresh shard databases, its own Redis
+database number and key prefix, and its own memory-only Tansu on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from storage import services
+from storage.migrate import migrate_all
+from storage.settings import Settings, describe
+
+PG = os.environ.get("AGORA_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("AGORA_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = 15
+STATE_DIR = Path(".agora/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The AGORA_* environment that rebuilds `settings` in a child process."""
+    from dataclasses import fields
+
+    env: dict[str, str] = {}
+    for f, (name, _default, _doc) in zip(fields(Settings), describe(), strict=True):
+        value = getattr(settings, f.name)
+        if isinstance(value, tuple):
+            env[name] = ",".join(value)
+        elif isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        else:
+            env[name] = str(value)
+    return env
+
+
+@contextmanager
+def test_engines() -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
+    tag = secrets.token_hex(3)
+    dsns = (f"{PG}/agora_test_{tag}_0", f"{PG}/agora_test_{tag}_1")
+    kafka_port = free_port()
+    settings = Settings.from_env(
+        {
+            "AGORA_SHARD_DSNS": ",".join(dsns),
+            "AGORA_LOGICAL_SHARDS": "4096",
+            "AGORA_REDIS_URL": f"{REDIS}/{REDIS_DB}",
+            "AGORA_REDIS_PREFIX": f"t{tag}",
+            "AGORA_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+            "AGORA_KAFKA_TOPIC_PREFIX": f"t{tag}",
+            "AGORA_KAFKA_PARTITIONS": "8",
+            "AGORA_KAFKA_IDEMPOTENCE": "false",
+            "AGORA_JWT_SECRET": secrets.token_hex(16),
+            "AGORA_ROUTE_LEASE_S": "6",
+            "AGORA_HEARTBEAT_MS": "5000",
+            "AGORA_PG_TIMEOUT_S": "3",
+        }
+    )
+    state = services.Started()
+    log: list[str] = []
+    for host, port in sorted({services._pg_address(d) for d in dsns}):
+        services._ensure_postgres_running(host, port, state, log)
+    services._ensure_redis(settings.redis_url, state, STATE_DIR, log)
+    asyncio.run(services.ensure_databases(dsns))
+    asyncio.run(migrate_all(dsns))
+    tansu = services.start_tansu("127.0.0.1", kafka_port, STATE_DIR / f"tansu-{tag}.log")
+    try:
+        yield settings, tansu
+    finally:
+        tansu.kill()
+        tansu.wait()
+        asyncio.run(services.drop_databases(dsns))
