@@ -240,7 +240,7 @@ class Node:
                 self.deliveries += 1
             elif out:
                 self._push_messages(conn, out)
-            if sub.state is State.RECOVERING and sub.held:
+            if sub.state is State.GAP:
                 self._maybe_fill(conn, sub)
 
     def _push_messages(self, conn: Connection, out: list[Message]) -> None:

@@ -4,9 +4,12 @@ Sans I/O. Live messages may overlap what recovery reads from storage, arrive twi
 redelivered batch is published again) or, rarely, skip ahead (a gap). A subscription turns
 that into a clean stream:
 
-- RECOVERING: live messages are held while missed ones are read from storage;
+- RECOVERING: after `sub`, live messages are held while missed ones are read from storage
+  (the client gets every missed message before `subbed`, and live ones after it);
 - LIVE: seq = last + 1 goes out; seq <= last is a duplicate and is dropped; seq > last + 1
-  is held, and `gap()` tells the caller which range to fetch from storage (`fill`).
+  is held and the subscription enters GAP;
+- GAP: contiguous messages still go out; `gap()` tells the caller which range to fetch
+  from storage (`fill`), and once nothing is held the subscription is LIVE again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ MAX_HELD = 10_000  # beyond this a subscription has fallen too far behind to hol
 class State(Enum):
     RECOVERING = 1
     LIVE = 2
+    GAP = 3
 
 
 @dataclass
@@ -43,8 +47,7 @@ class Subscription:
         if self.state is State.RECOVERING:
             return []
         out = self._release()
-        if self.held:
-            self.state = State.RECOVERING  # a gap: the caller fetches `gap()`
+        self.state = State.GAP if self.held else State.LIVE
         return out
 
     def gap(self) -> tuple[int, int] | None:
@@ -60,7 +63,7 @@ class Subscription:
             if m.seq > self.last_seq:
                 self.held.setdefault(m.seq, m)
         out = self._release()
-        self.state = State.RECOVERING if self.held else State.LIVE
+        self.state = State.GAP if self.held else State.LIVE
         return out
 
     def skip_to(self, seq: int) -> list[Message]:
