@@ -1,5 +1,11 @@
-"""A small asyncio client of Agora's wire protocol v1 (used by tests, bench/ and bots)."""
+"""Asyncio clients of Agora's wire protocol v1 (used by tests, bench/ and bots).
 
-from agora_client.client import AgoraClient, ServerError
+`AgoraClient` is one connection; `ReconnectingClient` keeps one open across drops, drains
+and refusals, resubscribing with `since` and retrying unacknowledged sends by `cid`.
+"""
 
-__all__ = ["AgoraClient", "ServerError"]
+from agora_client.client import AgoraClient, Closed, ServerError
+from agora_client.policy import Backoff
+from agora_client.resilient import ReconnectingClient
+
+__all__ = ["AgoraClient", "Backoff", "Closed", "ReconnectingClient", "ServerError"]

@@ -1,7 +1,10 @@
-"""An asyncio WebSocket client of PROTOCOL.md.
+"""An asyncio WebSocket client of PROTOCOL.md: one connection.
 
 Replies are matched to requests by `rid`; everything else the server pushes (`msg`,
-`typing`, `score`, `reconnect`, ...) lands in `events`, in arrival order.
+`typing`, `score`, `reconnect`, ...) lands in `events`, in arrival order. An `on_frame`
+callback sees every frame first, in order, before any reply resolves its request: the
+reconnecting client (agora_client.resilient) keeps its per-conversation seq there, so a
+`subbed` reply is never processed before the replayed messages that preceded it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -28,10 +32,25 @@ class ServerError(Exception):
         self.frame = frame
 
 
+class Closed(ConnectionError):
+    """The server closed the connection before `hello` (4001 for a bad token, 1013, ...)."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"closed with {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+FrameHook = Callable[[dict[str, Any]], bool]
+
+
 class AgoraClient:
-    def __init__(self, ws: ClientConnection, encoding: str) -> None:
+    def __init__(
+        self, ws: ClientConnection, encoding: str, on_frame: FrameHook | None = None
+    ) -> None:
         self.ws = ws
         self.encoding = encoding
+        self.on_frame = on_frame  # returns True when it consumed the frame
         self.hello: dict[str, Any] = {}
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -49,8 +68,11 @@ class AgoraClient:
         *,
         use_header: bool = True,
         timeout: float = 10,
+        on_frame: FrameHook | None = None,
         **kwargs: Any,
     ) -> AgoraClient:
+        """Open a connection and wait for `hello`. Raises `Closed` when the server closes
+        first, websockets' InvalidStatus on an HTTP refusal (503/429 + Retry-After)."""
         headers = {}
         if token and use_header:
             headers["Authorization"] = f"Bearer {token}"
@@ -65,9 +87,24 @@ class AgoraClient:
             max_size=2**24,
             **kwargs,
         )
-        client = cls(ws, encoding)
+        client = cls(ws, encoding, on_frame)
         client._reader = asyncio.create_task(client._read())
-        first = await asyncio.wait_for(client.events.get(), timeout)
+        first_event = asyncio.ensure_future(client.events.get())
+        closed = asyncio.ensure_future(client.closed.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {first_event, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            closed.cancel()
+            if not first_event.done():
+                first_event.cancel()
+        if first_event not in done:
+            await client.close()
+            if client.closed.is_set():
+                raise Closed(client.close_code, ws.close_reason or "")
+            raise TimeoutError(f"no hello within {timeout}s")
+        first = first_event.result()
         if first.get("t") != "hello":
             await client.close()
             raise RuntimeError(f"expected hello, got {first}")
@@ -91,6 +128,8 @@ class AgoraClient:
         try:
             async for data in self.ws:
                 frame = self.decode(data)
+                if self.on_frame is not None and self.on_frame(frame):
+                    continue
                 rid = frame.get("rid")
                 fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is not None and frame.get("t") in ("ok", "pong", "ack", "subbed", "err"):

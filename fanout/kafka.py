@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from fanout.metrics import MeteredConsumer, installed
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,16 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 def make_consumer(settings: Settings, topic: str, group: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
+    """A committing group consumer; metered (fanout.metrics) when the process installed it."""
+    metrics = installed()
+    extra: dict[str, Any] = {}
+    cls = AIOKafkaConsumer
+    if metrics is not None:
+        cls = MeteredConsumer
+        extra["metrics"] = metrics
+    consumer: AIOKafkaConsumer = cls(
         topic,
+        **extra,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group,
         enable_auto_commit=False,
@@ -79,6 +89,7 @@ def make_consumer(settings: Settings, topic: str, group: str) -> AIOKafkaConsume
         heartbeat_interval_ms=1000,
         rebalance_timeout_ms=6000,
     )
+    return consumer
 
 
 async def wait_for_broker(settings: Settings, seconds: float = 30) -> None:

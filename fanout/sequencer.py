@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from storage.errors import Unavailable
 from storage.messages import append_batch
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
@@ -35,6 +36,31 @@ class Sequenced:
 
 
 async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
+    try:
+        return await _one_shard_tx(pools, physical, batch)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, asyncpg.UniqueViolationError) or len(batch) == 1:
+            raise
+        # A message the database refuses (it should have been refused at the gateway)
+        # must not block its partition forever: store the batch one by one and drop
+        # only the poison.
+        log.error("batch refused on %s (%s); isolating", pools.names[physical], exc)
+        out = Sequenced()
+        for m in batch:
+            try:
+                part = await _one_shard_tx(pools, physical, [m])
+            except asyncpg.PostgresError as one:
+                if isinstance(one, asyncpg.UniqueViolationError):
+                    raise
+                log.error("dropping message %d of conversation %d: %s", m.id, m.conv, one)
+                continue
+            out.stored.extend(part.stored)
+            out.redelivered.extend(part.redelivered)
+            out.orphans.extend(part.orphans)
+        return out
+
+
+async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
     for attempt in range(_ATTEMPTS):
         try:
             async with pools.transaction(physical) as conn:
@@ -50,16 +76,33 @@ async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) 
     raise AssertionError("unreachable")
 
 
-async def sequence(pools: ShardPools, batch: list[NewMessage]) -> Sequenced:
-    """Sequence and persist `batch`; shards in parallel. Raises ShardUnavailable if any
-    shard is down (the caller retries the batch; what was stored is then `redelivered`)."""
+async def sequence(
+    pools: ShardPools, batch: list[NewMessage]
+) -> tuple[Sequenced, list[NewMessage], list[Unavailable]]:
+    """Sequence and persist `batch`, one transaction per physical shard, in parallel.
+
+    A shard that is down fails only its own messages: they come back in the second list
+    (in their original order) for the caller to retry, while the other shards' messages
+    are stored and returned in the first.
+    """
     by_shard: dict[int, list[NewMessage]] = defaultdict(list)
     for m in batch:
         by_shard[pools.for_id(m.conv)].append(m)
-    parts = await asyncio.gather(*(_one_shard(pools, p, ms) for p, ms in by_shard.items()))
+    shards = list(by_shard)
+    parts = await asyncio.gather(
+        *(_one_shard(pools, p, by_shard[p]) for p in shards), return_exceptions=True
+    )
     out = Sequenced()
-    for part in parts:
-        out.stored.extend(part.stored)
-        out.redelivered.extend(part.redelivered)
-        out.orphans.extend(part.orphans)
-    return out
+    failed: list[NewMessage] = []
+    errors: list[Unavailable] = []
+    for physical, part in zip(shards, parts, strict=True):
+        if isinstance(part, Unavailable):
+            failed.extend(by_shard[physical])
+            errors.append(part)
+        elif isinstance(part, BaseException):
+            raise part
+        else:
+            out.stored.extend(part.stored)
+            out.redelivered.extend(part.redelivered)
+            out.orphans.extend(part.orphans)
+    return out, failed, errors

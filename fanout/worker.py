@@ -1,34 +1,47 @@
 """The fan-out worker: Kafka batch -> sequence + persist -> publish per node -> commit.
 
 Persist-then-publish: a client never sees a message that could still be lost. Offsets are
-committed last, so a worker killed anywhere before the commit leaves the batch to be
-redelivered to the group; the sequencer recognises what was already stored, and it is
-published again under its original seq (gateways drop what a subscriber already has).
+committed last, and never past a message that is not stored yet, so a worker killed
+anywhere leaves its uncommitted records to be redelivered to the group; the sequencer
+recognises what was already stored and it is published again under its original seq
+(gateways drop what a subscriber already has).
+
+Shard isolation: when one shard is down, only its messages wait. They are held and retried
+while the worker goes on with the other shards; the committed offset of a partition stops
+at its oldest held record, so nothing is lost if the worker dies while holding them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections import defaultdict
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
 
+from fanout.consumer import commit, run_consumer_process
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
-from fanout.kafka import ensure_topics, fanout_group, make_consumer, messages_topic, wait_for_broker
+from fanout.kafka import fanout_group, messages_topic
 from fanout.routing import Routes
 from fanout.sequencer import sequence
-from storage.errors import Unavailable
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
 from storage.settings import Settings
 
 log = logging.getLogger("agora.fanout")
+
+MAX_HELD = 50_000  # beyond this, stop taking new records until the shard is back
+RETRY_PAUSE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    tp: TopicPartition
+    offset: int
+    message: NewMessage
 
 
 class FanoutWorker:
@@ -44,51 +57,67 @@ class FanoutWorker:
         self.routes = Routes(redis, RedisKeys(settings.redis_prefix))
         self.consumer = consumer
         self.stopping = asyncio.Event()
+        self.held: list[Pending] = []  # records whose shard was down, oldest first
         self.batches = 0
         self.messages = 0
 
     async def run(self) -> None:
         while not self.stopping.is_set():
-            records = await self.consumer.getmany(
-                timeout_ms=200, max_records=self.settings.fanout_batch_max
-            )
-            if not records:
-                continue
-            await self.handle(records)
+            if len(self.held) >= MAX_HELD:
+                records = {}
+                await asyncio.sleep(RETRY_PAUSE_S)
+            else:
+                # With records held, come back soon to retry them even if no new ones arrive.
+                timeout = 100 if self.held else 200
+                records = await self.consumer.getmany(
+                    timeout_ms=timeout, max_records=self.settings.fanout_batch_max
+                )
+            if records or self.held:
+                await self.handle(records)
 
     async def handle(self, records: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
-        batch: list[NewMessage] = []
-        first: dict[TopicPartition, int] = {}
+        fresh: list[Pending] = []
         last: dict[TopicPartition, int] = {}
         for tp, recs in records.items():
-            first[tp] = recs[0].offset
             last[tp] = recs[-1].offset
             for rec in recs:
                 try:
-                    batch.append(decode_new_message(rec.value))
+                    fresh.append(Pending(tp, rec.offset, decode_new_message(rec.value)))
                 except EnvelopeError as exc:
                     # Poison record: log and skip it rather than block the partition forever.
                     log.error("skipping record %s@%d: %s", tp, rec.offset, exc)
-        try:
-            result = await sequence(self.pools, batch)
-            await self.publish(result.in_order())
-        except (Unavailable, OSError, aioredis.RedisError) as exc:
-            # Nothing is committed: rewind and take the same records again after a pause.
-            log.warning("batch of %d failed (%s); retrying", len(batch), exc)
-            for tp, offset in first.items():
-                with contextlib.suppress(KafkaError, AssertionError):
-                    self.consumer.seek(tp, offset)
-            await asyncio.sleep(0.5)
+        owned = self.consumer.assignment()
+        # Held records of partitions taken away by a rebalance belong to their new owner.
+        work = [p for p in self.held if p.tp in owned] + fresh
+        if not work:
+            await self._commit(last, [])
             return
+        try:
+            result, failed, errors = await sequence(self.pools, [p.message for p in work])
+            await self.publish(result.in_order())
+        except (OSError, aioredis.RedisError) as exc:
+            # Redis down (publish) or an unexpected I/O failure: take it all again later.
+            log.warning("batch of %d failed (%s); retrying", len(work), exc)
+            self.held = work
+            await self._commit(last, work)
+            await asyncio.sleep(RETRY_PAUSE_S)
+            return
+        failed_ids = {id(m) for m in failed}
+        self.held = [p for p in work if id(p.message) in failed_ids]
+        if errors:
+            log.warning(
+                "%d messages held: %s", len(self.held), "; ".join(e.message for e in errors)
+            )
         for orphan in result.orphans:
             log.warning("message %d for unknown conversation %d dropped", orphan.id, orphan.conv)
-        try:
-            await self.consumer.commit({tp: off + 1 for tp, off in last.items()})
-        except CommitFailedError:
-            # The group rebalanced mid-batch; the new owner redelivers, which is harmless.
-            log.info("commit failed after rebalance; batch will be redelivered")
+        await self._commit(last, self.held)
         self.batches += 1
-        self.messages += len(batch)
+        self.messages += len(work) - len(self.held)
+        if self.held and not fresh:
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def _commit(self, last: dict[TopicPartition, int], held: list[Pending]) -> None:
+        await commit(self.consumer, last, ((p.tp, p.offset) for p in held))
 
     async def publish(self, messages: list[Message]) -> None:
         if not messages:
@@ -105,22 +134,13 @@ class FanoutWorker:
 
 
 async def run_worker(settings: Settings) -> None:
-    """Composition root of a fan-out worker process."""
-    await wait_for_broker(settings)
-    await ensure_topics(settings)
-    pools = ShardPools(settings)
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    consumer = make_consumer(settings, messages_topic(settings), fanout_group(settings))
-    await consumer.start()
-    worker = FanoutWorker(settings, pools, redis, consumer)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stopping.set)
-    log.info("fanout worker started (group %s)", fanout_group(settings))
-    try:
-        await worker.run()
-    finally:
-        await consumer.stop()
-        await redis.aclose()
-        await pools.close()
-        log.info("fanout worker stopped after %d batches", worker.batches)
+    """A fan-out worker process."""
+    worker = await run_consumer_process(
+        settings,
+        messages_topic(settings),
+        fanout_group(settings),
+        lambda pools, redis, consumer: FanoutWorker(settings, pools, redis, consumer),
+        "fanout",
+    )
+    assert isinstance(worker, FanoutWorker)
+    log.info("fanout worker stopped after %d batches", worker.batches)

@@ -8,26 +8,33 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from fanout.kafka import ensure_topics, make_producer, messages_topic, wait_for_broker
+from fanout.feeds import FeedCache
+from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_topic, wait_for_broker
 from gateway.access import Access
+from gateway.admission import Admission
 from gateway.auth import TokenVerifier
-from gateway.http import conversations, health
+from gateway.http import conversations, dev, feeds, health, openapi, posts, web
 from gateway.http.common import JSONResponse, error_response, identity
+from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
+from gateway.ratelimit import ClusterLimiter, stop_task
 from gateway.send import SendPath
 from gateway.session import RequestHandler
+from gateway.votes import VotePath
 from gateway.ws import websocket_endpoint
-from storage import users
+from storage import logs, users
 from storage.errors import AgoraError, Internal
 from storage.ids import IdGenerator
+from storage.metrics import Registry
 from storage.pools import ShardPools
+from storage.redis_client import make_redis
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
@@ -60,11 +67,24 @@ _HTTP_CODES = {
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "internal")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     return JSONResponse(
         {"error": {"code": code, "message": str(exc.detail)}},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of the path. Starlette's own Allow names only the first route that
+    matched the path, and a path here is often served by one route per method."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -74,17 +94,23 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     verifier = TokenVerifier(settings)  # fails fast on missing keys
+    dev.check_settings(settings)
+    # Built before the app so the ASGI middleware can hold it; node label set in lifespan.
+    registry = Registry({"role": "gateway"})
+    wire_metrics = GatewayMetrics(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
         pools = ShardPools(settings)
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = make_redis(settings)
         await wait_for_broker(settings)
         await ensure_topics(settings)
         producer = make_producer(settings)
         await producer.start()
         node = Node(settings, make_node_id(settings), redis, pools)
+        logs.set_process(role="gateway", node=node.id)
+        registry.const_labels["node"] = node.id
         access = Access(pools)
         send_path = SendPath(redis, node.keys, producer, messages_topic(settings), access)
         state.settings = settings
@@ -95,14 +121,26 @@ def create_app(settings: Settings) -> Starlette:
         state.node = node
         state.access = access
         state.send_path = send_path
-        state.handler = RequestHandler(node, access, send_path)
+        sends = ClusterLimiter(redis, node.keys, "send", settings.sends_per_s)
+        state.http_limiter = ClusterLimiter(redis, node.keys, "http", settings.http_per_s)
+        state.handler = RequestHandler(node, access, send_path, sends)
+        state.admission = admission = Admission(settings)
         state.metrics = Counter()
+        state.feeds = FeedCache(redis, node.keys, pools)
+        state.votes = VotePath(pools, producer, votes_topic(settings))
         await node.start()
+        background = [
+            asyncio.create_task(admission.watch_lag()),
+            sends.start(),
+            state.http_limiter.start(),
+        ]
         log.info("gateway node %s ready", node.id)
         try:
             yield
         finally:
             node.draining = True
+            for task in background:
+                await stop_task(task)
             await node.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
@@ -114,22 +152,29 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/me", me, methods=["GET"]),
         *health.routes,
         *conversations.routes,
+        *posts.routes,
+        *feeds.routes,
+        *openapi.routes,
+        *(dev.routes if settings.dev_tokens else []),  # absent (404) unless switched on
+        *web.routes(),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(WireMetrics, metrics=wire_metrics)],
         exception_handlers={
             AgoraError: _agora_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },
     )
+    app.state.registry = registry
+    wire_metrics.bind(app)
+    return app
 
 
 def create_app_from_env() -> Starlette:
     """uvicorn's factory entry point: each worker process builds its own settings and node."""
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     return create_app(settings)

@@ -4,25 +4,27 @@ agora services up|down|status   local PostgreSQL, Redis and Kafka (Tansu) for de
 agora migrate                   apply schema migrations to every physical shard
 agora gateway --port P --workers N
 agora fanout [--workers N]      the messages fan-out workers
-agora dev                       services + migrate + a gateway and a fan-out worker
+agora scores [--workers N]      the scores workers (vote counters, feeds, score frames)
+agora dev                       services + migrate + a gateway, a fan-out and a scores worker
 agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
+agora shards prune --physical N  after a shard move: drop rows mapped elsewhere (--apply)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import ConfigError
-from storage.settings import Settings
+from storage.settings import Settings, environ_with
 
 
 def _settings() -> Settings:
@@ -34,9 +36,9 @@ def _settings() -> Settings:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from storage import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -74,46 +76,54 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
+    from gateway import server
 
     settings = _settings()
     _logging(settings)
-    uvicorn.run(
-        "gateway.app:create_app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers if args.workers > 1 else None,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.heartbeat_ms / 1000,
-        ws_ping_timeout=settings.heartbeat_ms / 1000,
-        ws_per_message_deflate=False,  # compression triples memory per connection
-        backlog=4096,
-        timeout_graceful_shutdown=10,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-    )
+    if args.workers > 1:
+        child = ["gateway", "--host", args.host, "--port", str(args.port), "--workers", "1"]
+        return server.supervise(child, args.workers)
+    server.serve(settings, args.host, args.port)
     return 0
 
 
-def _run_fanout_process() -> None:
+def _run_fanout_process(index: int = 0) -> None:
     import uvloop
 
+    from fanout.metrics import run_with_metrics
     from fanout.worker import run_worker
 
     settings = _settings()
     _logging(settings)
-    uvloop.run(run_worker(settings))
+    uvloop.run(run_with_metrics(settings, "fanout", index, run_worker))
 
 
 def cmd_fanout(args: argparse.Namespace) -> int:
-    if args.workers <= 1:
-        _run_fanout_process()
+    return _run_processes(_run_fanout_process, args.workers)
+
+
+def _run_scores_process(index: int = 0) -> None:
+    import uvloop
+
+    from fanout.metrics import run_with_metrics
+    from fanout.scores import run_scores
+
+    settings = _settings()
+    _logging(settings)
+    uvloop.run(run_with_metrics(settings, "scores", index, run_scores))
+
+
+def cmd_scores(args: argparse.Namespace) -> int:
+    return _run_processes(_run_scores_process, args.workers)
+
+
+def _run_processes(target: Callable[[int], None], workers: int) -> int:
+    """Run `target` in this process, or in `workers` child processes that get our signals."""
+    if workers <= 1:
+        target(0)
         return 0
-    procs = [multiprocessing.Process(target=_run_fanout_process) for _ in range(args.workers)]
+    # Each child gets its index (its metrics port is AGORA_METRICS_PORT + index).
+    procs = [multiprocessing.Process(target=target, args=(i,)) for i in range(workers)]
     for p in procs:
         p.start()
 
@@ -129,6 +139,30 @@ def cmd_fanout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    """After a logical shard move: rows a physical database holds for shards mapped away."""
+    from storage.pools import ShardPools
+    from storage.reshard import prune
+
+    settings = _settings()
+
+    async def run() -> int:
+        pools = ShardPools(settings)
+        try:
+            if not 0 <= args.physical < pools.physical_count:
+                print(f"agora: no physical shard {args.physical}", file=sys.stderr)
+                return 2
+            result = await prune(pools, args.physical, dry_run=not args.apply)
+        finally:
+            await pools.close()
+        verb = "deleted" if args.apply else "would delete (dry run; --apply deletes)"
+        for table, n in result.rows.items():
+            print(f"physical {args.physical} {table}: {verb} {n} rows")
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth import make_token
 
@@ -140,14 +174,23 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _next_metrics_port() -> dict[str, str]:
+    """The environment for a second worker kind on this host: its metrics on the next port."""
+    settings = _settings()
+    if not settings.metrics_port:
+        return environ_with({})
+    return environ_with({"AGORA_METRICS_PORT": str(settings.metrics_port + 1)})
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Engines up, schema applied, then a gateway and a fan-out worker until Ctrl-C."""
+    """Engines up, schema applied, then a gateway, a fan-out and a scores worker until Ctrl-C."""
     services_args = argparse.Namespace(action="up", state_dir=args.state_dir)
     cmd_services(services_args)
     exe = [sys.executable, "-m", "gateway.cli"]
     children = [
         subprocess.Popen([*exe, "gateway", "--port", str(args.port)]),
         subprocess.Popen([*exe, "fanout"]),
+        subprocess.Popen([*exe, "scores"], env=_next_metrics_port()),
     ]
     print(f"agora dev: gateway on http://127.0.0.1:{args.port} (Ctrl-C stops)")
     try:
@@ -190,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fanout", help="run fan-out workers on the messages topic")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_fanout)
+
+    p = sub.add_parser("scores", help="run scores workers on the votes topic")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_scores)
+
+    p = sub.add_parser("shards", help="shard maintenance (after moving logical shards)")
+    p.add_argument("action", choices=["prune"])
+    p.add_argument("--physical", type=int, required=True, help="index in AGORA_SHARD_DSNS")
+    p.add_argument("--apply", action="store_true", help="delete (default: count only)")
+    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("token", help="print a signed dev token")
     p.add_argument("user")

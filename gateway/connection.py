@@ -23,7 +23,9 @@ from gateway.protocol.subscription import Subscription
 
 log = logging.getLogger("agora.gateway")
 _ids = itertools.count(1)
-CLOSE_TIMEOUT_S = 2.0
+# How long the close frame may wait behind unread data: a reader that resumes within this
+# still learns why it was closed (4009); one that never reads is cut off after it.
+CLOSE_TIMEOUT_S = 10.0
 
 
 class Connection:
@@ -45,6 +47,10 @@ class Connection:
         self.closed = asyncio.Event()
         self.sent_frames = 0
         self.reader: asyncio.Task[object] | None = None  # cancelled once we have closed
+        self.writer_task: asyncio.Task[None]
+        self.frames_in = 0
+        self.busy = False  # a request is being handled: a drain closes after its reply
+        self.pending_close: int | None = None
 
     # -- outbound ---------------------------------------------------------------------------
     def push(self, data: bytes | str) -> None:
@@ -63,6 +69,13 @@ class Connection:
     def push_frame(self, frame: dict[str, Any]) -> None:
         self.push(self.codec.encode(frame))
 
+    def close_when_idle(self, code: int) -> None:
+        """Close now, or right after the request in flight has been answered."""
+        if self.busy:
+            self.pending_close = code
+        else:
+            self.close(code, "server shutting down")
+
     def close(self, code: int, reason: str = "") -> None:
         """Close after what is queued (the writer sends the close frame last)."""
         if self.close_code is None:
@@ -72,6 +85,10 @@ class Connection:
                 self._queue.clear()  # it cannot read them anyway; free the memory now
                 self._queued_bytes = 0
             self._wake.set()
+            # Stop reading and leave the node now: no more deliveries are queued for a
+            # connection that is closing, however long its close frame takes to go out.
+            if self.reader is not None and self.reader is not asyncio.current_task():
+                self.reader.cancel()
 
     async def writer(self) -> None:
         send = self.websocket.send

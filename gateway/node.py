@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import socket
 from collections import defaultdict
@@ -55,6 +56,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._fills: set[asyncio.Task[None]] = set()
         self.draining = False
+        self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -73,6 +75,29 @@ class Node:
                 await task
         with contextlib.suppress(Exception):
             await self.routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
+
+    async def drain(self, window_ms: int, deadline_ms: int) -> None:
+        """Graceful shutdown: every client is told to reconnect elsewhere at a time spread
+        over `window_ms` (so they do not all land on the other nodes at once); whoever is
+        still here at `deadline_ms` is closed with 1001, each after its request in flight."""
+        self.draining = True
+        conns = list(self.connections)
+        log.info("node %s draining %d connections", self.id, len(conns))
+        for conn in conns:
+            conn.push_frame(frames.reconnect(random.randint(0, window_ms) if window_ms else 0))
+        if not await self._all_gone(deadline_ms / 1000):
+            for conn in list(self.connections):
+                conn.close_when_idle(frames.CloseCode.GOING_AWAY)
+            await self._all_gone(5.0)
+
+    async def _all_gone(self, seconds: float) -> bool:
+        if not self.connections:
+            return True
+        try:
+            await asyncio.wait_for(self._none_left.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _keep_lease(self) -> None:
         interval = max(self.settings.route_lease_s / 3, 0.5)
@@ -121,6 +146,7 @@ class Node:
     # -- connections and subscriptions ------------------------------------------------------
     async def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
+        self._none_left.clear()
         first = not self.user_conns[conn.user]
         self.user_conns[conn.user].add(conn)
         if first:
@@ -128,6 +154,8 @@ class Node:
 
     async def detach(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if not self.connections:
+            self._none_left.set()
         drop_convs = [c for c in list(conn.subs) if self._remove_sub(conn, c)]
         users = self.user_conns.get(conn.user)
         drop_users: list[str] = []

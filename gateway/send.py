@@ -4,11 +4,15 @@ validate -> access -> idempotency + id (one Redis round trip) -> produce to Kafk
 conversation (acks=all) -> `ack` only after the broker acknowledged.
 
 Idempotency on (user, cid): the first send of a cid stores a *pending* record holding the
-parts of its id; a retry gets that id back. The record turns *acked* after Kafka's ack, and
-is deleted when producing fails, so a retry after `unavailable` really sends. A retry that
-finds it pending (the first attempt is still in flight) waits briefly for the outcome.
-Behind Redis, the (conversation, sender, cid) unique key in PostgreSQL makes a duplicate
-that slipped through (say, after a Redis flush) a no-op.
+parts of its id; a retry gets that id back. The record turns *acked* after Kafka's ack.
+When producing fails or times out the record turns *failed* but keeps its id: a timed-out
+record may still reach the broker later (the producer keeps retrying it), so a retry of
+the cid produces the very same message (same id, same ts) again, and whichever copy lands
+first is stored; the other is a no-op under the (conversation, sender, cid) unique key.
+So the client is never told an id other than the stored one, and never acked falsely.
+A retry that finds the record pending (the first attempt still in flight) waits briefly
+for the outcome. Behind Redis, the unique key also makes a duplicate that slipped through
+(say, after a Redis flush) a no-op.
 """
 
 from __future__ import annotations
@@ -33,10 +37,18 @@ PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
 
 # KEYS: idempotency key, id counter of the shard. ARGV: ms, conv, pending ttl.
-# Returns {record, created}: the existing record, or a new pending "p|ms|n|conv".
+# Returns {record, produce}: a new pending record "p|ms|n|conv" (produce = 1), a failed
+# one taken over again as pending with its id unchanged (produce = 1), or what exists.
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
-if v then return {v, 0} end
+if v then
+  if string.sub(v, 1, 2) == 'f|' then
+    v = 'p|' .. string.sub(v, 3)
+    redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
+    return {v, 1}
+  end
+  return {v, 0}
+end
 local n = redis.call('INCR', KEYS[2])
 if n > 1000000000 then redis.call('SET', KEYS[2], 0) end
 v = 'p|' .. ARGV[1] .. '|' .. n .. '|' .. ARGV[2]
@@ -66,6 +78,7 @@ class SendPath:
         self.topic = topic
         self.access = access
         self._claim = redis.register_script(_CLAIM)
+        self._late: set[asyncio.Task[None]] = set()
         self.acked = 0
 
     async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
@@ -108,7 +121,7 @@ class SendPath:
     async def _produce(
         self, key: str, message: NewMessage, record: tuple[str, int, int, int, bool]
     ) -> Accepted:
-        acked_value = f"a|{record[1]}|{record[2]}|{record[3]}"
+        parts = f"{record[1]}|{record[2]}|{record[3]}"
         try:
             fut = await asyncio.wait_for(
                 self.producer.send(
@@ -116,22 +129,31 @@ class SendPath:
                 ),
                 PRODUCE_TIMEOUT_S,
             )
-            await asyncio.wait_for(fut, PRODUCE_TIMEOUT_S)
         except (KafkaError, TimeoutError) as exc:
-            await self._forget(key)
+            await self._mark(key, f"f|{parts}")
             raise Unavailable(f"message broker unavailable: {type(exc).__name__}") from None
-        except BaseException:
-            await self._forget(key)
-            raise
-        try:
-            await self.redis.set(key, acked_value, ex=IDEMPOTENCY_TTL_S)
-        except aioredis.RedisError:
-            pass  # the message is accepted; a retry will wait out the pending record
+        # Not wait_for: cancelling the delivery future would not take the record back.
+        done, _ = await asyncio.wait({fut}, timeout=PRODUCE_TIMEOUT_S)
+        if not done or fut.exception() is not None:
+            await self._mark(key, f"f|{parts}")
+            if not done:
+                # It may still be delivered; if so, a retry need not produce it again.
+                fut.add_done_callback(lambda f: self._late_ack(f, key, f"a|{parts}"))
+            else:
+                fut.exception()  # retrieved: no "never retrieved" warning
+            raise Unavailable("message broker unavailable: no acknowledgement in time")
+        await self._mark(key, f"a|{parts}")
         self.acked += 1
         return Accepted(message.id, message.ts)
 
-    async def _forget(self, key: str) -> None:
+    async def _mark(self, key: str, value: str) -> None:
         try:
-            await self.redis.delete(key)
+            await self.redis.set(key, value, ex=IDEMPOTENCY_TTL_S)
         except aioredis.RedisError:
-            pass  # it expires; a retry meanwhile waits and then gets `unavailable`
+            pass  # the pending record expires; the unique key in PostgreSQL still holds
+
+    def _late_ack(self, fut: asyncio.Future[object], key: str, value: str) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            task = asyncio.get_running_loop().create_task(self._mark(key, value))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)

@@ -5,29 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
+import time
 
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
+from gateway.admission import Admission, Refusal
 from gateway.auth import TokenVerifier, bearer
-from gateway.connection import Connection
+from gateway.connection import CLOSE_TIMEOUT_S, Connection
+from gateway.limits import AbusePolicy, TokenBucket
 from gateway.node import Node
 from gateway.protocol import codec as codecs
 from gateway.protocol import frames
 from gateway.protocol.frames import CloseCode, FrameError, ProtocolViolation, parse_request
 from gateway.session import RequestHandler
-from storage.errors import Unauthorized
+from storage import logs
+from storage.errors import RateLimited, Unauthorized
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
 
 
-def _refuse(retry_after_s: float, why: str) -> PlainTextResponse:
+def _refusal_response(refusal: Refusal) -> PlainTextResponse:
     return PlainTextResponse(
-        f"{why}; retry later\n",
-        status_code=503,
-        headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
+        f"{refusal.reason}; retry later\n",
+        status_code=refusal.status,
+        headers={"Retry-After": str(refusal.retry_after_s)},
     )
 
 
@@ -35,43 +38,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     state = websocket.app.state
     settings: Settings = state.settings
     node: Node = state.node
-    verifier: TokenVerifier = state.verifier
-    handler: RequestHandler = state.handler
+    admission: Admission = state.admission
 
-    # Admission control, before any upgrade work.
-    if node.draining or len(node.connections) >= settings.max_connections:
-        state.metrics["refused"] += 1
-        await websocket.send_denial_response(_refuse(1, "node at capacity"))
+    ip = websocket.client.host if websocket.client else "?"
+    refusal = admission.check(len(node.connections), node.draining, ip)
+    if refusal is not None:
+        await websocket.send_denial_response(_refusal_response(refusal))
         return
-
-    offered = websocket.scope.get("subprotocols") or []
-    codec, echoed = codecs.choose(list(offered))
-    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    admission.handshakes += 1
     try:
-        identity = verifier.verify(token)
-    except Unauthorized as exc:
-        await websocket.accept(subprotocol=echoed)
-        await websocket.close(CloseCode.UNAUTHORIZED, exc.message[:120])
+        conn = await _open(websocket, state.verifier, node, settings)
+    finally:
+        admission.handshakes -= 1
+    if conn is None:
         return
-
-    await websocket.accept(subprotocol=echoed)
-    conn = Connection(
-        websocket, codec, identity.user, settings.outbound_max_frames, settings.outbound_max_bytes
-    )
-    writer = asyncio.create_task(conn.writer())
-    try:
-        await node.attach(conn)
-    except Exception:
-        log.exception("attach failed")
-        conn.close(CloseCode.TRY_AGAIN_LATER, "routing unavailable")
-        await conn.closed.wait()
-        return
-    conn.push_frame(
-        frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)
-    )
     conn.reader = asyncio.current_task()
     try:
-        await _read_loop(websocket, conn, handler)
+        await _read_loop(conn, state.handler, settings)
     except asyncio.CancelledError:
         if conn.close_code is None:
             raise  # not our own close: a real cancellation (shutdown)
@@ -81,28 +64,80 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     finally:
         await node.detach(conn)
         if conn.close_code is None:
-            writer.cancel()
+            conn.writer_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(writer, 5)
+            await asyncio.wait_for(conn.writer_task, CLOSE_TIMEOUT_S + 1)
 
 
-async def _read_loop(websocket: WebSocket, conn: Connection, handler: RequestHandler) -> None:
-    receive = websocket.receive
-    while conn.close_code is None:
+async def _open(
+    websocket: WebSocket, verifier: TokenVerifier, node: Node, settings: Settings
+) -> Connection | None:
+    """Authenticate, accept, register; None when the connection was closed instead."""
+    offered = websocket.scope.get("subprotocols") or []
+    codec, echoed = codecs.choose(list(offered))
+    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    try:
+        identity = verifier.verify(token)
+    except Unauthorized as exc:
+        # Accept first: a browser cannot read an HTTP refusal, but it sees a close code.
+        await websocket.accept(subprotocol=echoed)
+        await websocket.close(CloseCode.UNAUTHORIZED, exc.message[:120])
+        return None
+    await websocket.accept(subprotocol=echoed)
+    conn = Connection(
+        websocket, codec, identity.user, settings.outbound_max_frames, settings.outbound_max_bytes
+    )
+    logs.bind_connection(conn.id)  # log lines of this connection carry its id
+    conn.writer_task = asyncio.create_task(conn.writer())
+    try:
+        await node.attach(conn)
+    except Exception as exc:
+        log.warning("conn %d: routing registration failed: %s", conn.id, exc)
+        await node.detach(conn)
+        conn.close(CloseCode.TRY_AGAIN_LATER, "routing unavailable")
+        await conn.closed.wait()
+        return None
+    conn.push_frame(
+        frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)
+    )
+    return conn
+
+
+async def _read_loop(conn: Connection, handler: RequestHandler, settings: Settings) -> None:
+    receive = conn.websocket.receive
+    decode = conn.codec.decode
+    bucket = TokenBucket(settings.frames_per_s, 2 * settings.frames_per_s)
+    abuse = AbusePolicy()
+    while conn.close_code is None and conn.pending_close is None:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
+        conn.frames_in += 1
         data = message.get("text")
         if data is None:
             data = message.get("bytes") or b""
         try:
-            req = parse_request(conn.codec.decode(data))
+            req = parse_request(decode(data))
         except ProtocolViolation as exc:
             conn.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
-            await conn.closed.wait()
-            return
+            break
         except FrameError as exc:
             conn.push_frame(frames.err(exc.rid, exc.error))
             continue
-        await handler.handle(conn, req)
+        wait_ms = bucket.take(time.monotonic())
+        if wait_ms:
+            if abuse.refused(time.monotonic()):
+                conn.close(CloseCode.RATE_LIMITED, "too many frames")
+                break
+            conn.push_frame(
+                frames.err(req.rid, RateLimited("too many frames", retry_after_ms=wait_ms))
+            )
+            continue
+        conn.busy = True
+        try:
+            await handler.handle(conn, req)
+        finally:
+            conn.busy = False
+    if conn.pending_close is not None and conn.close_code is None:
+        conn.close(conn.pending_close, "server shutting down")  # after the in-flight reply
     await conn.closed.wait()

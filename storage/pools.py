@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from storage.errors import ShardUnavailable
+from storage.errors import NotFound, ShardUnavailable
 from storage.settings import Settings
 from storage.shards import ShardMap
 
@@ -28,6 +28,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
 )
 
 
@@ -90,7 +91,12 @@ class ShardPools:
         return self.map.for_user(user_id)
 
     def for_id(self, id_: int) -> int:
-        return self.map.for_id(id_)
+        """The physical shard of an id. An id naming a logical shard this deployment does
+        not have (ids come from clients) names nothing: NotFound, not a crash."""
+        try:
+            return self.map.for_id(id_)
+        except ValueError:
+            raise NotFound("no such id") from None
 
     async def ping(self) -> dict[str, str | None]:
         """Each physical shard's name -> None when it answers, else the error."""

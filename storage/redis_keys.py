@@ -38,17 +38,46 @@ class RedisKeys:
         return f"{self.p}:route:u:{user}"
 
     # -- feeds (rebuildable caches) --------------------------------------------------------
+    # Every key of one feed shares the hash tag {kind:scope[:window]}, so the feed's Lua
+    # scripts touch one Redis Cluster slot.
     def feed(self, kind: str, community: str | None, window: str | None = None) -> str:
+        """Sorted set of the feed: member = fixed-width post id, score = rank."""
         scope = community if community is not None else "*"
         suffix = f":{window}" if window else ""
-        return f"{self.p}:feed:{kind}:{scope}{suffix}"
+        return f"{self.p}:feed:{{{kind}:{scope}{suffix}}}"
 
     def feed_ready(self, kind: str, community: str | None, window: str | None = None) -> str:
         """Marks a feed set as complete (a missing marker means: rebuild from the shards)."""
         return self.feed(kind, community, window) + ":ready"
 
     def feed_rebuild_lock(self, kind: str, community: str | None, window: str | None) -> str:
+        """Held by the one process rebuilding the feed (value: its token)."""
         return self.feed(kind, community, window) + ":lock"
+
+    def feed_journal(self, kind: str, community: str | None, window: str | None) -> str:
+        """Hash of member -> rank (or '-': removed) written while a rebuild runs, replayed
+        over the rebuilt set so that no update made during the rebuild is lost."""
+        return self.feed(kind, community, window) + ":journal"
+
+    def feed_staging(self, kind: str, community: str | None, window: str | None) -> str:
+        """Where a rebuild assembles the new set before swapping it in."""
+        return self.feed(kind, community, window) + ":staging"
+
+    def feed_version(self, kind: str, community: str | None, window: str | None) -> str:
+        """Counter bumped by every change of the feed set (tells snapshots apart)."""
+        return self.feed(kind, community, window) + ":version"
+
+    def feed_latest_snapshot(self, kind: str, community: str | None, window: str | None) -> str:
+        """Hash {name, v, ms}: the newest paging snapshot, reused while fresh enough."""
+        return self.feed(kind, community, window) + ":snap"
+
+    def feed_snapshot(self, kind: str, community: str | None, window: str | None, name: str) -> str:
+        """A frozen copy of the feed set that one or more readers page through."""
+        return self.feed(kind, community, window) + f":snap:{name}"
+
+    def feed_stats(self) -> str:
+        """Hash of feed key -> number of rebuilds (operational counter)."""
+        return f"{self.p}:feed-stats"
 
     def post_meta(self, post: int) -> str:
         """Hash of a post's ranking inputs (score, created ms, community)."""

@@ -66,6 +66,16 @@ def _prefix(raw: str) -> str:
     return raw
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"allowed: {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str) -> Any:
     return field(metadata={"env": env, "default": default, "parse": parse, "doc": doc})
 
@@ -103,6 +113,12 @@ class Settings:
     )
     redis_url: str = _setting(
         "AGORA_REDIS_URL", "redis://127.0.0.1:6379/0", _nonempty, "Redis URL."
+    )
+    redis_pool_max: int = _setting(
+        "AGORA_REDIS_POOL_MAX",
+        "64",
+        _int_range(1, 10_000),
+        "Redis connections per process; callers wait for a free one beyond it.",
     )
     redis_prefix: str = _setting(
         "AGORA_REDIS_PREFIX", "agora", _prefix, "Prefix of every Redis key and channel."
@@ -193,6 +209,63 @@ class Settings:
         _int_range(1, 100_000),
         "Most records a fan-out worker takes from Kafka per batch.",
     )
+    socket_send_buffer: int = _setting(
+        "AGORA_SOCKET_SEND_BUFFER",
+        "0",
+        _int_range(0, 64 * 1024 * 1024),
+        "SO_SNDBUF of client sockets in bytes (0: kernel autotuning). A small value bounds "
+        "kernel memory per connection and makes slow readers felt sooner.",
+    )
+    max_handshakes: int = _setting(
+        "AGORA_MAX_HANDSHAKES",
+        "256",
+        _int_range(1, 100_000),
+        "WebSocket handshakes in progress per gateway process; above it upgrades get 503.",
+    )
+    loop_lag_ms: int = _setting(
+        "AGORA_LOOP_LAG_MS",
+        "500",
+        _int_range(10, 60_000),
+        "Event-loop lag above which a gateway refuses new upgrades (503) until it recovers.",
+    )
+    handshakes_per_ip_s: int = _setting(
+        "AGORA_HANDSHAKES_PER_IP_S",
+        "50",
+        _int_range(0, 1_000_000),
+        "WebSocket handshakes per second per client IP (burst 4x); 0 disables. "
+        "Over it: HTTP 429 with Retry-After.",
+    )
+    frames_per_s: int = _setting(
+        "AGORA_FRAMES_PER_S",
+        "50",
+        _int_range(0, 1_000_000),
+        "Client frames per second per connection (burst 2x); 0 disables.",
+    )
+    sends_per_s: int = _setting(
+        "AGORA_SENDS_PER_S",
+        "20",
+        _int_range(0, 1_000_000),
+        "Messages per second per user across the cluster (burst 2x); 0 disables.",
+    )
+    http_per_s: int = _setting(
+        "AGORA_HTTP_PER_S",
+        "50",
+        _int_range(0, 1_000_000),
+        "Authenticated HTTP requests per second per user across the cluster (burst 2x); "
+        "0 disables. Over it: 429 with Retry-After.",
+    )
+    drain_window_ms: int = _setting(
+        "AGORA_DRAIN_WINDOW_MS",
+        "10000",
+        _int_range(0, 600_000),
+        "On SIGTERM, clients get `reconnect` with after_ms spread over this window.",
+    )
+    drain_deadline_ms: int = _setting(
+        "AGORA_DRAIN_DEADLINE_MS",
+        "15000",
+        _int_range(0, 600_000),
+        "On SIGTERM, connections still open after this are closed with 1001.",
+    )
     dev_tokens: bool = _setting(
         "AGORA_DEV_TOKENS",
         "false",
@@ -200,6 +273,20 @@ class Settings:
         "Serve the dev-only token endpoint. Never enable in production.",
     )
     log_level: str = _setting("AGORA_LOG_LEVEL", "INFO", _nonempty, "Python logging level.")
+    log_format: str = _setting(
+        "AGORA_LOG_FORMAT",
+        "json",
+        _choice("json", "text"),
+        "`json`: one JSON object per line with node, role and connection ids (for log "
+        "shippers); `text`: the same fields on a readable line.",
+    )
+    metrics_port: int = _setting(
+        "AGORA_METRICS_PORT",
+        "0",
+        _int_range(0, 65535),
+        "Port of `GET /metrics` on fan-out and scores worker processes (worker i of "
+        "`--workers N` uses port+i); 0 turns it off. Gateways serve /metrics on their own port.",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -235,6 +322,14 @@ class Settings:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+def environ_with(overrides: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with some values replaced: for a child process that
+    needs different settings (the one place besides `from_env` that reads os.environ)."""
+    env = dict(os.environ)
+    env.update(overrides)
+    return env
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -68,6 +68,16 @@ def test_engines() -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
             "AGORA_ROUTE_LEASE_S": "6",
             "AGORA_HEARTBEAT_MS": "5000",
             "AGORA_PG_TIMEOUT_S": "3",
+            # Every test process and server shares one PostgreSQL (max_connections 100).
+            "AGORA_PG_POOL_MAX": "4",
+            # Limits high enough that functional tests never trip them; the tests of the
+            # limits themselves start their own nodes with low ones.
+            "AGORA_SENDS_PER_S": "100000",
+            "AGORA_FRAMES_PER_S": "100000",
+            "AGORA_HTTP_PER_S": "100000",
+            "AGORA_HANDSHAKES_PER_IP_S": "0",
+            "AGORA_DRAIN_WINDOW_MS": "500",
+            "AGORA_DRAIN_DEADLINE_MS": "1500",
         }
     )
     state = services.Started()

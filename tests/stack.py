@@ -36,6 +36,9 @@ class Proc:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log_text(self) -> str:
+        return (LOG_DIR / f"{self.name}.log").read_text(errors="replace")
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -87,6 +90,9 @@ class Stack:
 
     def fanout(self, name: str) -> Proc:
         return self._spawn(name, ["fanout"])
+
+    def scores(self, name: str) -> Proc:
+        return self._spawn(name, ["scores"])
 
     def token(self, user: str, ttl: int = 3600) -> str:
         return make_token(self.settings.jwt_secret, user, None, ttl)

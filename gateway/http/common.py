@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import Identity, TokenVerifier, bearer
-from storage.errors import AgoraError, BadRequest, NotFound, TooLarge, Unprocessable
+from gateway.ratelimit import ClusterLimiter
+from storage.errors import AgoraError, BadRequest, NotFound, RateLimited, TooLarge, Unprocessable
 from storage.ids import parse_id
 
 MAX_BODY_BYTES = 64 * 1024
@@ -39,20 +40,27 @@ def error_response(exc: AgoraError) -> JSONResponse:
 
 
 def identity(request: Request) -> Identity:
+    """The caller, from the Bearer token; also where the per-user HTTP rate limit applies."""
     verifier: TokenVerifier = request.app.state.verifier
-    return verifier.verify(bearer(request.headers.get("authorization")))
+    who = verifier.verify(bearer(request.headers.get("authorization")))
+    limiter: ClusterLimiter = request.app.state.http_limiter
+    wait_ms = limiter.check(who.user)
+    if wait_ms:
+        raise RateLimited("too many requests", retry_after_ms=wait_ms)
+    return who
 
 
-async def json_body(request: Request) -> dict[str, Any]:
+async def json_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's JSON object, read no further than `max_bytes` (then 413)."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        raise TooLarge(f"body over {MAX_BODY_BYTES} bytes")
+    if length is not None and (not length.isdigit() or int(length) > max_bytes):
+        raise TooLarge(f"body over {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise TooLarge(f"body over {MAX_BODY_BYTES} bytes")
+        if size > max_bytes:
+            raise TooLarge(f"body over {max_bytes} bytes")
         chunks.append(chunk)
     try:
         body = orjson.loads(b"".join(chunks))

@@ -77,8 +77,8 @@ async def create(request: Request) -> Response:
     title = body.get("title", "")
     if title is None:
         title = ""
-    if not isinstance(title, str) or len(title) > MAX_TITLE:
-        raise Unprocessable(f"title must be a string of at most {MAX_TITLE} chars")
+    if not isinstance(title, str) or len(title) > MAX_TITLE or "\x00" in title:
+        raise Unprocessable(f"title must be a string of at most {MAX_TITLE} chars, no NUL")
     node: Node = request.app.state.node
     if kind == "direct":
         others = members - {me.user}
@@ -194,10 +194,10 @@ async def post_message(request: Request) -> Response:
     cid = body.get("cid")
     text = body.get("body")
     kind = body.get("kind", "text")
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS:
+    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
         raise Unprocessable(f"cid must be a string of 1-{MAX_CID_CHARS} chars")
-    if not isinstance(text, str) or not text:
-        raise Unprocessable("body must be a non-empty string")
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise Unprocessable("body must be a non-empty string without NUL characters")
     if len(text) > MAX_BODY_CHARS:
         raise TooLarge(f"body is over {MAX_BODY_CHARS} chars")
     if kind not in ("text", "comment"):

@@ -9,8 +9,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.http.common import JSONResponse
-from gateway.node import Node
 from gateway.send import SendPath
+from storage.metrics import CONTENT_TYPE, Registry
 from storage.pools import ShardPools
 
 
@@ -50,20 +50,9 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    state = request.app.state
-    node: Node = state.node
-    send_path: SendPath = state.send_path
-    lines = [
-        "# TYPE agora_connections gauge",
-        f'agora_connections{{node="{node.id}"}} {len(node.connections)}',
-        "# TYPE agora_deliveries_total counter",
-        f'agora_deliveries_total{{node="{node.id}"}} {node.deliveries}',
-        "# TYPE agora_acked_sends_total counter",
-        f'agora_acked_sends_total{{node="{node.id}"}} {send_path.acked}',
-        "# TYPE agora_refused_upgrades_total counter",
-        f'agora_refused_upgrades_total{{node="{node.id}"}} {state.metrics["refused"]}',
-    ]
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    # Every family is declared in gateway/metrics.py (the registry of this process).
+    registry: Registry = request.app.state.registry
+    return PlainTextResponse(registry.render(), media_type=CONTENT_TYPE)
 
 
 routes = [

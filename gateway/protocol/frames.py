@@ -136,11 +136,14 @@ def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
 def _parse_send(f: dict[str, Any], rid: int | None) -> Send:
     conv = _conv(f, rid)
     cid = f.get("cid")
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS:
+    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
         raise FrameError(rid, BadRequest(f"cid must be a string of 1-{MAX_CID_CHARS} chars"))
     body = f.get("body")
     if not isinstance(body, str):
         raise FrameError(rid, BadRequest("body must be a string"))
+    if "\x00" in body:
+        # PostgreSQL text cannot hold NUL: refuse it here, not in a fan-out worker later.
+        raise FrameError(rid, BadRequest("body must not contain NUL characters"))
     if not body:
         raise FrameError(rid, BadRequest("body must not be empty"))
     if len(body) > MAX_BODY_CHARS:

@@ -7,7 +7,6 @@ failure says what was seen.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +21,7 @@ from agora_client import AgoraClient, ServerError
 from storage import messages
 from storage.pools import ShardPools
 from storage.settings import Settings
+from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -54,42 +54,6 @@ def g2(stack: Stack) -> Proc:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=20) as client:
         yield client
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"
-
-
-async def create_group(
-    http: httpx.AsyncClient, stack: Stack, node: Proc, owner: str, members: list[str]
-) -> str:
-    r = await http.post(
-        f"{node.http_url}/v1/conversations",
-        json={"kind": "group", "members": members, "title": "t"},
-        headers={"Authorization": f"Bearer {stack.token(owner)}"},
-    )
-    assert r.status_code == 201, r.text
-    conv: str = r.json()["id"]
-    return conv
-
-
-async def collect(
-    client: AgoraClient, conv: str, count: int, timeout: float
-) -> list[dict[str, Any]]:
-    """The next `count` msg frames of `conv` (others are kept aside)."""
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            frame = await client.next_event("msg", timeout=remaining)
-        except TimeoutError:
-            break
-        if frame["conv"] == conv:
-            got.append(frame)
-    return got
 
 
 def check_stream(frames: list[dict[str, Any]], expected: int, label: str) -> None:
@@ -500,3 +464,121 @@ async def test_node_at_capacity_refuses_upgrades_with_503(settings: Settings) ->
         await c.close()
     finally:
         s.stop_all()
+
+
+# -- typing, user-addressed frames, the HTTP side of conversations ------------------------
+
+
+async def test_typing_reaches_other_members_and_is_never_stored(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient, pools: ShardPools
+) -> None:
+    a, b = uid("a"), uid("b")
+    conv = await create_group(http, stack, g1, a, [b])
+    ca = await AgoraClient.connect(g1.ws_url, stack.token(a))
+    cb = await AgoraClient.connect(g2.ws_url, stack.token(b))
+    await ca.sub(conv)
+    await cb.sub(conv)
+    await ca.typing(conv)
+    frame = await cb.next_event("typing", timeout=5)
+    assert frame == {"t": "typing", "conv": conv, "user": a}
+    with pytest.raises(TimeoutError):
+        await ca.next_event("typing", timeout=0.5)  # not echoed to the typist
+    assert await messages.after(pools, int(conv), 0, 10) == []
+    await ca.close()
+    await cb.close()
+
+
+async def test_joined_frames_reach_every_connection_of_the_added_user(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    a, b, c = uid("a"), uid("b"), uid("c")
+    b1 = await AgoraClient.connect(g1.ws_url, stack.token(b))
+    b2 = await AgoraClient.connect(g2.ws_url, stack.token(b))
+    conv = await create_group(http, stack, g1, a, [b])
+    for client in (b1, b2):
+        joined = await client.next_event("joined", timeout=5)
+        assert joined["conv"]["id"] == conv and b in joined["conv"]["members"]
+    cc = await AgoraClient.connect(g2.ws_url, stack.token(c))
+    r = await http.post(
+        f"{g1.http_url}/v1/conversations/{conv}/members",
+        json={"user": c},
+        headers={"Authorization": f"Bearer {stack.token(a)}"},
+    )
+    assert r.status_code == 204
+    joined = await cc.next_event("joined", timeout=5)
+    assert joined["conv"]["id"] == conv and c in joined["conv"]["members"]
+    assert (await cc.sub(conv))["t"] == "subbed"  # and may now subscribe
+    for client in (b1, b2, cc):
+        await client.close()
+
+
+async def test_http_conversations_list_get_members_history(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    me, other, third = uid("me"), uid("o"), uid("t")
+    hdr = {"Authorization": f"Bearer {stack.token(me)}"}
+    convs = [await create_group(http, stack, g1, me, [other]) for _ in range(5)]
+    r = await http.post(
+        f"{g1.http_url}/v1/conversations", json={"kind": "direct", "members": [other]}, headers=hdr
+    )
+    assert r.status_code == 201 and r.json()["kind"] == "direct"
+    direct = r.json()["id"]
+    again = await http.post(
+        f"{g2.http_url}/v1/conversations",
+        json={"kind": "direct", "members": [me]},
+        headers={"Authorization": f"Bearer {stack.token(other)}"},
+    )
+    assert again.status_code == 200 and again.json()["id"] == direct
+    # Activity moves a conversation to the top of the list.
+    c = await AgoraClient.connect(g1.ws_url, stack.token(me))
+    for i in range(30):
+        await c.send(convs[1], f"h{i}", cid=f"h{i}")
+    deadline = time.monotonic() + 10
+    while True:
+        page = (await http.get(f"{g2.http_url}/v1/conversations?limit=2", headers=hdr)).json()
+        if page["items"][0]["id"] == convs[1] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert page["items"][0]["id"] == convs[1]
+    seen = [x["id"] for x in page["items"]]
+    while page["next"]:
+        page = (
+            await http.get(
+                f"{g2.http_url}/v1/conversations?limit=2&cursor={page['next']}", headers=hdr
+            )
+        ).json()
+        seen += [x["id"] for x in page["items"]]
+    assert sorted(seen) == sorted([*convs, direct]) and len(seen) == 6
+    one = (await http.get(f"{g1.http_url}/v1/conversations/{convs[1]}", headers=hdr)).json()
+    assert one["members"] == sorted([me, other]) and one["last_seq"] == 30
+    # History, newest first, keyset pages by seq, over both `cursor` and `before`.
+    got: list[int] = []
+    url = f"{g2.http_url}/v1/conversations/{convs[1]}/messages?limit=7"
+    page = (await http.get(url, headers=hdr)).json()
+    got += [m["seq"] for m in page["items"]]
+    while page["next"]:
+        page = (await http.get(f"{url}&cursor={page['next']}", headers=hdr)).json()
+        got += [m["seq"] for m in page["items"]]
+    assert got == list(range(30, 0, -1))
+    before = (await http.get(f"{url}&before=5", headers=hdr)).json()
+    assert [m["seq"] for m in before["items"]] == [4, 3, 2, 1] and before["next"] is None
+    assert before["items"][0]["body"] == "h3" and before["items"][0]["from"] == me
+    # Members: add (group only, members only), remove (self, or the creator removes).
+    add = f"{g1.http_url}/v1/conversations/{convs[0]}/members"
+    assert (await http.post(add, json={"user": third}, headers=hdr)).status_code == 204
+    t_hdr = {"Authorization": f"Bearer {stack.token(third)}"}
+    assert (
+        await http.get(f"{g1.http_url}/v1/conversations/{convs[0]}", headers=t_hdr)
+    ).status_code == 200
+    o_hdr = {"Authorization": f"Bearer {stack.token(other)}"}
+    r = await http.delete(f"{add}/{third}", headers=o_hdr)
+    assert r.status_code == 403  # a plain member cannot remove someone else
+    assert (await http.delete(f"{add}/{third}", headers=t_hdr)).status_code == 204  # leaves
+    r = await http.get(f"{g1.http_url}/v1/conversations/{convs[0]}", headers=t_hdr)
+    assert r.status_code == 403
+    assert (await http.delete(f"{add}/{third}", headers=hdr)).status_code == 404
+    r = await http.post(
+        f"{g1.http_url}/v1/conversations/{direct}/members", json={"user": third}, headers=hdr
+    )
+    assert r.status_code == 403  # direct conversations have exactly two members
+    await c.close()

@@ -129,6 +129,19 @@ BAD_VALUES = [
     ("AGORA_MAX_CONNECTIONS", "0"),
     ("AGORA_FANOUT_BATCH_MAX", "100001"),
     ("AGORA_LOG_LEVEL", ""),
+    ("AGORA_LOG_FORMAT", "xml"),
+    ("AGORA_METRICS_PORT", "65536"),
+    ("AGORA_METRICS_PORT", "-1"),
+    ("AGORA_MAX_HANDSHAKES", "0"),
+    ("AGORA_LOOP_LAG_MS", "5"),
+    ("AGORA_HANDSHAKES_PER_IP_S", "-1"),
+    ("AGORA_FRAMES_PER_S", "x"),
+    ("AGORA_SENDS_PER_S", "-5"),
+    ("AGORA_HTTP_PER_S", "1e3"),
+    ("AGORA_DRAIN_WINDOW_MS", "-1"),
+    ("AGORA_DRAIN_DEADLINE_MS", "600001"),
+    ("AGORA_SOCKET_SEND_BUFFER", "-1"),
+    ("AGORA_REDIS_POOL_MAX", "0"),
 ]
 
 

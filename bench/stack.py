@@ -1,0 +1,201 @@
+"""The real stack for a benchmark: engines from tests/engines.py, Agora processes like
+tests/stack.py, but with the gateway processes pinned to the servers' core.
+
+Affinity is set in the child before exec (`preexec_fn`), so every thread the gateway
+starts later inherits it. PostgreSQL, Redis, Tansu and the fan-out workers are left to the
+scheduler: they are part of the system under test, not of one process's budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import proc_cpu_s, proc_rss_kib, proc_sched_s
+from gateway.auth import make_token
+from storage.settings import Settings
+from tests.engines import free_port, settings_env, test_engines
+
+LOG_DIR = Path(".agora/bench/logs")
+ALL_CPUS = set(range(os.cpu_count() or 1))
+
+# Production-like defaults for the benchmarks (tests/engines.py tunes for fast tests).
+BENCH_ENV = {
+    "AGORA_HEARTBEAT_MS": "25000",
+    "AGORA_LOG_LEVEL": "WARNING",
+}
+
+
+@dataclass
+class BenchProc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.pid)
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def sched_s(self) -> tuple[float, float]:
+        """(on-CPU s, runnable-but-waiting s): the second is starvation by neighbours."""
+        return proc_sched_s(self.pid)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _affinity(cpus: set[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+
+    def apply() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return apply
+
+
+@dataclass
+class BenchStack:
+    settings: Settings
+    gateway_cpus: set[int] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: list[BenchProc] = field(default_factory=list)
+    experiment: str = ""  # bench.experiment patches applied to every Agora process
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
+        env.update(settings_env(self.settings))
+        env.update(BENCH_ENV)
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(
+        self, name: str, args: list[str], port: int | None, cpus: set[int] | None
+    ) -> BenchProc:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        launcher = ["-m", "gateway.cli"]
+        if self.experiment:
+            launcher = ["-m", "bench.experiment", self.experiment, "--"]
+        popen = subprocess.Popen(
+            [sys.executable, *launcher, *args],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_affinity(cpus),
+        )
+        proc = BenchProc(name, popen, port)
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self, name: str) -> BenchProc:
+        port = free_port()
+        proc = self._spawn(name, ["gateway", "--port", str(port)], port, self.gateway_cpus)
+        wait_http(f"{proc.http_url}/healthz", proc, 60)
+        return proc
+
+    def fanout(self, name: str) -> BenchProc:
+        return self._spawn(name, ["fanout"], None, ALL_CPUS)
+
+    def token(self, user: str, ttl: int = 3600) -> str:
+        return make_token(self.settings.jwt_secret, user, None, ttl)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.stop(10)
+
+
+@contextlib.contextmanager
+def bench_stack(
+    gateway_cpus: set[int] | None,
+    extra_env: dict[str, str] | None = None,
+    experiment: str = "",
+) -> Iterator[BenchStack]:
+    """Fresh engines (shard databases, Redis prefix, private Tansu) and a stack on them."""
+    with test_engines() as (settings, _tansu):
+        stack = BenchStack(settings, gateway_cpus, dict(extra_env or {}), experiment=experiment)
+        try:
+            yield stack
+        finally:
+            stack.stop_all()
+
+
+def wait_http(url: str, proc: BenchProc, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready at {url} within {seconds}s")
+
+
+def http_json(
+    method: str, url: str, token: str, body: dict[str, Any] | None = None, timeout: float = 30
+) -> tuple[int, Any]:
+    """One blocking HTTP call with a JSON body; (status, parsed body or None)."""
+    data = orjson.dumps(body) if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, orjson.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def unique_tag() -> str:
+    return secrets.token_hex(3)

@@ -1,0 +1,150 @@
+"""Metrics of the Kafka-consuming workers (fan-out, scores): batches, records, lag.
+
+Every consumer Agora makes comes from `fanout.kafka.make_consumer`, which returns a
+`MeteredConsumer` when the process has installed `ConsumerMetrics`: the workers do not
+need to know they are measured. One `getmany` that returns records is one batch (each
+worker handles exactly one batch per non-empty `getmany`), and the time until the worker
+asks for the next one is how long the batch took to sequence, persist and publish.
+
+Lag per partition is the broker's high watermark minus the consumer's position, refreshed
+after each batch and at most once a second when idle. Worker processes serve the numbers
+on `AGORA_METRICS_PORT` (`run_with_metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from storage import logs
+from storage.metrics import Registry, serve
+from storage.settings import Settings
+
+log = logging.getLogger("agora.metrics")
+
+BATCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LAG_REFRESH_S = 1.0
+METRICS_HOST = "0.0.0.0"  # scraped from other hosts (Prometheus); it exposes only counts
+
+
+class ConsumerMetrics:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.batches = registry.counter(
+            "agora_consumer_batches_total", "Non-empty batches taken from Kafka.", ["group"]
+        )
+        self.records = registry.counter(
+            "agora_consumer_records_total", "Records taken from Kafka.", ["group"]
+        )
+        self.commits = registry.counter(
+            "agora_consumer_commits_total", "Offset commits (one per handled batch).", ["group"]
+        )
+        self.batch_seconds = registry.histogram(
+            "agora_consumer_batch_seconds",
+            "Time from taking a batch to asking for the next: how long handling it took.",
+            ["group"],
+            BATCH_BUCKETS,
+        )
+        self.lag = registry.gauge(
+            "agora_consumer_lag",
+            "Records behind the high watermark, per partition this process owns.",
+            ["group", "topic", "partition"],
+        )
+
+
+_installed: ConsumerMetrics | None = None
+
+
+def install(registry: Registry) -> ConsumerMetrics:
+    """Meter every consumer this process makes from now on (called by the process root)."""
+    global _installed
+    _installed = ConsumerMetrics(registry)
+    return _installed
+
+
+def installed() -> ConsumerMetrics | None:
+    return _installed
+
+
+class MeteredConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+    def __init__(self, *topics: str, metrics: ConsumerMetrics, group_id: str, **kwargs: Any):
+        super().__init__(*topics, group_id=group_id, **kwargs)
+        self._m = metrics
+        self._group = group_id
+        self._batch_started: float | None = None
+        self._lag_at = 0.0
+        self._lag_parts: set[TopicPartition] = set()
+
+    async def getmany(self, *partitions: TopicPartition, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if self._batch_started is not None:
+            self._m.batch_seconds.labels(self._group).observe(now - self._batch_started)
+            self._batch_started = None
+        records = await super().getmany(*partitions, **kwargs)
+        count = sum(len(recs) for recs in records.values())
+        if count:
+            self._batch_started = time.monotonic()
+            self._m.batches.labels(self._group).inc()
+            self._m.records.labels(self._group).inc(count)
+        if count or time.monotonic() - self._lag_at >= LAG_REFRESH_S:
+            await self._refresh_lag()
+        return records
+
+    async def commit(self, offsets: Any = None) -> None:
+        await super().commit(offsets)
+        self._m.commits.labels(self._group).inc()
+
+    async def _refresh_lag(self) -> None:
+        self._lag_at = time.monotonic()
+        owned = set(self.assignment())
+        for gone in self._lag_parts - owned:  # rebalanced away: not ours to report
+            self._m.lag.remove(self._group, gone.topic, str(gone.partition))
+        self._lag_parts = owned
+        for tp in owned:
+            high = self.highwater(tp)
+            if high is None:
+                continue  # not fetched yet: no watermark known
+            try:
+                # Immediate once the partition has been fetched; bounded in case it resets.
+                pos = await asyncio.wait_for(self.position(tp), 0.05)
+            except Exception:
+                continue
+            self._m.lag.labels(self._group, tp.topic, str(tp.partition)).set(max(0, high - pos))
+
+
+def worker_identity(role: str, index: int) -> str:
+    return f"{socket.gethostname()}-{role}-{os.getpid()}-{index}"
+
+
+async def run_with_metrics(
+    settings: Settings, role: str, index: int, main: Callable[[Settings], Awaitable[None]]
+) -> None:
+    """Run a worker's composition root with its metrics installed and, when
+    AGORA_METRICS_PORT is set, served on port + index (index = worker process number)."""
+    node = worker_identity(role, index)
+    logs.set_process(role=role, node=node)
+    registry = Registry({"role": role, "node": node})
+    install(registry)
+    server = None
+    if settings.metrics_port:
+        port = settings.metrics_port + index
+        try:
+            server = await serve(registry, METRICS_HOST, port)
+        except OSError as exc:
+            # Metrics are not worth a worker that does not run: say so loudly and go on.
+            log.error("metrics port %d unavailable (%s); running without /metrics", port, exc)
+    try:
+        await main(settings)
+    finally:
+        if server is not None:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()

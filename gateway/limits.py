@@ -1,0 +1,76 @@
+"""Token buckets and the abuse policy, without I/O (the clock is passed in).
+
+A bucket holds up to `burst` tokens and refills at `rate` per second; taking a token that
+is not there is a refusal, with the time until one is back (`retry_after_ms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    rate: float  # tokens per second; 0 or less disables the limit
+    burst: float
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def take(self, now: float, n: float = 1.0) -> int:
+        """0 if allowed, else the ms to wait before `n` tokens are available."""
+        if self.rate <= 0:
+            return 0
+        if self.tokens < 0:  # first use: start full
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return 0
+        return max(1, int((n - self.tokens) / self.rate * 1000))
+
+
+@dataclass
+class AbusePolicy:
+    """Refusals are answered with `err rate_limited`; a connection refused more than
+    `max_refusals` times within `window_s` is abusing and is closed (4008)."""
+
+    max_refusals: int = 20
+    window_s: float = 10.0
+    _times: list[float] = field(default_factory=list)
+
+    def refused(self, now: float) -> bool:
+        """Record a refusal; True when the connection should now be closed."""
+        self._times = [t for t in self._times if now - t < self.window_s]
+        self._times.append(now)
+        return len(self._times) > self.max_refusals
+
+
+class BucketMap:
+    """Buckets by key (IP, user), bounded: idle full buckets are dropped first."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, now: float, n: float = 1.0) -> int:
+        if self.rate <= 0:
+            return 0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._evict(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.take(now, n)
+
+    def _evict(self, now: float) -> None:
+        # A bucket that would be full again by now carries no state worth keeping.
+        refill = self.burst / self.rate
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.stamp < refill}
+        if len(self._buckets) >= self.max_keys:
+            self._buckets.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)

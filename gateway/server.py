@@ -1,0 +1,137 @@
+"""Running gateway processes: a uvicorn server that drains before it stops, and a
+supervisor for `--workers N` (each worker its own process and node, sharing the port
+through SO_REUSEPORT so the kernel spreads connections across them).
+
+Why not uvicorn's own shutdown: it closes every WebSocket with 1012 at once. On SIGTERM a
+gateway first stops accepting, tells its clients to `reconnect` at times spread over a
+window, lets requests in flight finish (no accepted message loses its `ack`), and closes
+what is left with 1001 at a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from gateway.app import create_app
+from storage.settings import Settings
+
+log = logging.getLogger("agora.gateway")
+
+
+_BAD_HANDSHAKE = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n"
+    b"Connection: close\r\n\r\nhandshake request malformed or too large\n"
+)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol (the leanest per connection), plus an answer
+    to a handshake request that websockets cannot parse (say a header over 8 KiB): uvicorn
+    would leave that client hanging with its connection open; we answer 400 and close."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and self.conn.handshake_exc is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.write(_BAD_HANDSHAKE)
+            self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting before anything else
+        node = getattr(self.app.state, "node", None)
+        settings: Settings | None = getattr(self.app.state, "settings", None)
+        if node is not None and settings is not None and not self.force_exit:
+            await node.drain(settings.drain_window_ms, settings.drain_deadline_ms)
+        await super().shutdown(sockets)
+
+
+def listen_socket(host: str, port: int, send_buffer: int = 0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if send_buffer:
+        # Accepted sockets inherit it from the listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """One gateway node in this process, until SIGTERM/SIGINT (then drain)."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        ws=WebSocketProtocol,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_ms / 1000,
+        ws_ping_timeout=settings.heartbeat_ms / 1000,
+        ws_per_message_deflate=False,  # compression triples memory per connection
+        backlog=4096,
+        timeout_graceful_shutdown=10,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep the process's logging (JSON lines) for uvicorn's own too
+        access_log=False,
+        lifespan="on",
+    )
+    sock = listen_socket(host, port, settings.socket_send_buffer)
+    DrainingServer(config, app).run(sockets=[sock])
+
+
+def supervise(argv_for_child: list[str], workers: int) -> int:
+    """Run `workers` gateway processes; restart one that dies; forward SIGTERM/SIGINT."""
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "gateway.cli", *argv_for_child])
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    children.extend(spawn() for _ in range(workers))
+    while True:
+        time.sleep(0.5)
+        if stopping:
+            break
+        for i, child in enumerate(children):
+            if child.poll() is not None:
+                log.warning(
+                    "gateway worker pid %d exited (%s); restarting", child.pid, child.returncode
+                )
+                children[i] = spawn()
+    for child in children:
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0

@@ -1,0 +1,481 @@
+"""Posts, votes and the feed rebuild queries.
+
+A post, its votes and its thread conversation live on the author's logical shard (both ids
+carry it). Counters (`up`, `down`) are written only by the scores worker, one UPDATE per
+post per batch (`apply_deltas`), so a popular post is never one row locked by every voter:
+a vote writes just the voter's own row (`vote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from storage import conversations
+from storage.errors import Forbidden, NotFound, Unprocessable
+from storage.ids import IdGenerator, compose, decompose
+from storage.pools import ShardPools
+from storage.ranking import Feed, FeedKind, Ranked, merge_ranked, rank
+
+MAX_TITLE = 300
+MAX_BODY = 40_000
+COMMUNITY = re.compile(r"^[a-z0-9_]{1,64}$")
+VOTE_VALUES = (1, 0, -1)
+_MAX_CREATE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    id: int
+    author: str
+    community: str
+    title: str
+    body: str
+    thread: int
+    up: int
+    down: int
+    comments: int  # the thread's last seq: every message of a thread is a comment
+    my_vote: int  # the viewer's vote, 0 when none
+
+    @property
+    def created_ms(self) -> int:
+        return decompose(self.id).ms
+
+    @property
+    def score(self) -> int:
+        return self.up - self.down
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A post's counters after a scores batch, with what the feeds and frames need."""
+
+    id: int
+    thread: int
+    community: str
+    up: int
+    down: int
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VoteChange:
+    """What one vote did to the voter's row; `up`/`down` are the deltas for the counters."""
+
+    post: int
+    old: int
+    new: int
+
+    @property
+    def up(self) -> int:
+        return (self.new == 1) - (self.old == 1)
+
+    @property
+    def down(self) -> int:
+        return (self.new == -1) - (self.old == -1)
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResult:
+    change: VoteChange
+    up: int  # counters as applied when the vote was taken, plus this vote's own delta
+    down: int
+
+
+# -- validation (PROTOCOL.md limits) ----------------------------------------------------------
+
+
+def _text(value: Any, what: str, lo: int, hi: int) -> str:
+    if not isinstance(value, str) or not lo <= len(value) <= hi:
+        raise Unprocessable(f"{what} must be a string of {lo}-{hi:,} characters")
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it rather than fail later
+        raise Unprocessable(f"{what} must not contain NUL characters")
+    return value
+
+
+def validate_title(value: Any) -> str:
+    return _text(value, "title", 1, MAX_TITLE)
+
+
+def validate_body(value: Any) -> str:
+    return _text(value, "body", 0, MAX_BODY)
+
+
+def is_community(value: Any) -> bool:
+    return isinstance(value, str) and COMMUNITY.match(value) is not None
+
+
+def validate_community(value: Any) -> str:
+    if not is_community(value):
+        raise Unprocessable("community must be 1-64 characters of [a-z0-9_]")
+    assert isinstance(value, str)
+    return value
+
+
+def validate_vote(value: Any) -> int:
+    # `type is int`: JSON true is a Python bool, and bool is a subclass of int.
+    if type(value) is not int or value not in VOTE_VALUES:
+        raise Unprocessable("value must be 1, 0 or -1")
+    return value
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+def _shard(pools: ShardPools, post_id: int) -> int:
+    """The physical shard of a post id from a client; an id whose logical shard this
+    deployment does not have names no post."""
+    try:
+        return pools.for_id(post_id)
+    except ValueError:
+        raise NotFound("no such post") from None
+
+
+_SELECT = """
+    SELECT p.id, p.author, p.community, p.title, p.body, p.thread_id, p.up, p.down,
+           COALESCE(c.last_seq, 0) AS comments, COALESCE(v.value, 0) AS my_vote
+    FROM posts p
+    LEFT JOIN conversations c ON c.id = p.thread_id
+    LEFT JOIN votes v ON v.post_id = p.id AND v.user_id = $2
+"""
+
+
+def _row_to_post(r: Any) -> Post:
+    return Post(
+        id=r["id"],
+        author=r["author"],
+        community=r["community"],
+        title=r["title"],
+        body=r["body"],
+        thread=r["thread_id"],
+        up=r["up"],
+        down=r["down"],
+        comments=r["comments"],
+        my_vote=r["my_vote"],
+    )
+
+
+async def create(
+    pools: ShardPools, ids: IdGenerator, author: str, community: str, title: str, body: str
+) -> Post:
+    """Create a post and its thread in one transaction on the author's shard."""
+    logical = pools.map.logical_for_user(author)
+    physical = pools.map.physical(logical)
+    for attempt in range(_MAX_CREATE_ATTEMPTS):
+        post_id = ids.next_id(logical)
+        thread_id = ids.next_id(logical)
+        try:
+            async with pools.transaction(physical) as conn:
+                await conversations.create_thread(pools, conn, thread_id, author, title)
+                await conn.execute(
+                    """INSERT INTO posts (id, author, community, title, body, thread_id,
+                                          created_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0))""",
+                    post_id,
+                    author,
+                    community,
+                    title,
+                    body,
+                    thread_id,
+                    decompose(post_id).ms,
+                )
+            return Post(post_id, author, community, title, body, thread_id, 0, 0, 0, 0)
+        except asyncpg.UniqueViolationError:
+            # Another process made the same id in the same ms for this shard: take others.
+            if attempt == _MAX_CREATE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def get(pools: ShardPools, post_id: int, viewer: str) -> Post | None:
+    """A live post with the viewer's vote, or None (unknown or deleted)."""
+    try:
+        physical = _shard(pools, post_id)
+    except NotFound:
+        return None
+    async with pools.connection(physical) as conn:
+        row = await conn.fetchrow(
+            _SELECT + " WHERE p.id = $1 AND p.deleted_at IS NULL", post_id, viewer
+        )
+    return None if row is None else _row_to_post(row)
+
+
+async def get_many(pools: ShardPools, post_ids: Iterable[int], viewer: str) -> dict[int, Post]:
+    """Live posts by id: one query per physical shard, shards in parallel."""
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for post_id in post_ids:
+        by_shard[pools.for_id(post_id)].append(post_id)
+
+    async def fetch(physical: int, group: list[int]) -> list[Post]:
+        async with pools.connection(physical) as conn:
+            rows = await conn.fetch(
+                _SELECT + " WHERE p.id = ANY($1::bigint[]) AND p.deleted_at IS NULL",
+                group,
+                viewer,
+            )
+        return [_row_to_post(r) for r in rows]
+
+    parts = await asyncio.gather(*(fetch(p, g) for p, g in by_shard.items()))
+    return {post.id: post for part in parts for post in part}
+
+
+async def delete(pools: ShardPools, post_id: int, user: str) -> Post:
+    """Soft-delete `user`'s post; NotFound when unknown or deleted, Forbidden when not theirs.
+    Returns the post as it was (the caller removes it from the feeds)."""
+    async with pools.transaction(_shard(pools, post_id)) as conn:
+        row = await conn.fetchrow(
+            _SELECT + " WHERE p.id = $1 AND p.deleted_at IS NULL FOR UPDATE OF p",
+            post_id,
+            user,
+        )
+        if row is None:
+            raise NotFound("no such post")
+        if row["author"] != user:
+            raise Forbidden("only the author deletes a post")
+        await conn.execute("UPDATE posts SET deleted_at = now() WHERE id = $1", post_id)
+    return _row_to_post(row)
+
+
+# -- votes ------------------------------------------------------------------------------------
+
+
+async def vote(
+    pools: ShardPools,
+    post_id: int,
+    user: str,
+    value: int,
+    on_change: Callable[[VoteChange], Awaitable[None]],
+) -> VoteResult:
+    """Set `user`'s vote on a live post. One row per (post, user); the post row is only read.
+
+    When the value changes, `on_change` runs *inside* the transaction, before the commit:
+    the caller produces the delta to Kafka there, so a vote whose delta could not be sent
+    is rolled back (and answered `unavailable`), never left half-counted. The voter's row
+    stays locked meanwhile, which serialises only that voter's own concurrent votes.
+    """
+    validate_vote(value)
+    async with pools.transaction(_shard(pools, post_id)) as conn:
+        post = await conn.fetchrow(
+            "SELECT up, down FROM posts WHERE id = $1 AND deleted_at IS NULL", post_id
+        )
+        if post is None:
+            raise NotFound("no such post")
+        inserted = await conn.fetchval(
+            """INSERT INTO votes (post_id, user_id, value) VALUES ($1, $2, $3)
+               ON CONFLICT (post_id, user_id) DO NOTHING RETURNING value""",
+            post_id,
+            user,
+            value,
+        )
+        if inserted is not None:
+            old = 0  # no row was the same as a 0 vote
+        else:
+            # The row exists (perhaps committed a moment ago by a concurrent vote of the same
+            # user): lock it and read its latest value, so the delta is exact.
+            old = await conn.fetchval(
+                "SELECT value FROM votes WHERE post_id = $1 AND user_id = $2 FOR UPDATE",
+                post_id,
+                user,
+            )
+            if old != value:
+                await conn.execute(
+                    """UPDATE votes SET value = $3, updated_at = now()
+                       WHERE post_id = $1 AND user_id = $2""",
+                    post_id,
+                    user,
+                    value,
+                )
+        change = VoteChange(post_id, old, value)
+        if change.changed:
+            await on_change(change)
+    # Never below 0: the voter's previous vote may not have reached the counters yet.
+    up = max(0, post["up"] + change.up)
+    down = max(0, post["down"] + change.down)
+    return VoteResult(change, up, down)
+
+
+async def recount(pools: ShardPools, post_id: int) -> tuple[int, int]:
+    """Repair: set a post's counters from its vote rows (the source of truth) and return
+    them. For an operator after a failure the delta path cannot undo (a produce that was
+    acknowledged by Kafka whose transaction then failed to commit). Run it with the scores
+    worker stopped, or deltas in flight are counted twice."""
+    async with pools.transaction(_shard(pools, post_id)) as conn:
+        row = await conn.fetchrow(
+            """UPDATE posts SET
+                 up = (SELECT count(*) FROM votes WHERE post_id = $1 AND value = 1),
+                 down = (SELECT count(*) FROM votes WHERE post_id = $1 AND value = -1)
+               WHERE id = $1 RETURNING up, down""",
+            post_id,
+        )
+    if row is None:
+        raise NotFound("no such post")
+    return row["up"], row["down"]
+
+
+# -- the scores worker's writes ---------------------------------------------------------------
+
+
+async def apply_deltas(conn: Any, deltas: dict[int, tuple[int, int]]) -> list[Totals]:
+    """Add (up, down) deltas to the counters of posts on `conn`'s shard: one UPDATE for
+    the whole batch, one row write per post. Unknown posts are skipped."""
+    post_ids = sorted(deltas)  # a fixed lock order: overlapping batches cannot deadlock
+    if not post_ids:
+        return []
+    rows = await conn.fetch(
+        """UPDATE posts p SET up = p.up + d.up, down = p.down + d.down
+           FROM unnest($1::bigint[], $2::integer[], $3::integer[]) AS d(id, up, down)
+           WHERE p.id = d.id
+           RETURNING p.id, p.thread_id, p.community, p.up, p.down,
+                     p.deleted_at IS NOT NULL AS deleted""",
+        post_ids,
+        [deltas[p][0] for p in post_ids],
+        [deltas[p][1] for p in post_ids],
+    )
+    return [
+        Totals(r["id"], r["thread_id"], r["community"], r["up"], r["down"], r["deleted"])
+        for r in rows
+    ]
+
+
+async def totals_of(conn: Any, post_ids: Iterable[int]) -> list[Totals]:
+    """Current counters of posts on `conn`'s shard (for a batch retried after its deltas
+    were already applied: the feeds and subscribers still need the totals)."""
+    rows = await conn.fetch(
+        """SELECT id, thread_id, community, up, down, deleted_at IS NOT NULL AS deleted
+           FROM posts WHERE id = ANY($1::bigint[])""",
+        sorted(set(post_ids)),
+    )
+    return [
+        Totals(r["id"], r["thread_id"], r["community"], r["up"], r["down"], r["deleted"])
+        for r in rows
+    ]
+
+
+async def lock_offsets(conn: Any, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    """Lock this shard's applied-through offsets of `partitions` for the transaction and
+    return them (-1: nothing applied yet). Locked in partition order, so two workers that
+    briefly own the same partition (a rebalance) take turns instead of double-applying."""
+    parts = sorted(set(partitions))
+    await conn.execute(
+        """INSERT INTO vote_offsets (topic, partition, applied_through)
+           SELECT $1, p, -1 FROM unnest($2::integer[]) AS p
+           ON CONFLICT DO NOTHING""",
+        topic,
+        parts,
+    )
+    rows = await conn.fetch(
+        """SELECT partition, applied_through FROM vote_offsets
+           WHERE topic = $1 AND partition = ANY($2::integer[])
+           ORDER BY partition FOR UPDATE""",
+        topic,
+        parts,
+    )
+    return {r["partition"]: r["applied_through"] for r in rows}
+
+
+async def record_offsets(conn: Any, topic: str, applied: dict[int, int]) -> None:
+    parts = sorted(applied)
+    await conn.execute(
+        """UPDATE vote_offsets o SET applied_through = GREATEST(o.applied_through, a.off)
+           FROM unnest($2::integer[], $3::bigint[]) AS a(p, off)
+           WHERE o.topic = $1 AND o.partition = a.p""",
+        topic,
+        parts,
+        [applied[p] for p in parts],
+    )
+
+
+# -- feed rebuilds: scatter-gather over every physical shard ----------------------------------
+
+
+def min_id_at(ms: int) -> int:
+    """The smallest id any post created at or after `ms` can have."""
+    return compose(ms, 0, 0)
+
+
+def _feed_query(feed: Feed, windowed: bool, keyset: bool) -> str:
+    """An index-ordered query for one shard (indexes in migrations 0001 and 0002).
+
+    Built per shape rather than with `$n IS NULL OR ...` filters, so that each prepared
+    statement has a plan that walks the matching partial index. Parameters in order: the
+    limit, the community (community feeds), the smallest id (windows), and the (rank, id)
+    to resume strictly after (keyset).
+    """
+    rank_sql, rank_type = {
+        FeedKind.NEW: ("id", "bigint"),
+        FeedKind.TOP: ("(up - down)", "integer"),
+        FeedKind.TRENDING: ("agora_hot(up, down, id)", "double precision"),
+    }[feed.kind]
+    where = ["deleted_at IS NULL"]
+    n = 1
+    if feed.community is not None:
+        n += 1
+        where.append(f"community = ${n}")
+    if windowed:
+        n += 1
+        where.append(f"id >= ${n}")
+    if keyset:
+        if feed.kind is FeedKind.NEW:
+            n += 1
+            where.append(f"id < ${n}")  # the rank is the id's own time: the id decides
+        else:
+            where.append(f"({rank_sql}, id) < (${n + 1}::{rank_type}, ${n + 2}::bigint)")
+    return (
+        f"SELECT id, up, down FROM posts WHERE {' AND '.join(where)} "
+        f"ORDER BY {rank_sql} DESC, id DESC LIMIT $1"
+    )
+
+
+def _ranked(feed: Feed, rows: list[Any]) -> list[Ranked]:
+    """Ranks recomputed in Python (storage.ranking), the same values the scores worker
+    writes, so a rebuilt feed and an incrementally kept one are identical."""
+    out = [(rank(feed.kind, r["up"], r["down"], decompose(r["id"]).ms), r["id"]) for r in rows]
+    out.sort(reverse=True)
+    return out
+
+
+async def feed_candidates(
+    pools: ShardPools,
+    feed: Feed,
+    now_ms: int,
+    limit: int,
+    after: Ranked | None = None,
+) -> list[Ranked]:
+    """The top `limit` (rank, id) of `feed` across every physical shard, merged.
+
+    Each shard returns its own top `limit` through an index; the merge of those is the
+    global top `limit`. `after`, the (rank, id) of the last entry already read, continues
+    from there (keyset): the next `limit` entries strictly below it.
+    """
+    start = feed.window_start_ms(now_ms)
+    sql = _feed_query(feed, start is not None, after is not None)
+    args: list[Any] = [limit]
+    if feed.community is not None:
+        args.append(feed.community)
+    if start is not None:
+        args.append(min_id_at(start))
+    if after is not None:
+        if feed.kind is FeedKind.NEW:
+            args.append(after[1])
+        elif feed.kind is FeedKind.TOP:
+            args += [int(after[0]), after[1]]
+        else:
+            args += [after[0], after[1]]
+
+    async def one(physical: int) -> list[Ranked]:
+        async with pools.connection(physical) as conn:
+            rows = await conn.fetch(sql, *args)
+        return _ranked(feed, rows)
+
+    parts = await asyncio.gather(*(one(p) for p in range(pools.physical_count)))
+    return merge_ranked(parts, limit)

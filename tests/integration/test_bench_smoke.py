@@ -1,0 +1,108 @@
+"""CI-sized runs of every benchmark in bench/ (small N, a few seconds of load each), so the
+scripts cannot rot. Each runs as its own process, exactly as documented in bench/RESULTS.md
+(but writing to a temporary directory and leaving RESULTS.md alone), and its results JSON
+is checked for the keys the report needs and for zero lost messages. The full-size runs
+are documented commands, not CI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.engines
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(module: str, name: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", module, *args, "--out", str(tmp_path), "--results-md", ""]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    print(proc.stdout[-3000:])
+    print(proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads((tmp_path / f"{name}.json").read_text())
+    for key in ("bench", "command", "machine", "conditions", "params", "summary", "targets"):
+        assert key in data, key
+    assert {"nproc", "mem_total_mib", "python", "kernel"} <= set(data["machine"])
+    return data
+
+
+def test_storm_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.storm", "storm", tmp_path, "--clients", "300", "--inflight", "50", "--hold", "1"
+    )
+    s = data["summary"]
+    assert s["connected"] == 300 and s["failed"] == 0, s["failures"]
+    assert s["survivors"] == 300
+    assert {"p50", "p95", "p99", "max"} <= set(s["connect_ms"])
+    assert s["conns_per_s"] > 0 and s["rss_after_kib"] > 0
+    assert "rss_per_conn_kib" in s
+
+
+def test_reconnect_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.reconnect",
+        "reconnect",
+        tmp_path,
+        *("--clients", "120", "--members", "30", "--rate", "40", "--jitter-ms", "300"),
+        *("--pre", "1", "--post", "1", "--fanout-workers", "1"),
+    )
+    s = data["summary"]
+    assert s["subscribed_before_kill"] == 120
+    assert s["recovered"] == 120 and s["all_recovered_s"] is not None
+    assert s["acked"] > 0
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["reordered"] == 0
+
+
+def test_fanout_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.fanout",
+        "fanout",
+        tmp_path,
+        *("--convs", "4", "--members", "4", "--senders", "4", "--rates", "20,40"),
+        *("--duration", "2", "--warmup-rate", "20", "--warmup-duration", "1"),
+    )
+    s = data["summary"]
+    assert s["subscribed"] == 16
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["reordered"] == 0
+    steps = [x for x in data["steps"] if not x["warmup"]]
+    assert [x["rate"] for x in steps] == [20.0, 40.0]
+    for step in steps:
+        assert step["acked"] > 0 and step["delivered"] == step["expected"] > 0
+        assert {"p50", "p95", "p99"} <= set(step["latency_ms"])
+        assert step["deliveries_per_s"] > 0
+
+
+def test_fanout_room_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.fanout",
+        "fanout-room",
+        tmp_path,
+        *("--room", "200", "--senders", "2", "--rates", "5", "--duration", "2"),
+        *("--warmup-rate", "2", "--warmup-duration", "1"),
+    )
+    s = data["summary"]
+    assert s["mode"] == "room" and s["subscribed"] == 200
+    assert s["lost"] == 0 and s["duplicated"] == 0
+    assert "room_50k" in data["targets"]
+
+
+def test_feeds_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.feeds",
+        "feeds",
+        tmp_path,
+        *("--posts", "40", "--votes", "40", "--duration", "1", "--cold-rounds", "2"),
+        *("--concurrency", "4"),
+    )
+    for kind in ("trending", "new", "top"):
+        k = data["kinds"][kind]
+        assert k["cached"]["requests"] > 0
+        assert set(k["cached"]["statuses"]) == {"200"}, k["cached"]["statuses"]
+        assert k["cold"]["latency_ms"]["count"] == 2
+    assert "trending_3k" in data["targets"]

@@ -1,0 +1,188 @@
+"""The reconnecting Python client against real gateways: a node killed or drained under
+it, a refusal, an expired token, and an ack lost with its connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from agora_client import AgoraClient, Backoff, ReconnectingClient
+from storage import messages
+from storage.pools import ShardPools
+from storage.settings import Settings
+from tests.integration.helpers import create_group, uid
+from tests.stack import Stack
+
+pytestmark = pytest.mark.engines
+
+FAST = Backoff(base_s=0.1, cap_s=1.0)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as client:
+        yield client
+
+
+async def drain_msgs(c: ReconnectingClient, conv: str, count: int, timeout: float) -> list[Any]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            frame = await c.next_event("msg", timeout=deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if frame["conv"] == conv:
+            got.append(frame)
+    return got
+
+
+@pytest.mark.parametrize("how", ["sigkill", "drain"])
+async def test_node_lost_under_the_client_resumes_on_the_other_without_gap_or_duplicate(
+    settings: Settings, http: httpx.AsyncClient, how: str
+) -> None:
+    s = Stack(settings)
+    try:
+        g1, g2 = s.gateway(f"rc-{how}-g1"), s.gateway(f"rc-{how}-g2")
+        s.fanout(f"rc-{how}-f")
+        a, b = uid("a"), uid("b")
+        conv = await create_group(http, s, g2, a, [b])
+        sender = await AgoraClient.connect(g2.ws_url, s.token(a))
+        client = ReconnectingClient([g1.ws_url, g2.ws_url], s.token(b), backoff=FAST)
+        await client.start()
+        first_node = client.conn.hello["node"] if client.conn else ""
+        await client.subscribe(conv)
+        for i in range(10):
+            await sender.send(conv, f"before {i}", cid=f"before-{i}")
+        assert len(await drain_msgs(client, conv, 10, 20)) == 10
+
+        # Messages keep flowing while g1 goes away; a send of the client's own is pending.
+        async def keep_sending() -> None:
+            for i in range(40):
+                await sender.send(conv, f"during {i}", cid=f"during-{i}")
+                await asyncio.sleep(0.02)
+
+        flow = asyncio.create_task(keep_sending())
+        if how == "sigkill":
+            g1.kill()
+        else:
+            g1.stop()  # SIGTERM: `reconnect` with after_ms, then 1001 at the deadline
+        own = asyncio.create_task(client.send(conv, "mine, sent across the move", cid="own-1"))
+        await flow
+        ack = await asyncio.wait_for(own, 30)
+        got = await drain_msgs(client, conv, 41, 30)
+        seqs = [m["seq"] for m in got]
+        print(
+            f"{how}: connects {client.connects}, drains {client.drains}, "
+            f"last close {client.last_close}, seqs {seqs}"
+        )
+        assert client.connects == 2
+        assert client.conn is not None and client.conn.hello["node"] != first_node
+        assert seqs == list(range(11, 52)), "a gap or a duplicate"
+        mine = [m for m in got if m["cid"] == "own-1"]
+        assert len(mine) == 1 and mine[0]["id"] == ack["id"]
+        if how == "drain":
+            assert client.drains == 1  # told to move by the draining node, not by a crash
+        await client.close()
+        await sender.close()
+    finally:
+        s.stop_all()
+
+
+async def test_a_lost_ack_is_retried_with_the_same_cid_and_stored_once(
+    settings: Settings, http: httpx.AsyncClient, pools: ShardPools
+) -> None:
+    s = Stack(settings)
+    try:
+        g = s.gateway("rc-ack-g")
+        s.fanout("rc-ack-f")
+        a = uid("a")
+        conv = await create_group(http, s, g, a, [])
+        client = ReconnectingClient(g.ws_url, s.token(a), backoff=FAST)
+        await client.start()
+        await client.subscribe(conv)
+        conn = client.conn
+        assert conn is not None
+        # Cut the connection right after the frame leaves: the server may well accept it,
+        # but its ack can never arrive on this socket.
+        original = conn.ws.send
+
+        async def send_then_cut(data: Any) -> None:
+            await original(data)
+            if '"send"' in str(data):
+                conn.ws.transport.abort()
+
+        conn.ws.send = send_then_cut  # type: ignore[method-assign]
+        ack = await asyncio.wait_for(client.send(conv, "exactly once", cid="lost-ack"), 30)
+        assert client.connects == 2
+        got = await drain_msgs(client, conv, 1, 10)
+        await asyncio.sleep(1.0)  # time for a second copy to show up, if there were one
+        stored = await messages.after(pools, int(conv), 0, 10)
+        print(f"ack {ack}, stored {[(m.seq, m.cid, m.id) for m in stored]}")
+        assert [(m.cid, str(m.id)) for m in stored] == [("lost-ack", ack["id"])]
+        assert [m["id"] for m in got] == [ack["id"]]
+        await client.close()
+    finally:
+        s.stop_all()
+
+
+async def test_a_refused_client_waits_out_retry_after_then_connects(settings: Settings) -> None:
+    s = Stack(settings, extra_env={"AGORA_MAX_CONNECTIONS": "1"})
+    try:
+        g = s.gateway("rc-503-g")
+        holder = await AgoraClient.connect(g.ws_url, s.token(uid("holder")))
+        client = ReconnectingClient(g.ws_url, s.token(uid("waiter")), backoff=FAST)
+        started = time.monotonic()
+        await client.start(wait=False)
+        await asyncio.sleep(1.5)
+        refused_attempts = client.attempts
+        assert client.connects == 0
+        await holder.close()
+        await client.start(wait=True, timeout=15)
+        waited = time.monotonic() - started
+        print(f"attempts while refused: {refused_attempts}, connected after {waited:.1f}s")
+        # The node says Retry-After >= 1 s: far fewer than the 0.1 s backoff would allow.
+        assert 1 <= refused_attempts <= 3
+        assert client.connects == 1
+        await client.close()
+    finally:
+        s.stop_all()
+
+
+async def test_4001_stops_reconnecting_until_a_new_token(settings: Settings) -> None:
+    s = Stack(settings)
+    try:
+        g = s.gateway("rc-4001-g")
+        user = uid("tok")
+        client = ReconnectingClient(g.ws_url, s.token(user, ttl=-60), backoff=FAST)
+        await client.start(wait=False)
+        await asyncio.sleep(1.5)
+        print(f"attempts with an expired token: {client.attempts}, state {client.state}")
+        assert client.state == "unauthorized" and client.last_close == 4001
+        assert client.attempts == 1  # no retry loop on a token that cannot work
+        client.set_token(s.token(user))
+        await client.start(wait=True, timeout=10)
+        assert client.connects == 1 and (await client.ping())["t"] == "pong"
+        await client.close()
+    finally:
+        s.stop_all()
+
+
+async def test_plain_client_reports_a_close_before_hello(settings: Settings) -> None:
+    from agora_client import Closed
+
+    s = Stack(settings)
+    try:
+        g = s.gateway("rc-closed-g")
+        started = time.monotonic()
+        with pytest.raises(Closed) as info:
+            await AgoraClient.connect(g.ws_url, "not-a-token")
+        assert info.value.code == 4001
+        assert time.monotonic() - started < 5  # not a timeout waiting for hello
+    finally:
+        s.stop_all()

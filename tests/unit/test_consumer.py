@@ -1,0 +1,22 @@
+"""Which offsets a worker commits: past what it took, never past what it still holds."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+
+from fanout.consumer import commit_offsets
+
+A, B, C = (TopicPartition("t", i) for i in range(3))
+
+
+def test_nothing_held_commits_past_the_last_record() -> None:
+    assert commit_offsets({A: 9, B: 4}, []) == {A: 10, B: 5}
+
+
+def test_a_held_record_stops_its_partition_only() -> None:
+    assert commit_offsets({A: 9, B: 4}, [(A, 7), (A, 3)]) == {A: 3, B: 5}
+
+
+def test_held_records_of_a_partition_without_new_records_keep_it_where_it_was() -> None:
+    assert commit_offsets({}, [(C, 12)]) == {C: 12}
+    assert commit_offsets({}, []) == {}
