@@ -16,6 +16,11 @@ gateway/, fanout/ and storage/ (see bench/RESULTS.md, "Proposed fixes").
 - `no-wire-metrics`: the per-frame metrics middleware is bypassed (to price it).
 - `timing`: the send, access, subscribe and attach awaits are timed; totals are written
   to $BENCH_TIMING_OUT.<pid>.json every 2 s (where a slow ack waits).
+- `frame-once`: uvicorn's send writes a message's WebSocket frame bytes built once per
+  message object instead of serializing a frame per recipient.
+- `direct-push`: `Connection.push` writes the frame straight to the socket when nothing is
+  queued and the socket is writable (no writer-task wake-up, no ASGI send chain per
+  frame); the bounded queue is used only under backpressure.
 - `tracemalloc`: SIGUSR1 takes a baseline snapshot, the next SIGUSR1 writes the top
   allocation sites since then to $BENCH_TRACEMALLOC_OUT (where per-connection memory goes).
 """
@@ -194,6 +199,115 @@ def _timing() -> None:
             self._tasks.append(asyncio.create_task(every()))
 
     node.Node.start = start  # type: ignore[method-assign]
+
+
+def _frame_cache() -> Callable[[str | bytes], bytes]:
+    """Server frames are unmasked, so a message's frame bytes are the same for every
+    recipient: build them once per message object (the node already encodes once)."""
+    cache: dict[int, tuple[object, bytes]] = {}
+
+    def frame_of(data: str | bytes) -> bytes:
+        hit = cache.get(id(data))
+        if hit is not None and hit[0] is data:
+            return hit[1]
+        if isinstance(data, str):
+            payload, head = data.encode(), 0x81
+        else:
+            payload, head = data, 0x82
+        n = len(payload)
+        if n < 126:
+            header = bytes((head, n))
+        elif n < 65536:
+            header = bytes((head, 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((head, 127)) + n.to_bytes(8, "big")
+        frame = header + payload
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[id(data)] = (data, frame)  # holding `data` keeps its id from being reused
+        return frame
+
+    return frame_of
+
+
+def _uvicorn_ready(proto: Any) -> bool:
+    from websockets.protocol import State
+
+    return bool(
+        proto.handshake_complete
+        and not proto.close_sent
+        and not proto.disconnected
+        and proto.initial_response is None
+        and proto.writable.is_set()
+        and proto.conn.state is State.OPEN
+        and not proto.transport.is_closing()
+    )
+
+
+@patch("frame-once")
+def _frame_once() -> None:
+    from uvicorn.protocols.websockets import websockets_sansio_impl as impl
+
+    frame_of = _frame_cache()
+    original = impl.WebSocketsSansIOProtocol.send
+
+    async def send(self: Any, message: Any) -> None:
+        if message["type"] == "websocket.send" and _uvicorn_ready(self):
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes")
+            if data is not None:
+                self.transport.write(frame_of(data))
+                return
+        await original(self, message)
+
+    impl.WebSocketsSansIOProtocol.send = send  # type: ignore[method-assign]
+
+
+def _protocol_of(websocket: Any) -> Any:
+    """The uvicorn protocol under a Starlette WebSocket (through the send wrappers)."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    fn = getattr(websocket, "_send", None)
+    for _ in range(8):
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, WebSocketsSansIOProtocol):
+            return owner
+        cells = getattr(fn, "__closure__", None) or ()
+        nxt = None
+        for cell in cells:
+            value = cell.cell_contents
+            if callable(value) and getattr(value, "__name__", "") in ("send", "send_counted"):
+                nxt = value
+                break
+        if nxt is None:
+            return None
+        fn = nxt
+    return None
+
+
+@patch("direct-push")
+def _direct_push() -> None:
+    """Connection.push writes the frame straight to the socket when nothing is queued and
+    the socket is writable; it queues (bounded, 4009 beyond) only under backpressure."""
+    from gateway.connection import Connection
+
+    frame_of = _frame_cache()
+    original = Connection.push
+    protos: dict[int, Any] = {}
+
+    def push(self: Connection, data: bytes | str) -> None:
+        if self.close_code is None and not self._queue:
+            proto: Any = protos.get(self.id)
+            if proto is None:
+                proto = protos[self.id] = _protocol_of(self.websocket) or False
+            if proto is not False and _uvicorn_ready(proto):
+                proto.transport.write(frame_of(data))
+                self.sent_frames += 1
+                return
+        original(self, data)
+
+    Connection.push = push  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -362,13 +362,13 @@ async def _measure(
         },
     }
     return {
-        "bench": NAME,
+        "bench": args.name,
         "command": command_line(),
         "machine": machine(),
         "conditions": cond,
         "conditions_end": conditions(),
         "params": {
-            **{k: v for k, v in vars(args).items() if k not in ("out", "results_md")},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "results_md", "name")},
             "procs": procs,
             "source_ips": ips,
             "gateway_pid": gw.pid,
@@ -456,6 +456,7 @@ def render(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=10_000)
+    p.add_argument("--name", default=NAME, help="results name (storm-idle for the idle run)")
     p.add_argument("--inflight", type=int, default=200, help="connects in flight at most")
     p.add_argument("--procs", type=int, default=0, help="load-generator processes (0: auto)")
     p.add_argument("--hold", type=float, default=30.0, help="seconds to hold before the check")
@@ -478,7 +479,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     data = run(args)
     md = Path(args.results_md) if args.results_md else None
-    path = write_results(result_name(NAME, args.experiment), data, render(data), Path(args.out), md)
+    path = write_results(
+        result_name(args.name, args.experiment), data, render(data), Path(args.out), md
+    )
     s = data["summary"]
     print(
         f"storm: {s['connected']}/{s['clients']} connected, {s['failed']} failed "

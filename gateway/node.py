@@ -25,6 +25,7 @@ from fanout.routing import Routes
 from gateway.connection import Connection
 from gateway.protocol import frames
 from gateway.protocol.subscription import State, Subscription
+from gateway.routesync import RouteSync
 from storage import messages
 from storage.models import Message
 from storage.pools import ShardPools
@@ -50,6 +51,12 @@ class Node:
         self.pools = pools
         self.keys = RedisKeys(settings.redis_prefix)
         self.routes = Routes(redis, self.keys)
+        self.sync = RouteSync(
+            self.routes,
+            node_id,
+            lambda conv: bool(self.conv_subs.get(conv)),
+            lambda user: bool(self.user_conns.get(user)),
+        )
         self.conv_subs: dict[int, set[Connection]] = defaultdict(set)
         self.user_conns: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
@@ -65,6 +72,7 @@ class Node:
         ready = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._listen(ready)))
         self._tasks.append(asyncio.create_task(self._keep_lease()))
+        self._tasks.append(asyncio.create_task(self.sync.run()))
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
@@ -99,6 +107,12 @@ class Node:
             return False
         return True
 
+    async def _register_all(self) -> None:
+        convs, users = list(self.conv_subs), list(self.user_conns)
+        self.sync.forget_registered()
+        await self.routes.register(self.id, self.settings.route_lease_s, convs, users)
+        self.sync.mark_registered(convs, users)
+
     async def _keep_lease(self) -> None:
         interval = max(self.settings.route_lease_s / 3, 0.5)
         while True:
@@ -107,12 +121,7 @@ class Node:
                 if not await self.routes.renew(self.id, self.settings.route_lease_s):
                     # The lease lapsed or Redis came back empty: register everything again.
                     log.warning("node %s: lease lost, registering again", self.id)
-                    await self.routes.register(
-                        self.id,
-                        self.settings.route_lease_s,
-                        list(self.conv_subs),
-                        list(self.user_conns),
-                    )
+                    await self._register_all()
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("node %s: lease renewal failed: %s", self.id, exc)
 
@@ -124,12 +133,7 @@ class Node:
                 await pubsub.subscribe(channel)
                 if ready.is_set():
                     # A reconnect: anything registered may be gone (a Redis restart).
-                    await self.routes.register(
-                        self.id,
-                        self.settings.route_lease_s,
-                        list(self.conv_subs),
-                        list(self.user_conns),
-                    )
+                    await self._register_all()
                 ready.set()
                 async for item in pubsub.listen():
                     if item.get("type") == "message":
@@ -147,25 +151,22 @@ class Node:
     async def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
         self._none_left.clear()
-        first = not self.user_conns[conn.user]
         self.user_conns[conn.user].add(conn)
-        if first:
-            await self.routes.update(self.id, add_users=[conn.user])
+        self.sync.changed(users=(conn.user,))
+        await self.sync.ensure(user=conn.user)
 
     async def detach(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._none_left.set()
-        drop_convs = [c for c in list(conn.subs) if self._remove_sub(conn, c)]
+        drop_convs = tuple(c for c in list(conn.subs) if self._remove_sub(conn, c))
         users = self.user_conns.get(conn.user)
-        drop_users: list[str] = []
         if users is not None:
             users.discard(conn)
             if not users:
                 del self.user_conns[conn.user]
-                drop_users.append(conn.user)
-        with contextlib.suppress(aioredis.RedisError, OSError):
-            await self.routes.update(self.id, drop_convs=drop_convs, drop_users=drop_users)
+                self.sync.changed(users=(conn.user,))
+        self.sync.changed(convs=drop_convs)
 
     def _remove_sub(self, conn: Connection, conv: int) -> bool:
         """Forget conn's subscription; True when the node has no subscriber of conv left."""
@@ -184,12 +185,16 @@ class Node:
         Returns the `subbed` frame fields (seq, recovered); missed msgs are already queued."""
         sub = Subscription(conv, last_seq=since or 0, state=State.RECOVERING)
         conn.subs[conv] = sub
-        first = not self.conv_subs.get(conv)
         self.conv_subs[conv].add(conn)
-        if first:
-            # Registered before reading storage: anything persisted after our read is
-            # published to this node, anything before it is in what we read.
-            await self.routes.update(self.id, add_convs=[conv])
+        # Registered before reading storage: anything persisted after our read is
+        # published to this node, anything before it is in what we read.
+        try:
+            await self.sync.ensure(conv=conv)
+        except BaseException:
+            if conn.subs.get(conv) is sub:
+                self._remove_sub(conn, conv)
+                self.sync.changed(convs=(conv,))
+            raise
         latest = await messages.latest_seq(self.pools, conv)
         recovered = False
         if since is None or since >= latest:
@@ -211,7 +216,7 @@ class Node:
 
     async def unsubscribe(self, conn: Connection, conv: int) -> None:
         if conv in conn.subs and self._remove_sub(conn, conv):
-            await self.routes.update(self.id, drop_convs=[conv])
+            self.sync.changed(convs=(conv,))
 
     # -- delivery ---------------------------------------------------------------------------
     def _on_delivery(self, data: bytes) -> None:

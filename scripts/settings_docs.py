@@ -15,7 +15,7 @@ HEADER = "| variable | default | meaning |"
 # Dev-stack values that differ from the production defaults.
 DEV_VALUES = {
     "AGORA_KAFKA_IDEMPOTENCE": "false",
-    "AGORA_JWT_SECRET": "dev-only-not-a-secret-change-me",
+    "AGORA_JWT_SECRET": "dev-only-not-a-secret-change-me-please",
     "AGORA_DEV_TOKENS": "true",
     "AGORA_LOG_FORMAT": "text",
     "AGORA_METRICS_PORT": "9464",

@@ -298,10 +298,22 @@ def up(settings: Settings, state_dir: Path) -> list[str]:
     return log
 
 
-def _stop_pid(pid: int | None, what: str, log: list[str]) -> None:
+def _is_ours(pid: int, program: str) -> bool:
+    """The PID still runs `program`: a recorded PID may have been reused by now."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return program.encode() in cmdline
+
+
+def _stop_pid(pid: int | None, what: str, log: list[str], program: str) -> None:
     if not _pid_alive(pid):
         return
     assert pid is not None
+    if not _is_ours(pid, program):
+        log.append(f"{what}: pid {pid} is no longer {program}; left alone")
+        return
     os.kill(pid, signal.SIGTERM)
     for _ in range(50):
         if not _pid_alive(pid):
@@ -314,8 +326,8 @@ def down(state_dir: Path) -> list[str]:
     """Stop only what `up` started."""
     state = load_state(state_dir)
     log: list[str] = []
-    _stop_pid(state.tansu_pid, "kafka (tansu)", log)
-    _stop_pid(state.redis_pid, "redis", log)
+    _stop_pid(state.tansu_pid, "kafka (tansu)", log, "tansu")
+    _stop_pid(state.redis_pid, "redis", log, "redis-server")
     if state.postgres_cluster:
         version, name = state.postgres_cluster.split()
         subprocess.run(
