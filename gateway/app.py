@@ -112,7 +112,9 @@ def create_app(settings: Settings) -> Starlette:
         logs.set_process(role="gateway", node=node.id)
         registry.const_labels["node"] = node.id
         access = Access(pools)
-        send_path = SendPath(redis, node.keys, producer, messages_topic(settings), access)
+        send_path = SendPath(
+            redis, node.keys, producer, messages_topic(settings), access, settings.sends_per_s
+        )
         state.settings = settings
         state.verifier = verifier
         state.pools = pools
@@ -121,9 +123,8 @@ def create_app(settings: Settings) -> Starlette:
         state.node = node
         state.access = access
         state.send_path = send_path
-        sends = ClusterLimiter(redis, node.keys, "send", settings.sends_per_s)
         state.http_limiter = ClusterLimiter(redis, node.keys, "http", settings.http_per_s)
-        state.handler = RequestHandler(node, access, send_path, sends)
+        state.handler = RequestHandler(node, access, send_path)
         state.admission = admission = Admission(settings)
         state.metrics = Counter()
         state.feeds = FeedCache(redis, node.keys, pools)
@@ -131,7 +132,6 @@ def create_app(settings: Settings) -> Starlette:
         await node.start()
         background = [
             asyncio.create_task(admission.watch_lag()),
-            sends.start(),
             state.http_limiter.start(),
         ]
         log.info("gateway node %s ready", node.id)

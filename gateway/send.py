@@ -18,6 +18,7 @@ for the outcome. Behind Redis, the unique key also makes a duplicate that slippe
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -26,7 +27,8 @@ from aiokafka.errors import KafkaError
 
 from fanout.envelope import encode_new_message
 from gateway.access import Access
-from storage.errors import BadRequest, Conflict, Unavailable
+from gateway.limits import BucketMap
+from storage.errors import BadRequest, Conflict, RateLimited, Unavailable
 from storage.ids import SEQ_MASK, compose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys
@@ -36,9 +38,12 @@ PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this 
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
 
-# KEYS: idempotency key, id counter of the shard. ARGV: ms, conv, pending ttl.
+# KEYS: idempotency key, id counter of the shard, the user's send counter for this second.
+# ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit).
 # Returns {record, produce}: a new pending record "p|ms|n|conv" (produce = 1), a failed
-# one taken over again as pending with its id unchanged (produce = 1), or what exists.
+# one taken over again as pending with its id unchanged (produce = 1), what exists
+# (produce = 0), or {"", 2} when the user is over the cluster-wide send limit. A retry of
+# a known cid is answered before the limit is counted: it is not a new message.
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -48,6 +53,12 @@ if v then
     return {v, 1}
   end
   return {v, 0}
+end
+local limit = tonumber(ARGV[4])
+if limit > 0 then
+  local c = redis.call('INCR', KEYS[3])
+  if c == 1 then redis.call('PEXPIRE', KEYS[3], 2000) end
+  if c > limit then return {'', 2} end
 end
 local n = redis.call('INCR', KEYS[2])
 if n > 1000000000 then redis.call('SET', KEYS[2], 0) end
@@ -71,6 +82,7 @@ class SendPath:
         producer: AIOKafkaProducer,
         topic: str,
         access: Access,
+        sends_per_s: int = 0,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -78,10 +90,17 @@ class SendPath:
         self.topic = topic
         self.access = access
         self._claim = redis.register_script(_CLAIM)
+        # The fast path: a flood is refused here without touching Redis; the exact,
+        # cluster-wide count per second is kept by the claim script (no extra round trip).
+        self.sends_per_s = sends_per_s
+        self._local = BucketMap(sends_per_s, 2 * sends_per_s)
         self._late: set[asyncio.Task[None]] = set()
         self.acked = 0
 
     async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
+        wait_ms = self._local.take(user, time.monotonic())
+        if wait_ms:
+            raise RateLimited("too many messages", retry_after_ms=wait_ms)
         conv_kind = await self.access.check(user, conv)
         if conv_kind == "thread":
             kind = "comment"  # every message of a post's thread is a comment
@@ -90,7 +109,7 @@ class SendPath:
         key = self.keys.idempotency(user, cid)
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
-            record = await self._claim_or_get(key, conv)
+            record = await self._claim_or_get(key, conv, user)
             state, ms, n, stored_conv, created = record
             if stored_conv != conv:
                 raise Conflict("this cid was already used for another conversation")
@@ -105,15 +124,24 @@ class SendPath:
                 raise Unavailable("an earlier send with this cid is still in flight")
             await asyncio.sleep(0.05)
 
-    async def _claim_or_get(self, key: str, conv: int) -> tuple[str, int, int, int, bool]:
+    async def _claim_or_get(
+        self, key: str, conv: int, user: str
+    ) -> tuple[str, int, int, int, bool]:
         """(state, ms, n, conv, created_now) of the cid's record, creating it if absent."""
+        ms = now_ms()
         try:
             raw, created = await self._claim(
-                keys=[key, self.keys.id_counter(shard_of_id(conv))],
-                args=[now_ms(), conv, PENDING_TTL_S],
+                keys=[
+                    key,
+                    self.keys.id_counter(shard_of_id(conv)),
+                    self.keys.rate("send", user, ms // 1000),
+                ],
+                args=[ms, conv, PENDING_TTL_S, self.sends_per_s],
             )
         except aioredis.RedisError as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
+        if int(created) == 2:
+            raise RateLimited("too many messages", retry_after_ms=max(1, 1000 - ms % 1000))
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         state, ms_s, n_s, conv_s = text.split("|")
         return state, int(ms_s), int(n_s), int(conv_s), bool(created)

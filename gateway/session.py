@@ -15,9 +15,8 @@ from gateway.connection import Connection
 from gateway.node import Node
 from gateway.protocol import frames
 from gateway.protocol.frames import Ping, Request, Send, Sub, Typing, Unsub
-from gateway.ratelimit import ClusterLimiter
 from gateway.send import SendPath
-from storage.errors import AgoraError, BadRequest, Internal, RateLimited, Unavailable
+from storage.errors import AgoraError, BadRequest, Internal, Unavailable
 
 log = logging.getLogger("agora.gateway")
 
@@ -25,13 +24,10 @@ MAX_SUBSCRIPTIONS = 1000
 
 
 class RequestHandler:
-    def __init__(
-        self, node: Node, access: Access, send_path: SendPath, sends: ClusterLimiter
-    ) -> None:
+    def __init__(self, node: Node, access: Access, send_path: SendPath) -> None:
         self.node = node
         self.access = access
         self.send_path = send_path
-        self.sends = sends
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -48,9 +44,6 @@ class RequestHandler:
         if isinstance(req, Ping):
             conn.push_frame(frames.pong(req.rid))
         elif isinstance(req, Send):
-            wait_ms = self.sends.check(conn.user)
-            if wait_ms:
-                raise RateLimited("too many messages", retry_after_ms=wait_ms)
             accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Sub):

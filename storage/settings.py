@@ -245,7 +245,9 @@ class Settings:
         "AGORA_SENDS_PER_S",
         "20",
         _int_range(0, 1_000_000),
-        "Messages per second per user across the cluster (burst 2x); 0 disables.",
+        "Messages per user per second across the cluster, counted exactly in Redis by the "
+        "send path's own round trip (a node-local bucket with burst 2x refuses floods "
+        "before Redis); 0 disables.",
     )
     http_per_s: int = _setting(
         "AGORA_HTTP_PER_S",
