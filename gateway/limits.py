@@ -65,6 +65,13 @@ class BucketMap:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
         return bucket.take(now, n)
 
+    def drain(self, key: str, now: float) -> None:
+        """Empty `key`'s bucket: it refills from zero (used when the cluster says the
+        user is over the limit, so a blocked spell does not bank tokens for later)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens, bucket.stamp = 0.0, now
+
     def _evict(self, now: float) -> None:
         # A bucket that would be full again by now carries no state worth keeping.
         refill = self.burst / self.rate

@@ -3,8 +3,12 @@
 The common case costs no round trip: a local token bucket answers at once. Every
 `flush_s` the node adds what it allowed to a per-second counter in Redis (one pipelined
 round trip for all active users) and reads back the cluster-wide totals; a user over the
-limit across the cluster is refused locally until that second is over. So a user spread
-over many nodes gets at most about one flush interval of excess, never N times the limit.
+limit across the cluster is refused locally until that second is over, and the local
+bucket is emptied so the blocked spell banks nothing. So a user spread over N nodes gets
+about N flush intervals' worth of excess per second, not N times the limit.
+
+(Sends do not use this: the send path counts them exactly in the Redis round trip it
+makes anyway; see gateway/send.py.)
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class ClusterLimiter:
             # carry at most `rate`, so a user spread over N nodes keeps close to it.
             if int(results[2 * i]) > self.rate:
                 self._blocked[user] = window + 1.0
+                self._local.drain(user, time.monotonic())
 
     async def run(self) -> None:
         while True:

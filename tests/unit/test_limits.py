@@ -36,6 +36,14 @@ def test_bucket_map_keys_are_independent_and_bounded() -> None:
     assert len(m) <= 10
 
 
+def test_drained_bucket_refills_from_zero() -> None:
+    m = BucketMap(rate=10, burst=10)
+    m.take("u", 0.0)
+    m.drain("u", 0.0)
+    assert m.take("u", 0.0) > 0
+    assert m.take("u", 0.1) == 0  # one token back after 100 ms, not the burst
+
+
 def test_abuse_policy_closes_after_sustained_refusals_only() -> None:
     p = AbusePolicy(max_refusals=3, window_s=10)
     assert [p.refused(t) for t in (0, 1, 2)] == [False, False, False]
