@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -126,7 +125,6 @@ def create_app(settings: Settings) -> Starlette:
         state.http_limiter = ClusterLimiter(redis, node.keys, "http", settings.http_per_s)
         state.handler = RequestHandler(node, access, send_path)
         state.admission = admission = Admission(settings)
-        state.metrics = Counter()
         state.feeds = FeedCache(redis, node.keys, pools)
         state.votes = VotePath(pools, producer, votes_topic(settings))
         await node.start()
@@ -171,10 +169,3 @@ def create_app(settings: Settings) -> Starlette:
     app.state.registry = registry
     wire_metrics.bind(app)
     return app
-
-
-def create_app_from_env() -> Starlette:
-    """uvicorn's factory entry point: each worker process builds its own settings and node."""
-    settings = Settings.from_env()
-    logs.configure(settings.log_level, settings.log_format)
-    return create_app(settings)
