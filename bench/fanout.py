@@ -368,7 +368,12 @@ async def _measure(
             snap,
             cpu_snapshot(),
             elapsed,
-            {a.pid: "gateway A", b.pid: "gateway B", **{p: "load generator" for p in pool.pids}},
+            {
+                a.pid: "gateway A",
+                b.pid: "gateway B",
+                **{p.pid: "fan-out worker" for p in stack.procs if p.name.startswith("fo-f")},
+                **{p: "load generator" for p in pool.pids},
+            },
         )
         report: Counter[str] = Counter()
         for g in got:

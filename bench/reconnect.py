@@ -108,25 +108,39 @@ class ReconnectWorker:
         task.add_done_callback(self.tasks.discard)
 
     async def _reconnect(self, m: Member) -> None:
+        """Reconnect with full-jitter backoff; a `sub` answered `unavailable` is retried on
+        the same connection after a backoff (PROTOCOL.md: retry later), not by reconnecting."""
         assert self.failover is not None
         host, port = self.failover
         for attempt in range(12):
             # Full jitter: uniform in [0, min(cap, base * 2^attempt)].
-            await asyncio.sleep(
-                random.uniform(0, min(self.cap_ms, self.base_ms * 2**attempt)) / 1000
-            )
+            backoff_ms = min(self.cap_ms, self.base_ms * 2**attempt)
+            await asyncio.sleep(random.uniform(0, backoff_ms) / 1000)
             self.attempts[m.user] += 1
             c = SubClient(m, host, port, self._lost)
             try:
                 async with self.sem:
                     await open_client(c, host, port, random.choice(self.ips), 30)
-                m.client = c
-                await asyncio.wait_for(c.subscribe(m.last), 30)
-                m.t_recovered = time.monotonic()
-                return
             except Exception as exc:
                 self.connect_errors[failure_reason(exc)] += 1
                 c.abort()
+                continue
+            for sub_try in range(8):
+                try:
+                    await asyncio.wait_for(c.subscribe(m.last), 30)
+                except Exception as exc:
+                    self.connect_errors[f"sub:{failure_reason(exc)}"] += 1
+                    if not c.is_open:
+                        break  # connection gone: reconnect
+                    sub_ms = min(self.cap_ms, self.base_ms * 2**sub_try)
+                    await asyncio.sleep(random.uniform(0, sub_ms) / 1000)
+                    continue
+                m.client = c  # only now: a later loss of this connection starts a reconnect
+                m.t_recovered = time.monotonic()
+                if not c.is_open:
+                    self._lost(m, c)
+                return
+            c.abort()
 
     async def status(self) -> dict[str, Any]:
         return {
