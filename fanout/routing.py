@@ -82,8 +82,23 @@ class Routes:
         unknown = [n for n in nodes if self._alive.get(n, (False, 0.0))[1] < now]
         if unknown:
             flags = await self.redis.mget([self.keys.node_lease(n) for n in unknown])
-            for n, flag in zip(unknown, flags, strict=True):
-                self._alive[n] = (flag is not None, now + _LIVENESS_CACHE_S)
+            lapsed = [n for n, flag in zip(unknown, flags, strict=True) if flag is None]
+            listening: set[str] = set()
+            if lapsed:
+                # A lease can lapse because an overloaded node renewed it late, not only
+                # because the node died. A node still subscribed to its channel is alive
+                # (Redis drops the subscription with the connection), so it keeps its
+                # routes and gets its messages; it renews (or re-registers) when it can.
+                by_channel = {self.keys.node_channel(n): n for n in lapsed}
+                counts = await self.redis.pubsub_numsub(*by_channel)
+                listening = {
+                    by_channel[ch.decode() if isinstance(ch, bytes) else ch]
+                    for ch, count in counts
+                    if count
+                }
+            for n in unknown:
+                alive = n not in lapsed or n in listening
+                self._alive[n] = (alive, now + _LIVENESS_CACHE_S)
         return {n for n in nodes if self._alive[n][0]}
 
     async def nodes_for(

@@ -37,7 +37,6 @@ class Connection:
         self.codec = codec
         self.user = user
         self.subs: dict[int, Subscription] = {}
-        self.filling: set[int] = set()  # conversations with a gap fill in flight
         self._queue: deque[bytes | str] = deque()
         self._queued_bytes = 0
         self._max_frames = max_frames

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ from storage.redis_keys import RedisKeys
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
+MAX_FILL_ROUNDS = 5
 
 
 def make_node_id(settings: Settings) -> str:
@@ -61,7 +63,7 @@ class Node:
         self.user_conns: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._fills: set[asyncio.Task[None]] = set()
+        self._fills_by_conv: dict[int, asyncio.Task[None]] = {}
         self.draining = False
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
@@ -76,7 +78,7 @@ class Node:
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._fills):
+        for task in self._tasks + list(self._fills_by_conv.values()):
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -186,28 +188,28 @@ class Node:
         sub = Subscription(conv, last_seq=since or 0, state=State.RECOVERING)
         conn.subs[conv] = sub
         self.conv_subs[conv].add(conn)
-        # Registered before reading storage: anything persisted after our read is
-        # published to this node, anything before it is in what we read.
         try:
+            # Registered before reading storage: anything persisted after our read is
+            # published to this node, anything before it is in what we read.
             await self.sync.ensure(conv=conv)
+            limit = self.settings.replay_limit
+            wanted = 0 if since is None else limit + 1
+            latest, missed = await messages.recover(self.pools, conv, since or 0, wanted)
         except BaseException:
+            # Failed (routing or storage down): no half-made subscription holding messages.
             if conn.subs.get(conv) is sub:
                 self._remove_sub(conn, conv)
                 self.sync.changed(convs=(conv,))
             raise
-        latest = await messages.latest_seq(self.pools, conv)
         recovered = False
         if since is None or since >= latest:
             out = sub.skip_to(latest)
             recovered = since is not None
+        elif len(missed) > limit:
+            out = sub.skip_to(latest)
         else:
-            limit = self.settings.replay_limit
-            missed = await messages.after(self.pools, conv, since, limit + 1)
-            if len(missed) > limit:
-                out = sub.skip_to(latest)
-            else:
-                out = sub.fill(missed)
-                recovered = True
+            out = sub.fill(missed)
+            recovered = True
         if conn.subs.get(conv) is not sub:
             return {"seq": sub.last_seq, "recovered": recovered}  # unsubscribed meanwhile
         self._push_messages(conn, out)
@@ -282,28 +284,43 @@ class Node:
             self.deliveries += 1
 
     def _maybe_fill(self, conn: Connection, sub: Subscription) -> None:
-        if sub.gap() is None or sub.conv in conn.filling:
+        # One fill per conversation at a time, shared by every local subscriber with a gap
+        # (a publish lost for one subscriber is usually lost for all of them).
+        if sub.conv in self._fills_by_conv or sub.gap() is None:
             return
-        conn.filling.add(sub.conv)
-        task = asyncio.create_task(self._fill(conn, sub))
-        self._fills.add(task)
-        task.add_done_callback(self._fills.discard)
+        task = asyncio.create_task(self._fill(sub.conv))
+        self._fills_by_conv[sub.conv] = task
+        task.add_done_callback(functools.partial(self._fill_done, sub.conv))
 
-    async def _fill(self, conn: Connection, sub: Subscription) -> None:
-        """Fetch a gap from storage (rare: a message published out of order)."""
+    def _fill_done(self, conv: int, _task: asyncio.Task[None]) -> None:
+        self._fills_by_conv.pop(conv, None)
+
+    async def _fill(self, conv: int) -> None:
+        """Fetch the missing range of every subscription of `conv` with a gap, with one
+        storage read per round (rare: a message published out of order or lost)."""
         try:
-            while (gap := sub.gap()) is not None and conn.subs.get(sub.conv) is sub:
-                after, before = gap
-                missed = await messages.between(self.pools, sub.conv, after, before)
-                if not missed:
-                    # Nothing in storage either: accept the jump rather than stall forever.
-                    self._push_messages(conn, sub.skip_to(before - 1))
-                    continue
-                self._push_messages(conn, sub.fill(missed))
+            for _ in range(MAX_FILL_ROUNDS):
+                waiting = [
+                    (c, sub, gap)
+                    for c in list(self.conv_subs.get(conv, ()))
+                    if (sub := c.subs.get(conv)) is not None
+                    and sub.state is State.GAP
+                    and (gap := sub.gap()) is not None
+                ]
+                if not waiting:
+                    return
+                low = min(gap[0] for _, _, gap in waiting)
+                high = max(gap[1] for _, _, gap in waiting)
+                missed = await messages.between(self.pools, conv, low, high)
+                for c, sub, gap in waiting:
+                    if c.subs.get(conv) is not sub:
+                        continue
+                    self._push_messages(c, sub.fill(missed))
+                    if sub.gap() == gap:
+                        # Not in storage either: accept the jump rather than stall forever.
+                        self._push_messages(c, sub.skip_to(gap[1] - 1))
         except Exception as exc:
-            log.warning("conn %d: gap fill of %d failed: %s", conn.id, sub.conv, exc)
-        finally:
-            conn.filling.discard(sub.conv)
+            log.warning("gap fill of conversation %d failed: %s", conv, exc)
 
     # -- publishing from the gateway (typing, user events) -----------------------------------
     async def publish_typing(self, conv: int, user: str) -> None:

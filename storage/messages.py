@@ -146,3 +146,27 @@ async def latest_seq(pools: ShardPools, conv: int) -> int:
             "SELECT last_seq FROM conversations WHERE id = $1", conv
         )
     return seq or 0
+
+
+async def recover(
+    pools: ShardPools, conv: int, since_seq: int, limit: int
+) -> tuple[int, list[Message]]:
+    """(the conversation's last seq, up to `limit` messages after `since_seq`) in one round
+    trip: what a `sub` needs, so a resubscribe storm costs one query per subscription."""
+    async with pools.connection(pools.for_id(conv)) as conn:
+        rows = await conn.fetch(
+            """SELECT c.last_seq, m.conv_id, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts
+               FROM conversations c
+               LEFT JOIN LATERAL (
+                   SELECT * FROM messages
+                   WHERE conv_id = c.id AND seq > $2 ORDER BY seq LIMIT $3
+               ) m ON true
+               WHERE c.id = $1""",
+            conv,
+            since_seq,
+            limit,
+        )
+    if not rows:
+        return 0, []
+    latest: int = rows[0]["last_seq"]
+    return latest, [_row_to_message(r) for r in rows if r["seq"] is not None]

@@ -32,6 +32,10 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+async def _no_reset(conn: Any) -> None:
+    return None
+
+
 def shard_name(dsn: str, index: int) -> str:
     """A log-safe name for a physical shard: index, host and database, never the password."""
     parts = urlsplit(dsn)
@@ -67,6 +71,11 @@ class ShardPools:
                     timeout=self._timeout,
                     command_timeout=max(self._timeout * 2, 10),
                     max_inactive_connection_lifetime=60,
+                    # asyncpg resets session state on every release (one more round trip
+                    # per query). Agora sets no session state on pooled connections: no
+                    # SET, LISTEN, advisory locks or open cursors (migrations use their
+                    # own connection), so there is nothing to reset.
+                    reset=_no_reset,
                 )
             pool = self._pools[index]
             assert pool is not None

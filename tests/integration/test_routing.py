@@ -81,3 +81,18 @@ async def test_route_sync_batches_and_ends_equal_to_local_state(routes: Routes) 
             assert not await routes.redis.sismember(routes.keys.conv_routes(c), "n1")
     finally:
         runner.cancel()
+
+
+async def test_a_node_late_to_renew_but_still_listening_is_not_pruned(routes: Routes) -> None:
+    await routes.register("busy", 30, [7], [])
+    pubsub = routes.redis.pubsub()
+    await pubsub.subscribe(routes.keys.node_channel("busy"))
+    await routes.redis.delete(routes.keys.node_lease("busy"))  # renewed too late
+    by_conv, _ = await routes.nodes_for(convs=[7])
+    assert by_conv == {7: {"busy"}}
+    assert await routes.redis.sismember(routes.keys.conv_routes(7), "busy")
+    await pubsub.aclose()  # now it is really gone
+    await asyncio.sleep(0.1)
+    routes._alive.clear()
+    by_conv, _ = await routes.nodes_for(convs=[7])
+    assert by_conv == {7: set()}
