@@ -163,12 +163,13 @@ async def get_conversation(pools: ShardPools, conv_id: int) -> Conversation | No
 
 
 async def access(pools: ShardPools, conv_id: int, user: str) -> tuple[str, bool] | None:
-    """(kind, is_member) for `user` in `conv_id`, or None when there is no such conversation."""
+    """(kind, is_member) for `user` in `conv_id`, or None when there is no such conversation
+    (or it is closed: the thread of a deleted post)."""
     async with pools.connection(pools.for_id(conv_id)) as conn:
         row = await conn.fetchrow(
             """SELECT c.kind, EXISTS (SELECT 1 FROM members m
                                       WHERE m.conv_id = c.id AND m.user_id = $2) AS member
-               FROM conversations c WHERE c.id = $1""",
+               FROM conversations c WHERE c.id = $1 AND c.closed_at IS NULL""",
             conv_id,
             user,
         )

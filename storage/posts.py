@@ -243,6 +243,10 @@ async def delete(pools: ShardPools, post_id: int, user: str) -> Post:
         if row["author"] != user:
             raise Forbidden("only the author deletes a post")
         await conn.execute("UPDATE posts SET deleted_at = now() WHERE id = $1", post_id)
+        # Its thread closes with it (same shard, same transaction): no more comments.
+        await conn.execute(
+            "UPDATE conversations SET closed_at = now() WHERE id = $1", row["thread_id"]
+        )
     return _row_to_post(row)
 
 

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
-from agora_client import AgoraClient
+from agora_client import AgoraClient, ServerError
 from fanout.envelope import Vote
 from fanout.feeds import FeedCache
 from fanout.scores import Pending, ScoresWorker
@@ -292,6 +292,21 @@ async def test_post_lifecycle_with_comments_and_votes(
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert (await alice.call("DELETE", f"/v1/posts/{post_id}")).status_code == 404
     r = await bob.call("PUT", f"/v1/posts/{post_id}/vote", json={"value": 1})
+    assert r.status_code == 404
+    # Its thread is closed: no new comments, no new subscribers (a fresh user, so no node
+    # has the thread's access cached).
+    carol = uid("carol")
+    late = await AgoraClient.connect(g1.ws_url, stack.token(carol))
+    try:
+        for attempt in (late.sub(created["thread"]), late.send(created["thread"], "too late")):
+            with pytest.raises(ServerError) as info:
+                await attempt
+            assert info.value.code == "not_found"
+    finally:
+        await late.close()
+    r = await Api(http, stack, g2, carol).call(
+        "POST", f"/v1/conversations/{created['thread']}/messages", json={"cid": "x", "body": "y"}
+    )
     assert r.status_code == 404
 
 
