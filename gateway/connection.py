@@ -50,6 +50,8 @@ class Connection:
         self.frames_in = 0
         self.busy = False  # a request is being handled: a drain closes after its reply
         self.pending_close: int | None = None
+        self.requests: deque[Any] = deque()  # parsed requests waiting to be handled
+        self.handler_task: asyncio.Task[None] | None = None
 
     # -- outbound ---------------------------------------------------------------------------
     def push(self, data: bytes | str) -> None:

@@ -20,7 +20,7 @@ from gateway.protocol import frames
 from gateway.protocol.frames import CloseCode, FrameError, ProtocolViolation, parse_request
 from gateway.session import RequestHandler
 from storage import logs
-from storage.errors import RateLimited, Unauthorized
+from storage.errors import RateLimited, Unauthorized, Unavailable
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
@@ -103,41 +103,73 @@ async def _open(
     return conn
 
 
+# Requests a connection may have waiting behind the one being handled. Reading never waits
+# for handling: the server keeps reading (and so sees the client's pongs) while a pipelining
+# client's sends queue up; past this many, further requests are refused, not buffered.
+MAX_PENDING_REQUESTS = 256
+
+
 async def _read_loop(conn: Connection, handler: RequestHandler, settings: Settings) -> None:
     receive = conn.websocket.receive
     decode = conn.codec.decode
     bucket = TokenBucket(settings.frames_per_s, 2 * settings.frames_per_s)
     abuse = AbusePolicy()
-    while conn.close_code is None and conn.pending_close is None:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        conn.frames_in += 1
-        data = message.get("text")
-        if data is None:
-            data = message.get("bytes") or b""
-        try:
-            req = parse_request(decode(data))
-        except ProtocolViolation as exc:
-            conn.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
-            break
-        except FrameError as exc:
-            conn.push_frame(frames.err(exc.rid, exc.error))
-            continue
-        wait_ms = bucket.take(time.monotonic())
-        if wait_ms:
-            if abuse.refused(time.monotonic()):
-                conn.close(CloseCode.RATE_LIMITED, "too many frames")
+    try:
+        while conn.close_code is None:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            conn.frames_in += 1
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            try:
+                req = parse_request(decode(data))
+            except ProtocolViolation as exc:
+                conn.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
                 break
-            conn.push_frame(
-                frames.err(req.rid, RateLimited("too many frames", retry_after_ms=wait_ms))
-            )
-            continue
-        conn.busy = True
-        try:
-            await handler.handle(conn, req)
-        finally:
-            conn.busy = False
-    if conn.pending_close is not None and conn.close_code is None:
-        conn.close(conn.pending_close, "server shutting down")  # after the in-flight reply
-    await conn.closed.wait()
+            except FrameError as exc:
+                conn.push_frame(frames.err(exc.rid, exc.error))
+                continue
+            wait_ms = bucket.take(time.monotonic())
+            if wait_ms:
+                if abuse.refused(time.monotonic()):
+                    conn.close(CloseCode.RATE_LIMITED, "too many frames")
+                    break
+                conn.push_frame(
+                    frames.err(req.rid, RateLimited("too many frames", retry_after_ms=wait_ms))
+                )
+                continue
+            if conn.pending_close is not None:
+                conn.push_frame(frames.err(req.rid, Unavailable("server shutting down")))
+            elif len(conn.requests) >= MAX_PENDING_REQUESTS:
+                conn.push_frame(
+                    frames.err(
+                        req.rid, RateLimited("too many requests in flight", retry_after_ms=100)
+                    )
+                )
+            else:
+                conn.requests.append(req)
+                if conn.handler_task is None:
+                    conn.handler_task = asyncio.create_task(_handle_requests(conn, handler))
+        await conn.closed.wait()
+    finally:
+        if conn.handler_task is not None and conn.close_code is None:
+            conn.handler_task.cancel()  # the client went away: nobody waits for the replies
+
+
+async def _handle_requests(conn: Connection, handler: RequestHandler) -> None:
+    """Handle a connection's requests one at a time, in order (a client's sends reach Kafka
+    in the order it made them); exists only while there are requests."""
+    try:
+        while conn.requests and conn.close_code is None and conn.pending_close is None:
+            conn.busy = True
+            try:
+                await handler.handle(conn, conn.requests.popleft())
+            finally:
+                conn.busy = False
+        if conn.pending_close is not None and conn.close_code is None:
+            conn.requests.clear()  # never accepted: the client retries them elsewhere
+            conn.close(conn.pending_close, "server shutting down")  # after the reply
+    finally:
+        conn.handler_task = None

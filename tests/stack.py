@@ -88,11 +88,31 @@ class Stack:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, 30)
         return proc
 
-    def fanout(self, name: str) -> Proc:
-        return self._spawn(name, ["fanout"])
+    def fanout(self, name: str, wait: bool = True) -> Proc:
+        return self._worker(name, "fanout", wait)
 
-    def scores(self, name: str) -> Proc:
-        return self._spawn(name, ["scores"])
+    def scores(self, name: str, wait: bool = True) -> Proc:
+        return self._worker(name, "scores", wait)
+
+    def _worker(self, name: str, command: str, wait: bool) -> Proc:
+        """Start a worker; by default return once it has joined its consumer group (it
+        logs "worker started" after that), so a test's first messages are not raced
+        against the group's first rebalance."""
+        path = LOG_DIR / f"{name}.log"
+        offset = path.stat().st_size if path.exists() else 0
+        proc = self._spawn(name, [command])
+        deadline = time.monotonic() + 30
+        while wait:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited with {proc.popen.returncode}")
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if b"worker started" in f.read():
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not join its group within 30 s")
+            time.sleep(0.1)
+        return proc
 
     def token(self, user: str, ttl: int = 3600) -> str:
         return make_token(self.settings.jwt_secret, user, None, ttl)

@@ -195,7 +195,9 @@ async def test_gap_beyond_the_replay_limit_is_not_recovered(
     conv = await create_group(http, stack, g1, a, [])
     c = await AgoraClient.connect(g1.ws_url, stack.token(a))
     limit = stack.settings.replay_limit
-    await asyncio.gather(*(c.send(conv, f"m{i}", cid=f"c{i}") for i in range(limit + 5)))
+    for start in range(0, limit + 5, 200):  # pipelined, within the in-flight window
+        end = min(start + 200, limit + 5)
+        await asyncio.gather(*(c.send(conv, f"m{i}", cid=f"c{i}") for i in range(start, end)))
     await asyncio.sleep(1.5)
     full = await AgoraClient.connect(g1.ws_url, stack.token(a))
     subbed = await full.sub(conv, since=5)  # exactly `limit` missed: all replayed
@@ -581,4 +583,22 @@ async def test_http_conversations_list_get_members_history(
         f"{g1.http_url}/v1/conversations/{direct}/members", json={"user": third}, headers=hdr
     )
     assert r.status_code == 403  # direct conversations have exactly two members
+    await c.close()
+
+
+async def test_a_pipelining_client_is_bounded_but_stays_connected(
+    stack: Stack, g1: Proc, http: httpx.AsyncClient
+) -> None:
+    a = uid("a")
+    conv = await create_group(http, stack, g1, a, [])
+    c = await AgoraClient.connect(g1.ws_url, stack.token(a))
+    results = await asyncio.gather(
+        *(c.send(conv, f"p{i}", cid=f"p{i}") for i in range(600)), return_exceptions=True
+    )
+    acked = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, ServerError)]
+    print(f"600 pipelined sends: acked {len(acked)}, refused {len(refused)}")
+    assert len(acked) + len(refused) == 600 and acked
+    assert all(r.code == "rate_limited" and r.frame["retry_after_ms"] > 0 for r in refused)
+    assert (await c.ping())["t"] == "pong" and not c.closed.is_set()
     await c.close()

@@ -320,7 +320,13 @@ async def test_sigterm_drains_no_acked_message_lost_no_ack_lost(
         assert "Application shutdown complete" in g1.log_text()
         # Every acked message is stored and reaches a reader that moved to the other node;
         # every stored message was acked (a send in flight got its ack before the close).
-        await asyncio.sleep(1)
+        deadline = time.monotonic() + 20  # the worker may still be joining its group
+        while True:
+            stored = await messages.after(pools, int(conv), 0, 5000)
+            if len(stored) >= len(acked) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # and nothing more arrives than what was acked
         stored = await messages.after(pools, int(conv), 0, 5000)
         assert {str(m.id) for m in stored} == set(acked)
         assert {m.cid for m in stored} == acked_cids
