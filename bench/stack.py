@@ -14,7 +14,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from bench.common import proc_cpu_s, proc_rss_kib, proc_sched_s
 from gateway.auth import make_token
 from storage.settings import Settings
 from tests.engines import free_port, settings_env, test_engines
+from tests.stack import wait_http
 
 LOG_DIR = Path(".agora/bench/logs")
 ALL_CPUS = set(range(os.cpu_count() or 1))
@@ -159,21 +159,6 @@ def bench_stack(
             yield stack
         finally:
             stack.stop_all()
-
-
-def wait_http(url: str, proc: BenchProc, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} not ready at {url} within {seconds}s")
 
 
 def http_json(

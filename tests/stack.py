@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from gateway.auth import make_token
 from storage.settings import Settings
@@ -122,7 +123,14 @@ class Stack:
             p.stop()
 
 
-def wait_http(url: str, proc: Proc, seconds: float) -> None:
+class _Process(Protocol):
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    def alive(self) -> bool: ...
+
+
+def wait_http(url: str, proc: _Process, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if not proc.alive():
