@@ -597,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="py-spy gateway A during one step")
     p.add_argument("--profile-rate", type=float, default=0.0, help="that step (0: the last)")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
-    p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. gc,pg-noreset")
+    p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. timing")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     return p.parse_args(argv)

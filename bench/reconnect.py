@@ -443,7 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-ips", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="py-spy gateway B during the storm")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
-    p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. gc,pg-noreset")
+    p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. timing")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     return p.parse_args(argv)

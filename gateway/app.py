@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
 
 from fanout.feeds import FeedCache
 from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_topic, wait_for_broker
@@ -27,7 +27,7 @@ from gateway.ratelimit import ClusterLimiter, stop_task
 from gateway.send import SendPath
 from gateway.session import RequestHandler
 from gateway.votes import VotePath
-from gateway.ws import websocket_endpoint
+from gateway.ws import Endpoint
 from storage import logs, users
 from storage.errors import AgoraError, Internal
 from storage.ids import IdGenerator
@@ -97,6 +97,8 @@ def create_app(settings: Settings) -> Starlette:
     # Built before the app so the ASGI middleware can hold it; node label set in lifespan.
     registry = Registry({"role": "gateway"})
     wire_metrics = GatewayMetrics(registry)
+    # The WebSocket side (gateway.transport hands it the upgrades of /v1/ws).
+    endpoint = Endpoint(settings, verifier, wire_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -127,6 +129,8 @@ def create_app(settings: Settings) -> Starlette:
         state.admission = admission = Admission(settings)
         state.feeds = FeedCache(redis, node.keys, pools)
         state.votes = VotePath(pools, producer, votes_topic(settings))
+        node.latency = wire_metrics.latency.labels()
+        endpoint.bind(node, state.handler, admission)
         await node.start()
         background = [
             asyncio.create_task(admission.watch_lag()),
@@ -146,7 +150,6 @@ def create_app(settings: Settings) -> Starlette:
             await pools.close()
 
     routes = [
-        WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/me", me, methods=["GET"]),
         *health.routes,
         *conversations.routes,
@@ -167,5 +170,7 @@ def create_app(settings: Settings) -> Starlette:
         },
     )
     app.state.registry = registry
+    app.state.endpoint = endpoint
     wire_metrics.bind(app)
+    wire_metrics.bind_wire(endpoint.wire)
     return app

@@ -1,21 +1,24 @@
-"""One client connection: its subscriptions and its bounded outbound queue.
+"""One client connection (a session, in Centrifuge's terms): who it is, what it follows,
+the requests it has waiting, and how its outbound frames leave.
 
-Frames are queued, not written inline, so a delivery to ten thousand connections never
-waits on one socket. A writer task drains the queue; the socket's own flow control pauses
-it. A connection whose queue passes the frame or byte limit is a slow consumer: it is
-closed with 4009 instead of being allowed to grow memory or stall the node.
+Frames are written straight to the socket's transport, in the order they are pushed, with
+no task or queue of our own: a delivery to ten thousand connections is ten thousand
+`write` calls of the same bytes, and the event loop coalesces a connection's small writes
+into one system call per loop iteration. What a socket cannot take yet waits in its
+transport's buffer. Once that buffer is past its high-water mark (the transport paused
+us), every further frame is counted; a connection that reaches the frame or byte limit
+that way is a slow consumer and is closed with 4009 instead of being allowed to grow
+memory or stall the node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections import deque
-from typing import Any
-
-from starlette.websockets import WebSocket
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from gateway.protocol.codec import Codec
 from gateway.protocol.frames import CloseCode
@@ -23,52 +26,115 @@ from gateway.protocol.subscription import Subscription
 
 log = logging.getLogger("agora.gateway")
 _ids = itertools.count(1)
-# How long the close frame may wait behind unread data: a reader that resumes within this
-# still learns why it was closed (4009); one that never reads is cut off after it.
-CLOSE_TIMEOUT_S = 10.0
+CLOSED_BY_PEER = 1006  # RFC 6455's "closed abnormally"; never sent, marks a peer's close
+
+
+class Link(Protocol):
+    """The connection's socket, as the transport (gateway.transport) presents it."""
+
+    paused: bool  # the socket's buffer is past its high-water mark
+    idle: int  # heartbeat rounds since the peer last sent anything
+
+    def write(self, data: bytes) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def buffered(self) -> int: ...
+
+    def send_close(self, code: int, reason: str) -> None: ...
+
+
+class WireCounters:
+    """Frames and bytes that crossed the sockets of one encoding (read by /metrics)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "frames_in", "frames_out")
+
+    def __init__(self) -> None:
+        self.frames_in = self.bytes_in = self.frames_out = self.bytes_out = 0
 
 
 class Connection:
+    __slots__ = (
+        "_gone",
+        "_max_bytes",
+        "_max_frames",
+        "_on_close",
+        "_paused_frames",
+        "busy",
+        "close_code",
+        "close_reason",
+        "codec",
+        "frames_in",
+        "handler_task",
+        "id",
+        "limits",
+        "link",
+        "pending_close",
+        "requests",
+        "sent_frames",
+        "subs",
+        "user",
+        "wire",
+    )
+
     def __init__(
-        self, websocket: WebSocket, codec: Codec, user: str, max_frames: int, max_bytes: int
+        self,
+        link: Link,
+        codec: Codec,
+        user: str,
+        max_frames: int,
+        max_bytes: int,
+        wire: WireCounters | None = None,
     ) -> None:
         self.id = next(_ids)
-        self.websocket = websocket
+        self.link = link
         self.codec = codec
         self.user = user
+        self.wire = wire if wire is not None else WireCounters()
         self.subs: dict[int, Subscription] = {}
-        self._queue: deque[bytes | str] = deque()
-        self._queued_bytes = 0
-        self._max_frames = max_frames
-        self._max_bytes = max_bytes
-        self._wake = asyncio.Event()
         self.close_code: int | None = None
-        self.closed = asyncio.Event()
+        self.close_reason = ""
         self.sent_frames = 0
-        self.reader: asyncio.Task[object] | None = None  # cancelled once we have closed
-        self.writer_task: asyncio.Task[None]
         self.frames_in = 0
         self.busy = False  # a request is being handled: a drain closes after its reply
         self.pending_close: int | None = None
         self.requests: deque[Any] = deque()  # parsed requests waiting to be handled
         self.handler_task: asyncio.Task[None] | None = None
+        self.limits: Any = None  # the read side's per-connection rate limits (gateway.ws)
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._paused_frames = 0
+        self._gone = False
+        self._on_close: list[Callable[[Connection], object]] = []
 
     # -- outbound ---------------------------------------------------------------------------
-    def push(self, data: bytes | str) -> None:
-        """Queue an encoded frame; a full queue closes the connection with 4009."""
+    def push(self, data: bytes) -> None:
+        """Write one complete WebSocket frame (see Codec.frame); a connection that lets its
+        frames pile up past the limits is closed with 4009 instead."""
         if self.close_code is not None:
             return
-        size = len(data)
-        if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
-            log.info("conn %d (%s): slow consumer, closing 4009", self.id, self.user)
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
-            return
-        self._queue.append(data)
-        self._queued_bytes += size
-        self._wake.set()
+        link = self.link
+        if link.paused:
+            self._paused_frames += 1
+            if (
+                self._paused_frames > self._max_frames
+                or link.buffered() + len(data) > self._max_bytes
+            ):
+                log.info("conn %d (%s): slow consumer, closing 4009", self.id, self.user)
+                self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                return
+        link.write(data)
+        self.sent_frames += 1
+        wire = self.wire
+        wire.frames_out += 1
+        wire.bytes_out += len(data)
 
     def push_frame(self, frame: dict[str, Any]) -> None:
-        self.push(self.codec.encode(frame))
+        self.push(self.codec.frame(frame))
+
+    def resumed(self) -> None:
+        """The socket drained below its low-water mark: count afresh."""
+        self._paused_frames = 0
 
     def close_when_idle(self, code: int) -> None:
         """Close now, or right after the request in flight has been answered."""
@@ -78,55 +144,35 @@ class Connection:
             self.close(code, "server shutting down")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Close after what is queued (the writer sends the close frame last)."""
+        """Close after what is already written (the close frame goes out last)."""
         if self.close_code is None:
             self.close_code = code
-            self._close_reason = reason
-            if code == CloseCode.SLOW_CONSUMER:
-                self._queue.clear()  # it cannot read them anyway; free the memory now
-                self._queued_bytes = 0
-            self._wake.set()
-            # Stop reading and leave the node now: no more deliveries are queued for a
-            # connection that is closing, however long its close frame takes to go out.
-            if self.reader is not None and self.reader is not asyncio.current_task():
-                self.reader.cancel()
+            self.close_reason = reason
+            self.link.send_close(code, reason)
+            self.gone()
 
-    async def writer(self) -> None:
-        send = self.websocket.send
-        binary = self.codec.binary
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    data = self._queue.popleft()
-                    self._queued_bytes -= len(data)
-                    if binary:
-                        await send({"type": "websocket.send", "bytes": data})
-                    else:
-                        await send({"type": "websocket.send", "text": data})
-                    self.sent_frames += 1
-                if self.close_code is not None:
-                    break
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    send(
-                        {
-                            "type": "websocket.close",
-                            "code": self.close_code,
-                            "reason": self._close_reason,
-                        }
-                    ),
-                    CLOSE_TIMEOUT_S,
-                )
-        except Exception:  # the peer is gone; the reader notices and cleans up
-            pass
-        finally:
-            self.closed.set()
-            if self.close_code is not None and self.reader is not None:
-                # We closed: stop waiting for frames from a peer that may never send again.
-                self.reader.cancel()
+    # -- lifecycle --------------------------------------------------------------------------
+    def lost(self) -> None:
+        """The peer closed or went away: nobody waits for replies to its requests."""
+        if self.close_code is None:
+            self.close_code = CLOSED_BY_PEER
+            if self.handler_task is not None:
+                self.handler_task.cancel()
+        self.gone()
+
+    def on_close(self, callback: Callable[[Connection], object]) -> None:
+        """Call `callback(conn)` once, when the connection closes (either side)."""
+        self._on_close.append(callback)
+
+    def gone(self) -> None:
+        """The connection is over for the node (we closed it, or the peer went away)."""
+        if self._gone:
+            return
+        self._gone = True
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
 
     @property
-    def queued(self) -> tuple[int, int]:
-        return len(self._queue), self._queued_bytes
+    def is_gone(self) -> bool:
+        return self._gone

@@ -16,14 +16,16 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import Routes
 from gateway.connection import Connection
+from gateway.heartbeat import keep_alive
 from gateway.protocol import frames
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
@@ -35,6 +37,15 @@ from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
 MAX_FILL_ROUNDS = 5
+
+
+class LatencySink(Protocol):
+    def observe(self, value: float, count: int = 1) -> None: ...
+
+
+class _NoLatency:
+    def observe(self, value: float, count: int = 1) -> None:
+        pass
 
 
 def make_node_id(settings: Settings) -> str:
@@ -67,6 +78,8 @@ class Node:
         self.draining = False
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
+        # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
+        self.latency: LatencySink = _NoLatency()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,6 +88,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._listen(ready)))
         self._tasks.append(asyncio.create_task(self._keep_lease()))
         self._tasks.append(asyncio.create_task(self.sync.run()))
+        self._tasks.append(asyncio.create_task(keep_alive(self.connections, self.settings)))
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
@@ -83,6 +97,8 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for conn in list(self.connections):  # whoever outlived the drain (a forced exit)
+            conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
         with contextlib.suppress(Exception):
             await self.routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
 
@@ -157,7 +173,7 @@ class Node:
         self.sync.changed(users=(conn.user,))
         await self.sync.ensure(user=conn.user)
 
-    async def detach(self, conn: Connection) -> None:
+    def detach(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._none_left.set()
@@ -250,18 +266,20 @@ class Node:
     def _broadcast(
         self, frame: dict[str, Any], conns: set[Connection], skip_user: str | None = None
     ) -> None:
-        encoded: dict[bool, bytes | str] = {}
+        encoded: dict[bool, bytes] = {}
         for conn in list(conns):
             if conn.user == skip_user:
                 continue
             data = encoded.get(conn.codec.binary)
             if data is None:
-                data = encoded[conn.codec.binary] = conn.codec.encode(frame)
+                data = encoded[conn.codec.binary] = conn.codec.frame(frame)
             conn.push(data)
             self.deliveries += 1
 
     def _deliver_message(self, m: Message, conns: set[Connection]) -> None:
-        encoded: dict[bool, bytes | str] = {}  # one encode per encoding, shared bytes
+        # One encode per encoding: the same frame bytes go to every subscriber's socket.
+        encoded: dict[bool, bytes] = {}
+        live = 0
         for conn in list(conns):
             sub = conn.subs.get(m.conv)
             if sub is None:
@@ -270,13 +288,17 @@ class Node:
             if len(out) == 1 and out[0] is m:
                 data = encoded.get(conn.codec.binary)
                 if data is None:
-                    data = encoded[conn.codec.binary] = conn.codec.encode(_msg_frame(m))
+                    data = encoded[conn.codec.binary] = conn.codec.frame(_msg_frame(m))
                 conn.push(data)
-                self.deliveries += 1
+                live += 1
             elif out:
                 self._push_messages(conn, out)
             if sub.state is State.GAP:
                 self._maybe_fill(conn, sub)
+        if live:
+            self.deliveries += live
+            # Written to every socket within this one call: one latency for all of them.
+            self.latency.observe(max(0.0, time.time() - m.ts / 1000), live)
 
     def _push_messages(self, conn: Connection, out: list[Message]) -> None:
         for m in out:

@@ -21,34 +21,12 @@ from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.app import create_app
+from gateway.transport import GatewayHttpProtocol
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
-
-
-_BAD_HANDSHAKE = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n"
-    b"Connection: close\r\n\r\nhandshake request malformed or too large\n"
-)
-
-
-class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol (the leanest per connection), plus an answer
-    to a handshake request that websockets cannot parse (say a header over 8 KiB): uvicorn
-    would leave that client hanging with its connection open; we answer 400 and close."""
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if (
-            not self.handshake_initiated
-            and self.conn.handshake_exc is not None
-            and not self.transport.is_closing()
-        ):
-            self.transport.write(_BAD_HANDSHAKE)
-            self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -95,12 +73,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
-        ws=WebSocketProtocol,
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.heartbeat_ms / 1000,
-        ws_ping_timeout=settings.heartbeat_ms / 1000,
-        ws_per_message_deflate=False,  # compression triples memory per connection
+        # HTTP through uvicorn to the ASGI app; /v1/ws upgrades to gateway.transport.
+        http=GatewayHttpProtocol.bound_to(app.state.endpoint),
         backlog=4096,
         timeout_graceful_shutdown=10,
         log_level=settings.log_level.lower(),

@@ -177,10 +177,11 @@ class HistogramChild:
         self.count = 0
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
+    def observe(self, value: float, count: int = 1) -> None:
+        """Record `value` `count` times (one message written to `count` sockets at once)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += count
+        self.count += count
+        self.sum += value * count
 
 
 class Histogram(_Family):
@@ -208,8 +209,8 @@ class Histogram(_Family):
             child = self._children[key] = HistogramChild(self.bounds)
         return child
 
-    def observe(self, value: float) -> None:
-        self.labels().observe(value)
+    def observe(self, value: float, count: int = 1) -> None:
+        self.labels().observe(value, count)
 
     def child(self, *values: str) -> HistogramChild | None:
         return self._children.get(self._check(values))

@@ -12,6 +12,7 @@ import msgpack
 import orjson
 
 from gateway.protocol.frames import ProtocolViolation
+from gateway.protocol.websocket import OP_BINARY, OP_TEXT, build_frame
 
 JSON_SUBPROTOCOL = "chat.v1.json"
 MSGPACK_SUBPROTOCOL = "chat.v1.msgpack"
@@ -25,6 +26,8 @@ class Codec(Protocol):
     def decode(self, data: bytes | str) -> Any: ...
 
     def encode(self, frame: dict[str, Any]) -> bytes | str: ...
+
+    def frame(self, frame: dict[str, Any]) -> bytes: ...
 
 
 def _depth_ok(obj: Any, limit: int = MAX_DEPTH) -> bool:
@@ -56,8 +59,12 @@ class JsonCodec:
         return obj
 
     def encode(self, frame: dict[str, Any]) -> str:
-        # ASGI text frames are str; decoding orjson's bytes once is cheaper than json.dumps.
+        # The payload as str, as a text frame carries it (frame() skips this decode).
         return orjson.dumps(frame).decode()
+
+    def frame(self, frame: dict[str, Any]) -> bytes:
+        """The whole WebSocket text frame, ready for every recipient's socket."""
+        return build_frame(OP_TEXT, orjson.dumps(frame))
 
 
 class MsgpackCodec:
@@ -87,6 +94,10 @@ class MsgpackCodec:
     def encode(self, frame: dict[str, Any]) -> bytes:
         out: bytes = msgpack.packb(frame)
         return out
+
+    def frame(self, frame: dict[str, Any]) -> bytes:
+        """The whole WebSocket binary frame, ready for every recipient's socket."""
+        return build_frame(OP_BINARY, self.encode(frame))
 
 
 JSON = JsonCodec()

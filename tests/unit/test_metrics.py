@@ -1,18 +1,16 @@
-"""storage.metrics (the registry and worker endpoint) and gateway.metrics (the ASGI edge)."""
+"""storage.metrics (the registry and worker endpoint) and the gateway's counters."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
-from typing import Any
 
-import msgpack
-import orjson
 import pytest
 
-from gateway.metrics import GatewayMetrics, WireMetrics
-from gateway.protocol import frames
+from gateway.connection import Connection, WireCounters
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import codec, frames
 from storage.metrics import Registry, serve
 
 
@@ -103,57 +101,80 @@ async def test_worker_endpoint_serves_metrics_and_404s_the_rest() -> None:
         await server.wait_closed()
 
 
-# -- the ASGI edge --------------------------------------------------------------------------
+# -- the gateway's counters ------------------------------------------------------------------
 
 
-def _app_script(frames_out: list[str | bytes], close_code: int) -> Any:
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        for data in frames_out:
-            key = "bytes" if isinstance(data, bytes) else "text"
-            await send({"type": "websocket.send", key: data})
-        await receive()  # one client frame
-        await send({"type": "websocket.close", "code": close_code})
+class _Socket:
+    """What a connection's transport link records (no I/O: the counting is under test)."""
 
-    return app
+    def __init__(self) -> None:
+        self.paused = False
+        self.idle = 0
+        self.written: list[bytes] = []
+        self.closes: list[int] = []
 
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
-async def _drive(middleware: WireMetrics, subprotocol: str) -> None:
-    inbound = [
-        {"type": "websocket.connect"},
-        {"type": "websocket.receive", "text": '{"t":"ping"}'},
-    ]
+    def buffered(self) -> int:
+        return 0
 
-    async def receive() -> dict[str, Any]:
-        return inbound.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
+    def ping(self) -> None:
         pass
 
-    scope = {"type": "websocket", "subprotocols": [subprotocol], "path": "/v1/ws"}
-    await middleware(scope, receive, send)
+    def send_close(self, code: int, reason: str) -> None:
+        self.closes.append(code)
 
 
-async def test_wire_metrics_count_frames_latency_and_slow_consumer_closes() -> None:
+async def test_gateway_metrics_count_frames_closes_and_latency() -> None:
     registry = Registry()
     m = GatewayMetrics(registry)
-    ts = int(time.time() * 1000) - 250  # accepted 250 ms ago
-    msg = frames.msg(1, 2, 3, "a", "hi", ts, "c", "text")
-    shared = orjson.dumps(msg).decode()
-    out: list[str | bytes] = [shared, shared, '{"t":"pong"}']
-    await _drive(WireMetrics(_app_script(out, 4009), m), "chat.v1.json")
-    packed = msgpack.packb(msg)
-    await _drive(WireMetrics(_app_script([packed], 1000), m), "chat.v1.msgpack")
+    wire = {False: WireCounters(), True: WireCounters()}
+    m.bind_wire(wire)
+    msg = frames.msg(1, 2, 3, "a", "hi", int(time.time() * 1000) - 250, "c", "text")
+    shared = codec.JSON.frame(msg)
+    a = Connection(_Socket(), codec.JSON, "a", 10, 1 << 20, wire[False])
+    b = Connection(_Socket(), codec.JSON, "b", 10, 1 << 20, wire[False])
+    c = Connection(_Socket(), codec.MSGPACK, "c", 10, 1 << 20, wire[True])
+    for conn in (a, b):
+        conn.push(shared)
+    a.push_frame({"t": "pong", "rid": 1})
+    c.push(codec.MSGPACK.frame(msg))
+    wire[False].frames_in += 1
+    m.count_close(4009)
+    m.count_close(1000)
+    m.latency.labels().observe(0.25, 3)  # one message written to three sockets at once
     got = parse(registry.render())
     assert got['agora_frames_out_total{encoding="json"}'] == 3
     assert got['agora_frames_out_total{encoding="msgpack"}'] == 1
+    assert got['agora_ws_bytes_out_total{encoding="json"}'] == 2 * len(shared) + len(
+        a.link.written[-1]  # type: ignore[attr-defined]
+    )
     assert got['agora_frames_in_total{encoding="json"}'] == 1
     assert got["agora_slow_consumer_closes_total"] == 1
     assert got['agora_ws_closes_total{code="4009"}'] == 1
-    assert got["agora_ws_opened_total"] == 2
-    # Two json recipients of the shared bytes and one msgpack one: three observations,
-    # each about 250 ms (not 0: the ts was parsed; not the pong: only msg frames count).
+    assert got['agora_ws_closes_total{code="1000"}'] == 1
     assert got["agora_delivery_latency_seconds_count"] == 3
     assert got['agora_delivery_latency_seconds_bucket{le="0.1"}'] == 0
     assert got['agora_delivery_latency_seconds_bucket{le="1"}'] == 3
+    assert abs(got["agora_delivery_latency_seconds_sum"] - 0.75) < 1e-9
+
+
+async def test_a_connection_past_its_limits_while_paused_is_closed_4009() -> None:
+    sock = _Socket()
+    conn = Connection(sock, codec.JSON, "a", 3, 1 << 20)
+    frame = codec.JSON.frame({"t": "pong", "rid": 1})
+    for _ in range(5):
+        conn.push(frame)  # not paused: written, however many
+    sock.paused = True
+    for _ in range(3):
+        conn.push(frame)  # paused: counted, up to the limit
+    assert sock.closes == [] and len(sock.written) == 8
+    conn.resumed()  # drained: count afresh
+    for _ in range(3):
+        conn.push(frame)
+    assert sock.closes == []
+    conn.push(frame)  # the fourth while paused
+    assert sock.closes == [4009] and conn.close_code == 4009
+    conn.push(frame)  # nothing after the close
+    assert len(sock.written) == 11 and conn.is_gone

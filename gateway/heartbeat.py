@@ -1,0 +1,43 @@
+"""Server pings: every heartbeat interval each connection gets a WebSocket ping, and one
+that has sent nothing for two intervals (no pong, no frame) is closed (PROTOCOL.md).
+
+One task per node rather than a timer per connection: 20,000 idle connections cost one
+sweep per interval, done in slices so the event loop is never held for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+
+SLICE = 500  # connections pinged between two yields to the event loop
+KEEPALIVE_TIMEOUT = 1011  # PROTOCOL.md: "internal error, reconnect with backoff"
+
+
+def sweep(conns: list[Connection]) -> None:
+    """One round over `conns`: ping the live, close the silent (pure: no waiting)."""
+    for conn in conns:
+        link = conn.link
+        if conn.close_code is not None:
+            continue
+        link.idle += 1
+        if link.idle > 2:  # silent since the ping before last: two intervals
+            conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
+        else:
+            link.ping()
+
+
+async def keep_alive(connections: Collection[Connection], settings: Settings) -> None:
+    interval = settings.heartbeat_ms / 1000
+    while True:
+        await asyncio.sleep(interval)
+        conns = list(connections)
+        for start in range(0, len(conns), SLICE):
+            sweep(conns[start : start + SLICE])
+            await asyncio.sleep(0)

@@ -1,0 +1,267 @@
+"""Where bytes meet the gateway: uvicorn serves HTTP, and an upgrade to `/v1/ws` is taken
+over here by a small asyncio protocol per connection.
+
+Why not the ASGI WebSocket stack: profiled (bench/RESULTS.md), every frame went through
+uvicorn's protocol, Starlette's WebSocket and a writer task per connection, and every
+connection held the objects of all three. Here one `WebSocketLink` per connection turns
+bytes into messages with the sans-I/O `gateway.protocol.websocket` and writes frames
+straight to its transport; the session logic (admission, authentication, requests) is in
+`gateway.ws`, the connection's state in `gateway.connection`.
+
+The close handshake follows RFC 6455: whoever closes first sends a close frame; the other
+side answers with one; the server then closes TCP. After sending ours we keep reading
+(discarding) until the peer's answer arrives, at most CLOSE_TIMEOUT_S: closing the socket
+with unread data in it would reset the connection and could destroy our close frame
+before the client read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.protocol import websocket as wsp
+from gateway.protocol.websocket import OP_CLOSE, OP_PING, OP_PONG, WebSocketError
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+    from gateway.ws import Endpoint
+
+log = logging.getLogger("agora.gateway")
+
+WS_PATH = "/v1/ws"
+# A reader that resumes within this still learns why it was closed (its close frame was
+# behind unread data); one that never reads is cut off after it.
+CLOSE_TIMEOUT_S = 10.0
+# Past this many bytes waiting in a socket's buffer the transport pauses us and every
+# further frame counts towards the connection's slow-consumer limits.
+WRITE_HIGH_WATER = 64 * 1024
+MAX_REQUEST_HEAD = 64 * 1024  # URL + headers of any HTTP request
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a bound on the request head, and WebSocket
+    upgrades handed to our endpoint instead of an ASGI WebSocket protocol."""
+
+    endpoint: ClassVar[Endpoint]
+
+    @classmethod
+    def bound_to(cls, endpoint: Endpoint) -> type[GatewayHttpProtocol]:
+        return type("BoundGatewayHttpProtocol", (cls,), {"endpoint": endpoint})
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count(self, n: int) -> None:
+        # Raised inside a parser callback, this becomes uvicorn's prompt 400; without it a
+        # client could stream headers forever into our memory.
+        self._head_bytes += n
+        if self._head_bytes > MAX_REQUEST_HEAD:
+            raise _HeadTooLarge
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return True
+
+    def handle_websocket_upgrade(self) -> None:  # pragma: no cover - data_received's job
+        self._upgrade(b"")
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, but keeping the bytes that follow the upgrade request's head.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as exc:
+            if self._should_upgrade():
+                self._upgrade(data[exc.args[0] :] if exc.args else b"")
+            else:
+                self._unsupported_upgrade_warning()
+
+    def _upgrade(self, rest: bytes) -> None:
+        self.connections.discard(self)
+        transport = self.transport
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("latin-1")
+        if path != WS_PATH:
+            transport.write(wsp.http_response(404, f"no WebSocket at {path}\n"))
+            transport.close()
+            return
+        try:
+            upgrade = wsp.check_upgrade(self.scope["method"], self.headers)
+        except wsp.HandshakeError as exc:
+            transport.write(wsp.http_response(exc.status, exc.message + "\n", exc.headers))
+            transport.close()
+            return
+        link = WebSocketLink(self.endpoint, transport)
+        transport.set_protocol(link)
+        self.endpoint.upgrade(link, self.client, url.query or b"", upgrade)
+        if rest:
+            link.data_received(rest)
+
+
+class WebSocketLink(asyncio.Protocol):
+    """One upgraded connection's socket: frames in, frames out, the close handshake and
+    flow control. `gateway.connection.Link` is what the session sees of it."""
+
+    __slots__ = (
+        "_early",
+        "_timer",
+        "broken",
+        "closing",
+        "conn",
+        "endpoint",
+        "idle",
+        "lost",
+        "paused",
+        "reader",
+        "transport",
+    )
+
+    def __init__(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.endpoint = endpoint
+        self.reader = wsp.FrameReader(endpoint.max_frame_bytes)
+        self.conn: Connection | None = None
+        self.paused = False
+        self.closing = False  # our close frame is written (or the peer's answered)
+        self.broken = False  # the peer broke the protocol: nothing more is parsed
+        self.lost = False
+        self.idle = 0  # heartbeat rounds since the peer last sent anything
+        self._early: list[bytes] | None = None  # bytes that came before the session opened
+        self._timer: asyncio.TimerHandle | None = None
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    # -- the session's side ------------------------------------------------------------------
+    def accept(self, subprotocol: str | None, key: bytes) -> None:
+        self.transport.write(wsp.accept_response(key, subprotocol))
+
+    def refuse(self, status: int, text: str, headers: tuple[tuple[str, str], ...]) -> None:
+        """Answer the upgrade with an HTTP status instead (nothing was accepted)."""
+        self.closing = self.broken = True
+        self.transport.write(wsp.http_response(status, text, headers))
+        self.transport.close()
+
+    def opened(self, conn: Connection) -> None:
+        """The session is ready for requests: parse what arrived meanwhile."""
+        self.conn = conn
+        early, self._early = self._early, None
+        if early and not self.lost:
+            self.data_received(b"".join(early))
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def ping(self) -> None:
+        if not self.closing:
+            self.transport.write(wsp.PING)
+
+    def send_close(self, code: int, reason: str) -> None:
+        if self.closing or self.lost:
+            return
+        self.closing = True
+        self.endpoint.closed_by_server(code)
+        self.transport.write(wsp.close_frame(code, reason))
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
+
+    def _abort(self) -> None:
+        self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        if self.broken:
+            return
+        conn = self.conn
+        if conn is None and not self.closing:
+            # Still authenticating/registering: keep it (bounded) for when the session opens.
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+            if sum(map(len, self._early)) > 2 * self.reader.max_size + 1024:
+                self._early = None
+                self.broken = True
+                self._fail(WebSocketError(wsp.MESSAGE_TOO_BIG, "too much data before hello"))
+            return
+        try:
+            events = self.reader.feed(data)
+        except WebSocketError as exc:
+            self.broken = True
+            self._fail(exc)
+            return
+        message = self.endpoint.message
+        for op, payload in events:
+            if op == OP_CLOSE:
+                self._close_received(payload)
+                return
+            if self.closing:
+                continue  # after our close frame, only the peer's close matters
+            if op == OP_PING:
+                self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
+            elif op != OP_PONG and conn is not None:
+                message(conn, payload)
+
+    def _fail(self, exc: WebSocketError) -> None:
+        """The peer broke the protocol: nothing it sends can be parsed any more, its close
+        frame included. Close frame, then our half of TCP (RFC 6455 7.1.7); the peer reads
+        both and closes its half; we discard what it sends meanwhile, so our socket never
+        holds unread data at close (which would reset the connection)."""
+        if self.conn is not None:
+            self.conn.close(exc.code, exc.reason)
+        else:
+            self.send_close(exc.code, exc.reason)
+        if not self.lost and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def _close_received(self, payload: bytes | str) -> None:
+        try:
+            code, _reason = wsp.parse_close(payload)  # type: ignore[arg-type]
+            reply = 1000 if code == wsp.NO_STATUS else code
+        except WebSocketError as exc:
+            reply = exc.code
+        if not self.closing:
+            # The peer closes: answer with its code, and we are done with the session.
+            self.closing = True
+            self.transport.write(wsp.close_frame(reply))
+            if self.conn is not None:
+                self.conn.lost()
+        self.transport.close()  # the server closes TCP first (RFC 6455 7.1.1)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.conn is not None:
+            self.conn.resumed()
+
+    def eof_received(self) -> bool | None:
+        return None  # a half-closed peer is gone: let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._early = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.conn is not None:
+            self.conn.lost()

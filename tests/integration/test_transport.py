@@ -1,0 +1,224 @@
+"""gateway.transport over a real socket: the upgrade, RFC 6455 framing, the close handshake
+and heartbeats, spoken byte by byte by a raw client (no WebSocket library in between)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from storage.settings import Settings
+from tests.integration.helpers import uid
+from tests.stack import Proc, Stack
+
+KEY = base64.b64encode(os.urandom(16)).decode()
+
+
+@pytest.fixture(scope="module")
+def stack(settings: Settings) -> Iterator[Stack]:
+    # A short heartbeat so a silent client is closed within seconds.
+    s = Stack(settings, extra_env={"AGORA_HEARTBEAT_MS": "1000"})
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def g(stack: Stack) -> Proc:
+    return stack.gateway("transport-g")
+
+
+def frame(op: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
+    first = (0x80 if fin else 0) | op
+    n = len(payload)
+    length = (
+        bytes((n | (0x80 if mask else 0),))
+        if n < 126
+        else bytes((126 | 0x80,)) + n.to_bytes(2, "big")
+    )
+    if not mask:
+        return bytes((first,)) + length + payload
+    key = os.urandom(4)
+    return bytes((first,)) + length + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def request(token: str | None, path: str = "/v1/ws", extra: str = "", method: str = "GET") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{auth}{extra}\r\n"
+    ).encode()
+
+
+class Raw:
+    """A raw client: writes bytes, reads the response head and then server frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.pending: list[tuple[int, bytes]] = []
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, g: Proc, raw_request: bytes) -> tuple[Raw, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+        writer.write(raw_request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return cls(reader, writer), head.decode("latin-1")
+
+    async def next_frame(self, timeout: float = 10) -> tuple[int, bytes]:
+        """(opcode, payload) of the next server frame; (-1, b"") once the server closed TCP."""
+        while True:
+            if len(self.buf) >= 2:
+                n = self.buf[1] & 0x7F
+                head = 2
+                if n == 126:
+                    n, head = int.from_bytes(self.buf[2:4], "big"), 4
+                elif n == 127:
+                    n, head = int.from_bytes(self.buf[2:10], "big"), 10
+                assert not self.buf[1] & 0x80, "server frames are never masked"
+                if len(self.buf) >= head + n:
+                    op, payload = self.buf[0] & 0x0F, self.buf[head : head + n]
+                    self.buf = self.buf[head + n :]
+                    return op, payload
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                return -1, b""
+            self.buf += data
+
+    async def next_json(self) -> dict[str, Any]:
+        while True:
+            op, payload = await self.next_frame()
+            if op == 1:
+                out: dict[str, Any] = orjson.loads(payload)
+                return out
+            assert op in (9, 10), (op, payload)  # pings may come between
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_upgrades_that_cannot_be_accepted_get_an_http_status(stack: Stack, g: Proc) -> None:
+    token = stack.token(uid("t"))
+    cases = [
+        (request(token, path="/v1/nope"), "404"),
+        (request(token, method="POST"), "405"),
+        (request(token).replace(b"Version: 13", b"Version: 8"), "426"),
+        (request(token).replace(KEY.encode(), b"c2hvcnQ="), "400"),
+        (request(token, extra="X-Pad: " + "x" * 70_000 + "\r\n"), "400"),
+    ]
+    for raw, status in cases:
+        _, head = await Raw.open(g, raw)
+        assert head.split(" ")[1] == status, (raw[:40], head)
+        if status == "426":
+            assert "Sec-WebSocket-Version: 13" in head
+
+
+async def test_accepted_connection_speaks_rfc6455(stack: Stack, g: Proc) -> None:
+    user = uid("raw")
+    # A request sent in the same packet as the upgrade is kept and answered after hello.
+    early = frame(1, b'{"t":"ping","rid":1}')
+    client, head = await Raw.open(g, request(stack.token(user)) + early)
+    assert head.startswith("HTTP/1.1 101 ")
+    assert "Sec-WebSocket-Accept: " in head
+    hello = await client.next_json()
+    assert hello["t"] == "hello" and hello["user"] == user
+    assert await client.next_json() == {"t": "pong", "rid": 1}
+    # A WebSocket ping gets its payload back in a pong.
+    client.send(frame(9, b"hb-1"))
+    assert await client.next_frame() in ((10, b"hb-1"), (9, b""))
+    # A request in three fragments, a ping between two of them.
+    body = b'{"t":"ping","rid":2}'
+    client.send(frame(1, body[:5], fin=False) + frame(9, b"") + frame(0, body[5:9], fin=False))
+    client.send(frame(0, body[9:]))
+    assert await client.next_json() == {"t": "pong", "rid": 2}
+    # The client closes: the server answers with the same code and closes TCP.
+    client.send(frame(8, (1000).to_bytes(2, "big") + b"bye"))
+    while True:
+        op, payload = await client.next_frame()
+        if op == 8:
+            assert payload[:2] == (1000).to_bytes(2, "big")
+            break
+        assert op in (9, 10)
+    assert (await client.next_frame())[0] == -1  # then TCP closed by the server
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(1, b'{"t":"ping","rid":1}', mask=False), 1002),  # unmasked
+        (frame(1, b"\xff\xfe"), 1007),  # text that is not UTF-8
+        (frame(3, b"x"), 1002),  # reserved opcode
+        (frame(0, b"x"), 1002),  # continuation of nothing
+    ],
+)
+async def test_protocol_violations_close_with_their_code(
+    stack: Stack, g: Proc, bad: bytes, code: int
+) -> None:
+    client, _ = await Raw.open(g, request(stack.token(uid("bad"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(bad)
+    while True:
+        op, payload = await client.next_frame()
+        if op == 8:
+            assert int.from_bytes(payload[:2], "big") == code
+            break
+        assert op in (9, 10)
+    assert (await client.next_frame())[0] == -1
+    client.close()
+
+
+async def test_bad_token_is_accepted_then_closed_4001(stack: Stack, g: Proc) -> None:
+    client, head = await Raw.open(g, request("not-a-token"))
+    assert head.startswith("HTTP/1.1 101 ")
+    op, payload = await client.next_frame()
+    assert op == 8 and int.from_bytes(payload[:2], "big") == 4001
+    client.send(frame(8, payload[:2]))  # the answer: then the server closes TCP
+    assert (await client.next_frame())[0] == -1
+    client.close()
+
+
+async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(
+    stack: Stack, g: Proc
+) -> None:
+    silent, _ = await Raw.open(g, request(stack.token(uid("silent"))))
+    alive, _ = await Raw.open(g, request(stack.token(uid("alive"))))
+    assert (await silent.next_json())["t"] == "hello"
+    assert (await alive.next_json())["t"] == "hello"
+
+    async def answer_pings() -> int:
+        pings = 0
+        while True:
+            op, payload = await alive.next_frame()
+            if op == 9:
+                pings += 1
+                alive.send(frame(10, payload))
+            if op in (8, -1):
+                raise AssertionError("the answering client was closed")
+            if pings >= 5:
+                return pings
+
+    answering = asyncio.create_task(answer_pings())
+    pings = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:  # never answers: pinged, then closed with 1011
+        op, payload = await silent.next_frame(timeout=15)
+        if op == 9:
+            pings += 1
+            continue
+        assert op == 8, op
+        assert int.from_bytes(payload[:2], "big") == 1011
+        break
+    elapsed = loop.time() - start
+    assert pings >= 2 and elapsed >= 1.5, (pings, elapsed)
+    assert await asyncio.wait_for(answering, 15) >= 5  # five intervals later, still open
+    silent.close()
+    alive.close()
