@@ -132,6 +132,7 @@ class WebSocketLink(asyncio.Protocol):
         "lost",
         "paused",
         "reader",
+        "ready",
         "transport",
     )
 
@@ -139,7 +140,8 @@ class WebSocketLink(asyncio.Protocol):
         self.transport = transport
         self.endpoint = endpoint
         self.reader = wsp.FrameReader(endpoint.max_frame_bytes)
-        self.conn: Connection | None = None
+        self.conn: Connection | None = None  # set once authenticated (before registration)
+        self.ready = False  # registered and greeted: requests are handled from here on
         self.paused = False
         self.closing = False  # our close frame is written (or the peer's answered)
         self.broken = False  # the peer broke the protocol: nothing more is parsed
@@ -159,9 +161,9 @@ class WebSocketLink(asyncio.Protocol):
         self.transport.write(wsp.http_response(status, text, headers))
         self.transport.close()
 
-    def opened(self, conn: Connection) -> None:
-        """The session is ready for requests: parse what arrived meanwhile."""
-        self.conn = conn
+    def opened(self) -> None:
+        """The session is ready for requests (after `hello`): parse what arrived meanwhile."""
+        self.ready = True
         early, self._early = self._early, None
         if early and not self.lost:
             self.data_received(b"".join(early))
@@ -193,7 +195,7 @@ class WebSocketLink(asyncio.Protocol):
         if self.broken:
             return
         conn = self.conn
-        if conn is None and not self.closing:
+        if not self.ready and not self.closing:
             # Still authenticating/registering: keep it (bounded) for when the session opens.
             if self._early is None:
                 self._early = []

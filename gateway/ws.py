@@ -133,7 +133,7 @@ class Endpoint:
         conn.push_frame(
             frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)
         )
-        link.opened(conn)
+        link.opened()
 
     # -- each frame -----------------------------------------------------------------------------
     def message(self, conn: Connection, data: bytes | str) -> None:

@@ -292,6 +292,9 @@ async def test_sigterm_drains_no_acked_message_lost_no_ack_lost(
                     ack = await sender.send(conv, f"m{i}", cid=f"d{i}")
                     acked.append(ack["id"])
                     acked_cids.add(f"d{i}")
+                    # Paced so that everything sent until the close (at most ~3 s) stays
+                    # within one `since` replay (AGORA_REPLAY_LIMIT, 1000) for the check.
+                    await asyncio.sleep(0.004)
                 except (ServerError, ConnectionError, TimeoutError):
                     failed += 1
                 except Exception:
