@@ -15,15 +15,23 @@ from time to time, which also ages posts out of the day/week windows and repairs
 of a capped set.
 
 Paging: a first page freezes the set into a *snapshot* (a copy, shared by every reader
-that starts within SNAPSHOT_REUSE_MS while the set keeps changing, or for as long as it
-does not change) and the cursor is (snapshot, offset). Ranks that move while a client
-pages move only the live set, so one read never shows a post twice and never skips one.
-Scores, counters and deletions on a page are still current: the posts themselves come
-from the shards (deleted ones are left out). When a snapshot has expired (a client idle
+that starts while the set does not change) and the cursor is (snapshot, offset). A first
+page always reads a snapshot of the set's current version: one that shows the set as it
+was a moment ago would rank a page by old scores next to its current counters (snapshots
+were once reused for a second, and a page read right after votes settled came back in
+its pre-vote order). Ranks that move while a client pages move only the live set, so one
+read never shows a post twice and never skips one. Scores, counters and deletions on a
+page are current as of its read: the posts themselves come from the shards (deleted ones
+are left out). When a snapshot has expired (a client idle
 for SNAPSHOT_READ_TTL_S) the read continues in a new snapshot right after the (rank, id)
 of its last entry: keyset paging, exact for `new` and as good as the moves allow otherwise.
-A snapshot is a copy of at most FEED_DEPTH entries (about 100 KB): a feed that is read and
-changed every second keeps about SNAPSHOT_TTL_S of them alive, plus those being paged.
+A snapshot is a copy of at most FEED_DEPTH entries (about 100 KB): a feed that is read
+after each of its changes keeps one per change of the last SNAPSHOT_TTL_S alive, plus those
+being paged. Gateways read first pages through their page cache (gateway/feedpages.py),
+which asks for a snapshot only when the feed's *stamp* changed: the ready marker's value
+(new with every rebuild), the version (bumped by every change of the set) and `touched`
+(bumped when counters change without a move, as votes do in `new`); `stamps` reads them
+for many feeds in one round trip.
 """
 
 from __future__ import annotations
@@ -68,38 +76,51 @@ REBUILD_TIMEOUT_S = 20.0  # < the lock TTL: a slow rebuild gives up before it is
 WAIT_TIMEOUT_S = 25.0
 WAIT_POLL_S = 0.02
 JOURNAL_TTL_S = 60
-SNAPSHOT_REUSE_MS = 1000  # a changing feed is re-snapshotted at most once a second
 SNAPSHOT_TTL_S = 30  # a snapshot nobody pages through is dropped soon
 SNAPSHOT_READ_TTL_S = 300  # ... one being paged lives this long after each page
 MAX_FILL_ROUNDS = 4  # reads of the snapshot per page when entries are filtered out
 _SNAPSHOT_NAME = re.compile(r"^\d{1,12}-\d{13}$")
 
-# Apply changes to a feed set. KEYS: live, ready, lock, journal, version.
-# ARGV: depth, journal ttl, live ttl, then member, rank-or-'-' pairs.
+# Apply changes to a feed set. KEYS: live, ready, lock, journal, version, touched.
+# ARGV: depth, journal ttl, live ttl, then member, rank-or-'-'-or-'=' pairs ('-': remove,
+# '=': the post's counters changed but not its place, as votes do in `new`; only bumps
+# `touched`, so cached pages showing the counters are told apart).
 _WRITE = """
 local ready = redis.call('EXISTS', KEYS[2]) == 1
 local building = redis.call('EXISTS', KEYS[3]) == 1
 if not ready and not building then return 0 end
+local moved, touched = false, false
 for i = 4, #ARGV, 2 do
   local m, s = ARGV[i], ARGV[i + 1]
-  if ready then
-    if s == '-' then redis.call('ZREM', KEYS[1], m) else redis.call('ZADD', KEYS[1], s, m) end
+  if s == '=' then
+    touched = true
+  else
+    moved = true
+    if ready then
+      if s == '-' then redis.call('ZREM', KEYS[1], m) else redis.call('ZADD', KEYS[1], s, m) end
+    end
+    if building then redis.call('HSET', KEYS[4], m, s) end
   end
-  if building then redis.call('HSET', KEYS[4], m, s) end
 end
-if ready then
+if ready and moved then
   local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
   if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
   if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
   redis.call('INCR', KEYS[5])
   redis.call('EXPIRE', KEYS[5], ARGV[3])
 end
-if building then redis.call('EXPIRE', KEYS[4], ARGV[2]) end
+if ready and touched then
+  redis.call('INCR', KEYS[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[3])
+end
+if building and moved then redis.call('EXPIRE', KEYS[4], ARGV[2]) end
 return 1
 """
 
 # Swap a rebuilt set in, replay the journal, mark ready, release the lock: only for the
-# holder of the lock. KEYS: live, ready, lock, journal, staging, version.
+# holder of the lock. The ready marker holds the rebuild's token, so a set rebuilt after
+# Redis lost everything is told apart from the one before even though its version counter
+# starts again. KEYS: live, ready, lock, journal, staging, version.
 # ARGV: token, depth, ready ttl, live ttl.
 _SWAP = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
@@ -123,7 +144,7 @@ local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
 if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 redis.call('DEL', KEYS[4], KEYS[3])
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('INCR', KEYS[6])
 redis.call('EXPIRE', KEYS[6], ARGV[4])
 return 1
@@ -143,32 +164,33 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# The snapshot a first page reads: the latest one if the set has not changed since, or if
-# it is younger than the reuse interval; else a new copy. Either lives >= SNAPSHOT_TTL_S.
-# KEYS: live, version, latest.
-# ARGV: now ms, reuse ms, ttl s, snapshot key prefix. Returns the snapshot's name. The
-# snapshot's key is made here, from the prefix; it carries the feed's hash tag, so it is in
-# the slot of the declared keys.
+# The snapshot a first page reads: the latest one if the set has not changed since (same
+# version of the same rebuild), else a new copy; either lives >= SNAPSHOT_TTL_S. Never an
+# older version's: a first page shows the set as it is when it is read.
+# KEYS: live, version, latest, ready.
+# ARGV: now ms, ttl s, snapshot key prefix. Returns the snapshot's name. The snapshot's key
+# is made here, from the prefix; it carries the feed's hash tag, so it is in the slot of
+# the declared keys.
 _SNAPSHOT = """
 local v = redis.call('GET', KEYS[2]) or '0'
-local latest = redis.call('HMGET', KEYS[3], 'name', 'v', 'ms')
-if latest[1] and latest[3] and redis.call('EXISTS', ARGV[4] .. latest[1]) == 1 then
-  if latest[2] == v or tonumber(ARGV[1]) - tonumber(latest[3]) < tonumber(ARGV[2]) then
-    -- A first page read now may want a second page in a while: keep the snapshot at
-    -- least that long (never shorten one that someone is paging through).
-    if redis.call('TTL', ARGV[4] .. latest[1]) < tonumber(ARGV[3]) then
-      redis.call('EXPIRE', ARGV[4] .. latest[1], ARGV[3])
-    end
-    redis.call('EXPIRE', KEYS[3], ARGV[3])
-    return latest[1]
+local r = redis.call('GET', KEYS[4]) or ''
+local latest = redis.call('HMGET', KEYS[3], 'name', 'v', 'r')
+if latest[1] and latest[2] == v and latest[3] == r
+   and redis.call('EXISTS', ARGV[3] .. latest[1]) == 1 then
+  -- A first page read now may want a second page in a while: keep the snapshot at
+  -- least that long (never shorten one that someone is paging through).
+  if redis.call('TTL', ARGV[3] .. latest[1]) < tonumber(ARGV[2]) then
+    redis.call('EXPIRE', ARGV[3] .. latest[1], ARGV[2])
   end
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  return latest[1]
 end
 local name = v .. '-' .. ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZUNIONSTORE', ARGV[4] .. name, 1, KEYS[1])
-  redis.call('EXPIRE', ARGV[4] .. name, ARGV[3])
-  redis.call('HSET', KEYS[3], 'name', name, 'v', v, 'ms', ARGV[1])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('ZUNIONSTORE', ARGV[3] .. name, 1, KEYS[1])
+  redis.call('EXPIRE', ARGV[3] .. name, ARGV[2])
+  redis.call('HSET', KEYS[3], 'name', name, 'v', v, 'r', r, 'ms', ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
 return name
 """
@@ -195,6 +217,12 @@ class FeedPage:
     next: FeedCursor | None
 
 
+# What a feed's set is now, as far as a page of it shows: (ready marker = the token of the
+# rebuild that made the set, version, touched). The same stamp means the same set and the
+# same counters; no ready marker (None first) means the set must be rebuilt first.
+FeedStamp = tuple[bytes | None, bytes | None, bytes | None]
+
+
 @dataclass(frozen=True, slots=True)
 class _FeedKeys:
     live: str
@@ -203,6 +231,7 @@ class _FeedKeys:
     journal: str
     staging: str
     version: str
+    touched: str
     latest: str
     snapshot_prefix: str
 
@@ -232,6 +261,7 @@ class FeedCache:
             journal=k.feed_journal(*args),
             staging=k.feed_staging(*args),
             version=k.feed_version(*args),
+            touched=k.feed_touched(*args),
             latest=k.feed_latest_snapshot(*args),
             snapshot_prefix=k.feed_snapshot(*args, ""),
         )
@@ -249,7 +279,9 @@ class FeedCache:
             for m, value in entries.items():
                 args += [m, value]
             await self._write(
-                keys=[k.live, k.ready, k.lock, k.journal, k.version], args=args, client=pipe
+                keys=[k.live, k.ready, k.lock, k.journal, k.version, k.touched],
+                args=args,
+                client=pipe,
             )
         await pipe.execute()
 
@@ -276,7 +308,9 @@ class FeedCache:
                 continue
             created = decompose(t.id).ms
             for feed in feeds_of_post(t.community, created, now):
-                if feed.kind is not FeedKind.NEW:  # votes do not move a post in `new`
+                if feed.kind is FeedKind.NEW:  # votes do not move a post in `new` ...
+                    changes[feed][m] = "="  # ... but its pages show the new counters
+                else:
                     changes[feed][m] = repr(rank(feed.kind, t.up, t.down, created))
         await self._apply(changes)
 
@@ -339,25 +373,48 @@ class FeedCache:
             log.warning("feed %s: rebuild lost its lock (slow, or Redis restarted)", k.live)
 
     # -- readers --------------------------------------------------------------------------------
+    async def stamps(self, feeds: Iterable[Feed]) -> list[FeedStamp]:
+        """The stamp of each feed (see FeedStamp), all in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for feed in feeds:
+            k = self.feed_keys(feed)
+            pipe.mget(k.ready, k.version, k.touched)
+        return [(r, v, t) for r, v, t in await pipe.execute()]
+
     async def page(
-        self, feed: Feed, cursor: FeedCursor | None, limit: int, viewer: str
+        self, feed: Feed, cursor: FeedCursor | None, limit: int, viewer: str | None
     ) -> FeedPage:
+        """A page of `feed`: the first (no cursor) or the one after `cursor`. Posts carry
+        `viewer`'s votes; with no viewer, my_vote is 0 (pages cached for everyone)."""
         k = self.feed_keys(feed)
         if cursor is not None and await self.redis.exists(k.snapshot_prefix + cursor.snapshot):
             name, offset = cursor.snapshot, cursor.offset
         else:
             await self.ensure_ready(feed)
-            raw = await self._snapshot(
-                keys=[k.live, k.version, k.latest],
-                args=[now_ms(), SNAPSHOT_REUSE_MS, SNAPSHOT_TTL_S, k.snapshot_prefix],
-            )
-            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            name = await self.open_snapshot(feed)
             offset = 0
             if cursor is not None:
                 offset = await self._position(k.snapshot_prefix + name, (cursor.rank, cursor.post))
         # Only a read that goes on past its first page keeps its snapshot alive longer.
         keep_s = SNAPSHOT_READ_TTL_S if cursor is not None else None
         return await self._read(feed, k.snapshot_prefix + name, name, offset, limit, viewer, keep_s)
+
+    async def first_page(self, feed: Feed, limit: int, viewer: str | None) -> FeedPage:
+        """The first page in the snapshot of the set as it is now. The caller has made the
+        feed ready (ensure_ready) and read its stamp after that: the page shows that state
+        or a later one."""
+        k = self.feed_keys(feed)
+        name = await self.open_snapshot(feed)
+        return await self._read(feed, k.snapshot_prefix + name, name, 0, limit, viewer, None)
+
+    async def open_snapshot(self, feed: Feed) -> str:
+        """The name of a snapshot of the set's current version (made if there is none)."""
+        k = self.feed_keys(feed)
+        raw = await self._snapshot(
+            keys=[k.live, k.version, k.latest, k.ready],
+            args=[now_ms(), SNAPSHOT_TTL_S, k.snapshot_prefix],
+        )
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def _position(self, snapshot: str, after: Ranked) -> int:
         """The offset in `snapshot` of the first entry below `after` (rank, id)."""
@@ -375,7 +432,7 @@ class FeedCache:
         name: str,
         offset: int,
         limit: int,
-        viewer: str,
+        viewer: str | None,
         keep_s: int | None,
     ) -> FeedPage:
         now = now_ms()

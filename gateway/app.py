@@ -19,6 +19,7 @@ from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_top
 from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
+from gateway.feedpages import FeedPages
 from gateway.http import conversations, dev, feeds, health, openapi, posts, web
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
@@ -128,6 +129,7 @@ def create_app(settings: Settings) -> Starlette:
         state.handler = RequestHandler(node, access, send_path)
         state.admission = admission = Admission(settings)
         state.feeds = FeedCache(redis, node.keys, pools)
+        state.feed_pages = FeedPages(state.feeds, pools, settings.feed_page_cache_ms)
         state.votes = VotePath(pools, producer, votes_topic(settings))
         node.latency = wire_metrics.latency.labels()
         endpoint.bind(node, state.handler, admission)

@@ -3,10 +3,16 @@
 Accepted algorithms come from settings; the key is chosen by the token's algorithm (a
 secret for HS*, the public key for RS256/ES256), so an RS256 public key can never be used
 as an HMAC secret. `alg: none` is never in the accepted list.
+
+A client sends the same token with every HTTP request, so verified tokens are remembered
+(by their exact text, whose signature was checked) until they expire: a repeat costs a
+dict lookup instead of a signature check. Only successes are remembered, each no longer
+than its own `exp` (plus the leeway decode allows), and at most VERIFIED_CACHE of them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import jwt
@@ -16,6 +22,8 @@ from storage.errors import ConfigError, Unauthorized
 from storage.settings import Settings
 
 MAX_TOKEN_CHARS = 8192
+LEEWAY_S = 5
+VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +43,25 @@ class TokenVerifier:
             raise ConfigError("AGORA_JWT_PUBLIC_KEY is required for RS256/ES256")
         self._secret = settings.jwt_secret
         self._public_key = settings.jwt_public_key
+        self._verified: dict[str, tuple[Identity, float]] = {}  # token -> (who, valid until)
 
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise Unauthorized("token missing")
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known[1]:
+                return known[0]
+            del self._verified[token]  # expired: decode below says so
+        who, until = self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (who, until)
+        return who
+
+    def _decode(self, token: str) -> tuple[Identity, float]:
+        """The identity in a token and the time until which it is valid; Unauthorized if
+        it is not valid now."""
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("token too long")
         try:
@@ -53,7 +76,7 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {str(alg)[:16]!r} is not accepted")
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg], options={"require": ["exp", "sub"]}, leeway=5
+                token, key, algorithms=[alg], options={"require": ["exp", "sub"]}, leeway=LEEWAY_S
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
@@ -63,7 +86,9 @@ class TokenVerifier:
         if not isinstance(sub, str) or not USER_ID.match(sub):
             raise Unauthorized("token sub is not a valid user id")
         name = claims.get("name")
-        return Identity(sub, name[:100] if isinstance(name, str) else sub)
+        # `exp` is a number once decode accepted it (it checks the type and the time).
+        until = float(claims["exp"]) + LEEWAY_S
+        return Identity(sub, name[:100] if isinstance(name, str) else sub), until
 
 
 def bearer(authorization: str | None) -> str | None:

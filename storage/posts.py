@@ -150,6 +150,15 @@ _SELECT = """
 """
 
 
+# The same columns without the viewer's vote (my_vote 0): posts as everyone sees them.
+_SELECT_ANONYMOUS = """
+    SELECT p.id, p.author, p.community, p.title, p.body, p.thread_id, p.up, p.down,
+           COALESCE(c.last_seq, 0) AS comments, 0 AS my_vote
+    FROM posts p
+    LEFT JOIN conversations c ON c.id = p.thread_id
+"""
+
+
 def _row_to_post(r: Any) -> Post:
     return Post(
         id=r["id"],
@@ -210,23 +219,54 @@ async def get(pools: ShardPools, post_id: int, viewer: str) -> Post | None:
     return None if row is None else _row_to_post(row)
 
 
-async def get_many(pools: ShardPools, post_ids: Iterable[int], viewer: str) -> dict[int, Post]:
-    """Live posts by id: one query per physical shard, shards in parallel."""
+async def get_many(
+    pools: ShardPools, post_ids: Iterable[int], viewer: str | None
+) -> dict[int, Post]:
+    """Live posts by id: one query per physical shard, shards in parallel. With no viewer,
+    every my_vote is 0 (see `votes_of` for the votes of many viewers at once)."""
     by_shard: dict[int, list[int]] = defaultdict(list)
     for post_id in post_ids:
         by_shard[pools.for_id(post_id)].append(post_id)
+    where = " WHERE p.id = ANY($1::bigint[]) AND p.deleted_at IS NULL"
 
     async def fetch(physical: int, group: list[int]) -> list[Post]:
         async with pools.connection(physical) as conn:
-            rows = await conn.fetch(
-                _SELECT + " WHERE p.id = ANY($1::bigint[]) AND p.deleted_at IS NULL",
-                group,
-                viewer,
-            )
+            if viewer is None:
+                rows = await conn.fetch(_SELECT_ANONYMOUS + where, group)
+            else:
+                rows = await conn.fetch(_SELECT + where, group, viewer)
         return [_row_to_post(r) for r in rows]
 
     parts = await asyncio.gather(*(fetch(p, g) for p, g in by_shard.items()))
     return {post.id: post for part in parts for post in part}
+
+
+async def votes_of(
+    pools: ShardPools, post_ids: Iterable[int], users: Iterable[str]
+) -> dict[tuple[str, int], int]:
+    """The non-zero votes of any of `users` on any of `post_ids`, as (user, post) -> value:
+    one query per physical shard that holds one of the posts (votes live with their post),
+    shards in parallel; the primary key (post_id, user_id) answers it."""
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for post_id in post_ids:
+        by_shard[pools.for_id(post_id)].append(post_id)
+    who = sorted(set(users))
+    if not who:
+        return {}
+
+    async def fetch(physical: int, group: list[int]) -> list[Any]:
+        async with pools.connection(physical) as conn:
+            rows: list[Any] = await conn.fetch(
+                """SELECT post_id, user_id, value FROM votes
+                   WHERE post_id = ANY($1::bigint[]) AND user_id = ANY($2::text[])
+                     AND value <> 0""",
+                group,
+                who,
+            )
+        return rows
+
+    parts = await asyncio.gather(*(fetch(p, g) for p, g in by_shard.items()))
+    return {(r["user_id"], r["post_id"]): r["value"] for part in parts for r in part}
 
 
 async def delete(pools: ShardPools, post_id: int, user: str) -> Post:

@@ -47,7 +47,8 @@ class RedisKeys:
         return f"{self.p}:feed:{{{kind}:{scope}{suffix}}}"
 
     def feed_ready(self, kind: str, community: str | None, window: str | None = None) -> str:
-        """Marks a feed set as complete (a missing marker means: rebuild from the shards)."""
+        """Marks a feed set as complete (a missing marker means: rebuild from the shards).
+        Its value is the token of the rebuild that set it: new after every rebuild."""
         return self.feed(kind, community, window) + ":ready"
 
     def feed_rebuild_lock(self, kind: str, community: str | None, window: str | None) -> str:
@@ -67,8 +68,14 @@ class RedisKeys:
         """Counter bumped by every change of the feed set (tells snapshots apart)."""
         return self.feed(kind, community, window) + ":version"
 
+    def feed_touched(self, kind: str, community: str | None, window: str | None) -> str:
+        """Counter bumped when posts' counters change without a change of the set (votes,
+        for `new`): with the version and the ready token, tells cached pages apart."""
+        return self.feed(kind, community, window) + ":touched"
+
     def feed_latest_snapshot(self, kind: str, community: str | None, window: str | None) -> str:
-        """Hash {name, v, ms}: the newest paging snapshot, reused while fresh enough."""
+        """Hash {name, v, r, ms}: the newest paging snapshot (of version v of the set that
+        rebuild r made), reused while the set is unchanged."""
         return self.feed(kind, community, window) + ":snap"
 
     def feed_snapshot(self, kind: str, community: str | None, window: str | None, name: str) -> str:

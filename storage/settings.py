@@ -256,6 +256,14 @@ class Settings:
         "Authenticated HTTP requests per second per user across the cluster (burst 2x); "
         "0 disables. Over it: 429 with Retry-After.",
     )
+    feed_page_cache_ms: int = _setting(
+        "AGORA_FEED_PAGE_CACHE_MS",
+        "1000",
+        _int_range(0, 60_000),
+        "Longest a gateway serves a feed's cached first page (each read still checks the "
+        "feed's stamp in Redis, so votes, posts and deletions show at once; this bounds how "
+        "old a post's comment count on it can be); 0 turns the cache off.",
+    )
     drain_window_ms: int = _setting(
         "AGORA_DRAIN_WINDOW_MS",
         "10000",

@@ -1,4 +1,7 @@
-"""`GET /v1/feeds/{trending|new|top}`: ranked posts, globally or in one community."""
+"""`GET /v1/feeds/{trending|new|top}`: ranked posts, globally or in one community.
+
+First pages come from the gateway's page cache (gateway/feedpages.py) unless it is off
+(AGORA_FEED_PAGE_CACHE_MS=0); pages after the first are read from their snapshot."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fanout.feeds import FeedCache, FeedCursor
-from gateway.http.common import JSONResponse, decode_cursor, encode_cursor, identity, page_limit
+from gateway.feedpages import FeedPages, cursor_text
+from gateway.http.common import JSONResponse, decode_cursor, identity, page_limit
 from gateway.http.posts import post_json
 from storage.errors import BadRequest
 from storage.ids import parse_id
@@ -55,13 +59,6 @@ def parse_cursor(raw: str | None) -> FeedCursor | None:
         raise BadRequest("cursor is not valid") from None
 
 
-def cursor_text(cursor: FeedCursor | None) -> str | None:
-    if cursor is None:
-        return None
-    # The rank as repr: the shortest text that reads back as the same float.
-    return encode_cursor(cursor.snapshot, cursor.offset, repr(cursor.rank), str(cursor.post))
-
-
 async def feed(request: Request) -> Response:
     me = identity(request)
     params = request.query_params
@@ -70,6 +67,10 @@ async def feed(request: Request) -> Response:
     )
     limit = page_limit(request)
     cursor = parse_cursor(params.get("cursor"))
+    pages: FeedPages = request.app.state.feed_pages
+    if cursor is None and pages.enabled:
+        encoded = await pages.first_page(chosen, limit, me.user)
+        return Response(encoded, media_type="application/json")
     feeds: FeedCache = request.app.state.feeds
     page = await feeds.page(chosen, cursor, limit, me.user)
     body: dict[str, Any] = {

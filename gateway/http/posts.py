@@ -72,6 +72,8 @@ async def get_one(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     me = identity(request)
     post = await posts.delete(request.app.state.pools, path_id(request), me.user)
+    # This node's cached first pages drop it now, whatever becomes of the feed update.
+    request.app.state.feed_pages.forget_post(post.id)
     feeds: FeedCache = request.app.state.feeds
     try:
         await feeds.on_deleted(post.id, post.community)

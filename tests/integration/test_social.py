@@ -869,6 +869,40 @@ async def test_a_deleted_post_is_gone_from_every_feed(
     await gone_everywhere()
 
 
+async def test_my_vote_on_feed_pages_is_each_readers_own(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    comm = community()
+    author = Api(http, stack, g1, uid("author"))
+    made = [(await author.create(comm, f"p{i}"))["id"] for i in range(4)]
+    names = ["ann", "ben", "cat"]
+    users = {name: uid(name) for name in names}
+
+    def on(node: Proc, name: str) -> Api:
+        return Api(http, stack, node, users[name])
+
+    # Every reader's first pages are in both gateways' caches before anyone votes.
+    for name in names:
+        for node in (g1, g2):
+            page = await on(node, name).feed("new", community=comm)
+            assert [p["my_vote"] for p in page["items"]] == [0] * 4
+    plan = {"ann": {made[0]: 1, made[1]: -1}, "ben": {}, "cat": {made[1]: 1, made[2]: -1}}
+    for name, votes in plan.items():
+        for post, value in votes.items():
+            await on(g1, name).vote(post, value)
+    # A vote is on the voter's next page on either node, and only on theirs: the cached
+    # page is everyone's, the votes are read per reader.
+    for kind in ("new", "top"):
+        for name, votes in plan.items():
+            for node in (g1, g2):
+                page = await on(node, name).feed(kind, community=comm, limit=10)
+                got = {p["id"]: p["my_vote"] for p in page["items"]}
+                assert got == {post: votes.get(post, 0) for post in made}, (kind, name, node)
+    await on(g2, "cat").vote(made[2], 0)
+    page = await on(g1, "cat").feed("new", community=comm)
+    assert {p["id"]: p["my_vote"] for p in page["items"]}[made[2]] == 0
+
+
 async def test_concurrent_misses_rebuild_once(
     stack: Stack,
     g1: Proc,
