@@ -56,6 +56,9 @@ from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, http_json, unique_tag
 from bench.storm import failure_reason
 from bench.wsclient import HandshakeError, open_client
+from storage import messages
+from storage.pools import ShardPools
+from storage.settings import Settings
 
 NAME = "fanout"
 ROOM_NAME = "fanout-room"
@@ -429,6 +432,11 @@ async def _measure(
             f"{out['deliveries_per_s']:,.0f} deliveries/s, p99 {lat['p99']} ms, "
             f"gw CPU A {out['gateway_a_cpu']} B {out['gateway_b_cpu']}"
         )
+        if report["lost"] > 0:
+            # Where the missing ones are: never stored (upstream of the fan-out worker's
+            # write: the broker or the worker) or stored but not delivered (routing/gateway).
+            out["stored_vs_acked"] = await _stored_vs_acked(stack.settings, totals)
+            print(f"  undelivered: stored vs acked per conversation {out['stored_vs_acked']}")
         if report["lost"] > 0 and not args.keep_going:
             print("  stopping: this step did not deliver everything within --drain")
             break
@@ -601,6 +609,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     return p.parse_args(argv)
+
+
+async def _stored_vs_acked(settings: Settings, acked: Counter[str]) -> dict[str, list[int]]:
+    """[stored, acked] for every conversation whose stored count differs from its acks."""
+    pools = ShardPools(settings)
+    try:
+        out: dict[str, list[int]] = {}
+        for conv, n in acked.items():
+            stored = await messages.latest_seq(pools, int(conv))
+            if stored != n:
+                out[conv] = [stored, n]
+        return out
+    finally:
+        await pools.close()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
