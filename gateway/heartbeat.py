@@ -8,6 +8,7 @@ sweep per interval, done in slices so the event loop is never held for long.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from storage.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
+
+log = logging.getLogger("agora.gateway")
 
 SLICE = 500  # connections pinged between two yields to the event loop
 KEEPALIVE_TIMEOUT = 1011  # PROTOCOL.md: "internal error, reconnect with backoff"
@@ -27,10 +30,13 @@ def sweep(conns: list[Connection]) -> None:
         if conn.close_code is not None:
             continue
         link.idle += 1
-        if link.idle > 2:  # silent since the ping before last: two intervals
-            conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
-        else:
-            link.ping()
+        try:
+            if link.idle > 2:  # silent since the ping before last: two intervals
+                conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
+            else:
+                link.ping()
+        except Exception:  # one broken socket must not stop the node's heartbeats
+            log.exception("conn %d: heartbeat failed", conn.id)
 
 
 async def keep_alive(connections: Collection[Connection], settings: Settings) -> None:

@@ -91,7 +91,7 @@ class GatewayMetrics:
         )
         r.callback(
             "agora_deliveries_total",
-            "Frames pushed to local subscribers' queues.",
+            "Frames written to local subscribers' sockets.",
             "counter",
             lambda: state.node.deliveries,
         )

@@ -30,6 +30,7 @@ from gateway.protocol import frames
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
 from storage import messages
+from storage.errors import Unavailable
 from storage.models import Message
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -167,6 +168,8 @@ class Node:
 
     # -- connections and subscriptions ------------------------------------------------------
     async def attach(self, conn: Connection) -> None:
+        if conn.is_gone:
+            return  # closed already: detach has run and would not run again
         self.connections.add(conn)
         self._none_left.clear()
         self.user_conns[conn.user].add(conn)
@@ -201,6 +204,10 @@ class Node:
     async def subscribe(self, conn: Connection, conv: int, since: int | None) -> dict[str, Any]:
         """Live first, then the missed messages from storage, then release live ones.
         Returns the `subbed` frame fields (seq, recovered); missed msgs are already queued."""
+        if conn.is_gone:
+            # Closed while this request waited (say on its access check): its detach has
+            # run, so a subscription added now would never be removed.
+            raise Unavailable("connection closed")
         sub = Subscription(conv, last_seq=since or 0, state=State.RECOVERING)
         conn.subs[conv] = sub
         self.conv_subs[conv].add(conn)

@@ -23,7 +23,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.transport import GatewayHttpProtocol
+from gateway.transport import CLOSE_TIMEOUT_S, GatewayHttpProtocol
+from gateway.ws import Endpoint
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
@@ -49,9 +50,15 @@ class DrainingServer(uvicorn.Server):
             server.close()  # stop accepting before anything else
         node = getattr(self.app.state, "node", None)
         settings: Settings | None = getattr(self.app.state, "settings", None)
+        endpoint: Endpoint = self.app.state.endpoint
         if node is not None and settings is not None and not self.force_exit:
             await node.drain(settings.drain_window_ms, settings.drain_deadline_ms)
-        await super().shutdown(sockets)
+            # The node is done with them; let their close frames reach the clients (the
+            # sockets are ours, not uvicorn's, so its shutdown would not wait for them).
+            await endpoint.wait_closed(CLOSE_TIMEOUT_S)
+        await super().shutdown(sockets)  # the lifespan's end closes whoever is left
+        if not self.force_exit:
+            await endpoint.wait_closed(CLOSE_TIMEOUT_S)
 
 
 def listen_socket(host: str, port: int, send_buffer: int = 0) -> socket.socket:

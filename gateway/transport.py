@@ -41,6 +41,9 @@ CLOSE_TIMEOUT_S = 10.0
 # further frame counts towards the connection's slow-consumer limits.
 WRITE_HIGH_WATER = 64 * 1024
 MAX_REQUEST_HEAD = 64 * 1024  # URL + headers of any HTTP request
+# Bytes kept from a client before its session opens (hello sent, routing registered);
+# past it, reading pauses until then.
+EARLY_MAX = 256 * 1024
 
 
 class _HeadTooLarge(Exception):
@@ -98,8 +101,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _upgrade(self, rest: bytes) -> None:
         self.connections.discard(self)
         transport = self.transport
-        url = httptools.parse_url(self.url)
-        path = url.path.decode("latin-1")
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserError:  # CONNECT host:port and other non-path targets
+            transport.write(wsp.http_response(400, "request target is not a path\n"))
+            transport.close()
+            return
+        path = (url.path or b"").decode("latin-1")
         if path != WS_PATH:
             transport.write(wsp.http_response(404, f"no WebSocket at {path}\n"))
             transport.close()
@@ -112,6 +120,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         link = WebSocketLink(self.endpoint, transport)
         transport.set_protocol(link)
+        self.endpoint.links.add(link)
         self.endpoint.upgrade(link, self.client, url.query or b"", upgrade)
         if rest:
             link.data_received(rest)
@@ -123,6 +132,7 @@ class WebSocketLink(asyncio.Protocol):
 
     __slots__ = (
         "_early",
+        "_held",
         "_timer",
         "broken",
         "closing",
@@ -148,6 +158,7 @@ class WebSocketLink(asyncio.Protocol):
         self.lost = False
         self.idle = 0  # heartbeat rounds since the peer last sent anything
         self._early: list[bytes] | None = None  # bytes that came before the session opened
+        self._held = False  # reading paused until the session opens (EARLY_MAX reached)
         self._timer: asyncio.TimerHandle | None = None
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
@@ -164,9 +175,15 @@ class WebSocketLink(asyncio.Protocol):
     def opened(self) -> None:
         """The session is ready for requests (after `hello`): parse what arrived meanwhile."""
         self.ready = True
+        self._release_early()
+
+    def _release_early(self) -> None:
         early, self._early = self._early, None
-        if early and not self.lost:
+        if early and not (self.lost or self.broken):
             self.data_received(b"".join(early))
+        if self._held and not self.lost:
+            self._held = False
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -175,7 +192,7 @@ class WebSocketLink(asyncio.Protocol):
         return self.transport.get_write_buffer_size()
 
     def ping(self) -> None:
-        if not self.closing:
+        if not (self.closing or self.lost):
             self.transport.write(wsp.PING)
 
     def send_close(self, code: int, reason: str) -> None:
@@ -184,7 +201,16 @@ class WebSocketLink(asyncio.Protocol):
         self.closing = True
         self.endpoint.closed_by_server(code)
         self.transport.write(wsp.close_frame(code, reason))
-        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
+        self._abort_later()
+        # Closed before the session opened (4001, 1013): what the client sent meanwhile is
+        # parsed only to find its close frame in it.
+        self._release_early()
+
+    def _abort_later(self) -> None:
+        """Whatever happens next, the socket is gone within CLOSE_TIMEOUT_S (a peer that
+        stops reading would otherwise hold it, and its unsent buffer, forever)."""
+        if self._timer is None and not self.lost:
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
 
     def _abort(self) -> None:
         self.transport.abort()
@@ -200,10 +226,10 @@ class WebSocketLink(asyncio.Protocol):
             if self._early is None:
                 self._early = []
             self._early.append(data)
-            if sum(map(len, self._early)) > 2 * self.reader.max_size + 1024:
-                self._early = None
-                self.broken = True
-                self._fail(WebSocketError(wsp.MESSAGE_TOO_BIG, "too much data before hello"))
+            if sum(map(len, self._early)) > EARLY_MAX and not self._held:
+                # Enough waiting: let TCP push back on the client until the session opens.
+                self._held = True
+                self.transport.pause_reading()
             return
         try:
             events = self.reader.feed(data)
@@ -219,9 +245,17 @@ class WebSocketLink(asyncio.Protocol):
             if self.closing:
                 continue  # after our close frame, only the peer's close matters
             if op == OP_PING:
-                self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
+                # Not while the peer is not reading (RFC 6455 5.5.3 lets us answer only the
+                # latest ping): pongs must not grow the buffer past the outbound limits.
+                if not self.paused:
+                    self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
             elif op != OP_PONG and conn is not None:
                 message(conn, payload)
+        failure = self.reader.failure
+        if failure is not None and not self.broken:
+            # Broken after some whole messages: those were handled (in order), now close.
+            self.broken = True
+            self._fail(failure)
 
     def _fail(self, exc: WebSocketError) -> None:
         """The peer broke the protocol: nothing it sends can be parsed any more, its close
@@ -248,6 +282,7 @@ class WebSocketLink(asyncio.Protocol):
             if self.conn is not None:
                 self.conn.lost()
         self.transport.close()  # the server closes TCP first (RFC 6455 7.1.1)
+        self._abort_later()  # close() waits for the buffer to drain: not forever
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -258,12 +293,19 @@ class WebSocketLink(asyncio.Protocol):
             self.conn.resumed()
 
     def eof_received(self) -> bool | None:
-        return None  # a half-closed peer is gone: let the transport close
+        # A half-closed peer is gone: the session ends, the transport closes once what is
+        # buffered is written (bounded by the abort timer).
+        if self.conn is not None:
+            self.conn.lost()
+        self._abort_later()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._early = None
         if self._timer is not None:
             self._timer.cancel()
-        if self.conn is not None:
-            self.conn.lost()
+        conn, self.conn = self.conn, None  # no cycle left for the GC to find
+        if conn is not None:
+            conn.lost()
+        self.endpoint.forget(self)

@@ -59,6 +59,9 @@ class Endpoint:
         self.verifier = verifier
         self.metrics = metrics
         self.wire = {False: WireCounters(), True: WireCounters()}  # by codec.binary
+        self.links: set[WebSocketLink] = set()  # every upgraded socket until it is gone
+        self._none_left: asyncio.Event | None = None
+        self._opening: set[asyncio.Task[None]] = set()
         self.node: Node
         self.handler: RequestHandler
         self.admission: Admission
@@ -70,6 +73,24 @@ class Endpoint:
 
     def closed_by_server(self, code: int) -> None:
         self.metrics.count_close(code)
+
+    def forget(self, link: WebSocketLink) -> None:
+        """`link`'s socket is closed."""
+        self.links.discard(link)
+        if not self.links and self._none_left is not None:
+            self._none_left.set()
+
+    async def wait_closed(self, seconds: float) -> bool:
+        """Wait until every upgraded socket is closed (their close handshakes done), at
+        most `seconds`; False if some are still open then."""
+        if not self.links:
+            return True
+        self._none_left = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._none_left.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     # -- opening --------------------------------------------------------------------------------
     def upgrade(
@@ -92,23 +113,43 @@ class Endpoint:
             return
         admission.handshakes += 1
         task = asyncio.create_task(self._open(link, query, upgrade))
-        task.add_done_callback(self._handshake_done)
-
-    def _handshake_done(self, _task: asyncio.Task[None]) -> None:
-        self.admission.handshakes -= 1
+        self._opening.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._opening.discard)
 
     async def _open(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> None:
-        """Authenticate, accept, register, say hello."""
+        """Authenticate, accept, say hello, register."""
+        try:
+            conn = self._accept(link, query, upgrade)
+        finally:
+            # A handshake until here; from the next line on (no await between) the
+            # connection is in node.connections, which admission counts instead.
+            self.admission.handshakes -= 1
+        if conn is None:
+            return
+        try:
+            await self.node.attach(conn)
+        except Exception as exc:
+            log.warning("conn %d: routing registration failed: %s", conn.id, exc)
+            conn.close(CloseCode.TRY_AGAIN_LATER, "routing unavailable")
+            return
+        if conn.close_code is not None:
+            return  # the peer left while we registered it
+        link.opened()
+
+    def _accept(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> Connection | None:
         codec, echoed = codecs.choose(list(upgrade.subprotocols))
         token = bearer(upgrade.authorization) or _query_token(query)
         settings = self.settings
+        if link.lost or link.broken:
+            return None  # gone (or cut off) before we got to it
         try:
             identity = self.verifier.verify(token)
         except Unauthorized as exc:
             # Accept first: a browser cannot read an HTTP refusal, but it sees a close code.
             link.accept(echoed, upgrade.key)
+            self.metrics.ws_opened.inc()
             link.send_close(CloseCode.UNAUTHORIZED, exc.message[:120])
-            return
+            return None
         link.accept(echoed, upgrade.key)
         self.metrics.ws_opened.inc()
         conn = Connection(
@@ -122,18 +163,12 @@ class Endpoint:
         node = self.node
         conn.on_close(node.detach)
         link.conn = conn
-        try:
-            await node.attach(conn)
-        except Exception as exc:
-            log.warning("conn %d: routing registration failed: %s", conn.id, exc)
-            conn.close(CloseCode.TRY_AGAIN_LATER, "routing unavailable")
-            return
-        if conn.close_code is not None:
-            return  # the peer left while we registered it
+        # hello first (PROTOCOL.md: the first frame), before registration makes the
+        # connection a target of user frames; requests wait until registration is done.
         conn.push_frame(
             frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)
         )
-        link.opened()
+        return conn
 
     # -- each frame -----------------------------------------------------------------------------
     def message(self, conn: Connection, data: bytes | str) -> None:

@@ -185,7 +185,8 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise WebSocketError(PROTOCOL_ERROR, "close frame of one byte")
     code = int.from_bytes(payload[:2], "big")
-    if not (code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code < 5000):
+    # Sendable codes: RFC 6455 7.4.1 and IANA's 1012-1014; 1004-1006 and 1015 never are.
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code < 5000):
         raise WebSocketError(PROTOCOL_ERROR, f"invalid close code {code}")
     try:
         reason = payload[2:].decode()
@@ -217,7 +218,7 @@ class FrameReader:
     refused (1009) from its header, before its payload is buffered.
     """
 
-    __slots__ = ("_buf", "_frag_op", "_frag_size", "_frags", "max_size")
+    __slots__ = ("_buf", "_frag_op", "_frag_size", "_frags", "failure", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self._buf = b""
@@ -225,10 +226,26 @@ class FrameReader:
         self._frag_op = 0  # opcode of a fragmented message in progress (0: none)
         self._frags: list[bytes] = []
         self._frag_size = 0
+        self.failure: WebSocketError | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | str]]:
-        buf = self._buf + data if self._buf else data
+        """The whole messages in `data` (and what was buffered). When the peer breaks the
+        protocol after some whole messages, those are returned first and `failure` is set
+        (the caller handles them, then closes); with none before it, the error is raised.
+        Nothing more is parsed after a failure."""
+        if self.failure is not None:
+            raise self.failure
         out: list[tuple[int, bytes | str]] = []
+        try:
+            self._parse(self._buf + data if self._buf else data, out)
+        except WebSocketError as exc:
+            self.failure = exc
+            self._buf = b""
+            if not out:
+                raise
+        return out
+
+    def _parse(self, buf: bytes, out: list[tuple[int, bytes | str]]) -> None:
         pos, n = 0, len(buf)
         while n - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -289,7 +306,6 @@ class FrameReader:
             else:
                 out.append((op, payload))
         self._buf = buf[pos:] if pos < n else b""
-        return out
 
     @property
     def buffered(self) -> int:

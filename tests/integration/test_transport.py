@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from storage.settings import Settings
-from tests.integration.helpers import uid
+from tests.integration.helpers import rss_kib, uid
 from tests.stack import Proc, Stack
 
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -27,9 +27,14 @@ def stack(settings: Settings) -> Iterator[Stack]:
     s.stop_all()
 
 
+LOG_START: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def g(stack: Stack) -> Proc:
-    return stack.gateway("transport-g")
+    proc = stack.gateway("transport-g")
+    LOG_START[proc.name] = len(proc.log_text())  # the log file is appended to across runs
+    return proc
 
 
 def frame(op: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
@@ -112,6 +117,8 @@ async def test_upgrades_that_cannot_be_accepted_get_an_http_status(stack: Stack,
         (request(token).replace(b"Version: 13", b"Version: 8"), "426"),
         (request(token).replace(KEY.encode(), b"c2hvcnQ="), "400"),
         (request(token, extra="X-Pad: " + "x" * 70_000 + "\r\n"), "400"),
+        (request(token, path="http://h"), "404"),  # absolute form without a path
+        (request(token, path="h:80", method="CONNECT"), "400"),
     ]
     for raw, status in cases:
         _, head = await Raw.open(g, raw)
@@ -222,3 +229,55 @@ async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_
     assert await asyncio.wait_for(answering, 15) >= 5  # five intervals later, still open
     silent.close()
     alive.close()
+
+
+async def test_a_client_that_pings_and_never_reads_cannot_grow_the_gateways_memory(
+    stack: Stack, g: Proc
+) -> None:
+    client, _ = await Raw.open(g, request(stack.token(uid("pinger"))))
+    assert (await client.next_json())["t"] == "hello"
+    before = rss_kib(g.popen.pid)
+    ping = frame(9, b"p" * 125)  # every pong would carry these 125 bytes back
+    for _ in range(100):
+        client.send(ping * 1000)  # 100,000 pings, 13 MB of pongs if all were answered
+        await client.writer.drain()
+    await asyncio.sleep(1)
+    grown = rss_kib(g.popen.pid) - before
+    print(f"pinger: gateway RSS grew {grown} KiB")
+    assert grown < 6 * 1024, grown  # the pongs stop once the socket's buffer is full
+    client.close()
+
+
+async def test_data_before_the_session_opens_waits_for_it(stack: Stack, g: Proc) -> None:
+    # 600 KB of requests right behind the upgrade: more than the gateway keeps before the
+    # session opens, so it stops reading until then (TCP pushes back on us), then parses
+    # them all. Every one is answered, in order: 256 may wait to be handled, the rest are
+    # refused at once (rate_limited), as for any pipelining client.
+    n = 20_000
+    pings = b"".join(frame(1, b'{"t":"ping","rid":%d}' % i) for i in range(n))
+    assert len(pings) > 2 * 256 * 1024
+    client, head = await Raw.open(g, request(stack.token(uid("early"))) + pings)
+    assert head.startswith("HTTP/1.1 101 ")
+    assert (await client.next_json())["t"] == "hello"
+    answered: list[int] = []
+    refused: list[int] = []
+    while len(answered) + len(refused) < n:
+        reply = await client.next_json()
+        if reply["t"] == "pong":
+            answered.append(reply["rid"])
+        else:
+            assert reply["t"] == "err" and reply["code"] == "rate_limited", reply
+            refused.append(reply["rid"])
+    assert answered == sorted(answered) and len(answered) >= 256
+    assert sorted(answered + refused) == list(range(n))
+    client.send(frame(8, (1000).to_bytes(2, "big")))
+    while (op := (await client.next_frame())[0]) != -1:
+        assert op in (8, 9, 10), op
+    client.close()
+
+
+def test_the_gateway_logged_no_unhandled_error(g: Proc) -> None:
+    # Last in the module: nothing above made an exception escape a protocol callback
+    # (uvloop logs those as "Fatal error on transport") or a task.
+    text = g.log_text()[LOG_START[g.name] :]
+    assert "Traceback" not in text and "Fatal error" not in text, text[-3000:]

@@ -133,6 +133,11 @@ def test_close_frames_carry_code_and_a_bounded_utf8_reason() -> None:
     long[4:].decode()  # still valid UTF-8
     assert ws.parse_close((1001).to_bytes(2, "big") + b"bye") == (1001, "bye")
     assert ws.parse_close(b"") == (ws.NO_STATUS, "")
+    for good in (1000, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999):
+        assert ws.parse_close(good.to_bytes(2, "big")) == (good, "")
+    for code in (999, 1004, 1005, 1006, 1015, 1016, 2999, 5000):
+        with pytest.raises(WebSocketError):
+            ws.parse_close(code.to_bytes(2, "big"))
     for bad in (b"\x03", (999).to_bytes(2, "big"), (1005).to_bytes(2, "big")):
         with pytest.raises(WebSocketError) as info:
             ws.parse_close(bad)
@@ -251,3 +256,13 @@ def test_the_pure_mask_matches_the_c_one(data: bytes, mask: bytes) -> None:
         assert ws.apply_mask(data, mask) == expected
     finally:
         ws._apply_mask_c = saved
+
+
+def test_messages_before_a_violation_are_returned_then_nothing_more() -> None:
+    reader = FrameReader(1 << 16)
+    good = client_frame(OP_TEXT, b'{"t":"ping","rid":1}') + client_frame(OP_TEXT, b"x")
+    out = reader.feed(good + client_frame(OP_TEXT, b"y", mask=False) + client_frame(OP_TEXT, b"z"))
+    assert out == [(OP_TEXT, '{"t":"ping","rid":1}'), (OP_TEXT, "x")]
+    assert reader.failure is not None and reader.failure.code == 1002
+    with pytest.raises(WebSocketError):
+        reader.feed(client_frame(OP_TEXT, b"after"))
