@@ -32,6 +32,7 @@ def sweep(conns: list[Connection]) -> None:
         link.idle += 1
         try:
             if link.idle > 2:  # silent since the ping before last: two intervals
+                log.info("conn %d (%s): silent for two heartbeats, closing", conn.id, conn.user)
                 conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
             else:
                 link.ping()

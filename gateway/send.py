@@ -38,6 +38,13 @@ PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this 
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
 
+
+def _retrieve(task: asyncio.Future[Accepted]) -> None:
+    # A send whose caller left: its outcome is in Redis; nobody awaits the exception.
+    if not task.cancelled():
+        task.exception()
+
+
 # KEYS: idempotency key, id counter of the shard, the user's send counter for this second.
 # ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit).
 # Returns {record, produce}: a new pending record "p|ms|n|conv" (produce = 1), a failed
@@ -98,6 +105,14 @@ class SendPath:
         self.acked = 0
 
     async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
+        """Accept one message; runs to its end even when the caller is cancelled (its
+        client went away): a claimed cid must end acked or failed, or the client's retry
+        would find it pending with nobody left to finish it."""
+        task = asyncio.ensure_future(self._send(user, conv, cid, body, kind))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
         wait_ms = self._local.take(user, time.monotonic())
         if wait_ms:
             raise RateLimited("too many messages", retry_after_ms=wait_ms)

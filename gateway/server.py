@@ -23,11 +23,14 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.transport import CLOSE_TIMEOUT_S, GatewayHttpProtocol
+from gateway.transport import GatewayHttpProtocol
 from gateway.ws import Endpoint
 from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
+# How long a stopping node waits for its clients' close handshakes: their close frames
+# are written by then unless a client is not reading (and it was told to go long before).
+CLOSE_WAIT_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -55,10 +58,10 @@ class DrainingServer(uvicorn.Server):
             await node.drain(settings.drain_window_ms, settings.drain_deadline_ms)
             # The node is done with them; let their close frames reach the clients (the
             # sockets are ours, not uvicorn's, so its shutdown would not wait for them).
-            await endpoint.wait_closed(CLOSE_TIMEOUT_S)
+            await endpoint.wait_closed(CLOSE_WAIT_S)
         await super().shutdown(sockets)  # the lifespan's end closes whoever is left
         if not self.force_exit:
-            await endpoint.wait_closed(CLOSE_TIMEOUT_S)
+            await endpoint.wait_closed(CLOSE_WAIT_S)
 
 
 def listen_socket(host: str, port: int, send_buffer: int = 0) -> socket.socket:

@@ -71,7 +71,9 @@ async def test_node_lost_under_the_client_resumes_on_the_other_without_gap_or_du
         if how == "sigkill":
             g1.kill()
         else:
-            g1.stop()  # SIGTERM: `reconnect` with after_ms, then 1001 at the deadline
+            # SIGTERM: `reconnect` with after_ms, then 1001 at the deadline. In a thread: a
+            # blocked event loop would keep our clients from answering the nodes' pings.
+            await asyncio.to_thread(g1.stop)
         own = asyncio.create_task(client.send(conv, "mine, sent across the move", cid="own-1"))
         await flow
         ack = await asyncio.wait_for(own, 30)
