@@ -8,6 +8,7 @@ agora scores [--workers N]      the scores workers (vote counters, feeds, score 
 agora dev                       services + migrate + a gateway, a fan-out and a scores worker
 agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
 agora shards prune --physical N  after a shard move: drop rows mapped elsewhere (--apply)
+agora posts recount POST_ID...  repair: set posts' vote counters from their vote rows
 """
 
 from __future__ import annotations
@@ -163,6 +164,42 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_posts(args: argparse.Namespace) -> int:
+    """Repair vote counters from the vote rows (the truth), with the scores workers stopped:
+    deltas in flight would otherwise be counted twice. Feeds pick the new scores up at
+    their next rebuild; the next vote on the post sends its score to the thread."""
+    from storage.errors import NotFound
+    from storage.ids import parse_id
+    from storage.pools import ShardPools
+    from storage.posts import recount
+
+    settings = _settings()
+    ids = [parse_id(raw) for raw in args.post_ids]
+    bad = [raw for raw, post in zip(args.post_ids, ids, strict=True) if post is None]
+    if bad:
+        print(f"agora: not a post id: {', '.join(bad)}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        pools = ShardPools(settings)
+        missing = 0
+        try:
+            for raw, post in zip(args.post_ids, ids, strict=True):
+                assert post is not None
+                try:
+                    up, down = await recount(pools, post)
+                except NotFound:
+                    print(f"post {raw}: not found", file=sys.stderr)
+                    missing += 1
+                    continue
+                print(f"post {raw}: up {up} down {down} score {up - down}")
+        finally:
+            await pools.close()
+        return 1 if missing else 0
+
+    return asyncio.run(run())
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth import make_token
 
@@ -243,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--physical", type=int, required=True, help="index in AGORA_SHARD_DSNS")
     p.add_argument("--apply", action="store_true", help="delete (default: count only)")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("posts", help="post maintenance (repair vote counters)")
+    p.add_argument("action", choices=["recount"])
+    p.add_argument("post_ids", nargs="+", metavar="POST_ID")
+    p.set_defaults(func=cmd_posts)
 
     p = sub.add_parser("token", help="print a signed dev token")
     p.add_argument("user")
