@@ -18,10 +18,12 @@ before the client read it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, ClassVar
 
 import httptools
+from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.protocol import websocket as wsp
@@ -48,6 +50,11 @@ EARLY_MAX = 256 * 1024
 
 class _HeadTooLarge(Exception):
     pass
+
+
+@functools.cache
+def _trusted_hosts(allowed: str | tuple[str, ...]) -> _TrustedHosts:
+    return _TrustedHosts(allowed if isinstance(allowed, str) else list(allowed))
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -78,6 +85,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes += n
         if self._head_bytes > MAX_REQUEST_HEAD:
             raise _HeadTooLarge
+
+    def _client(self) -> tuple[str, int] | None:
+        """The client's address: the socket's peer, or, when that peer is a trusted proxy
+        (uvicorn's `forwarded_allow_ips`, FORWARDED_ALLOW_IPS), the client it forwarded,
+        as uvicorn's proxy-headers middleware does for HTTP requests (per-IP limits must
+        see the real client behind a load balancer)."""
+        client = self.client
+        if client is None or not self.config.proxy_headers:
+            return client
+        allowed = self.config.forwarded_allow_ips
+        trusted = _trusted_hosts(allowed if isinstance(allowed, str) else tuple(allowed))
+        if client[0] not in trusted:
+            return client
+        for name, value in self.headers:
+            if name == b"x-forwarded-for":
+                host, port = trusted.get_trusted_client_address(value.decode("latin-1"))
+                if host:
+                    return (host, port)
+        return client
 
     def _should_upgrade_to_ws(self) -> bool:
         return True
@@ -121,7 +147,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         link = WebSocketLink(self.endpoint, transport)
         transport.set_protocol(link)
         self.endpoint.links.add(link)
-        self.endpoint.upgrade(link, self.client, url.query or b"", upgrade)
+        try:
+            self.endpoint.upgrade(link, self._client(), url.query or b"", upgrade)
+        except Exception:  # a bug of ours: this client is cut off, the node goes on
+            log.exception("WebSocket upgrade failed")
+            transport.abort()
+            return
         if rest:
             link.data_received(rest)
 

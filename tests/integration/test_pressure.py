@@ -154,6 +154,37 @@ async def test_handshakes_per_ip_are_limited_with_429(settings: Settings) -> Non
         s.stop_all()
 
 
+async def test_behind_a_trusted_proxy_the_limit_is_per_forwarded_client(
+    settings: Settings,
+) -> None:
+    # The test connects from 127.0.0.1, which uvicorn trusts as a proxy by default
+    # (FORWARDED_ALLOW_IPS): X-Forwarded-For names the client the limit counts.
+    s = Stack(settings, extra_env={"AGORA_HANDSHAKES_PER_IP_S": "2"})
+    try:
+        g = s.gateway("ip-xff")
+
+        async def open_as(i: int, forwarded: str) -> Any:
+            headers = {"Authorization": f"Bearer {s.token(f'xff{i}')}"}
+            headers["X-Forwarded-For"] = forwarded
+            try:
+                return await connect(g.ws_url, additional_headers=headers, open_timeout=10)
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 429
+                return None
+
+        many = [await open_as(i, f"203.0.113.{i}, 127.0.0.1") for i in range(14)]
+        assert all(c is not None for c in many)  # 14 clients, one handshake each
+        one = [await open_as(100 + i, "198.51.100.7") for i in range(14)]
+        refused = sum(c is None for c in one)
+        print(f"14 handshakes from one forwarded client at 2/s (burst 8): refused {refused}")
+        assert refused >= 4
+        for c in many + one:
+            if c is not None:
+                await c.close()
+    finally:
+        s.stop_all()
+
+
 async def test_slow_readers_are_closed_4009_and_do_not_hurt_the_others(
     settings: Settings, http: httpx.AsyncClient
 ) -> None:
