@@ -114,6 +114,18 @@ class GatewayMetrics:
             "gauge",
             lambda: state.admission.handshakes,
         )
+        r.callback(
+            "agora_feed_page_hits_total",
+            "Feed first pages served from this gateway's page cache.",
+            "counter",
+            lambda: state.feed_pages.hits,
+        )
+        r.callback(
+            "agora_feed_page_fetches_total",
+            "Feed first pages fetched (cache misses and stale pages).",
+            "counter",
+            lambda: state.feed_pages.fetches,
+        )
 
 
 class WireMetrics:

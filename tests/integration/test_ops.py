@@ -128,8 +128,13 @@ async def test_every_process_serves_metrics_that_move_with_traffic(ops: Ops) -> 
             f"{ops.g1.http_url}/v1/posts/{post.json()['id']}/vote", json={"value": 1}, headers=hdr
         )
         assert vote.status_code == 200, vote.text
+        for _ in range(3):  # first pages: fetched, then served from the page cache
+            feed = await http.get(f"{ops.g1.http_url}/v1/feeds/new?community=ops", headers=hdr)
+            assert feed.status_code == 200, feed.text
 
     g1 = await scrape(f"{ops.g1.http_url}/metrics")
+    pages = total(g1, "agora_feed_page_hits_total") + total(g1, "agora_feed_page_fetches_total")
+    assert total(g1, "agora_feed_page_fetches_total") >= 1 and pages >= 3
     g2 = await scrape(f"{ops.g2.http_url}/metrics")
     node2 = reader.hello["node"]
     print({k: v for k, v in g2.items() if "bucket" not in k})
