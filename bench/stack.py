@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -27,7 +26,7 @@ from bench.common import proc_cpu_s, proc_rss_kib, proc_sched_s
 from gateway.auth import make_token
 from storage.settings import Settings
 from tests.engines import free_port, settings_env, test_engines
-from tests.stack import wait_http
+from tests.stack import Proc, wait_http
 
 LOG_DIR = Path(".agora/bench/logs")
 ALL_CPUS = set(range(os.cpu_count() or 1))
@@ -40,25 +39,15 @@ BENCH_ENV = {
 
 
 @dataclass
-class BenchProc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    port: int | None = None
+class BenchProc(Proc):
+    """tests.stack.Proc (urls, alive, stop, kill) plus what the benchmarks read of it."""
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+    def log_text(self) -> str:
+        return (LOG_DIR / f"{self.name}.log").read_text(errors="replace")
 
     def rss_kib(self) -> int:
         return proc_rss_kib(self.pid)
@@ -69,19 +58,6 @@ class BenchProc:
     def sched_s(self) -> tuple[float, float]:
         """(on-CPU s, runnable-but-waiting s): the second is starvation by neighbours."""
         return proc_sched_s(self.pid)
-
-    def kill(self) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGKILL)
-            self.popen.wait(10)
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def _affinity(cpus: set[int] | None) -> Callable[[], None] | None:

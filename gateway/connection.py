@@ -64,14 +64,12 @@ class Connection:
         "close_code",
         "close_reason",
         "codec",
-        "frames_in",
         "handler_task",
         "id",
         "limits",
         "link",
         "pending_close",
         "requests",
-        "sent_frames",
         "subs",
         "user",
         "wire",
@@ -94,8 +92,6 @@ class Connection:
         self.subs: dict[int, Subscription] = {}
         self.close_code: int | None = None
         self.close_reason = ""
-        self.sent_frames = 0
-        self.frames_in = 0
         self.busy = False  # a request is being handled: a drain closes after its reply
         self.pending_close: int | None = None
         self.requests: deque[Any] = deque()  # parsed requests waiting to be handled
@@ -124,7 +120,6 @@ class Connection:
                 self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
                 return
         link.write(data)
-        self.sent_frames += 1
         wire = self.wire
         wire.frames_out += 1
         wire.bytes_out += len(data)

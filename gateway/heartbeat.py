@@ -12,6 +12,7 @@ import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from gateway.protocol.frames import CloseCode
 from storage.settings import Settings
 
 if TYPE_CHECKING:
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("agora.gateway")
 
 SLICE = 500  # connections pinged between two yields to the event loop
-KEEPALIVE_TIMEOUT = 1011  # PROTOCOL.md: "internal error, reconnect with backoff"
 
 
 def sweep(conns: list[Connection]) -> None:
@@ -33,7 +33,7 @@ def sweep(conns: list[Connection]) -> None:
         try:
             if link.idle > 2:  # silent since the ping before last: two intervals
                 log.info("conn %d (%s): silent for two heartbeats, closing", conn.id, conn.user)
-                conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
+                conn.close(CloseCode.INTERNAL, "keepalive ping timeout")  # reconnect with backoff
             else:
                 link.ping()
         except Exception:  # one broken socket must not stop the node's heartbeats

@@ -172,7 +172,6 @@ class Endpoint:
 
     # -- each frame -----------------------------------------------------------------------------
     def message(self, conn: Connection, data: bytes | str) -> None:
-        conn.frames_in += 1
         wire = conn.wire
         wire.frames_in += 1
         wire.bytes_in += len(data)
