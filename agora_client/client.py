@@ -1,4 +1,4 @@
-"""An asyncio WebSocket client of PROTOCOL.md: one connection.
+"""An asyncio WebSocket client of docs/protocol.md: one connection.
 
 Replies are matched to requests by `rid`; everything else the server pushes (`msg`,
 `typing`, `score`, `reconnect`, ...) lands in `events`, in arrival order. An `on_frame`

@@ -1,4 +1,4 @@
-"""When to reconnect, and how long to wait: PROTOCOL.md's close codes as a pure function.
+"""When to reconnect, and how long to wait: docs/protocol.md's close codes as a pure function.
 
 The same rules as the browser client (gateway/static/agora.js: `reconnectDelay`), kept
 pure so they are tested without sockets or clocks.
@@ -21,7 +21,7 @@ PROTOCOL_ERROR = 4002
 RATE_LIMITED = 4008
 SLOW_CONSUMER = 4009
 
-# The client must change before coming back (PROTOCOL.md: "fix the client"), or the
+# The client must change before coming back (docs/protocol.md: "fix the client"), or the
 # server meant it (1000). 4001 waits for a new token instead (see `Backoff.delay`).
 FINAL = frozenset({NORMAL, TOO_LARGE, PROTOCOL_ERROR})
 # The smallest Retry-After the server sends: a refusal is never retried sooner.

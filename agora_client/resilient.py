@@ -1,7 +1,7 @@
 """A client that stays connected: reconnect, resubscribe with `since`, retry unacked sends.
 
 `ReconnectingClient` owns one `AgoraClient` connection at a time and replaces it when it
-drops, following PROTOCOL.md (policy.Backoff): full-jitter backoff; a 503/429 refusal's
+drops, following docs/protocol.md (policy.Backoff): full-jitter backoff; a 503/429 refusal's
 Retry-After and close 1013 are floors; a draining node's `reconnect.after_ms` is when to
 move; 4001 waits for `set_token`. After each (re)connect it subscribes again to every
 conversation with `since` = the last seq it delivered, so the server replays what was

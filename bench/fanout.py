@@ -119,7 +119,7 @@ class FanoutWorker:
                     except Exception as exc:
                         failures[f"member:{failure_reason(exc)}"] += 1
                         return
-                await asyncio.sleep(random.uniform(0, retry_after))  # PROTOCOL.md: jitter
+                await asyncio.sleep(random.uniform(0, retry_after))  # docs/protocol.md: jitter
 
         async def sender(i: int, s: Sender, port: int) -> None:
             async with sem:

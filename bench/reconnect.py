@@ -109,7 +109,7 @@ class ReconnectWorker:
 
     async def _reconnect(self, m: Member) -> None:
         """Reconnect with full-jitter backoff; a `sub` answered `unavailable` is retried on
-        the same connection after a backoff (PROTOCOL.md: retry later), not by reconnecting."""
+        the same connection after a backoff (docs/protocol.md: retry later), not by reconnecting."""
         assert self.failover is not None
         host, port = self.failover
         for attempt in range(12):

@@ -137,7 +137,7 @@ class StormWorker:
                         ends.append(c.t_hello)
                         self.clients.append(c)
                         return
-                # PROTOCOL.md: back off with jitter after a refusal (out of the in-flight set).
+                # docs/protocol.md: back off with jitter after a refusal (out of the in-flight set).
                 await asyncio.sleep(random.uniform(0, retry_after))
 
         await asyncio.gather(*(one(i) for i in range(len(self.tokens))))

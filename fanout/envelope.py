@@ -1,6 +1,6 @@
 """The internal envelope: what Kafka records and Redis deliveries carry (MessagePack).
 
-Separate from the wire frame of PROTOCOL.md and versioned (`v`), so the two can change
+Separate from the wire frame of docs/protocol.md and versioned (`v`), so the two can change
 independently: a worker refuses an envelope version it does not know instead of guessing.
 Keys are short because every message crosses Kafka once and Redis once per node.
 """

@@ -1,5 +1,5 @@
 """Server pings: every heartbeat interval each connection gets a WebSocket ping, and one
-that has sent nothing for two intervals (no pong, no frame) is closed (PROTOCOL.md).
+that has sent nothing for two intervals (no pong, no frame) is closed (docs/protocol.md).
 
 One task per node rather than a timer per connection: 20,000 idle connections cost one
 sweep per interval, done in slices so the event loop is never held for long.

@@ -163,7 +163,7 @@ class Endpoint:
         node = self.node
         conn.on_close(node.detach)
         link.conn = conn
-        # hello first (PROTOCOL.md: the first frame), before registration makes the
+        # hello first (docs/protocol.md: the first frame), before registration makes the
         # connection a target of user frames; requests wait until registration is done.
         conn.push_frame(
             frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)

@@ -1,4 +1,4 @@
-"""Regenerate the settings table in README.md and the whole .env.example from
+"""Regenerate the settings table in docs/operations.md and the whole .env.example from
 storage.settings (the one place settings are declared). Run after adding a setting:
 
     .venv/bin/python scripts/settings_docs.py
@@ -54,6 +54,6 @@ def env_example() -> str:
 
 
 if __name__ == "__main__":
-    update_readme(ROOT / "README.md")
+    update_readme(ROOT / "docs" / "operations.md")
     (ROOT / ".env.example").write_text(env_example(), encoding="utf-8")
-    print("README.md table and .env.example regenerated")
+    print("docs/operations.md table and .env.example regenerated")

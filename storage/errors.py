@@ -1,6 +1,6 @@
 """The error hierarchy shared by every layer.
 
-Each error carries the PROTOCOL.md code, the HTTP status it maps to, and whether the caller
+Each error carries the docs/protocol.md code, the HTTP status it maps to, and whether the caller
 may retry the same request later (`retriable`, as aiokafka's errors do). The gateway turns
 them into `err` frames or HTTP error bodies; nothing else needs to know the mapping.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 class AgoraError(Exception):
-    """Base class: a request failed with a PROTOCOL.md error code."""
+    """Base class: a request failed with a docs/protocol.md error code."""
 
     code: str = "internal"
     status: int = 500

@@ -92,7 +92,7 @@ class VoteResult:
     down: int
 
 
-# -- validation (PROTOCOL.md limits) ----------------------------------------------------------
+# -- validation (docs/protocol.md limits) ----------------------------------------------------------
 
 
 def _text(value: Any, what: str, lo: int, hi: int) -> str:

@@ -2,7 +2,7 @@
 
 No other module reads the environment: composition roots call `Settings.from_env()` and pass
 the object down. Every setting is declared once in `SETTINGS` with its default and meaning;
-the README table and `.env.example` are checked against that list by a test.
+the settings table of docs/operations.md and `.env.example` are checked against that list by a test.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The HTTP API of PROTOCOL.md, one module per resource."""
+"""The HTTP API of docs/protocol.md, one module per resource."""

@@ -24,7 +24,7 @@ from storage.ranking import DEFAULT_WINDOW, Feed, FeedKind, Window
 
 def parse_feed(kind: str, community: str | None, window: str | None) -> Feed:
     """The feed a request names. Empty parameters count as absent (`?community=` is the
-    global feed), since PROTOCOL.md spells the query with empty placeholders."""
+    global feed), since docs/protocol.md spells the query with empty placeholders."""
     try:
         feed_kind = FeedKind(kind)
     except ValueError:

@@ -1,10 +1,10 @@
-"""`GET /openapi.json`: the HTTP API of PROTOCOL.md as an OpenAPI 3.1 document.
+"""`GET /openapi.json`: the HTTP API of docs/protocol.md as an OpenAPI 3.1 document.
 
 Hand-written from the contract (not generated from the handlers), with limits taken from
 the same constants the handlers enforce, so the two cannot drift on a number. The test
 suite fuzzes the running service against this document with schemathesis: every answer
 must be one of the statuses listed here, in the shape listed here.
-The WebSocket (`GET /v1/ws`) is not an HTTP operation; its frames are in PROTOCOL.md.
+The WebSocket (`GET /v1/ws`) is not an HTTP operation; its frames are in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -450,10 +450,10 @@ def document(settings: Settings) -> Schema:
             "title": "Agora HTTP API",
             "version": "1",
             "description": (
-                "The HTTP half of wire protocol v1 (PROTOCOL.md). Ids are 64-bit integers "
+                "The HTTP half of wire protocol v1 (docs/protocol.md). Ids are 64-bit integers "
                 "sent as decimal strings. Errors are `{error: {code, message}}`. Lists are "
                 "keyset-paginated: `{items, next}` with `?cursor=&limit=`. The WebSocket "
-                "`GET /v1/ws` (frames, close codes) is described in PROTOCOL.md."
+                "`GET /v1/ws` (frames, close codes) is described in docs/protocol.md."
             ),
         },
         "security": [{"bearer": []}],

@@ -25,7 +25,7 @@ MESSAGE_KINDS = ("text", "comment")
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes of PROTOCOL.md, ranged like Centrifuge's: 1xxx are the
+    """WebSocket close codes of docs/protocol.md, ranged like Centrifuge's: 1xxx are the
     standard ones, 40xx are Agora's. `reconnect` says whether a client should come back."""
 
     NORMAL = 1000

@@ -8,7 +8,7 @@
 //   await client.subscribe(convId);
 //   await client.send(convId, "hello");      // resolves with the ack
 //
-// What it does for you (PROTOCOL.md):
+// What it does for you (docs/protocol.md):
 // - The token travels as ?token= (browsers cannot set headers on a WebSocket).
 // - Reconnects with full-jitter exponential backoff. A `reconnect` frame from a draining
 //   node is honoured: the client moves after `after_ms`, not before. Close 1013 (overload),

@@ -357,7 +357,7 @@ async def test_broker_down_gives_unavailable_never_a_false_ack(
 
         broker.send_signal(signal.SIGCONT)
         print("broker answering again")
-        # As PROTOCOL.md tells a client: retry each `unavailable` send with the same cid.
+        # As docs/protocol.md tells a client: retry each `unavailable` send with the same cid.
         # A send that timed out may still have been delivered by the producer's retries;
         # the retry then gets that message's id, never a second message.
         deadline = time.monotonic() + 60

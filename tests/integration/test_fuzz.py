@@ -1,5 +1,5 @@
 """Bad input from outside: fuzzed WebSocket frames and HTTP bodies, injection strings and
-every size limit. The node never crashes, the offender gets the PROTOCOL.md error or close,
+every size limit. The node never crashes, the offender gets the docs/protocol.md error or close,
 and everyone else is unaffected."""
 
 from __future__ import annotations

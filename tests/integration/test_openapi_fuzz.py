@@ -50,7 +50,7 @@ def _document() -> dict[str, Any]:
     return document(Settings.from_env(env))
 
 
-# Unknown query parameters are ignored, as most HTTP APIs do (and PROTOCOL.md does not
+# Unknown query parameters are ignored, as most HTTP APIs do (and docs/protocol.md does not
 # forbid): do not fuzz with made-up ones and then demand a 400 for them.
 _CONFIG = schemathesis.Config.from_dict({"generation": {"allow-extra-parameters": False}})
 schema = schemathesis.openapi.from_dict(_document(), config=_CONFIG)

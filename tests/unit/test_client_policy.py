@@ -1,4 +1,4 @@
-"""agora_client.policy: the reconnect rules of PROTOCOL.md's close codes, without sockets."""
+"""agora_client.policy: the reconnect rules of docs/protocol.md's close codes, without sockets."""
 
 from __future__ import annotations
 
