@@ -67,23 +67,27 @@ def decode_new_message(data: bytes) -> NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class Vote:
-    """A vote delta on the votes topic (keyed by post)."""
+    """A record on the votes topic (keyed by post): `user`'s vote row on `post` changed and
+    may need counting. It carries no delta: the scores worker counts the row as it is
+    (storage.posts.count_votes), so the same record twice, or late, counts nothing twice."""
 
     post: int
-    up: int  # change of the up count: -1, 0 or +1
-    down: int
+    user: str
     ts: int
 
 
 def encode_vote(v: Vote) -> bytes:
-    out: bytes = msgpack.packb({"v": VERSION, "p": v.post, "u": v.up, "d": v.down, "t": v.ts})
+    out: bytes = msgpack.packb({"v": VERSION, "p": v.post, "w": v.user, "t": v.ts})
     return out
 
 
 def decode_vote(data: bytes) -> Vote:
     o = _unpack(data)
     try:
-        return Vote(post=int(o["p"]), up=int(o["u"]), down=int(o["d"]), ts=int(o["t"]))
+        user = o["w"]  # a delta of the old format has none: its vote rows were recounted
+        if not isinstance(user, str):
+            raise TypeError("voter is not a string")
+        return Vote(post=int(o["p"]), user=user, ts=int(o["t"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad vote envelope: {exc!r}") from None
 

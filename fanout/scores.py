@@ -7,10 +7,12 @@ gets a thousand votes a second is a few row writes a second, not a thousand cont
 locks. Then it re-ranks the posts in the feed sets, publishes the new totals to the gateway
 nodes whose clients follow each post's thread, and only then commits the offsets.
 
-Exactly once: each shard's transaction also records, per partition, how far the topic has
-been applied to that shard (`vote_offsets`). A record that Kafka delivers again (the worker
-died after the database commit, before the offset commit; a rebalance; a retry after Redis
-failed) is skipped by a shard that already has it, instead of being counted twice.
+Exactly once: a record only names a vote row (post, voter); each shard's transaction counts
+the named rows whose value is not in the counters yet and marks them counted (`counted`,
+storage.posts.count_votes). A record that Kafka delivers again (the worker died after the
+database commit, before the offset commit; a rebalance; a retry after Redis failed), a
+record produced twice (a retried vote, the gateways' sweep) or a votes topic recreated with
+its offsets back at 0 counts nothing twice and skips nothing: no offsets are consulted.
 
 Failures, as in the fan-out worker: a shard that is down holds back only its own votes
 (kept and retried while the other shards go on; the committed offset of a partition stops
@@ -100,9 +102,6 @@ class ScoresWorker:
                     # Poison record: log and skip it rather than block the partition forever.
                     log.error("skipping record %s@%d: %s", tp, rec.offset, exc)
                     continue
-                if abs(vote.up) > 1 or abs(vote.down) > 1:
-                    log.error("skipping record %s@%d: delta out of range", tp, rec.offset)
-                    continue
                 fresh.append(Pending(tp, rec.offset, vote))
         owned = self.consumer.assignment()
         # Held votes of partitions taken away by a rebalance belong to their new owner.
@@ -165,30 +164,16 @@ class ScoresWorker:
         return totals, failed, errors
 
     async def _apply_shard(self, physical: int, work: list[Pending]) -> list[Totals]:
-        # How far this shard has the topic, per partition, after this transaction: every
-        # unapplied vote of the shard up to there is in `work` (held ones included), so
-        # "applied through" stays true.
-        through: dict[int, int] = {}
-        for p in work:
-            through[p.tp.partition] = max(through.get(p.tp.partition, -1), p.offset)
+        # Records name vote rows; what is counted is each row's value not counted yet
+        # (storage.posts.count_votes), so records seen before, or twice, add nothing.
         async with self.pools.transaction(physical) as conn:
-            applied = await posts.lock_offsets(conn, self.topic, through)
-            sums: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-            seen: set[int] = set()
-            for p in work:
-                seen.add(p.vote.post)
-                if p.offset > applied.get(p.tp.partition, -1):  # else: already counted here
-                    acc = sums[p.vote.post]
-                    acc[0] += p.vote.up
-                    acc[1] += p.vote.down
-            deltas = {post: (u, d) for post, (u, d) in sums.items() if u or d}
+            deltas = await posts.count_votes(conn, ((p.vote.post, p.vote.user) for p in work))
             totals = await posts.apply_deltas(conn, deltas)
-            # Posts whose deltas this shard already had (a retried batch): their totals
-            # may never have reached the feeds and subscribers, so send them now.
-            redone = seen - sums.keys()
+            # Posts whose votes were already counted (a retried batch, a record produced
+            # again): their totals may never have reached the feeds and subscribers.
+            redone = {p.vote.post for p in work} - deltas.keys()
             if redone:
                 totals += await posts.totals_of(conn, redone)
-            await posts.record_offsets(conn, self.topic, through)
         return totals
 
     async def _commit(self, last: dict[TopicPartition, int], held: list[Pending]) -> None:

@@ -130,13 +130,16 @@ def create_app(settings: Settings) -> Starlette:
         state.admission = admission = Admission(settings)
         state.feeds = FeedCache(redis, node.keys, pools)
         state.feed_pages = FeedPages(state.feeds, pools, settings.feed_page_cache_ms)
-        state.votes = VotePath(pools, producer, votes_topic(settings))
+        state.votes = votes = VotePath(
+            pools, producer, votes_topic(settings), settings.vote_sweep_s
+        )
         node.latency = wire_metrics.latency.labels()
         endpoint.bind(node, state.handler, admission)
         await node.start()
         background = [
             asyncio.create_task(admission.watch_lag()),
             state.http_limiter.start(),
+            asyncio.create_task(votes.sweep_forever(redis, node.keys.vote_sweep())),
         ]
         log.info("gateway node %s ready", node.id)
         try:

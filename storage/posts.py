@@ -3,7 +3,9 @@
 A post, its votes and its thread conversation live on the author's logical shard (both ids
 carry it). Counters (`up`, `down`) are written only by the scores worker, one UPDATE per
 post per batch (`apply_deltas`), so a popular post is never one row locked by every voter:
-a vote writes just the voter's own row (`vote`).
+a vote writes just the voter's own row (`vote`). Each vote row also keeps the value the
+counters hold for it (`counted`); the worker moves it to `value` in the counters'
+transaction (`count_votes`), so the counters always equal the sum of `counted`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +90,9 @@ class VoteChange:
 @dataclass(frozen=True, slots=True)
 class VoteResult:
     change: VoteChange
-    up: int  # counters as applied when the vote was taken, plus this vote's own delta
+    up: int  # the counters as applied when the vote was taken, with this vote in them
     down: int
+    pending: bool  # the row's value is not in the counters yet: a record must name it
 
 
 # -- validation (docs/protocol.md limits) ----------------------------------------------------------
@@ -293,19 +296,12 @@ async def delete(pools: ShardPools, post_id: int, user: str) -> Post:
 # -- votes ------------------------------------------------------------------------------------
 
 
-async def vote(
-    pools: ShardPools,
-    post_id: int,
-    user: str,
-    value: int,
-    on_change: Callable[[VoteChange], Awaitable[None]],
-) -> VoteResult:
+async def vote(pools: ShardPools, post_id: int, user: str, value: int) -> VoteResult:
     """Set `user`'s vote on a live post. One row per (post, user); the post row is only read.
 
-    When the value changes, `on_change` runs *inside* the transaction, before the commit:
-    the caller produces the delta to Kafka there, so a vote whose delta could not be sent
-    is rolled back (and answered `unavailable`), never left half-counted. The voter's row
-    stays locked meanwhile, which serialises only that voter's own concurrent votes.
+    The transaction writes only the voter's row and ends before anything else happens:
+    the caller produces a record naming the row after the commit (`VoteResult.pending`),
+    and the scores worker counts the row's value, not the record (`count_votes`).
     """
     validate_vote(value)
     async with pools.transaction(_shard(pools, post_id)) as conn:
@@ -322,15 +318,17 @@ async def vote(
             value,
         )
         if inserted is not None:
-            old = 0  # no row was the same as a 0 vote
+            old, counted = 0, 0  # no row was the same as a 0 vote
         else:
             # The row exists (perhaps committed a moment ago by a concurrent vote of the same
-            # user): lock it and read its latest value, so the delta is exact.
-            old = await conn.fetchval(
-                "SELECT value FROM votes WHERE post_id = $1 AND user_id = $2 FOR UPDATE",
+            # user): lock it and read its latest value.
+            row = await conn.fetchrow(
+                """SELECT value, counted FROM votes WHERE post_id = $1 AND user_id = $2
+                   FOR UPDATE""",
                 post_id,
                 user,
             )
+            old, counted = row["value"], row["counted"]
             if old != value:
                 await conn.execute(
                     """UPDATE votes SET value = $3, updated_at = now()
@@ -339,21 +337,25 @@ async def vote(
                     user,
                     value,
                 )
-        change = VoteChange(post_id, old, value)
-        if change.changed:
-            await on_change(change)
-    # Never below 0: the voter's previous vote may not have reached the counters yet.
-    up = max(0, post["up"] + change.up)
-    down = max(0, post["down"] + change.down)
-    return VoteResult(change, up, down)
+    # The counters hold `counted` for this voter: swap it for the new value. Never below 0
+    # (the post was read a moment before the row, so the two can be one batch apart).
+    up = max(0, post["up"] + (value == 1) - (counted == 1))
+    down = max(0, post["down"] + (value == -1) - (counted == -1))
+    return VoteResult(VoteChange(post_id, old, value), up, down, pending=value != counted)
 
 
 async def recount(pools: ShardPools, post_id: int) -> tuple[int, int]:
-    """Repair: set a post's counters from its vote rows (the source of truth) and return
-    them. For an operator after a failure the delta path cannot undo (a produce that was
-    acknowledged by Kafka whose transaction then failed to commit). Run it with the scores
-    worker stopped, or deltas in flight are counted twice."""
+    """Repair: set a post's counters from its vote rows (the source of truth), mark every
+    row counted, and return the counters. The rows are locked first, in the scores
+    worker's order, so this is safe to run while workers run."""
     async with pools.transaction(_shard(pools, post_id)) as conn:
+        await conn.execute(
+            "SELECT 1 FROM votes WHERE post_id = $1 ORDER BY post_id, user_id FOR UPDATE",
+            post_id,
+        )
+        await conn.execute(
+            "UPDATE votes SET counted = value WHERE post_id = $1 AND counted <> value", post_id
+        )
         row = await conn.fetchrow(
             """UPDATE posts SET
                  up = (SELECT count(*) FROM votes WHERE post_id = $1 AND value = 1),
@@ -366,7 +368,63 @@ async def recount(pools: ShardPools, post_id: int) -> tuple[int, int]:
     return row["up"], row["down"]
 
 
+async def pending_votes(conn: Any, older_than_s: float, limit: int) -> list[tuple[int, str]]:
+    """(post, user) of the votes on `conn`'s shard not counted yet and last changed more
+    than `older_than_s` ago, oldest first: those whose record Kafka lost or never took."""
+    rows = await conn.fetch(
+        """SELECT post_id, user_id FROM votes
+           WHERE counted <> value AND updated_at < now() - make_interval(secs => $1)
+           ORDER BY updated_at LIMIT $2""",
+        float(older_than_s),
+        limit,
+    )
+    return [(r["post_id"], r["user_id"]) for r in rows]
+
+
 # -- the scores worker's writes ---------------------------------------------------------------
+
+
+async def count_votes(conn: Any, voters: Iterable[tuple[int, str]]) -> dict[int, tuple[int, int]]:
+    """Count the named (post, user) vote rows on `conn`'s shard that are not counted yet:
+    lock them, set `counted` to their value, and return the (up, down) deltas per post that
+    the counters need (for `apply_deltas` in the same transaction).
+
+    A row already counted adds nothing, however many records name it: a redelivered batch,
+    a record produced twice (a retried vote, the sweep) or a topic whose offsets restarted
+    costs nothing. Rows are locked in (post, user) order and before any post row, so
+    workers with overlapping batches take turns instead of deadlocking.
+    """
+    pairs = sorted(set(voters))
+    if not pairs:
+        return {}
+    rows = await conn.fetch(
+        """SELECT v.post_id, v.user_id, v.value, v.counted
+           FROM votes v
+           JOIN unnest($1::bigint[], $2::text[]) AS k(post_id, user_id)
+             ON v.post_id = k.post_id AND v.user_id = k.user_id
+           WHERE v.counted <> v.value
+           ORDER BY v.post_id, v.user_id
+           FOR UPDATE OF v""",
+        [p for p, _ in pairs],
+        [u for _, u in pairs],
+    )
+    if not rows:
+        return {}
+    # Locked: the values just read are the ones written back.
+    await conn.execute(
+        """UPDATE votes v SET counted = v.value
+           FROM unnest($1::bigint[], $2::text[]) AS k(post_id, user_id)
+           WHERE v.post_id = k.post_id AND v.user_id = k.user_id""",
+        [r["post_id"] for r in rows],
+        [r["user_id"] for r in rows],
+    )
+    sums: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        change = VoteChange(r["post_id"], r["counted"], r["value"])
+        acc = sums[r["post_id"]]
+        acc[0] += change.up
+        acc[1] += change.down
+    return {post: (u, d) for post, (u, d) in sums.items() if u or d}
 
 
 async def apply_deltas(conn: Any, deltas: dict[int, tuple[int, int]]) -> list[Totals]:
@@ -403,40 +461,6 @@ async def totals_of(conn: Any, post_ids: Iterable[int]) -> list[Totals]:
         Totals(r["id"], r["thread_id"], r["community"], r["up"], r["down"], r["deleted"])
         for r in rows
     ]
-
-
-async def lock_offsets(conn: Any, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-    """Lock this shard's applied-through offsets of `partitions` for the transaction and
-    return them (-1: nothing applied yet). Locked in partition order, so two workers that
-    briefly own the same partition (a rebalance) take turns instead of double-applying."""
-    parts = sorted(set(partitions))
-    await conn.execute(
-        """INSERT INTO vote_offsets (topic, partition, applied_through)
-           SELECT $1, p, -1 FROM unnest($2::integer[]) AS p
-           ON CONFLICT DO NOTHING""",
-        topic,
-        parts,
-    )
-    rows = await conn.fetch(
-        """SELECT partition, applied_through FROM vote_offsets
-           WHERE topic = $1 AND partition = ANY($2::integer[])
-           ORDER BY partition FOR UPDATE""",
-        topic,
-        parts,
-    )
-    return {r["partition"]: r["applied_through"] for r in rows}
-
-
-async def record_offsets(conn: Any, topic: str, applied: dict[int, int]) -> None:
-    parts = sorted(applied)
-    await conn.execute(
-        """UPDATE vote_offsets o SET applied_through = GREATEST(o.applied_through, a.off)
-           FROM unnest($2::integer[], $3::bigint[]) AS a(p, off)
-           WHERE o.topic = $1 AND o.partition = a.p""",
-        topic,
-        parts,
-        [applied[p] for p in parts],
-    )
 
 
 # -- feed rebuilds: scatter-gather over every physical shard ----------------------------------

@@ -37,6 +37,11 @@ class RedisKeys:
         """Set of node ids with connections of `user`."""
         return f"{self.p}:route:u:{user}"
 
+    # -- votes -----------------------------------------------------------------------------
+    def vote_sweep(self) -> str:
+        """Held for one sweep interval by the gateway that re-produces pending votes."""
+        return f"{self.p}:votesweep"
+
     # -- feeds (rebuildable caches) --------------------------------------------------------
     # Every key of one feed shares the hash tag {kind:scope[:window]}, so the feed's Lua
     # scripts touch one Redis Cluster slot.

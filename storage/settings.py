@@ -264,6 +264,14 @@ class Settings:
         "feed's stamp in Redis, so votes, posts and deletions show at once; this bounds how "
         "old a post's comment count on it can be); 0 turns the cache off.",
     )
+    vote_sweep_s: int = _setting(
+        "AGORA_VOTE_SWEEP_S",
+        "10",
+        _int_range(1, 3600),
+        "Every this many seconds one gateway (a Redis lock picks it) re-produces the votes "
+        "stored but not counted for longer than this (a record the broker lost or never "
+        "acknowledged), at most 1000 per shard per sweep.",
+    )
     drain_window_ms: int = _setting(
         "AGORA_DRAIN_WINDOW_MS",
         "10000",

@@ -96,10 +96,6 @@ def ids(body: bytes) -> list[int]:
     return [int(p["id"]) for p in items(body)]
 
 
-async def no_delta(change: posts.VoteChange) -> None:
-    return None
-
-
 async def test_a_first_page_is_read_once_then_served_from_memory(
     pools: ShardPools, feeds: FeedCache, shard_reads: list[list[int]]
 ) -> None:
@@ -232,7 +228,7 @@ async def test_my_vote_is_each_viewers_own(
         (c, "dave", 1),
         (c, "dave", 0),  # taken back: a row with 0
     ]:
-        await posts.vote(pools, post_id, f"{user}-{comm}", value, no_delta)
+        await posts.vote(pools, post_id, f"{user}-{comm}", value)
     expected = {
         "alice": {a: 1, b: -1},
         "bob": {},
@@ -255,7 +251,7 @@ async def test_my_vote_is_each_viewers_own(
             assert {pid: v for pid, v in (await read(user)).items() if v} == want, user
     assert pages.fetches == 1 and len(shard_reads) == 1
     # A vote shows on the viewer's next read, though the page is served from memory.
-    await posts.vote(pools, a, f"alice-{comm}", -1, no_delta)
+    await posts.vote(pools, a, f"alice-{comm}", -1)
     assert (await read("alice"))[a] == -1
     assert (await read("bob"))[a] == 0
     assert pages.fetches == 1

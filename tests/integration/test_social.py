@@ -487,7 +487,7 @@ async def test_500_concurrent_votes_by_200_users_end_exact_everywhere(
     )
 
 
-async def test_redelivered_vote_batch_is_not_counted_twice(
+async def test_redelivered_or_restarted_records_count_each_vote_once(
     settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, cache: FeedCache
 ) -> None:
     # Another topic name than the running worker's, so its offsets are not disturbed.
@@ -495,13 +495,15 @@ async def test_redelivered_vote_batch_is_not_counted_twice(
     worker = ScoresWorker(isolated, pools, redis_client, consumer=None)  # type: ignore[arg-type]
     (post,) = await seed(pools, cache, community(), 1)
     (other,) = await seed(pools, cache, community(), 1)
+    for post_id, user, value in [(post.id, "u1", 1), (post.id, "u2", 1), (other.id, "u3", -1)]:
+        assert (await posts.vote(pools, post_id, user, value)).pending
     p0, p3 = TopicPartition(worker.topic, 0), TopicPartition(worker.topic, 3)
     ts = now_ms()
     batch = [
-        Pending(p0, 10, Vote(post.id, 1, 0, ts)),
-        Pending(p0, 11, Vote(post.id, 1, 0, ts)),
-        Pending(p3, 5, Vote(other.id, 0, 1, ts)),
-        Pending(p0, 12, Vote(post.id, -1, 1, ts)),
+        Pending(p0, 10, Vote(post.id, "u1", ts)),
+        Pending(p0, 11, Vote(post.id, "u2", ts)),
+        Pending(p3, 5, Vote(other.id, "u3", ts)),
+        Pending(p0, 12, Vote(post.id, "u1", ts)),  # the same row named twice (a retry)
     ]
 
     async def apply(work: list[Pending]) -> set[tuple[int, int, int]]:
@@ -509,15 +511,57 @@ async def test_redelivered_vote_batch_is_not_counted_twice(
         assert (failed, errors) == ([], [])
         return {(t.id, t.up, t.down) for t in totals}
 
-    assert await apply(batch) == {(post.id, 1, 1), (other.id, 0, 1)}
+    assert await apply(batch) == {(post.id, 2, 0), (other.id, 0, 1)}
     # Kafka delivers the same batch again (the worker died before committing offsets):
     # nothing is added, and the totals still come back for the feeds and subscribers.
-    assert await apply(batch) == {(post.id, 1, 1), (other.id, 0, 1)}
-    # A batch overlapping the applied one counts only its new records.
-    more = [*batch[2:], Pending(p0, 13, Vote(post.id, 1, 0, ts))]
-    assert await apply(more) == {(post.id, 2, 1), (other.id, 0, 1)}
-    assert await counters(pools, post.id) == (2, 1)
+    assert await apply(batch) == {(post.id, 2, 0), (other.id, 0, 1)}
+    # u1 changes its vote; the topic was recreated, so its record comes at offset 0, below
+    # everything applied before: it is counted all the same, and only the change.
+    result = await posts.vote(pools, post.id, "u1", -1)
+    assert result.pending and (result.up, result.down) == (1, 1)
+    assert await apply([Pending(p0, 0, Vote(post.id, "u1", ts))]) == {(post.id, 1, 1)}
+    # A record naming a row nobody changed (u2's, produced again by a sweep) adds nothing.
+    assert await apply([Pending(p0, 1, Vote(post.id, "u2", ts))]) == {(post.id, 1, 1)}
+    assert await counters(pools, post.id) == (1, 1)
     assert await counters(pools, other.id) == (0, 1)
+    assert await rows_counted(pools, post.id) == {"u1": (-1, -1), "u2": (1, 1)}
+    # A repeated vote after it was counted is not pending: nothing to produce.
+    assert not (await posts.vote(pools, post.id, "u1", -1)).pending
+
+
+async def rows_counted(pools: ShardPools, post_id: int) -> dict[str, tuple[int, int]]:
+    """Each voter's (value, counted) on the post."""
+    async with pools.connection(pools.for_id(post_id)) as conn:
+        rows = await conn.fetch(
+            "SELECT user_id, value, counted FROM votes WHERE post_id = $1", post_id
+        )
+    return {r["user_id"]: (r["value"], r["counted"]) for r in rows}
+
+
+async def test_concurrent_workers_count_overlapping_records_once(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, cache: FeedCache
+) -> None:
+    # Two workers briefly owning the same partition (a rebalance) apply overlapping
+    # batches at once: every row is counted by exactly one of them, and no deadlock.
+    isolated = settings.with_overrides(kafka_topic_prefix=f"overlap{secrets.token_hex(3)}")
+    workers = [
+        ScoresWorker(isolated, pools, redis_client, consumer=None)  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    made = await seed(pools, cache, community(), 4)
+    voters = [(p.id, f"u{i}") for p in made for i in range(25)]
+    for post_id, user in voters:
+        await posts.vote(pools, post_id, user, 1)
+    tp = TopicPartition(workers[0].topic, 0)
+    ts = now_ms()
+    batch = [Pending(tp, i, Vote(p, u, ts)) for i, (p, u) in enumerate(voters)]
+    rng = random.Random(7)
+    halves = [rng.sample(batch, 70), list(reversed(batch))]
+    results = await asyncio.gather(*(w.apply(h) for w, h in zip(workers, halves, strict=True)))
+    for _totals, failed, errors in results:
+        assert (failed, errors) == ([], [])
+    for p in made:
+        assert await counters(pools, p.id) == (25, 0)
 
 
 async def test_a_dead_shard_holds_back_only_its_own_votes(
@@ -535,12 +579,14 @@ async def test_a_dead_shard_holds_back_only_its_own_votes(
         made = await seed(pools, cache, comm, 20)
         on0 = next(p for p in made if pools.for_id(p.id) == 0)
         on1 = next(p for p in made if pools.for_id(p.id) == 1)
+        for post_id, user in [(on0.id, "a"), (on1.id, "b"), (on0.id, "c")]:
+            await posts.vote(pools, post_id, user, 1)
         tp = TopicPartition(worker.topic, 2)
         ts = now_ms()
         work = [
-            Pending(tp, 1, Vote(on0.id, 1, 0, ts)),
-            Pending(tp, 2, Vote(on1.id, 1, 0, ts)),
-            Pending(tp, 3, Vote(on0.id, 1, 0, ts)),
+            Pending(tp, 1, Vote(on0.id, "a", ts)),
+            Pending(tp, 2, Vote(on1.id, "b", ts)),
+            Pending(tp, 3, Vote(on0.id, "c", ts)),
         ]
         totals, failed, errors = await worker.apply(work)
         assert [(t.id, t.up) for t in totals] == [(on0.id, 2)]
@@ -1016,25 +1062,35 @@ async def test_a_rebuilder_that_died_is_taken_over(
 
 async def test_votes_rows_and_recount(pools: ShardPools, cache: FeedCache) -> None:
     (post,) = await seed(pools, cache, community(), 1)
-    sent: list[tuple[int, int]] = []
-
-    async def record(change: posts.VoteChange) -> None:
-        sent.append((change.up, change.down))
-
-    async def refuse(change: posts.VoteChange) -> None:
-        raise RuntimeError("the broker said no")
-
     plan = [("a", 1), ("b", -1), ("a", 1), ("a", -1), ("c", 0), ("b", 0), ("d", 1)]
+    changes = []
     for user, value in plan:
-        result = await posts.vote(pools, post.id, user, value, record)
+        result = await posts.vote(pools, post.id, user, value)
         assert result.change.new == value
-    # Deltas only for changes: a +1, b -1, a +1 -> -1, b -1 -> 0, d +1.
-    assert sent == [(1, 0), (0, 1), (-1, 1), (0, -1), (1, 0)]
-    # A vote whose delta cannot be produced leaves no trace.
-    with pytest.raises(RuntimeError):
-        await posts.vote(pools, post.id, "d", -1, refuse)
-    assert (await posts.get(pools, post.id, "d")).my_vote == 1  # type: ignore[union-attr]
-    # The counters were never applied here (no scores worker for this post's deltas);
-    # recount derives them from the rows: a -1, d +1.
+        changes.append((result.change.up, result.change.down, result.pending))
+    # Nothing is counted here (no scores worker for this post): a row is pending while its
+    # value differs from the counted 0, and a repeat changes nothing.
+    assert changes == [
+        (1, 0, True),
+        (0, 1, True),
+        (0, 0, True),
+        (-1, 1, True),
+        (0, 0, False),
+        (0, -1, False),
+        (1, 0, True),
+    ]
+    async with pools.connection(pools.for_id(post.id)) as conn:
+        pending = await posts.pending_votes(conn, 0, 1_000_000)
+        assert {u for p, u in pending if p == post.id} == {"a", "d"}
+    # recount derives the counters from the rows (a -1, d +1) and marks them counted.
     assert await posts.recount(pools, post.id) == (1, 1)
     assert await counters(pools, post.id) == (1, 1)
+    assert await rows_counted(pools, post.id) == {
+        "a": (-1, -1),
+        "b": (0, 0),
+        "c": (0, 0),
+        "d": (1, 1),
+    }
+    async with pools.connection(pools.for_id(post.id)) as conn:
+        pending = await posts.pending_votes(conn, 0, 1_000_000)
+        assert not [u for p, u in pending if p == post.id]
