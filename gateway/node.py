@@ -29,6 +29,7 @@ from gateway.heartbeat import keep_alive
 from gateway.protocol import frames
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
+from gateway.tailcheck import TailCheck
 from storage import messages
 from storage.errors import Unavailable
 from storage.models import Message
@@ -76,6 +77,8 @@ class Node:
         self.connections: set[Connection] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fills_by_conv: dict[int, asyncio.Task[None]] = {}
+        # Catches subscribers up from storage after the pub/sub connection was down.
+        self.tails = TailCheck(pools, self.conv_subs, self._push_messages)
         self.draining = False
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
@@ -89,6 +92,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self._listen(ready)))
         self._tasks.append(asyncio.create_task(self._keep_lease()))
         self._tasks.append(asyncio.create_task(self.sync.run()))
+        self._tasks.append(asyncio.create_task(self.tails.run()))
         self._tasks.append(asyncio.create_task(keep_alive(self.connections, self.settings)))
         await asyncio.wait_for(ready.wait(), 10)
 
@@ -151,8 +155,10 @@ class Node:
             try:
                 await pubsub.subscribe(channel)
                 if ready.is_set():
-                    # A reconnect: anything registered may be gone (a Redis restart).
+                    # A reconnect: anything registered may be gone (a Redis restart), and
+                    # what was published meanwhile is lost: check every tail.
                     await self._register_all()
+                    self.tails.request()
                 ready.set()
                 async for item in pubsub.listen():
                     if item.get("type") == "message":

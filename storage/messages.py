@@ -8,7 +8,9 @@ producer retry) keeps its first seq and is reported as such, never re-sequenced.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from storage.models import Message, NewMessage
@@ -146,6 +148,24 @@ async def latest_seq(pools: ShardPools, conv: int) -> int:
             "SELECT last_seq FROM conversations WHERE id = $1", conv
         )
     return seq or 0
+
+
+async def latest_seqs(pools: ShardPools, convs: Iterable[int]) -> dict[int, int]:
+    """The last seq of each of `convs` (unknown ones left out): one query per physical
+    shard, shards in parallel. A shard that fails raises (the caller tries again)."""
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for conv in convs:
+        by_shard[pools.for_id(conv)].append(conv)
+
+    async def one(physical: int, group: list[int]) -> list[Any]:
+        async with pools.connection(physical) as conn:
+            rows: list[Any] = await conn.fetch(
+                "SELECT id, last_seq FROM conversations WHERE id = ANY($1::bigint[])", group
+            )
+        return rows
+
+    parts = await asyncio.gather(*(one(p, g) for p, g in by_shard.items()))
+    return {r["id"]: r["last_seq"] for part in parts for r in part}
 
 
 async def recover(

@@ -1,0 +1,137 @@
+"""Tail loss between Redis and a gateway: a message published while a node's pub/sub
+connection was down reaches the node's subscribers once it is back, although no later
+message comes to reveal the gap. Real processes, a private Redis (its ACL is changed) and
+the session's broker and shard databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from agora_client import AgoraClient
+from storage import messages
+from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
+from storage.settings import Settings
+from tests.faults import OwnRedis
+from tests.integration.helpers import create_group, uid
+from tests.stack import Stack
+
+pytestmark = pytest.mark.engines
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    r = OwnRedis()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as client:
+        yield client
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+    """Poll until `check()` holds; returns the monotonic time it did."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic()
+
+
+async def test_a_message_published_while_the_pubsub_was_down_arrives_with_nothing_after_it(
+    settings: Settings, pools: ShardPools, http: httpx.AsyncClient, own_redis: OwnRedis
+) -> None:
+    tag = f"tl{secrets.token_hex(3)}"
+    admin = aioredis.Redis.from_url(own_redis.url)
+    # Gateway A signs in to Redis as its own user, so that its pub/sub alone can be cut
+    # (and kept from coming back) while everything else it does with Redis goes on.
+    password = secrets.token_hex(8)
+    await admin.execute_command("ACL", "SETUSER", "gwa", "on", f">{password}", "~*", "&*", "+@all")
+    node_a = f"tail-a-{tag}"
+    common = {
+        "AGORA_REDIS_URL": own_redis.url,
+        "AGORA_REDIS_PREFIX": tag,
+        "AGORA_KAFKA_TOPIC_PREFIX": tag,
+    }
+    sa = Stack(
+        settings,
+        extra_env={
+            **common,
+            "AGORA_REDIS_URL": f"redis://gwa:{password}@127.0.0.1:{own_redis.port}/0",
+            "AGORA_NODE_ID": node_a,
+        },
+    )
+    sb = Stack(settings, extra_env=common)
+    clients: list[AgoraClient] = []
+    try:
+        a = sa.gateway("tail-a")
+        b = sb.gateway("tail-b")
+        sb.fanout("tail-fanout")
+        owner, reader, watcher = uid("owner"), uid("reader"), uid("watcher")
+        conv = await create_group(http, sb, b, owner, [reader, watcher])
+        on_a = await AgoraClient.connect(a.ws_url, sa.token(reader))
+        on_b = await AgoraClient.connect(b.ws_url, sb.token(watcher))
+        sender = await AgoraClient.connect(b.ws_url, sb.token(owner))
+        clients += [on_a, on_b, sender]
+        await on_a.sub(conv)
+        await on_b.sub(conv)
+        await sender.send(conv, "before", cid="before")
+        for c in (on_a, on_b):
+            assert (await c.next_event("msg", timeout=15))["body"] == "before"
+
+        channel = RedisKeys(tag).node_channel(node_a)
+
+        async def a_listening() -> bool:
+            ((_, count),) = await admin.pubsub_numsub(channel)
+            return bool(count)
+
+        async def a_deaf() -> bool:
+            return not await a_listening()
+
+        # Cut A's pub/sub connection and keep it from subscribing again.
+        await admin.execute_command("ACL", "SETUSER", "gwa", "-subscribe")
+        killed = await admin.execute_command("CLIENT", "KILL", "USER", "gwa", "TYPE", "pubsub")
+        assert killed == 1
+        await wait_for(a_deaf, 5, "A's subscription gone")
+
+        # One message, and nothing after it. B's subscriber getting it means the fan-out
+        # worker has published it, to A's channel too, where nobody listened.
+        await sender.send(conv, "while down", cid="down")
+        assert (await on_b.next_event("msg", timeout=15))["body"] == "while down"
+        stored = await messages.after(pools, int(conv), 0, 10)
+        assert [m.cid for m in stored] == ["before", "down"]
+        assert await a_deaf()
+        assert on_a.events.empty()
+
+        await admin.execute_command("ACL", "SETUSER", "gwa", "+subscribe")
+        back = await wait_for(a_listening, 10, "A subscribed again")
+        frame = await on_a.next_event("msg", timeout=5)
+        took = time.monotonic() - back
+        print(f"\nthe message lost on A's channel reached A {took:.2f}s after it resubscribed")
+        assert (frame["body"], frame["seq"]) == ("while down", 2)
+        assert took < 2.0
+        # Once, in order: nothing else follows (the tail check and any late live copy agree).
+        await sender.send(conv, "after", cid="after")
+        nxt = await on_a.next_event("msg", timeout=15)
+        assert (nxt["body"], nxt["seq"]) == ("after", 3)
+    finally:
+        for c in clients:
+            await c.close()
+        await admin.aclose()
+        sa.stop_all()
+        sb.stop_all()
