@@ -145,6 +145,9 @@ BAD_VALUES = [
     ("AGORA_FEED_PAGE_CACHE_MS", "-1"),
     ("AGORA_FEED_PAGE_CACHE_MS", "60001"),
     ("AGORA_FEED_PAGE_CACHE_MS", "0.5"),
+    ("AGORA_VOTE_SWEEP_S", "0"),
+    ("AGORA_VOTE_SWEEP_S", "3601"),
+    ("AGORA_VOTE_SWEEP_S", "1.5"),
 ]
 
 
