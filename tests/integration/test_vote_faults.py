@@ -1,6 +1,6 @@
 """The vote path under broker faults, with real processes and engines: a paused broker
 holds no database connection and a retried vote counts once; a votes topic deleted and
-recreated under a running scores worker loses no vote.
+recreated under a running scores worker loses no vote; and the migration to counted rows.
 
 Each test runs its own Tansu (it pauses or rewrites it) and its own key and topic prefix;
 the shard databases are the session's.
@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -23,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from fanout.kafka import ensure_topics, votes_topic
 from gateway.votes import PRODUCE_TIMEOUT_S
 from storage import posts, services
+from storage.migrate import load_migrations, migrate_database
 from storage.pools import ShardPools
 from storage.settings import Settings
 from tests.engines import free_port
@@ -288,3 +290,38 @@ async def test_votes_topic_recreated_under_a_running_worker_loses_no_vote(
         await wait_until(counted(13), 30, "a vote after the worker's restart counted")
     finally:
         s.stop_all()
+
+
+async def test_the_counted_migration_starts_from_rows_and_counters_that_agree(
+    settings: Settings,
+) -> None:
+    # A database as it was before migration 0004, counters off from the rows the way the
+    # old delta path could leave them (a delta counted without its row, one not counted).
+    base = settings.shard_dsns[0].rsplit("/", 1)[0]
+    dsn = f"{base}/agora_counted_{secrets.token_hex(3)}"
+    await services.ensure_databases((dsn,))
+    try:
+        everything = load_migrations()
+        await migrate_database(dsn, [m for m in everything if m.version < 4])
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id, up, down)
+                   VALUES (1, 'a', 'c', 't', 11, 5, 0), (2, 'a', 'c', 't', 12, 0, 0),
+                          (3, 'a', 'c', 't', 13, 2, 2)"""
+            )
+            await conn.execute(
+                """INSERT INTO votes (post_id, user_id, value) VALUES
+                   (1, 'x', 1), (1, 'y', 1), (1, 'z', -1), (2, 'x', 0), (2, 'y', -1)"""
+            )
+            assert await migrate_database(dsn, everything) == [
+                m.version for m in everything if m.version >= 4
+            ]
+            counters = await conn.fetch("SELECT id, up, down FROM posts ORDER BY id")
+            assert [tuple(r) for r in counters] == [(1, 2, 1), (2, 0, 1), (3, 0, 0)]
+            assert await conn.fetchval("SELECT count(*) FROM votes WHERE counted <> value") == 0
+            assert await conn.fetchval("SELECT to_regclass('vote_offsets')") is None
+        finally:
+            await conn.close()
+    finally:
+        await services.drop_databases((dsn,))
