@@ -356,10 +356,12 @@ async def recount(pools: ShardPools, post_id: int) -> tuple[int, int]:
         await conn.execute(
             "UPDATE votes SET counted = value WHERE post_id = $1 AND counted <> value", post_id
         )
+        # From `counted`, not `value`: a row inserted since the lock (a new voter) is not
+        # counted yet, and the scores worker will count it.
         row = await conn.fetchrow(
             """UPDATE posts SET
-                 up = (SELECT count(*) FROM votes WHERE post_id = $1 AND value = 1),
-                 down = (SELECT count(*) FROM votes WHERE post_id = $1 AND value = -1)
+                 up = (SELECT count(*) FROM votes WHERE post_id = $1 AND counted = 1),
+                 down = (SELECT count(*) FROM votes WHERE post_id = $1 AND counted = -1)
                WHERE id = $1 RETURNING up, down""",
             post_id,
         )
