@@ -1,22 +1,28 @@
 """Tail loss between Redis and a gateway: a message published while a node's pub/sub
 connection was down reaches the node's subscribers once it is back, although no later
 message comes to reveal the gap. Real processes, a private Redis (its ACL is changed) and
-the session's broker and shard databases.
+the session's broker and shard databases; then the tail check alone on the shards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from agora_client import AgoraClient
-from storage import messages
+from gateway.protocol.subscription import State, Subscription
+from gateway.tailcheck import TailCheck
+from storage import conversations, messages
+from storage.ids import IdGenerator, shard_of_id
+from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
 from storage.settings import Settings
@@ -135,3 +141,75 @@ async def test_a_message_published_while_the_pubsub_was_down_arrives_with_nothin
         await admin.aclose()
         sa.stop_all()
         sb.stop_all()
+
+
+class _Conn:
+    """What the tail check reads of a connection (its subscriptions), and what it gets."""
+
+    def __init__(self) -> None:
+        self.subs: dict[int, Subscription] = {}
+        self.got: list[int] = []
+
+
+async def test_the_tail_check_fills_each_subscriber_from_its_own_seq_and_retries_a_dead_shard(
+    settings: Settings, pools: ShardPools
+) -> None:
+    ids = IdGenerator()
+    convs = [
+        (await conversations.create_group(pools, ids, uid(f"o{i}"), [], "t")).id for i in range(6)
+    ]
+    for conv in convs:  # five messages each, across both physical shards
+        async with pools.transaction(pools.for_id(conv)) as conn:
+            await messages.append_batch(
+                conn,
+                [
+                    NewMessage(conv, ids.next_id(shard_of_id(conv)), "o", f"c{i}", "x", 1, "text")
+                    for i in range(5)
+                ],
+            )
+    assert {pools.for_id(c) for c in convs} == {0, 1}
+    behind, level, recovering = _Conn(), _Conn(), _Conn()
+    conv_subs: dict[int, set[Any]] = {}
+    for conv in convs:
+        behind.subs[conv] = Subscription(conv, last_seq=2, state=State.LIVE)
+        level.subs[conv] = Subscription(conv, last_seq=5, state=State.LIVE)
+        recovering.subs[conv] = Subscription(conv, last_seq=0, state=State.RECOVERING)
+        conv_subs[conv] = {behind, level, recovering}
+
+    def push(conn: Any, out: list[Message]) -> None:
+        conn.got += [m.seq for m in out]
+
+    # First against a shard that is down: the check fails, is retried, and fills once the
+    # shard answers.
+    broken = ShardPools(
+        settings.with_overrides(
+            shard_dsns=(settings.shard_dsns[0], "postgresql://x@127.0.0.1:1/no")
+        )
+    )
+    check = TailCheck(broken, conv_subs, push, periodic_s=3600)
+    task = asyncio.create_task(check.run())
+    try:
+        check.request()
+
+        async def retried() -> bool:
+            return check.checks >= 2
+
+        await wait_for(retried, 10, "a second attempt")
+        assert behind.got == []
+        check.pools = pools
+
+        async def filled() -> bool:
+            return len(behind.got) == 3 * len(convs)
+
+        await wait_for(filled, 10, "the subscriber behind filled")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await broken.close()
+    assert behind.got == [3, 4, 5] * len(convs)
+    assert level.got == [] and recovering.got == []  # level needs nothing; recovery reads
+    assert all(behind.subs[c].last_seq == 5 for c in convs)
+    # Checked again with nothing new: nothing is delivered twice.
+    assert await check.check() == 0
+    assert check.filled == 3 * len(convs)
