@@ -5,11 +5,17 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
 
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
 from storage.settings import Settings
 from tests.engines import test_engines
+
+# Property tests assert outcomes, never speed: on a loaded 2-core machine hypothesis's
+# default 200 ms deadline per example fails them for timing alone.
+hypothesis_settings.register_profile("agora", deadline=None)
+hypothesis_settings.load_profile("agora")
 
 
 @pytest.fixture(scope="session")
