@@ -115,7 +115,13 @@ def create_app(settings: Settings) -> Starlette:
         registry.const_labels["node"] = node.id
         access = Access(pools)
         send_path = SendPath(
-            redis, node.keys, producer, messages_topic(settings), access, settings.sends_per_s
+            redis,
+            node.keys,
+            producer,
+            messages_topic(settings),
+            access,
+            settings.sends_per_s,
+            settings.idempotency_window_s,
         )
         state.settings = settings
         state.verifier = verifier

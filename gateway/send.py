@@ -9,17 +9,25 @@ When producing fails or times out the record turns *failed* but keeps its id: a 
 record may still reach the broker later (the producer keeps retrying it), so a retry of
 the cid produces the very same message (same id, same ts) again, and whichever copy lands
 first is stored; the other is a no-op under the (conversation, sender, cid) unique key.
-So the client is never told an id other than the stored one, and never acked falsely.
 A retry that finds the record pending (the first attempt still in flight) waits briefly
-for the outcome. Behind Redis, the unique key also makes a duplicate that slipped through
-(say, after a Redis flush) a no-op.
+for the outcome.
+
+Redis keeps a record for the idempotency window only (AGORA_IDEMPOTENCY_WINDOW_S), and
+may lose records (flush, restart without persistence, a gateway that died before marking
+its record). So every attempt that produces also reads the shard's (conv, sender, cid)
+row, concurrently with the produce (no extra latency, no extra Redis trip): a stored row
+is the answer, whatever id this attempt minted. A row that is not there yet but may be
+on its way (Redis lost its data recently: gateway/idempotency.py) is waited for. So the
+client is never told an id other than the stored one, and never acked falsely.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
@@ -27,16 +35,20 @@ from aiokafka.errors import KafkaError
 
 from fanout.envelope import encode_new_message
 from gateway.access import Access
+from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
+from storage import messages
 from storage.errors import BadRequest, Conflict, RateLimited, Unavailable
-from storage.ids import SEQ_MASK, compose, now_ms, shard_of_id
+from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys
 
-IDEMPOTENCY_TTL_S = 24 * 3600
+DEFAULT_WINDOW_S = 300
 PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
+SETTLE_WAIT_S = 4.0  # longest a send waits for its copy to be stored (rare: see EpochWatch)
+SETTLE_POLL_S = 0.05
 
 
 def _retrieve(task: asyncio.Future[Accepted]) -> None:
@@ -45,33 +57,39 @@ def _retrieve(task: asyncio.Future[Accepted]) -> None:
         task.exception()
 
 
-# KEYS: idempotency key, id counter of the shard, the user's send counter for this second.
-# ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit).
-# Returns {record, produce}: a new pending record "p|ms|n|conv" (produce = 1), a failed
-# one taken over again as pending with its id unchanged (produce = 1), what exists
-# (produce = 0), or {"", 2} when the user is over the cluster-wide send limit. A retry of
-# a known cid is answered before the limit is counted: it is not a new message.
+# KEYS: idempotency key, id counter of the shard, the user's send counter for this second,
+# the epoch. ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch
+# to create if there is none.
+# Returns {record, produce, epoch}: a new pending record "p|ms|n|conv" (produce = 1), a
+# failed one taken over again as pending with its id unchanged (produce = 1), what exists
+# (produce = 0), or {"", 2, epoch} when the user is over the cluster-wide send limit. A
+# retry of a known cid is answered before the limit is counted: it is not a new message.
 _CLAIM = """
+local e = redis.call('GET', KEYS[4])
+if not e then
+  e = ARGV[5]
+  redis.call('SET', KEYS[4], e)
+end
 local v = redis.call('GET', KEYS[1])
 if v then
   if string.sub(v, 1, 2) == 'f|' then
     v = 'p|' .. string.sub(v, 3)
     redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
-    return {v, 1}
+    return {v, 1, e}
   end
-  return {v, 0}
+  return {v, 0, e}
 end
 local limit = tonumber(ARGV[4])
 if limit > 0 then
   local c = redis.call('INCR', KEYS[3])
   if c == 1 then redis.call('PEXPIRE', KEYS[3], 2000) end
-  if c > limit then return {'', 2} end
+  if c > limit then return {'', 2, e} end
 end
 local n = redis.call('INCR', KEYS[2])
 if n > 1000000000 then redis.call('SET', KEYS[2], 0) end
 v = 'p|' .. ARGV[1] .. '|' .. n .. '|' .. ARGV[2]
 redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
-return {v, 1}
+return {v, 1, e}
 """
 
 
@@ -90,19 +108,24 @@ class SendPath:
         topic: str,
         access: Access,
         sends_per_s: int = 0,
+        window_s: int = DEFAULT_WINDOW_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.producer = producer
         self.topic = topic
         self.access = access
+        self.pools = access.pools
+        self.window_s = window_s
         self._claim = redis.register_script(_CLAIM)
         # The fast path: a flood is refused here without touching Redis; the exact,
         # cluster-wide count per second is kept by the claim script (no extra round trip).
         self.sends_per_s = sends_per_s
         self._local = BucketMap(sends_per_s, 2 * sends_per_s)
-        self._late: set[asyncio.Task[None]] = set()
+        self.epochs = EpochWatch(window_s * 1000)
         self.acked = 0
+        self.from_shard = 0  # answered with a stored message's id that Redis had forgotten
+        self.settled = 0  # waited for the copy to be stored (Redis lost data recently)
 
     async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
         """Accept one message; runs to its end even when the caller is cancelled (its
@@ -124,47 +147,86 @@ class SendPath:
         key = self.keys.idempotency(user, cid)
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
-            record = await self._claim_or_get(key, conv, user)
-            state, ms, n, stored_conv, created = record
-            if stored_conv != conv:
+            record, produce = await self._claim_or_get(key, conv, user)
+            if record.conv != conv:
                 raise Conflict("this cid was already used for another conversation")
-            msg_id = compose(ms, shard_of_id(conv), n & SEQ_MASK)
-            if state == "a":
-                return Accepted(msg_id, ms)
-            if state == "p" and created:  # this attempt made the record: it produces
-                message = NewMessage(conv, msg_id, user, cid, body, ms, kind)
+            msg_id = compose(record.ms, shard_of_id(conv), record.n & SEQ_MASK)
+            if record.state == "a":
+                return Accepted(msg_id, record.ms)
+            if record.state == "p" and produce:  # this attempt made the record: it produces
+                message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind)
                 return await self._produce(key, message, record)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
             await asyncio.sleep(0.05)
 
-    async def _claim_or_get(
-        self, key: str, conv: int, user: str
-    ) -> tuple[str, int, int, int, bool]:
-        """(state, ms, n, conv, created_now) of the cid's record, creating it if absent."""
+    async def _claim_or_get(self, key: str, conv: int, user: str) -> tuple[Record, bool]:
+        """The cid's record, creating it if absent, and whether this attempt must produce."""
         ms = now_ms()
         try:
-            raw, created = await self._claim(
+            raw, produce, epoch = await self._claim(
                 keys=[
                     key,
                     self.keys.id_counter(shard_of_id(conv)),
                     self.keys.rate("send", user, ms // 1000),
+                    self.keys.epoch(),
                 ],
-                args=[ms, conv, PENDING_TTL_S, self.sends_per_s],
+                args=[ms, conv, PENDING_TTL_S, self.sends_per_s, f"{ms}-{secrets.token_hex(4)}"],
             )
         except aioredis.RedisError as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
-        if int(created) == 2:
+        self.epochs.observe(_text(epoch), ms)
+        if int(produce) == 2:
             raise RateLimited("too many messages", retry_after_ms=max(1, 1000 - ms % 1000))
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        state, ms_s, n_s, conv_s = text.split("|")
-        return state, int(ms_s), int(n_s), int(conv_s), bool(created)
+        return parse_record(_text(raw)), bool(produce)
 
-    async def _produce(
-        self, key: str, message: NewMessage, record: tuple[str, int, int, int, bool]
-    ) -> Accepted:
-        parts = f"{record[1]}|{record[2]}|{record[3]}"
+    async def _produce(self, key: str, message: NewMessage, record: Record) -> Accepted:
+        """Produce the message and, meanwhile, read the shard for a copy stored earlier;
+        answer with the id that is (or will be) stored."""
+        ours = Accepted(message.id, message.ts)
+        epoch = self.epochs.epoch
+        lookup = asyncio.ensure_future(self._stored(message))
+        lookup.add_done_callback(_consume)
+        try:
+            partition = await self._publish(message)
+        except Unavailable:
+            try:
+                found = await lookup
+            except Unavailable:
+                found = None
+            if found is None:
+                await self._mark(key, record.value("f"))
+                raise
+            return await self._answer(key, found, ours, record)
+        try:
+            found = await lookup
+            if found is None and self.epochs.suspect(
+                partition, self.pools.for_id(message.conv), now_ms()
+            ):
+                found = await self._settle(message)
+                if found == ours:
+                    self.epochs.clear(epoch, partition, self.pools.for_id(message.conv))
+        except Unavailable:
+            # Produced, but whether an earlier copy holds the cid is unknown: the record
+            # keeps this id and a retry produces it again and looks again.
+            await self._mark(key, record.value("f"))
+            raise
+        return await self._answer(key, found or ours, ours, record)
+
+    async def _answer(self, key: str, stored: Accepted, ours: Accepted, record: Record) -> Accepted:
+        if stored == ours:
+            await self._mark(key, record.value("a"))
+        else:
+            # The record names the stored message from now on (its id's parts).
+            self.from_shard += 1
+            parts = decompose(stored.id)
+            await self._mark(key, Record("a", parts.ms, parts.seq, record.conv).value())
+        self.acked += 1
+        return stored
+
+    async def _publish(self, message: NewMessage) -> int:
+        """Produce and wait for the broker's ack; its partition. Unavailable otherwise."""
         try:
             fut = await asyncio.wait_for(
                 self.producer.send(
@@ -173,30 +235,53 @@ class SendPath:
                 PRODUCE_TIMEOUT_S,
             )
         except (KafkaError, TimeoutError) as exc:
-            await self._mark(key, f"f|{parts}")
             raise Unavailable(f"message broker unavailable: {type(exc).__name__}") from None
-        # Not wait_for: cancelling the delivery future would not take the record back.
+        # Not wait_for: cancelling the delivery future would not take the record back. A
+        # copy acknowledged after this gives up is stored under this record's id, which
+        # the failed record keeps: the retry produces it again and finds it on the shard.
         done, _ = await asyncio.wait({fut}, timeout=PRODUCE_TIMEOUT_S)
-        if not done or fut.exception() is not None:
-            await self._mark(key, f"f|{parts}")
-            if not done:
-                # It may still be delivered; if so, a retry need not produce it again.
-                fut.add_done_callback(lambda f: self._late_ack(f, key, f"a|{parts}"))
-            else:
-                fut.exception()  # retrieved: no "never retrieved" warning
+        if not done:
+            fut.add_done_callback(_consume)
             raise Unavailable("message broker unavailable: no acknowledgement in time")
-        await self._mark(key, f"a|{parts}")
-        self.acked += 1
-        return Accepted(message.id, message.ts)
+        failure = fut.exception()
+        if failure is not None:
+            raise Unavailable(f"message broker unavailable: {type(failure).__name__}")
+        partition: int = fut.result().partition
+        return partition
+
+    async def _stored(self, message: NewMessage) -> Accepted | None:
+        try:
+            found = await messages.stored_id(self.pools, message.conv, message.sender, message.cid)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            # Any failure of this read (a cancelled statement, a read-only standby...)
+            # means the same to the client: not known yet, retry with the same cid.
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+        return None if found is None else Accepted(found[0], found[1])
+
+    async def _settle(self, message: NewMessage) -> Accepted:
+        """Wait until the shard holds the cid (this copy or an earlier one)."""
+        self.settled += 1
+        deadline = asyncio.get_running_loop().time() + SETTLE_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+            found = await self._stored(message)
+            if found is not None:
+                return found
+        raise Unavailable("the message is accepted but not stored yet; retry with its cid")
 
     async def _mark(self, key: str, value: str) -> None:
         try:
-            await self.redis.set(key, value, ex=IDEMPOTENCY_TTL_S)
+            await self.redis.set(key, value, ex=self.window_s)
         except aioredis.RedisError:
-            pass  # the pending record expires; the unique key in PostgreSQL still holds
+            pass  # the pending record expires; a retry then reads the shard
 
-    def _late_ack(self, fut: asyncio.Future[object], key: str, value: str) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            task = asyncio.get_running_loop().create_task(self._mark(key, value))
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
+
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "never retrieved" warning

@@ -142,6 +142,19 @@ async def before(pools: ShardPools, conv: int, before_seq: int | None, limit: in
     return [_row_to_message(r) for r in rows]
 
 
+async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tuple[int, int] | None:
+    """(id, ts) of the message stored under (conv, sender, cid), or None: one read through
+    the unique key. What the send path answers a retry that Redis no longer remembers."""
+    async with pools.connection(pools.for_id(conv)) as conn:
+        row = await conn.fetchrow(
+            "SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3",
+            conv,
+            sender,
+            cid,
+        )
+    return None if row is None else (row["id"], row["ts"])
+
+
 async def latest_seq(pools: ShardPools, conv: int) -> int:
     async with pools.connection(pools.for_id(conv)) as conn:
         seq: int | None = await conn.fetchval(

@@ -13,8 +13,16 @@ class RedisKeys:
 
     # -- send path -------------------------------------------------------------------------
     def idempotency(self, user: str, cid: str) -> str:
-        """(user, cid) -> state of that send: pending or acked, with its id and ts."""
+        """(user, cid) -> state of that send: pending, acked or failed, with its id's parts.
+        Lives the idempotency window (AGORA_IDEMPOTENCY_WINDOW_S) after the answer."""
         return f"{self.p}:idem:{len(user)}:{user}:{cid}"
+
+    def epoch(self) -> str:
+        """Made once (no TTL) by the first send: `<created ms>-<token>`. A new value means
+        Redis lost its data (flush, restart without persistence): idempotency records made
+        before it are gone, so the send path checks the shards until it has proof that no
+        older copy is still on its way (gateway/idempotency.py)."""
+        return f"{self.p}:epoch"
 
     def id_counter(self, logical_shard: int) -> str:
         """Cluster-wide sequence for message ids of one logical shard."""

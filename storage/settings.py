@@ -249,6 +249,15 @@ class Settings:
         "send path's own round trip (a node-local bucket with burst 2x refuses floods "
         "before Redis); 0 disables.",
     )
+    idempotency_window_s: int = _setting(
+        "AGORA_IDEMPOTENCY_WINDOW_S",
+        "300",
+        _int_range(1, 7 * 24 * 3600),
+        "How long Redis keeps a sent `cid`'s record (its message id) after the answer: sized "
+        "for client retries, it bounds Redis to about rate x window records. A retry within "
+        "it is answered from Redis; a later one from the shard's (conversation, sender, cid) "
+        "key, with the same id (one indexed read on the shard).",
+    )
     http_per_s: int = _setting(
         "AGORA_HTTP_PER_S",
         "50",
