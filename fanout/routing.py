@@ -5,6 +5,11 @@ and per-user route sets stay until a publisher notices the lease is gone and pru
 When the renewal finds the lease missing (it lapsed, or Redis restarted empty), the node
 registers everything again. Publishers send one frame per (node, batch), never one per
 recipient.
+
+Every route set also expires (ROUTE_TTL_S) unless a live node refreshes it: a node that
+dies leaves entries only in sets nobody publishes to, and those go with the TTL instead of
+staying forever. Each live node refreshes its own sets every ROUTE_REFRESH_S, far inside
+the TTL; a node cut off from Redis longer than its lease registers everything again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from fanout.envelope import Delivery, encode_delivery
 from storage.redis_keys import RedisKeys
 
 _LIVENESS_CACHE_S = 1.0
+ROUTE_TTL_S = 3600
+ROUTE_REFRESH_S = ROUTE_TTL_S / 4
+_REFRESH_CHUNK = 2000
 
 
 class Routes:
@@ -36,9 +44,9 @@ class Routes:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
         for conv in convs:
-            pipe.sadd(self.keys.conv_routes(conv), node)
+            _add(pipe, self.keys.conv_routes(conv), node)
         for user in users:
-            pipe.sadd(self.keys.user_routes(user), node)
+            _add(pipe, self.keys.user_routes(user), node)
         await pipe.execute()
 
     async def renew(self, node: str, lease_s: int) -> bool:
@@ -57,19 +65,40 @@ class Routes:
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for conv in add_convs:
-            pipe.sadd(self.keys.conv_routes(conv), node)
+            _add(pipe, self.keys.conv_routes(conv), node)
             n += 1
         for conv in drop_convs:
             pipe.srem(self.keys.conv_routes(conv), node)
             n += 1
         for user in add_users:
-            pipe.sadd(self.keys.user_routes(user), node)
+            _add(pipe, self.keys.user_routes(user), node)
             n += 1
         for user in drop_users:
             pipe.srem(self.keys.user_routes(user), node)
             n += 1
         if n:
             await pipe.execute()
+
+    async def refresh(self, node: str, convs: Iterable[int], users: Iterable[str]) -> int:
+        """Push back the expiry of every route set the node is in (pipelined in chunks);
+        a set found gone is made again. Returns how many were gone."""
+        keys = [self.keys.conv_routes(c) for c in convs]
+        keys += [self.keys.user_routes(u) for u in users]
+        gone = 0
+        for i in range(0, len(keys), _REFRESH_CHUNK):
+            chunk = keys[i : i + _REFRESH_CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for key in chunk:
+                pipe.expire(key, ROUTE_TTL_S)
+            found = await pipe.execute()
+            missing = [k for k, ok in zip(chunk, found, strict=True) if not ok]
+            if missing:
+                gone += len(missing)
+                pipe = self.redis.pipeline(transaction=False)
+                for key in missing:
+                    _add(pipe, key, node)
+                await pipe.execute()
+        return gone
 
     async def leave(self, node: str, convs: Iterable[int], users: Iterable[str]) -> None:
         """A clean shutdown: drop the lease and every registration."""
@@ -147,6 +176,11 @@ class Routes:
         for node, delivery in deliveries.items():
             pipe.publish(self.keys.node_channel(node), encode_delivery(delivery))
         await pipe.execute()
+
+
+def _add(pipe: Any, key: str, node: str) -> None:
+    pipe.sadd(key, node)
+    pipe.expire(key, ROUTE_TTL_S)
 
 
 def group_by_node(

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
-from fanout.routing import Routes
+from fanout.routing import ROUTE_REFRESH_S, Routes
 from gateway.connection import Connection
 from gateway.heartbeat import keep_alive
 from gateway.protocol import frames
@@ -138,6 +138,7 @@ class Node:
 
     async def _keep_lease(self) -> None:
         interval = max(self.settings.route_lease_s / 3, 0.5)
+        refresh_at = time.monotonic() + ROUTE_REFRESH_S
         while True:
             await asyncio.sleep(interval)
             try:
@@ -145,6 +146,10 @@ class Node:
                     # The lease lapsed or Redis came back empty: register everything again.
                     log.warning("node %s: lease lost, registering again", self.id)
                     await self._register_all()
+                elif time.monotonic() >= refresh_at:
+                    # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
+                    await self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns))
+                    refresh_at = time.monotonic() + ROUTE_REFRESH_S
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("node %s: lease renewal failed: %s", self.id, exc)
 

@@ -2,6 +2,11 @@
 
 User ids may contain ':', so a user id inside a compound key is length-prefixed: no two
 different (user, x) pairs can produce the same key.
+
+Every key is bounded: it has a TTL, or there is a fixed number of them (the epoch, one id
+counter per logical shard, the feed statistics hash with one field per feed). Each
+docstring below says which; tests/integration/test_redis_bounds.py checks it on a running
+stack and measures the bytes (docs/operations.md, "Redis memory").
 """
 
 from __future__ import annotations
@@ -25,24 +30,26 @@ class RedisKeys:
         return f"{self.p}:epoch"
 
     def id_counter(self, logical_shard: int) -> str:
-        """Cluster-wide sequence for message ids of one logical shard."""
+        """Cluster-wide sequence for message ids of one logical shard. No TTL: one per
+        logical shard (AGORA_LOGICAL_SHARDS keys at most)."""
         return f"{self.p}:idseq:{logical_shard}"
 
     # -- routing ---------------------------------------------------------------------------
     def node_lease(self, node: str) -> str:
-        """Exists while gateway `node` is alive (TTL = the lease)."""
+        """Exists while gateway `node` is alive (TTL: AGORA_ROUTE_LEASE_S)."""
         return f"{self.p}:node:{node}"
 
     def node_channel(self, node: str) -> str:
-        """Pub/sub channel a gateway node listens on for its deliveries."""
+        """Pub/sub channel a gateway node listens on for its deliveries (not a key)."""
         return f"{self.p}:to:{node}"
 
     def conv_routes(self, conv: int) -> str:
-        """Set of node ids with local subscribers of conversation `conv`."""
+        """Set of node ids with local subscribers of conversation `conv`. TTL:
+        fanout.routing.ROUTE_TTL_S, refreshed by each live member node."""
         return f"{self.p}:route:c:{conv}"
 
     def user_routes(self, user: str) -> str:
-        """Set of node ids with connections of `user`."""
+        """Set of node ids with connections of `user`. TTL: as conv_routes."""
         return f"{self.p}:route:u:{user}"
 
     # -- votes -----------------------------------------------------------------------------
@@ -54,55 +61,60 @@ class RedisKeys:
     # Every key of one feed shares the hash tag {kind:scope[:window]}, so the feed's Lua
     # scripts touch one Redis Cluster slot.
     def feed(self, kind: str, community: str | None, window: str | None = None) -> str:
-        """Sorted set of the feed: member = fixed-width post id, score = rank."""
+        """Sorted set of the feed: member = fixed-width post id, score = rank.
+        TTL: fanout.feeds.LIVE_TTL_S, at most FEED_DEPTH members."""
         scope = community if community is not None else "*"
         suffix = f":{window}" if window else ""
         return f"{self.p}:feed:{{{kind}:{scope}{suffix}}}"
 
     def feed_ready(self, kind: str, community: str | None, window: str | None = None) -> str:
         """Marks a feed set as complete (a missing marker means: rebuild from the shards).
-        Its value is the token of the rebuild that set it: new after every rebuild."""
+        Its value is the token of the rebuild that set it: new after every rebuild.
+        TTL: fanout.feeds.READY_TTL_S."""
         return self.feed(kind, community, window) + ":ready"
 
     def feed_rebuild_lock(self, kind: str, community: str | None, window: str | None) -> str:
-        """Held by the one process rebuilding the feed (value: its token)."""
+        """Held by the one process rebuilding the feed (value: its token; TTL: the lock's)."""
         return self.feed(kind, community, window) + ":lock"
 
     def feed_journal(self, kind: str, community: str | None, window: str | None) -> str:
         """Hash of member -> rank (or '-': removed) written while a rebuild runs, replayed
-        over the rebuilt set so that no update made during the rebuild is lost."""
+        over the rebuilt set so that no update made during the rebuild is lost.
+        TTL: fanout.feeds.JOURNAL_TTL_S."""
         return self.feed(kind, community, window) + ":journal"
 
     def feed_staging(self, kind: str, community: str | None, window: str | None) -> str:
-        """Where a rebuild assembles the new set before swapping it in."""
+        """Where a rebuild assembles the new set before swapping it in (TTL: JOURNAL_TTL_S)."""
         return self.feed(kind, community, window) + ":staging"
 
     def feed_version(self, kind: str, community: str | None, window: str | None) -> str:
-        """Counter bumped by every change of the feed set (tells snapshots apart)."""
+        """Counter bumped by every change of the feed set (tells snapshots apart).
+        TTL: LIVE_TTL_S."""
         return self.feed(kind, community, window) + ":version"
 
     def feed_touched(self, kind: str, community: str | None, window: str | None) -> str:
         """Counter bumped when posts' counters change without a change of the set (votes,
-        for `new`): with the version and the ready token, tells cached pages apart."""
+        for `new`): with the version and the ready token, tells cached pages apart.
+        TTL: LIVE_TTL_S."""
         return self.feed(kind, community, window) + ":touched"
 
     def feed_latest_snapshot(self, kind: str, community: str | None, window: str | None) -> str:
         """Hash {name, v, r, ms}: the newest paging snapshot (of version v of the set that
-        rebuild r made), reused while the set is unchanged."""
+        rebuild r made), reused while the set is unchanged.
+        TTL: the snapshot's."""
         return self.feed(kind, community, window) + ":snap"
 
     def feed_snapshot(self, kind: str, community: str | None, window: str | None, name: str) -> str:
-        """A frozen copy of the feed set that one or more readers page through."""
+        """A frozen copy of the feed set that one or more readers page through.
+        TTL: SNAPSHOT_TTL_S, SNAPSHOT_READ_TTL_S after each page read."""
         return self.feed(kind, community, window) + f":snap:{name}"
 
     def feed_stats(self) -> str:
-        """Hash of feed key -> number of rebuilds (operational counter)."""
+        """Hash of feed key -> number of rebuilds (operational counter). No TTL: one field
+        per feed (kinds x windows x (communities + 1))."""
         return f"{self.p}:feed-stats"
-
-    def post_meta(self, post: int) -> str:
-        """Hash of a post's ranking inputs (score, created ms, community)."""
-        return f"{self.p}:post:{post}"
 
     # -- limits ----------------------------------------------------------------------------
     def rate(self, scope: str, subject: str, window: int) -> str:
+        """Count of a user's sends (TTL 2 s) or HTTP requests (TTL 5 s) in one second."""
         return f"{self.p}:rate:{scope}:{len(subject)}:{subject}:{window}"
