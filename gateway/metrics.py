@@ -90,6 +90,20 @@ class GatewayMetrics:
             lambda: state.send_path.acked,
         )
         r.callback(
+            "agora_sends_from_shard_total",
+            "Sends answered with the id of a copy stored earlier that Redis no longer knew "
+            "(a retry after the idempotency window or after Redis lost records).",
+            "counter",
+            lambda: state.send_path.from_shard,
+        )
+        r.callback(
+            "agora_sends_settled_total",
+            "Sends that waited for their copy to be stored before answering (Redis lost "
+            "its data recently: gateway/idempotency.py).",
+            "counter",
+            lambda: state.send_path.settled,
+        )
+        r.callback(
             "agora_deliveries_total",
             "Frames written to local subscribers' sockets.",
             "counter",
