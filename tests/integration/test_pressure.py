@@ -42,6 +42,9 @@ async def test_send_rate_limit_is_per_user_across_nodes(
     s = Stack(settings, extra_env={"AGORA_SENDS_PER_S": "5"})
     try:
         g1, g2 = s.gateway("rl-g1"), s.gateway("rl-g2")
+        # Within a window of Redis losing its data (or of a new deployment), a gateway's
+        # first send per (partition, shard) is acked once stored: a worker must run.
+        s.fanout("rl-f")
         user = uid("chatty")
         conv = await create_group(http, s, g1, user, [])
         c1 = await AgoraClient.connect(g1.ws_url, s.token(user))
