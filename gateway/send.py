@@ -61,7 +61,7 @@ def _retrieve(task: asyncio.Future[Accepted]) -> None:
 # the epoch. ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch
 # to create if there is none.
 # Returns {record, produce, epoch}: a new pending record "p|ms|n|conv" (produce = 1), a
-# failed one taken over again as pending with its id unchanged (produce = 1), what exists
+# failed one taken over again as pending with its id unchanged (produce = 3), what exists
 # (produce = 0), or {"", 2, epoch} when the user is over the cluster-wide send limit. A
 # retry of a known cid is answered before the limit is counted: it is not a new message.
 _CLAIM = """
@@ -75,7 +75,7 @@ if v then
   if string.sub(v, 1, 2) == 'f|' then
     v = 'p|' .. string.sub(v, 3)
     redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
-    return {v, 1, e}
+    return {v, 3, e}
   end
   return {v, 0, e}
 end
@@ -147,7 +147,7 @@ class SendPath:
         key = self.keys.idempotency(user, cid)
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
-            record, produce = await self._claim_or_get(key, conv, user)
+            record, produce, fresh = await self._claim_or_get(key, conv, user)
             if record.conv != conv:
                 raise Conflict("this cid was already used for another conversation")
             msg_id = compose(record.ms, shard_of_id(conv), record.n & SEQ_MASK)
@@ -155,14 +155,15 @@ class SendPath:
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind)
-                return await self._produce(key, message, record)
+                return await self._produce(key, message, record, fresh)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
             await asyncio.sleep(0.05)
 
-    async def _claim_or_get(self, key: str, conv: int, user: str) -> tuple[Record, bool]:
-        """The cid's record, creating it if absent, and whether this attempt must produce."""
+    async def _claim_or_get(self, key: str, conv: int, user: str) -> tuple[Record, bool, bool]:
+        """The cid's record, creating it if absent; whether this attempt must produce, and
+        whether its id is new (not a failed attempt's taken over)."""
         ms = now_ms()
         try:
             raw, produce, epoch = await self._claim(
@@ -179,9 +180,11 @@ class SendPath:
         self.epochs.observe(_text(epoch), ms)
         if int(produce) == 2:
             raise RateLimited("too many messages", retry_after_ms=max(1, 1000 - ms % 1000))
-        return parse_record(_text(raw)), bool(produce)
+        return parse_record(_text(raw)), int(produce) in (1, 3), int(produce) == 1
 
-    async def _produce(self, key: str, message: NewMessage, record: Record) -> Accepted:
+    async def _produce(
+        self, key: str, message: NewMessage, record: Record, fresh: bool
+    ) -> Accepted:
         """Produce the message and, meanwhile, read the shard for a copy stored earlier;
         answer with the id that is (or will be) stored."""
         ours = Accepted(message.id, message.ts)
@@ -205,7 +208,9 @@ class SendPath:
                 partition, self.pools.for_id(message.conv), now_ms()
             ):
                 found = await self._settle(message)
-                if found == ours:
+                # Proof only if the stored copy is the one just produced: a new id has
+                # no older copy (a failed attempt's taken-over id may have one).
+                if fresh and found == ours:
                     self.epochs.clear(epoch, partition, self.pools.for_id(message.conv))
         except Unavailable:
             # Produced, but whether an earlier copy holds the cid is unknown: the record
