@@ -325,3 +325,30 @@ async def test_redis_failing_while_the_outcome_is_recorded(
     assert await rows(pools, conv, "rf-1") == [int(first)]
     await c1.close()
     await c2.close()
+
+
+async def test_a_retry_of_a_stored_message_is_answered_while_the_broker_is_down(
+    env: Env, http: httpx.AsyncClient, pools: ShardPools, r: aioredis.Redis
+) -> None:
+    """Redis forgot the cid and the broker does not answer: the shard still has the
+    message, so the retry gets its id rather than `unavailable`."""
+    user, conv, c1, c2 = await sender(env, http)
+    first = await retry_until_acked(c1, conv, "hello", "bd-1")
+    await wait_for("the message stored", lambda: stored(pools, conv, user, "bd-1"))
+    assert await r.delete(env.keys.idempotency(user, "bd-1")) == 1
+    env.broker.send_signal(signal.SIGSTOP)
+    try:
+        ack = await c2.send(conv, "hello", cid="bd-1")
+    finally:
+        env.broker.send_signal(signal.SIGCONT)
+    assert str(ack["id"]) == first
+    # And a new cid in the same state is refused, never acked.
+    env.broker.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(ServerError) as info:
+            await c2.send(conv, "new", cid="bd-2")
+    finally:
+        env.broker.send_signal(signal.SIGCONT)
+    assert info.value.code == "unavailable"
+    await c1.close()
+    await c2.close()
