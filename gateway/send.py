@@ -123,6 +123,7 @@ class SendPath:
         self.sends_per_s = sends_per_s
         self._local = BucketMap(sends_per_s, 2 * sends_per_s)
         self.epochs = EpochWatch(window_s * 1000)
+        self._token = secrets.token_hex(4)  # tells apart epochs made in the same ms
         self.acked = 0
         self.from_shard = 0  # answered with a stored message's id that Redis had forgotten
         self.settled = 0  # waited for the copy to be stored (Redis lost data recently)
@@ -173,7 +174,7 @@ class SendPath:
                     self.keys.rate("send", user, ms // 1000),
                     self.keys.epoch(),
                 ],
-                args=[ms, conv, PENDING_TTL_S, self.sends_per_s, f"{ms}-{secrets.token_hex(4)}"],
+                args=[ms, conv, PENDING_TTL_S, self.sends_per_s, f"{ms}-{self._token}"],
             )
         except aioredis.RedisError as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
