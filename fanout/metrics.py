@@ -32,7 +32,6 @@ log = logging.getLogger("agora.metrics")
 
 BATCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAG_REFRESH_S = 1.0
-METRICS_HOST = "0.0.0.0"  # scraped from other hosts (Prometheus); it exposes only counts
 
 
 class ConsumerMetrics:
@@ -137,7 +136,7 @@ async def run_with_metrics(
     if settings.metrics_port:
         port = settings.metrics_port + index
         try:
-            server = await serve(registry, METRICS_HOST, port)
+            server = await serve(registry, settings.metrics_host, port)
         except OSError as exc:
             # Metrics are not worth a worker that does not run: say so loudly and go on.
             log.error("metrics port %d unavailable (%s); running without /metrics", port, exc)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,7 +21,7 @@ from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
 from gateway.feedpages import FeedPages
-from gateway.http import conversations, dev, feeds, health, openapi, posts, web
+from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, web
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
@@ -90,6 +91,23 @@ def _allowed_methods(request: Request) -> str:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(Internal("internal error"))
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    """Browser pages on AGORA_CORS_ORIGINS may call the HTTP API; none by default. Tokens
+    travel as Bearer headers, never cookies, so credentials stay off."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    ]
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -167,13 +185,14 @@ def create_app(settings: Settings) -> Starlette:
         *posts.routes,
         *feeds.routes,
         *openapi.routes,
+        *asyncapi.routes,
         *(dev.routes if settings.dev_tokens else []),  # absent (404) unless switched on
         *web.routes(),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(WireMetrics, metrics=wire_metrics)],
+        middleware=[*_cors(settings), Middleware(WireMetrics, metrics=wire_metrics)],
         exception_handlers={
             AgoraError: _agora_error,
             HTTPException: _http_error,

@@ -9,6 +9,7 @@ agora dev                       services + migrate + a gateway, a fan-out and a 
 agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
 agora shards prune --physical N  after a shard move: drop rows mapped elsewhere (--apply)
 agora posts recount POST_ID...  repair: set posts' vote counters from their vote rows
+agora --version                 the version (also in GET /healthz)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway import __version__
 from storage.errors import ConfigError
 from storage.settings import Settings, environ_with
 
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"agora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("services", help="local engines for dev and tests")

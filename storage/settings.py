@@ -50,6 +50,14 @@ def _algorithms(raw: str) -> tuple[str, ...]:
     return algs
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = _csv(raw)
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+    return origins
+
+
 def _str(raw: str) -> str:
     return raw
 
@@ -313,6 +321,21 @@ class Settings:
         _int_range(0, 65535),
         "Port of `GET /metrics` on fan-out and scores worker processes (worker i of "
         "`--workers N` uses port+i); 0 turns it off. Gateways serve /metrics on their own port.",
+    )
+    metrics_host: str = _setting(
+        "AGORA_METRICS_HOST",
+        "127.0.0.1",
+        _nonempty,
+        "Address the workers' `GET /metrics` binds to: loopback unless a scraper on another "
+        "host needs it (`0.0.0.0`, as docker-compose.yml sets inside its network).",
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        "AGORA_CORS_ORIGINS",
+        "",
+        _origins,
+        "Comma-separated origins (`https://app.example`) whose browser pages may call the "
+        "HTTP API (CORS); `*` allows any. Empty (the default): no CORS headers, only "
+        "same-origin pages. The WebSocket does not use CORS.",
     )
 
     @classmethod

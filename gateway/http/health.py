@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from gateway import __version__
 from gateway.http.common import JSONResponse
 from gateway.send import SendPath
 from storage.metrics import CONTENT_TYPE, Registry
@@ -15,7 +16,7 @@ from storage.pools import ShardPools
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "node": request.app.state.node.id})
+    return JSONResponse({"status": "ok", "node": request.app.state.node.id, "version": __version__})
 
 
 async def _check(coro: object, limit_s: float = 2.0) -> str | None:

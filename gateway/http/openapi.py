@@ -137,8 +137,9 @@ def _list_of(ref: str) -> Schema:
     )
 
 
-def _components() -> Schema:
-    conversation = _obj(
+def conversation_schema() -> Schema:
+    """A conversation as the HTTP API answers it (also the `joined` frame's `conv`)."""
+    return _obj(
         {
             "id": ID,
             "kind": {"type": "string", "enum": ["direct", "group", "thread"]},
@@ -150,6 +151,10 @@ def _components() -> Schema:
         },
         ["id", "kind", "title", "members", "created_at"],
     )
+
+
+def _components() -> Schema:
+    conversation = conversation_schema()
     message = _obj(
         {
             "conv": ID,
@@ -372,7 +377,17 @@ def _service_paths(settings: Settings) -> dict[str, Schema]:
             "get": _op(
                 "healthz",
                 "200 while the process runs",
-                _ok(200, "Alive", _obj({"status": {"type": "string"}}, ["status"])),
+                _ok(
+                    200,
+                    "Alive: the node's id and the running version (`agora --version`)",
+                    _obj(
+                        {
+                            "status": {"type": "string", "const": "ok"},
+                            "node": {"type": "string"},
+                            "version": {"type": "string"},
+                        }
+                    ),
+                ),
                 public=True,
             )
         },
@@ -408,6 +423,14 @@ def _service_paths(settings: Settings) -> dict[str, Schema]:
                 "openapi",
                 "This document",
                 _ok(200, "OpenAPI 3.1", {"type": "object"}),
+                public=True,
+            )
+        },
+        "/asyncapi.json": {
+            "get": _op(
+                "asyncapi",
+                "The WebSocket protocol (GET /v1/ws) as an AsyncAPI 3.0 document",
+                _ok(200, "AsyncAPI 3.0", {"type": "object"}),
                 public=True,
             )
         },
@@ -453,7 +476,8 @@ def document(settings: Settings) -> Schema:
                 "The HTTP half of wire protocol v1 (docs/protocol.md). Ids are 64-bit integers "
                 "sent as decimal strings. Errors are `{error: {code, message}}`. Lists are "
                 "keyset-paginated: `{items, next}` with `?cursor=&limit=`. The WebSocket "
-                "`GET /v1/ws` (frames, close codes) is described in docs/protocol.md."
+                "`GET /v1/ws` (frames, close codes) is described in docs/protocol.md and, "
+                "as AsyncAPI 3.0, at `GET /asyncapi.json`."
             ),
         },
         "security": [{"bearer": []}],
