@@ -8,4 +8,7 @@ from agora_client.client import AgoraClient, Closed, ServerError
 from agora_client.policy import Backoff
 from agora_client.resilient import ReconnectingClient
 
-__all__ = ["AgoraClient", "Backoff", "Closed", "ReconnectingClient", "ServerError"]
+# The `agora-client` distribution's version (clients/python/pyproject.toml reads it).
+__version__ = "0.2.0"
+
+__all__ = ["AgoraClient", "Backoff", "Closed", "ReconnectingClient", "ServerError", "__version__"]

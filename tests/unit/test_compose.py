@@ -100,3 +100,53 @@ def test_the_load_balancer_proxies_websockets_to_every_gateway(compose: dict[str
     for name in gateways:
         port = svcs[name]["command"][svcs[name]["command"].index("--port") + 1]
         assert f"server {name}:{port}" in conf, name
+
+
+def _health_url(svc: dict[str, Any]) -> str:
+    test = svc["healthcheck"]["test"]
+    found = re.search(r"http://127\.0\.0\.1(?::(\d+))?/[a-z]+", " ".join(test))
+    assert found, test
+    return found.group(0)
+
+
+def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name, svc in services(compose).items():
+        check = svc.get("healthcheck")
+        if svc.get("restart") == "no":
+            # One-shot (migrate): the image's HEALTHCHECK would only mark it unhealthy.
+            assert check == {"disable": True}, name
+            continue
+        assert check and check.get("test"), f"{name} has no healthcheck"
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert "retries" in check and "interval" in check, name
+
+
+def test_agora_healthchecks_probe_the_port_each_role_serves(compose: dict[str, Any]) -> None:
+    roles = set()
+    for name, svc in agora_services(compose).items():
+        role = svc["command"][1]
+        if role == "migrate":
+            continue
+        url = _health_url(svc)
+        if role == "gateway":
+            port = svc["command"][svc["command"].index("--port") + 1]
+            assert url in (f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{port}/readyz")
+        else:
+            env = {k: _interpolate(str(v)) for k, v in svc["environment"].items()}
+            settings = Settings.from_env(env)
+            assert settings.metrics_port, f"{name}: a worker's only port is its metrics port"
+            assert url == f"http://127.0.0.1:{settings.metrics_port}/healthz", name
+        roles.add(role)
+    assert roles == {"gateway", "fanout", "scores"}
+
+
+def test_the_image_checks_the_gateway_it_runs_by_default() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in dockerfile
+    cmd = re.search(r"^CMD \[(.*)\]$", dockerfile, re.M)
+    assert cmd and '"gateway"' in cmd.group(1)
+    port = re.search(r'"--port", "(\d+)"', cmd.group(1))
+    assert port and f"http://127.0.0.1:{port.group(1)}/healthz" in dockerfile
+    # The image installs exactly the lock file's pins, then the project without resolving.
+    assert "pip install -r requirements.lock" in dockerfile
+    assert "pip install --no-deps ." in dockerfile

@@ -132,6 +132,10 @@ BAD_VALUES = [
     ("AGORA_LOG_FORMAT", "xml"),
     ("AGORA_METRICS_PORT", "65536"),
     ("AGORA_METRICS_PORT", "-1"),
+    ("AGORA_METRICS_HOST", " "),
+    ("AGORA_CORS_ORIGINS", "app.example"),
+    ("AGORA_CORS_ORIGINS", "https://app.example/path"),
+    ("AGORA_CORS_ORIGINS", "https://ok.example,ftp://files.example"),
     ("AGORA_MAX_HANDSHAKES", "0"),
     ("AGORA_LOOP_LAG_MS", "5"),
     ("AGORA_HANDSHAKES_PER_IP_S", "-1"),
@@ -193,3 +197,11 @@ def test_docs_mention_every_setting(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     missing = [name for name, _, _ in describe() if not re.search(rf"\b{name}\b", text)]
     assert not missing, f"{path.name} does not mention {missing}"
+
+
+def test_cors_origins_and_metrics_host() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.cors_origins == ()  # CORS off unless configured
+    assert defaults.metrics_host == "127.0.0.1"  # worker metrics not exposed by default
+    s = Settings.from_env({"AGORA_CORS_ORIGINS": "https://app.example, http://localhost:5173,*"})
+    assert s.cors_origins == ("https://app.example", "http://localhost:5173", "*")
