@@ -1,8 +1,10 @@
 // Agora wire protocol v1 client: a dependency-free ES module for browsers (and any runtime
-// with a WHATWG WebSocket). Served by every gateway at /static/agora.js.
+// with a WHATWG WebSocket, Node.js included). Served by every gateway at /static/agora.js;
+// package.json beside it makes this directory an npm package (types in agora.d.ts).
 //
 //   import { AgoraClient } from "/static/agora.js";
 //   const client = new AgoraClient({ url: "wss://chat.example/v1/ws", token });
+//   // or { ..., encoding: "msgpack" }: binary frames (chat.v1.msgpack, ./msgpack.js)
 //   client.on("msg", (m) => render(m));
 //   client.connect();
 //   await client.subscribe(convId);
@@ -25,6 +27,22 @@
 //   timeout. A `send` not yet acknowledged is sent again, with the same `cid`, after every
 //   reconnect (and after `unavailable` / `rate_limited`), so a lost ack never duplicates a
 //   message: the server answers a repeated cid with the first message's id.
+
+import { decode as msgpackDecode, encode as msgpackEncode } from "./msgpack.js";
+
+/** The wire encodings: subprotocol, and how a frame is written and read. */
+const CODECS = Object.freeze({
+  json: {
+    subprotocol: "chat.v1.json",
+    encode: (frame) => JSON.stringify(frame),
+    decode: (data) => JSON.parse(data),
+  },
+  msgpack: {
+    subprotocol: "chat.v1.msgpack",
+    encode: (frame) => msgpackEncode(frame),
+    decode: (data) => msgpackDecode(data),
+  },
+});
 
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
@@ -98,8 +116,16 @@ export class AgoraClient {
    * @param {{baseMs:number,maxMs:number}} [opts.backoff]
    * @param {number} [opts.stableMs=5000]  open this long, and the backoff starts over
    * @param {typeof WebSocket} [opts.WebSocket]
+   * @param {"json"|"msgpack"} [opts.encoding="json"]  text frames of JSON, or binary
+   *   frames of MessagePack (the same maps)
    */
   constructor(opts) {
+    const encoding = opts.encoding ?? "json";
+    if (!Object.hasOwn(CODECS, encoding)) {
+      throw new TypeError(`encoding must be "json" or "msgpack", not ${String(encoding)}`);
+    }
+    this.encoding = encoding;
+    this._codec = CODECS[encoding];
     this.urls = opts.url;
     this.token = opts.token || null;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 10000;
@@ -181,11 +207,7 @@ export class AgoraClient {
       }
     }
     this._failRequests(new AgoraError("closed", "client closed"));
-    for (const [cid, s] of this._sends) {
-      clearTimeout(s.retryTimer);
-      s.reject(new AgoraError("closed", "client closed"));
-      this._sends.delete(cid);
-    }
+    this._failSends(new AgoraError("closed", "client closed"));
   }
 
   /** A new token: used from the next connection on; reconnects at once after a 4001. */
@@ -217,7 +239,8 @@ export class AgoraClient {
     this._setState("connecting");
     let ws;
     try {
-      ws = new this.WebSocket(this._url(), "chat.v1.json");
+      ws = new this.WebSocket(this._url(), this._codec.subprotocol);
+      ws.binaryType = "arraybuffer"; // msgpack frames as bytes, not Blobs
     } catch (err) {
       this._onClose({ code: CloseCode.ABNORMAL, reason: String(err) }, false);
       return;
@@ -291,7 +314,9 @@ export class AgoraClient {
 
   _failSends(err) {
     for (const [cid, s] of this._sends) {
+      // Both timers: a pending one would keep a Node process alive for sendTimeoutMs.
       clearTimeout(s.retryTimer);
+      clearTimeout(s.expiry);
       this._sends.delete(cid);
       s.reject(err);
     }
@@ -302,10 +327,11 @@ export class AgoraClient {
     this._lastRecv = Date.now();
     let f;
     try {
-      f = JSON.parse(data);
+      f = this._codec.decode(data);
     } catch (_) {
-      return; // the server only sends JSON here; nothing sane to do with anything else
+      return; // not a frame in our encoding: nothing sane to do with it
     }
+    if (f === null || typeof f !== "object") return;
     this._emit("frame", f);
     if (typeof f.rid === "number" && this._pending.has(f.rid)) {
       const p = this._pending.get(f.rid);
@@ -422,7 +448,7 @@ export class AgoraClient {
         reject(new AgoraError("timeout", `no reply to ${frame.t} within ${timeoutMs} ms`));
       }, timeoutMs);
       this._pending.set(rid, { resolve, reject, timer });
-      this.ws.send(JSON.stringify({ ...frame, rid }));
+      this.ws.send(this._codec.encode({ ...frame, rid }));
     });
   }
 
@@ -544,7 +570,7 @@ export class AgoraClient {
   /** Tell the conversation you are typing (ephemeral; throttle it in the UI). */
   typing(conv) {
     if (this.ws && this.state === "open") {
-      this.ws.send(JSON.stringify({ t: "typing", conv: String(conv) }));
+      this.ws.send(this._codec.encode({ t: "typing", conv: String(conv) }));
     }
   }
 }

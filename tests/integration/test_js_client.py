@@ -1,0 +1,60 @@
+"""The browser client (gateway/static/agora.js) under Node against a real gateway and
+fan-out worker: JSON and MessagePack clients in one conversation, a dropped connection
+resumed without gap or duplicate (clients/js/live/gateway.test.mjs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from storage.settings import Settings
+from tests.integration.helpers import create_group, uid
+from tests.stack import Stack
+from tests.unit.test_js_client import JS, need, node_test
+
+pytestmark = pytest.mark.engines
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as client:
+        yield client
+
+
+async def test_js_client_against_a_gateway(settings: Settings, http: httpx.AsyncClient) -> None:
+    need("agora-client/package.json")
+    s = Stack(settings)
+    try:
+        g = s.gateway("js-g1")
+        s.fanout("js-f1")
+        a, b = uid("jsa"), uid("jsb")
+        conv = await create_group(http, s, g, a, [b])
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "AGORA_LIVE_WS": g.ws_url,
+            "AGORA_LIVE_TOKEN_A": s.token(a),
+            "AGORA_LIVE_TOKEN_B": s.token(b),
+            "AGORA_LIVE_CONV": conv,
+        }
+        # Node 20's WebSocket is behind a flag (on by default from Node 22).
+        flag = ["--experimental-websocket"] if await _needs_flag() else []
+        passed, out = await asyncio.to_thread(
+            node_test, *flag, "--test", "live/gateway.test.mjs", env=env
+        )
+        assert passed == 1 and "# skipped 0" in out, out[-3000:]
+    finally:
+        await asyncio.to_thread(s.stop_all)
+
+
+async def _needs_flag() -> bool:
+    node = shutil.which("node")
+    assert node is not None
+    proc = await asyncio.create_subprocess_exec(
+        node, "-e", "process.exit(globalThis.WebSocket ? 0 : 1)", cwd=JS
+    )
+    return await proc.wait() != 0
