@@ -1,6 +1,7 @@
 """The browser client (gateway/static/agora.js) under Node against a real gateway and
 fan-out worker: JSON and MessagePack clients in one conversation, a dropped connection
-resumed without gap or duplicate (clients/js/live/gateway.test.mjs)."""
+resumed without gap or duplicate, the HTTP helper and `/healthz`'s version
+(clients/js/live/gateway.test.mjs)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from gateway import __version__
 from storage.settings import Settings
 from tests.integration.helpers import create_group, uid
 from tests.stack import Stack
@@ -40,13 +42,15 @@ async def test_js_client_against_a_gateway(settings: Settings, http: httpx.Async
             "AGORA_LIVE_TOKEN_A": s.token(a),
             "AGORA_LIVE_TOKEN_B": s.token(b),
             "AGORA_LIVE_CONV": conv,
+            "AGORA_LIVE_HTTP": g.http_url,
+            "AGORA_LIVE_VERSION": __version__,
         }
         # Node 20's WebSocket is behind a flag (on by default from Node 22).
         flag = ["--experimental-websocket"] if await _needs_flag() else []
         passed, out = await asyncio.to_thread(
             node_test, *flag, "--test", "live/gateway.test.mjs", env=env
         )
-        assert passed == 1 and "# skipped 0" in out, out[-3000:]
+        assert passed == 2 and "# skipped 0" in out, out[-3000:]
     finally:
         await asyncio.to_thread(s.stop_all)
 

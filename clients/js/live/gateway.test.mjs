@@ -1,11 +1,12 @@
 // The client under Node against a real gateway, in both encodings. Started by
 // tests/integration/test_js_client.py, which runs the stack and passes, in the environment:
 // AGORA_LIVE_WS (the WebSocket URL), AGORA_LIVE_TOKEN_A / _B (two members of the group
-// AGORA_LIVE_CONV). Node 20 needs --experimental-websocket for its WebSocket.
+// AGORA_LIVE_CONV), AGORA_LIVE_HTTP and AGORA_LIVE_VERSION (what /healthz must say). Node 20
+// needs --experimental-websocket for its WebSocket.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { AgoraClient } from "agora-client";
+import { AgoraClient, AgoraHttp } from "agora-client";
 
 const env = process.env;
 const live = env.AGORA_LIVE_WS && globalThis.WebSocket;
@@ -63,4 +64,15 @@ test("json and msgpack clients talk through the gateway, and one resumes after a
     a.c.close();
     b.c.close();
   }
+});
+
+test("the HTTP helper under Node: /healthz names the version, errors are AgoraError", { skip }, async () => {
+  const anon = new AgoraHttp({ base: env.AGORA_LIVE_HTTP });
+  const health = await anon.get("/healthz");
+  assert.equal(health.status, "ok");
+  assert.equal(health.version, env.AGORA_LIVE_VERSION);
+  const denied = await anon.get("/v1/me").catch((err) => err);
+  assert.deepEqual([denied.code, denied.status], ["unauthorized", 401]);
+  const me = await new AgoraHttp({ base: env.AGORA_LIVE_HTTP, token: env.AGORA_LIVE_TOKEN_A }).get("/v1/me");
+  assert.match(me.id, /^jsa-/);
 });
