@@ -33,7 +33,7 @@ async def run_peer(script: Script, client_side: Callable[[str], Awaitable[None]]
         handler,
         "127.0.0.1",
         0,
-        subprotocols=["chat.v1.json", "chat.v1.msgpack"],  # type: ignore[list-item]
+        subprotocols=["chat.v1.json", "chat.v1.msgpack"],  # type: ignore[list-item]  # Subprotocol is a NewType
     ) as server:
         port = server.sockets[0].getsockname()[1]
         await asyncio.wait_for(client_side(f"ws://127.0.0.1:{port}/v1/ws"), 10)
