@@ -10,7 +10,6 @@ COPY pyproject.toml README.md LICENSE ./
 COPY storage storage
 COPY fanout fanout
 COPY gateway gateway
-COPY agora_client agora_client
 RUN pip install --no-deps . && useradd --system --no-create-home agora
 USER agora
 EXPOSE 8000 9464

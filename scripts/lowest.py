@@ -1,9 +1,10 @@
-"""Constraints that pin every direct runtime dependency to the floor pyproject.toml declares.
+"""Constraints that pin every direct runtime dependency to the floor its pyproject declares.
 
-pip has no "lowest" resolution, so scripts/lowest-test installs `.[dev]` with this file as
-constraints: the direct dependencies at exactly their declared lower bounds (their own
-dependencies and the dev tools resolve as usual), then runs the unit tests there. A floor
-the code has outgrown then fails in CI instead of on a user's machine.
+pip has no "lowest" resolution, so scripts/lowest-test installs the requirements of
+pyproject.toml and of the Python client (clients/python) with this file as constraints:
+the direct dependencies at exactly their declared lower bounds (their own dependencies and
+the dev tools resolve as usual), then runs the unit tests there. A floor the code has
+outgrown then fails in CI instead of on a user's machine.
 
     python scripts/lowest.py            # prints the constraints, one `name==floor` a line
 
@@ -42,10 +43,24 @@ def floors(requirements: list[str]) -> dict[str, str]:
     return out
 
 
-def project_floors(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
-    data = tomllib.loads(pyproject.read_text())
-    deps: list[str] = data["project"]["dependencies"]
-    return floors(deps)
+PROJECTS = (ROOT / "pyproject.toml", ROOT / "clients/python/pyproject.toml")
+
+
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def project_floors(pyprojects: tuple[Path, ...] = PROJECTS) -> dict[str, str]:
+    """The floors of the server's and the Python client's dependencies: the tests run
+    both in one venv, so a package both declare is held at the higher of its floors."""
+    out: dict[str, str] = {}
+    for pyproject in pyprojects:
+        data = tomllib.loads(pyproject.read_text())
+        deps: list[str] = data["project"]["dependencies"]
+        for name, floor in floors(deps).items():
+            if name not in out or _key(floor) > _key(out[name]):
+                out[name] = floor
+    return out
 
 
 def main() -> int:

@@ -88,7 +88,17 @@ def test_the_client_imports_only_its_own_dependencies() -> None:
 
 def test_every_dependency_has_a_floor() -> None:
     pins = project_floors()
-    assert set(pins) == declared(PYPROJECT["project"]["dependencies"])
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
+    both = PYPROJECT["project"]["dependencies"] + client["project"]["dependencies"]
+    assert set(pins) == declared(both)
+
+
+def test_a_floor_both_projects_declare_is_the_higher(tmp_path: Path) -> None:
+    # One venv runs the server's and the client's tests.
+    server, client = tmp_path / "server.toml", tmp_path / "client.toml"
+    server.write_text('[project]\ndependencies = ["websockets>=13.0", "orjson>=3.10"]\n')
+    client.write_text('[project]\ndependencies = ["websockets>=14.1", "orjson>=3.9"]\n')
+    assert project_floors((server, client)) == {"websockets": "14.1", "orjson": "3.10"}
     with pytest.raises(ValueError, match="no >= floor"):
         floors(["starlette", "orjson>=3.9"])
     assert floors(["uvicorn[standard]>=0.45", "redis[hiredis] >= 5.0.1"]) == {

@@ -18,6 +18,7 @@ from gateway.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CLIENT = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
 
 
 def test_one_version_source(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,14 +41,21 @@ def test_the_changelog_names_the_version_first() -> None:
 def test_license_is_the_declared_one() -> None:
     assert PYPROJECT["project"]["license"] == "MIT"
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
-    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())
-    assert client["project"]["license"] == "MIT"
+    assert CLIENT["project"]["license"] == "MIT"
 
 
 @pytest.mark.parametrize("package", ["gateway", "fanout", "storage", "agora_client"])
 def test_every_package_is_typed(package: str) -> None:
     assert (ROOT / package / "py.typed").exists()
-    assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"][package]
+    project = PYPROJECT if package != "agora_client" else CLIENT
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"][package]
+
+
+def test_the_client_ships_in_its_own_distribution_only() -> None:
+    assert "agora_client*" not in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert CLIENT["project"]["name"] == "agora-client"
+    assert CLIENT["tool"]["setuptools"]["packages"] == ["agora_client"]
+    assert (ROOT / "clients/python/agora_client").resolve() == ROOT / "agora_client"
 
 
 def test_the_client_distribution_builds_and_imports_alone(tmp_path: Path) -> None:
