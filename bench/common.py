@@ -163,6 +163,58 @@ def proc_rss_kib(pid: int) -> int:
     return 0
 
 
+def proc_pss_kib(pid: int) -> int:
+    """Proportional set size, KiB: shared pages split between the processes that map them,
+    so a sum over processes (PostgreSQL's backends share its buffers) counts them once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (one scan of /proc)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if int(raw[raw.rindex(")") + 2 :].split()[1]) == parent:
+            out.append(int(name))
+    return out
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of `pid` (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return 0
+    return int(raw[raw.rindex(")") + 2 :].split()[1])
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys over xs (0.0 for fewer than two distinct xs)."""
+    n = len(xs)
+    if n < 2 or n != len(ys):
+        return 0.0
+    mx = sum(xs) / n
+    my = sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

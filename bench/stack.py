@@ -77,6 +77,7 @@ class BenchStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[BenchProc] = field(default_factory=list)
     experiment: str = ""  # bench.experiment patches applied to every Agora process
+    broker: subprocess.Popen[bytes] | None = None  # the private Tansu (its PID is measured)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
@@ -129,8 +130,10 @@ def bench_stack(
     experiment: str = "",
 ) -> Iterator[BenchStack]:
     """Fresh engines (shard databases, Redis prefix, private Tansu) and a stack on them."""
-    with test_engines() as (settings, _tansu):
-        stack = BenchStack(settings, gateway_cpus, dict(extra_env or {}), experiment=experiment)
+    with test_engines() as (settings, tansu):
+        stack = BenchStack(
+            settings, gateway_cpus, dict(extra_env or {}), experiment=experiment, broker=tansu
+        )
         try:
             yield stack
         finally:
