@@ -30,33 +30,24 @@ import os
 import random
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.common import (
     RESULTS_DIR,
     RESULTS_MD,
     SOURCE_IPS,
-    child_pids,
     command_line,
     conditions,
     cpu_sets,
     machine,
     machine_line,
     md_table,
-    parent_pid,
     percentiles,
     pin,
-    proc_cpu_s,
-    proc_pss_kib,
-    proc_rss_kib,
     raise_nofile,
     slope,
     verdict,
@@ -69,7 +60,7 @@ from bench.members import Member, Sender, seq_report
 from bench.profile import Profiler
 from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, unique_tag
-from fanout.kafka import messages_topic
+from bench.watch import BrokerLog, machine_busy_s, redis_breakdown, redis_reading, watch_list
 from storage import messages
 from storage.pools import ShardPools
 from storage.settings import Settings
@@ -227,12 +218,24 @@ class SoakWorker(FanoutWorker):
             "unacked": sum(len(s.pending) for s, _, _ in self.senders),
         }
 
-    async def drain(self, totals: dict[str, int], timeout: float) -> dict[str, Any]:
-        """Wait until every member has its conversation's acked total (or the timeout);
-        the seqs each member is missing."""
+    async def drain(self, totals: dict[str, int], stall: float, cap: float) -> dict[str, Any]:
+        """Wait until every member has its conversation's acked total, or until nothing
+        more arrived for `stall` s, or `cap` s in all: a backlog still moving is waited
+        for, so "lost" means stopped. Then the seqs each member is missing."""
         members = [m for m, _ in self.members]
-        t0 = time.monotonic()
-        await wait_until(lambda: all(m.received >= totals.get(m.conv, 0) for m in members), timeout)
+        want = sum(totals.get(m.conv, 0) for m in members)
+        t0 = last_progress = time.monotonic()
+        have = -1
+        while True:
+            now = time.monotonic()
+            got = sum(min(m.received, totals.get(m.conv, 0)) for m in members)
+            if got >= want:
+                break
+            if got > have:
+                have, last_progress = got, now
+            if now - last_progress >= stall or now - t0 >= cap:
+                break
+            await asyncio.sleep(0.2)
         drain_s = time.monotonic() - t0
         for m in members:
             m.record = False
@@ -252,138 +255,6 @@ class SoakWorker(FanoutWorker):
             "closed": sum(1 for m in members if m.client is None or not m.client.is_open),
             "frame_errors": dict(errors),
         }
-
-
-# -- what every process uses ----------------------------------------------------------------
-
-
-@dataclass
-class Watched:
-    """One line of the resource table: a process, or a group of them (PostgreSQL)."""
-
-    label: str
-    pids: Callable[[], list[int]]
-    pss: bool = False  # sum PSS instead of RSS (processes sharing memory)
-    cpu: dict[int, float] = field(default_factory=dict)  # pid -> CPU s at the last reading
-
-    def read(self, seconds: float) -> dict[str, float]:
-        """RSS (or PSS) now, MiB, and CPU (cores) since the previous reading."""
-        pids = self.pids()
-        mem = sum((proc_pss_kib if self.pss else proc_rss_kib)(p) for p in pids)
-        now = {p: proc_cpu_s(p) for p in pids}
-        used = sum(max(0.0, c - self.cpu.get(p, 0.0)) for p, c in now.items())
-        first = not self.cpu
-        self.cpu = now
-        return {
-            "rss_mib": round(mem / 1024, 2),
-            "cpu": 0.0 if first else round(used / max(seconds, 1e-6), 3),
-            "procs": len(pids),
-        }
-
-
-async def _postmaster(dsn: str) -> int:
-    """The postmaster of the cluster holding `dsn` (the parent of our own backend)."""
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
-        return parent_pid(backend)
-    finally:
-        await conn.close()
-
-
-async def watch_list(stack: BenchStack, loadgen: Sequence[int]) -> list[Watched]:
-    def fixed(*pids: int) -> Callable[[], list[int]]:
-        return lambda: [p for p in pids if p and os.path.exists(f"/proc/{p}")]
-
-    out: list[Watched] = []
-    names = {"a": "gateway A", "b": "gateway B"}
-    for p in stack.procs:
-        kind = p.name.split("-")[1]
-        label = names.get(kind, f"fan-out worker {kind[1:]}" if kind.startswith("f") else kind)
-        out.append(Watched(label, fixed(p.pid)))
-    if stack.broker is not None:
-        out.append(Watched("broker (Tansu)", fixed(stack.broker.pid)))
-    r = aioredis.Redis.from_url(stack.settings.redis_url)
-    try:
-        redis_pid = int((await r.info("server"))["process_id"])
-    finally:
-        await r.aclose()
-    out.append(Watched("Redis", fixed(redis_pid)))
-    postmaster = await _postmaster(stack.settings.shard_dsns[0])
-    out.append(Watched("PostgreSQL", lambda: [postmaster, *child_pids(postmaster)], pss=True))
-    out.append(Watched("load generator", fixed(os.getpid(), *loadgen)))
-    return out
-
-
-class BrokerLog:
-    """How many records the broker holds in the messages topic: the sum of its partitions'
-    end offsets minus their start offsets (a memory-only Tansu keeps every one)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = messages_topic(settings)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-
-    async def start(self) -> None:
-        await self.consumer.start()
-
-    async def records(self) -> int:
-        try:
-            parts = self.consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            end = await self.consumer.end_offsets(tps)
-            begin = await self.consumer.beginning_offsets(tps)
-        except Exception:  # a reading, not the run: a broker hiccup leaves a blank
-            return -1
-        return sum(end[tp] - begin[tp] for tp in tps)
-
-    async def stop(self) -> None:
-        await self.consumer.stop()
-
-
-async def redis_reading(settings: Settings, max_keys: int = 5_000_000) -> dict[str, Any]:
-    """used_memory (the whole server) and the number of our keys (the run's prefix: the
-    database may hold other runs' keys too); the count is one SCAN, bounded."""
-    r = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        mem = await r.info("memory")
-        keys = 0
-        async for _ in r.scan_iter(match=f"{settings.redis_prefix}:*", count=5000):
-            keys += 1
-            if keys >= max_keys:
-                break
-    finally:
-        await r.aclose()
-    return {"used_memory_mib": round(int(mem["used_memory"]) / 2**20, 2), "keys": keys}
-
-
-async def redis_breakdown(settings: Settings, max_keys: int = 2_000_000) -> dict[str, Any]:
-    """Our keys by kind (the name's second part: idem, route, node...): count and the mean
-    MEMORY USAGE of up to 100 of each."""
-    r = aioredis.Redis.from_url(settings.redis_url)
-    counts: Counter[str] = Counter()
-    samples: dict[str, list[bytes]] = defaultdict(list)
-    try:
-        seen = 0
-        async for key in r.scan_iter(match=f"{settings.redis_prefix}:*", count=2000):
-            kind = key.split(b":")[1].decode(errors="replace") if b":" in key else "?"
-            counts[kind] += 1
-            if len(samples[kind]) < 100:
-                samples[kind].append(key)
-            seen += 1
-            if seen >= max_keys:
-                break
-        out: dict[str, Any] = {}
-        for kind, n in counts.most_common():
-            sizes = [await r.memory_usage(k) or 0 for k in samples[kind]]
-            ttls = [await r.ttl(k) for k in samples[kind][:10]]
-            out[kind] = {
-                "keys": n,
-                "bytes_per_key": round(sum(sizes) / max(1, len(sizes))),
-                "ttl_s_sample": max(ttls) if ttls else None,
-            }
-        return out
-    finally:
-        await r.aclose()
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -474,6 +345,7 @@ async def _measure(
         await pool.call("sample")
     for w in watched:
         w.read(1.0)  # the baseline of each CPU reading
+    busy_prev = machine_busy_s()
     base = await pool.call("sample")
     prev_sent = sum(s["sent"] for s in base)
     prev_acked = sum(s["acked"] for s in base)
@@ -512,8 +384,11 @@ async def _measure(
         t_prev = now
         samples = await pool.call("sample")
         procs_now = {w.label: w.read(took) for w in watched}
+        busy = machine_busy_s()
+        machine_cores = (busy - busy_prev) / took
+        busy_prev = busy
         redis_now = await redis_reading(stack.settings)
-        log_records = await broker_log.records()
+        log_now = await broker_log.reading()
         latencies_ms = [x / 1000 for s in samples for x in s["latencies_us"]]
         lat = percentiles(latencies_ms)
         ack = percentiles([x for s in samples for x in s["ack_ms"]])
@@ -535,8 +410,14 @@ async def _measure(
             "closed_members": sum(s["closed"] for s in samples),
             "procs": procs_now,
             "redis": redis_now,
-            "broker_log_records": log_records,
+            "broker_log_records": log_now["records"],
+            "fanout_lag": log_now["lag"],
             "load1": round(os.getloadavg()[0], 2),
+            # Cores busy on the whole machine, and the share not ours (other sessions).
+            "machine_cores": round(machine_cores, 2),
+            "others_cores": round(
+                max(0.0, machine_cores - sum(p["cpu"] for p in procs_now.values())), 2
+            ),
         }
         prev_sent, prev_acked = sent, acked
         rows.append(row)
@@ -554,7 +435,9 @@ async def _measure(
     for f in fin:
         totals.update(f["acked"])
         acked_cids += f["acked_cids"]
-    got = await pool.call("drain", {"totals": dict(totals), "timeout": args.drain})
+    got = await pool.call(
+        "drain", {"totals": dict(totals), "stall": args.drain, "cap": args.drain_cap}
+    )
     report: Counter[str] = Counter()
     missing: list[tuple[str, str, list[int]]] = []
     for g in got:
@@ -594,6 +477,7 @@ async def _measure(
         "p99_last_ms": percentiles([x for r in last_window for x in r])["p99"],
         "window_minutes": round(window_rows * interval / 60, 2),
         "load1_mean": round(sum(r["load1"] for r in rows) / len(rows), 2),
+        "others_cores_mean": round(sum(r["others_cores"] for r in rows) / len(rows), 2),
     }
     slopes = _slopes(rows, args.warmup_minutes)
     targets = _targets(summary, slopes, rows, args.warmup_minutes)
@@ -616,13 +500,15 @@ async def _measure(
 
 def _progress(row: dict[str, Any]) -> str:
     procs = ", ".join(
-        f"{label} {p['rss_mib']:.0f} MiB {p['cpu']:.2f}" for label, p in row["procs"].items()
+        f"{label} {p['rss_mib']:.0f} MiB {p['cpu']:.2f} ({p['wait']:.2f})"
+        for label, p in row["procs"].items()
     )
     return (
         f"  {row['minute']:6.2f} min: acked {row['acked']}, deliveries {row['deliveries']}, "
         f"p50 {row['latency_ms']['p50']} ms, p99 {row['latency_ms']['p99']} ms, redis "
-        f"{row['redis']['used_memory_mib']} MiB / {row['redis']['keys']} keys, load "
-        f"{row['load1']}; {procs}"
+        f"{row['redis']['used_memory_mib']} MiB / {row['redis']['keys']} keys, broker log "
+        f"{row['broker_log_records']}, fan-out lag {row['fanout_lag']}, load {row['load1']}, "
+        f"others {row['others_cores']}; {procs}"
     )
 
 
@@ -714,6 +600,7 @@ def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
         out["redis used MiB"].append(r["redis"]["used_memory_mib"])
         out["redis keys"].append(float(r["redis"]["keys"]))
         out["broker log records"].append(float(r["broker_log_records"]))
+        out["fan-out lag"].append(float(r.get("fanout_lag", 0)))
         for label, p in r["procs"].items():
             out[f"{label} MiB"].append(p["rss_mib"])
             out[f"{label} CPU"].append(p["cpu"])
@@ -800,18 +687,17 @@ def render(data: dict[str, Any]) -> str:
     labels = list(rows[0]["procs"]) if rows else []
     short = {label: _short(label) for label in labels}
     headers = ["min", "acked", "deliveries", "lost", "p50 ms", "p99 ms", "ack p99 ms"]
-    headers += [f"{short[label]} MiB / CPU" for label in labels]
-    headers += ["Redis used MiB", "Redis keys", "broker log records", "load"]
+    headers += [f"{short[label]} MiB / CPU (wait)" for label in labels]
+    headers += ["Redis used MiB", "Redis keys", "broker log records", "fan-out lag"]
+    headers += ["load", "others' CPU"]
     table = []
     for r in rows:
         line: list[Any] = [r["minute"], r["acked"], r["deliveries"], r["lost"]]
         line += [r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["ack_ms"]["p99"]]
-        line += [
-            f"{r['procs'][label]['rss_mib']:.1f} / {r['procs'][label]['cpu']:.2f}"
-            for label in labels
-        ]
+        line += [_mem_cpu(r["procs"][label]) for label in labels]
         line += [r["redis"]["used_memory_mib"], r["redis"]["keys"], r["broker_log_records"]]
-        line.append(r["load1"])
+        line.append(r.get("fanout_lag", ""))
+        line += [r["load1"], r.get("others_cores", "")]
         table.append(line)
     sl = data["slopes"]
     slope_line: list[Any] = ["slope/min", "", "", sl["lost"]["per_minute"]]
@@ -821,7 +707,8 @@ def render(data: dict[str, Any]) -> str:
         for label in labels
     ]
     slope_line += [f"{sl['redis used MiB']['per_minute']:+.3f}", sl["redis keys"]["per_minute"]]
-    slope_line += [sl["broker log records"]["per_minute"], ""]
+    slope_line += [sl["broker log records"]["per_minute"], sl["fan-out lag"]["per_minute"]]
+    slope_line += ["", ""]
     table.append(slope_line)
     c0, c1 = data["conditions"], data["conditions_end"]
     lines = [
@@ -831,7 +718,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         machine_line(data["machine"], c0)
         + f"; load at the end {c1['loadavg'][0]}/{c1['loadavg'][1]}/{c1['loadavg'][2]}, "
-        f"mean of the per-minute 1-min load {s['load1_mean']}",
+        f"mean of the per-minute 1-min load {s['load1_mean']}; other sessions' processes "
+        f"used {s.get('others_cores_mean', '?')} of the {data['machine']['nproc']} cores "
+        "on average ('others' CPU')",
         "",
         f"{s['shape']}, {s['senders']} senders, {s['rate']:g} msgs/s for {s['minutes']:g} min: "
         f"{s['subscribed']}/{s['members']} subscribed, connect failures "
@@ -844,7 +733,10 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Per row: the interval ending at that minute. Lost is charged to the interval the "
         "message was sent in. Memory is RSS (PostgreSQL: the PSS of its postmaster and all its "
-        "children, whose count is in the JSON), CPU in cores. Slopes are least squares per "
+        "children, whose count is in the JSON), CPU in cores, wait = cores' worth of time its "
+        "threads were runnable but had no core (starved by neighbours); fan-out lag = records "
+        "between the fan-out group's committed offsets and the log's end. Slopes are least "
+        "squares per "
         f"minute over minutes {sl['_from_minute']:g}-{sl['_to_minute']:g} (after the "
         "warm-up).",
         "",
@@ -882,6 +774,10 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mem_cpu(p: dict[str, float]) -> str:
+    return f"{p['rss_mib']:.1f} / {p['cpu']:.2f} ({p.get('wait', 0.0):.2f})"
+
+
 def _short(label: str) -> str:
     return {
         "gateway A": "gw A",
@@ -904,7 +800,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--warmup-s", type=float, default=10.0, help="unmeasured sending before minute 0"
     )
-    p.add_argument("--drain", type=float, default=60.0, help="most seconds to wait at the end")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=60.0,
+        help="at the end: give up after this many s without a delivery",
+    )
+    p.add_argument("--drain-cap", type=float, default=900.0, help="...or this many s in all")
     p.add_argument("--body-bytes", type=int, default=100)
     p.add_argument("--procs", type=int, default=0)
     p.add_argument("--fanout-workers", type=int, default=1)

@@ -106,3 +106,35 @@ def test_feeds_smoke(tmp_path: Path) -> None:
         assert set(k["cached"]["statuses"]) == {"200"}, k["cached"]["statuses"]
         assert k["cold"]["latency_ms"]["count"] == 2
     assert "trending_3k" in data["targets"]
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.soak",
+        "soak",
+        tmp_path,
+        *("--minutes", "0.75", "--interval", "15", "--rate", "20"),
+        *("--convs", "4", "--members", "4", "--senders", "4"),
+        *("--warmup-minutes", "0", "--warmup-s", "3", "--drain", "30"),
+    )
+    s = data["summary"]
+    assert s["subscribed"] == 16 and s["senders"] == 4
+    assert s["acked"] > 0 and s["delivered"] == s["expected"] > 0
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["reordered"] == 0
+    assert data["targets"]["lost_0"]["reached"]
+    assert set(data["targets"]) == {"lost_0", "p99_stable", "rss_flat", "redis_flat"}
+    rows = data["rows"]
+    assert [r["minute"] for r in rows] == [0.25, 0.5, 0.75]
+    processes = ("gateway A", "gateway B", "fan-out worker 0", "broker (Tansu)", "Redis")
+    processes += ("PostgreSQL", "load generator")
+    for r in rows:
+        assert r["acked"] > 0 and r["deliveries"] > 0
+        assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+        for label in processes:
+            assert r["procs"][label]["rss_mib"] > 0, label
+        assert r["procs"]["PostgreSQL"]["procs"] > 1  # the postmaster and its children
+        assert r["procs"]["gateway A"]["cpu"] > 0 and r["procs"]["fan-out worker 0"]["cpu"] > 0
+        assert r["redis"]["used_memory_mib"] > 0 and r["redis"]["keys"] > 0
+        assert r["broker_log_records"] >= 0  # -1: the reading failed
+    for name in ("p50 ms", "p99 ms", "gateway A MiB", "broker (Tansu) CPU", "redis keys"):
+        assert "per_minute" in data["slopes"][name], name
