@@ -60,7 +60,14 @@ from bench.members import Member, Sender, seq_report
 from bench.profile import Profiler
 from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, unique_tag
-from bench.watch import BrokerLog, machine_busy_s, redis_breakdown, redis_reading, watch_list
+from bench.watch import (
+    BrokerLog,
+    machine_busy_s,
+    redis_breakdown,
+    redis_reading,
+    stored_total,
+    watch_list,
+)
 from storage import messages
 from storage.pools import ShardPools
 from storage.settings import Settings
@@ -310,6 +317,8 @@ async def _measure(
     watched = await watch_list(stack, pool.pids)
     broker_log = BrokerLog(stack.settings)
     await broker_log.start()
+    pools = ShardPools(stack.settings)
+    convs = sorted(conv_members)
     cond = conditions()
     interval = float(args.interval)
     seconds = args.minutes * 60.0
@@ -388,7 +397,8 @@ async def _measure(
         machine_cores = (busy - busy_prev) / took
         busy_prev = busy
         redis_now = await redis_reading(stack.settings)
-        log_now = await broker_log.reading()
+        log_records = await broker_log.records()
+        stored = await stored_total(pools, convs)
         latencies_ms = [x / 1000 for s in samples for x in s["latencies_us"]]
         lat = percentiles(latencies_ms)
         ack = percentiles([x for s in samples for x in s["ack_ms"]])
@@ -410,8 +420,9 @@ async def _measure(
             "closed_members": sum(s["closed"] for s in samples),
             "procs": procs_now,
             "redis": redis_now,
-            "broker_log_records": log_now["records"],
-            "fanout_lag": log_now["lag"],
+            "broker_log_records": log_records,
+            # Acked but not yet in a shard: the backlog of the broker and the fan-out worker.
+            "backlog": acked - stored,
             "load1": round(os.getloadavg()[0], 2),
             # Cores busy on the whole machine, and the share not ours (other sessions).
             "machine_cores": round(machine_cores, 2),
@@ -428,6 +439,7 @@ async def _measure(
     for label, prof in profilers:
         profiles[label] = prof.stop()
     await broker_log.stop()
+    await pools.close()
 
     fin = await pool.call("finish", {"timeout": 30.0})
     totals: Counter[str] = Counter()
@@ -507,7 +519,7 @@ def _progress(row: dict[str, Any]) -> str:
         f"  {row['minute']:6.2f} min: acked {row['acked']}, deliveries {row['deliveries']}, "
         f"p50 {row['latency_ms']['p50']} ms, p99 {row['latency_ms']['p99']} ms, redis "
         f"{row['redis']['used_memory_mib']} MiB / {row['redis']['keys']} keys, broker log "
-        f"{row['broker_log_records']}, fan-out lag {row['fanout_lag']}, load {row['load1']}, "
+        f"{row['broker_log_records']}, backlog {row['backlog']}, load {row['load1']}, "
         f"others {row['others_cores']}; {procs}"
     )
 
@@ -600,7 +612,7 @@ def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
         out["redis used MiB"].append(r["redis"]["used_memory_mib"])
         out["redis keys"].append(float(r["redis"]["keys"]))
         out["broker log records"].append(float(r["broker_log_records"]))
-        out["fan-out lag"].append(float(r.get("fanout_lag", 0)))
+        out["backlog"].append(float(r.get("backlog", 0)))
         for label, p in r["procs"].items():
             out[f"{label} MiB"].append(p["rss_mib"])
             out[f"{label} CPU"].append(p["cpu"])
@@ -688,7 +700,7 @@ def render(data: dict[str, Any]) -> str:
     short = {label: _short(label) for label in labels}
     headers = ["min", "acked", "deliveries", "lost", "p50 ms", "p99 ms", "ack p99 ms"]
     headers += [f"{short[label]} MiB / CPU (wait)" for label in labels]
-    headers += ["Redis used MiB", "Redis keys", "broker log records", "fan-out lag"]
+    headers += ["Redis used MiB", "Redis keys", "broker log records", "backlog"]
     headers += ["load", "others' CPU"]
     table = []
     for r in rows:
@@ -696,7 +708,7 @@ def render(data: dict[str, Any]) -> str:
         line += [r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["ack_ms"]["p99"]]
         line += [_mem_cpu(r["procs"][label]) for label in labels]
         line += [r["redis"]["used_memory_mib"], r["redis"]["keys"], r["broker_log_records"]]
-        line.append(r.get("fanout_lag", ""))
+        line.append(r.get("backlog", ""))
         line += [r["load1"], r.get("others_cores", "")]
         table.append(line)
     sl = data["slopes"]
@@ -707,7 +719,7 @@ def render(data: dict[str, Any]) -> str:
         for label in labels
     ]
     slope_line += [f"{sl['redis used MiB']['per_minute']:+.3f}", sl["redis keys"]["per_minute"]]
-    slope_line += [sl["broker log records"]["per_minute"], sl["fan-out lag"]["per_minute"]]
+    slope_line += [sl["broker log records"]["per_minute"], sl["backlog"]["per_minute"]]
     slope_line += ["", ""]
     table.append(slope_line)
     c0, c1 = data["conditions"], data["conditions_end"]
@@ -734,8 +746,9 @@ def render(data: dict[str, Any]) -> str:
         "Per row: the interval ending at that minute. Lost is charged to the interval the "
         "message was sent in. Memory is RSS (PostgreSQL: the PSS of its postmaster and all its "
         "children, whose count is in the JSON), CPU in cores, wait = cores' worth of time its "
-        "threads were runnable but had no core (starved by neighbours); fan-out lag = records "
-        "between the fan-out group's committed offsets and the log's end. Slopes are least "
+        "threads were runnable but had no core (starved by neighbours); backlog = messages "
+        "acked but not yet stored in a shard (held by the broker or the fan-out worker). "
+        "Slopes are least "
         "squares per "
         f"minute over minutes {sl['_from_minute']:g}-{sl['_to_minute']:g} (after the "
         "warm-up).",

@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import (
     child_pids,
@@ -24,7 +23,9 @@ from bench.common import (
     proc_sched_s,
 )
 from bench.stack import BenchStack
-from fanout.kafka import fanout_group, messages_topic
+from fanout.kafka import messages_topic
+from storage import messages
+from storage.pools import ShardPools
 from storage.settings import Settings
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -104,41 +105,38 @@ async def watch_list(stack: BenchStack, loadgen: Sequence[int]) -> list[Watched]
 
 
 class BrokerLog:
-    """The messages topic as the broker has it: how many records it holds (end offsets
-    minus start offsets: a memory-only Tansu keeps every one), and how far the fan-out
-    group's committed offsets are behind the end (its lag, in records)."""
+    """How many records the broker holds in the messages topic: end offsets minus start
+    offsets (a memory-only Tansu keeps every one)."""
 
     def __init__(self, settings: Settings) -> None:
         self.topic = messages_topic(settings)
-        self.group = fanout_group(settings)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
 
     async def start(self) -> None:
         await self.consumer.start()
-        await self.admin.start()
 
-    async def reading(self) -> dict[str, int]:
-        """{"records", "lag"}; -1 for a reading that failed (a broker hiccup is a blank in
-        the report, not the end of the run)."""
-        out = {"records": -1, "lag": -1}
+    async def records(self) -> int:
+        """-1 when the reading failed (a broker hiccup is a blank, not the end of the run)."""
         try:
             parts = self.consumer.partitions_for_topic(self.topic) or set()
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             end = await self.consumer.end_offsets(tps)
             begin = await self.consumer.beginning_offsets(tps)
-            out["records"] = sum(end[tp] - begin[tp] for tp in tps)
-            committed = await self.admin.list_consumer_group_offsets(self.group)
-            out["lag"] = sum(
-                end[tp] - (committed[tp].offset if tp in committed else begin[tp]) for tp in tps
-            )
         except Exception:
-            pass
-        return out
+            return -1
+        return sum(end[tp] - begin[tp] for tp in tps)
 
     async def stop(self) -> None:
         await self.consumer.stop()
-        await self.admin.close()
+
+
+async def stored_total(pools: ShardPools, convs: Sequence[str]) -> int:
+    """Messages stored in the shards for `convs` (their last seqs): acked minus this is
+    the backlog upstream of the fan-out worker's write (broker and worker)."""
+    total = 0
+    for conv in convs:
+        total += await messages.latest_seq(pools, int(conv))
+    return total
 
 
 async def redis_reading(settings: Settings, max_keys: int = 5_000_000) -> dict[str, Any]:
