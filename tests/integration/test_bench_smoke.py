@@ -138,3 +138,24 @@ def test_soak_smoke(tmp_path: Path) -> None:
         assert r["broker_log_records"] >= 0  # -1: the reading failed
     for name in ("p50 ms", "p99 ms", "gateway A MiB", "broker (Tansu) CPU", "redis keys"):
         assert "per_minute" in data["slopes"][name], name
+
+
+def test_broker_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.broker",
+        "broker",
+        tmp_path,
+        *("--seconds", "20", "--interval", "5", "--rate", "50", "--consume-from", "3"),
+    )
+    rows = data["rows"]
+    assert len(rows) == 4
+    assert rows[-1]["produced"] >= 900 and rows[-1]["log_records"] >= 900
+    assert rows[-1]["consumed"] > 0
+    assert all(r["broker_cpu_s"] >= 0 and r["broker_rss_mib"] > 0 for r in rows)
+    s = data["summary"]
+    # What the broker was asked is on record, whatever it answered.
+    asked = {"retention.ms", "retention.bytes", "segment.ms", "segment.bytes"}
+    assert set(s["configs_returned"]) <= asked
+    assert "broker_alive_after" in s["delete_records"]
+    assert isinstance(s["retention_applied"], bool)
+    assert "bounded" in data["targets"]
