@@ -203,6 +203,21 @@ async def _delete_records(
     return out
 
 
+def cpu_slopes(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Broker CPU-s per interval per 1,000 records held: over the intervals before any
+    consumer (nothing consumed yet), and over those with the consumer there throughout
+    (the interval it joined in, with its catch-up, is in neither)."""
+
+    def fit(part: list[dict[str, Any]]) -> float:
+        xs = [r["log_records"] / 1000 for r in part]
+        return round(slope(xs, [r["broker_cpu_s"] for r in part]), 3)
+
+    return {
+        "cpu_per_1000_records_without_consumer": fit([r for r in rows if r["consumed"] == 0]),
+        "cpu_per_1000_records_with_consumer": fit([r for r in rows if r["consumer"]]),
+    }
+
+
 def _alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -217,20 +232,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         broker.kill()
         broker.wait()
     rows = found["rows"]
-    with_consumer = [r for r in rows if r["consumer"]]
-    without = [r for r in rows if not r["consumer"]]
-
-    def cpu_slope(part: list[dict[str, Any]]) -> float:
-        """Broker CPU-s per interval, per 1,000 records held."""
-        xs = [r["log_records"] / 1000 for r in part]
-        return round(slope(xs, [r["broker_cpu_s"] for r in part]), 3)
-
     summary = {
         "configs_returned": found["configs_returned"],
         "retention_applied": found["configs_applied"],
         "delete_records": found["delete_records"],
-        "cpu_per_1000_records_without_consumer": cpu_slope(without),
-        "cpu_per_1000_records_with_consumer": cpu_slope(with_consumer),
+        **cpu_slopes(rows),
         "log_records_at_end": found["log_records_at_end"],
     }
     return {
@@ -265,8 +271,8 @@ def render(data: dict[str, Any]) -> str:
             r["log_start_offsets"],
             r["broker_cpu_s"],
             r["broker_rss_mib"],
-            r["p50_ms"],
-            r["p99_ms"],
+            r["p50_ms"] if r["consumed"] else "-",
+            r["p99_ms"] if r["consumed"] else "-",
         ]
         for r in data["rows"]
     ]
