@@ -1,5 +1,6 @@
 """What the fan-out and scores workers share: committing offsets that never pass a record
-not yet applied, and the process's composition root around a consumer.
+not yet applied, and the process's composition root around a consumer (the loop itself is
+`fanout.holding`).
 
 Both workers hold records whose shard is down and retry them while going on with the
 rest; a partition's committed offset must then stop at its oldest held record, so a
@@ -15,10 +16,11 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from fanout.kafka import ensure_topics, make_consumer, wait_for_broker
+from fanout.deadletter import DeadLetters
+from fanout.kafka import dlq_topic, ensure_topics, make_consumer, make_producer, wait_for_broker
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
 from storage.settings import Settings
@@ -60,6 +62,8 @@ async def commit(
 class Worker(Protocol):
     stopping: asyncio.Event
 
+    def listener(self) -> ConsumerRebalanceListener: ...
+
     async def run(self) -> None: ...
 
 
@@ -67,18 +71,25 @@ async def run_consumer_process(
     settings: Settings,
     topic: str,
     group: str,
-    build: Callable[[ShardPools, aioredis.Redis, AIOKafkaConsumer], Worker],
+    build: Callable[[ShardPools, aioredis.Redis, AIOKafkaConsumer, DeadLetters], Worker],
     name: str,
 ) -> Worker:
-    """The composition root of a worker process: the only place its pools, Redis client
-    and consumer are made. Runs until SIGTERM/SIGINT; returns the worker (for its counts)."""
+    """The composition root of a worker process: the only place its pools, Redis client,
+    consumer and dead-letter producer are made. Runs until SIGTERM/SIGINT; returns the
+    worker (for its counts). `topic` is "<prefix>.<name>"; its dead letters go to
+    "<prefix>.<name>.dlq"."""
     await wait_for_broker(settings)
     await ensure_topics(settings)
     pools = ShardPools(settings)
     redis = make_redis(settings)
     consumer = make_consumer(settings, topic, group)
+    producer = make_producer(settings)
+    await producer.start()
+    which = topic.removeprefix(f"{settings.kafka_topic_prefix}.")
+    worker = build(pools, redis, consumer, DeadLetters(producer, dlq_topic(settings, which)))
+    # Subscribed again with the worker's listener: it learns of every revocation.
+    consumer.subscribe([topic], listener=worker.listener())
     await consumer.start()
-    worker = build(pools, redis, consumer)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
@@ -87,6 +98,7 @@ async def run_consumer_process(
         await worker.run()
     finally:
         await consumer.stop()
+        await producer.stop()
         await redis.aclose()
         await pools.close()
     return worker

@@ -27,6 +27,11 @@ def votes_topic(settings: Settings) -> str:
     return f"{settings.kafka_topic_prefix}.votes"
 
 
+def dlq_topic(settings: Settings, which: str) -> str:
+    """The dead-letter topic of `which` ("messages" or "votes"); see fanout.deadletter."""
+    return f"{settings.kafka_topic_prefix}.{which}.dlq"
+
+
 def fanout_group(settings: Settings) -> str:
     return f"{settings.kafka_topic_prefix}.fanout"
 
@@ -37,7 +42,13 @@ def scores_group(settings: Settings) -> str:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create the topics that do not exist yet (safe to run concurrently and repeatedly)."""
-    wanted = [messages_topic(settings), votes_topic(settings)]
+    # Dead-letter topics get one partition: an offset then names one record (`agora dlq`).
+    wanted = {
+        messages_topic(settings): settings.kafka_partitions,
+        votes_topic(settings): settings.kafka_partitions,
+        dlq_topic(settings, "messages"): 1,
+        dlq_topic(settings, "votes"): 1,
+    }
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
@@ -45,9 +56,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
         missing = [t for t in wanted if t not in existing]
         if missing:
             try:
-                await admin.create_topics(
-                    [NewTopic(t, settings.kafka_partitions, 1) for t in missing]
-                )
+                await admin.create_topics([NewTopic(t, wanted[t], 1) for t in missing])
             except TopicAlreadyExistsError:
                 pass  # another process won the race; the topic is what we wanted
         return missing

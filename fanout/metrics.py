@@ -57,6 +57,30 @@ class ConsumerMetrics:
             "Records behind the high watermark, per partition this process owns.",
             ["group", "topic", "partition"],
         )
+        self.held = registry.gauge(
+            "agora_consumer_held_records",
+            "Records held for retry because their shard, Redis or the dead-letter topic failed.",
+            ["group"],
+        )
+        self.hold_faults = registry.counter(
+            "agora_consumer_hold_faults_total",
+            "Attempts that failed transiently and held their records (per shard, Redis, DLQ).",
+            ["group"],
+        )
+        self.dead_lettered = registry.counter(
+            "agora_consumer_dead_lettered_total",
+            "Poison records produced to the dead-letter topic (and committed past).",
+            ["group"],
+        )
+        self.skips_healed = registry.counter(
+            "agora_consumer_skips_healed_total",
+            "Fetches that skipped offsets; the consumer sought back and re-fetched them.",
+            ["group"],
+        )
+        self.restarts = registry.counter(
+            "agora_worker_restarts_total",
+            "Times the supervisor restarted this worker slot after an unexpected exit.",
+        )
 
 
 _installed: ConsumerMetrics | None = None
@@ -124,14 +148,22 @@ def worker_identity(role: str, index: int) -> str:
 
 
 async def run_with_metrics(
-    settings: Settings, role: str, index: int, main: Callable[[Settings], Awaitable[None]]
+    settings: Settings,
+    role: str,
+    index: int,
+    main: Callable[[Settings], Awaitable[None]],
+    restarts: int = 0,
 ) -> None:
     """Run a worker's composition root with its metrics installed and, when
-    AGORA_METRICS_PORT is set, served on port + index (index = worker process number)."""
+    AGORA_METRICS_PORT is set, served on port + index (index = worker process number).
+    `restarts`: how often the supervisor restarted this slot before (a new process starts
+    its counters at zero, so it carries the count over)."""
     node = worker_identity(role, index)
     logs.set_process(role=role, node=node)
     registry = Registry({"role": role, "node": node})
-    install(registry)
+    metrics = install(registry)
+    if restarts:
+        metrics.restarts.inc(restarts)
     server = None
     if settings.metrics_port:
         port = settings.metrics_port + index

@@ -14,10 +14,12 @@ database commit, before the offset commit; a rebalance; a retry after Redis fail
 record produced twice (a retried vote, the gateways' sweep) or a votes topic recreated with
 its offsets back at 0 counts nothing twice and skips nothing: no offsets are consulted.
 
-Failures, as in the fan-out worker: a shard that is down holds back only its own votes
-(kept and retried while the other shards go on; the committed offset of a partition stops
-at its oldest held record); Redis down holds the whole batch (the shards that committed
-skip it when retried, and their totals are sent then).
+Failures, as in the fan-out worker (the loop is `fanout.holding`'s): a shard that is down
+or fails transiently (by SQLSTATE, `storage.pgerrors`) holds back only its own votes (kept
+and retried with backoff while the other shards go on; the committed offset of a partition
+stops at its oldest held record); Redis down holds the whole batch (the shards that
+committed skip it when retried, and their totals are sent then). A vote no database will
+take (a data error) or a record that does not decode goes to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from asyncpg.exceptions import TransactionRollbackError
 
-from fanout.consumer import commit, run_consumer_process
+from fanout.consumer import run_consumer_process
+from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, Score, Vote, decode_vote
 from fanout.feeds import FeedCache
+from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
 from fanout.kafka import scores_group, votes_topic
 from fanout.routing import Routes
 from storage import posts
-from storage.errors import Unavailable
+from storage.errors import NotFound, Unavailable
+from storage.pgerrors import Fault, classify, describe
 from storage.pools import ShardPools
 from storage.posts import Totals
 from storage.redis_keys import RedisKeys
@@ -45,7 +49,12 @@ from storage.settings import Settings
 
 log = logging.getLogger("agora.scores")
 MAX_HELD = 100_000  # beyond this, stop taking new records until the shard is back
-RETRY_PAUSE_S = 0.5
+
+
+# (totals, held votes, (shard name, error) per failed shard, (poison vote, why))
+Applied = tuple[
+    list[Totals], list["Pending"], list[tuple[str, Unavailable]], list[tuple["Pending", str]]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,90 +64,72 @@ class Pending:
     vote: Vote
 
 
-class ScoresWorker:
+class ScoresWorker(HoldingWorker[Pending]):
+    group = "scores"
+
     def __init__(
         self,
         settings: Settings,
         pools: ShardPools,
         redis: aioredis.Redis,
         consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, consumer, dead_letters)
         self.pools = pools
         self.topic = votes_topic(settings)
         keys = RedisKeys(settings.redis_prefix)
         self.routes = Routes(redis, keys)
         self.feeds = FeedCache(redis, keys, pools)
-        self.consumer = consumer
-        self.stopping = asyncio.Event()
-        self.held: list[Pending] = []  # votes whose shard (or Redis) failed, oldest first
-        self.batches = 0
-        self.votes = 0
+        self.max_held = MAX_HELD
         self.updates = 0  # counter UPDATEs of a post (at most one per post per batch)
 
-    async def run(self) -> None:
-        while not self.stopping.is_set():
-            if len(self.held) >= MAX_HELD:
-                records = {}
-                await asyncio.sleep(RETRY_PAUSE_S)
-            else:
-                # With votes held, come back soon to retry them even if no new ones arrive.
-                records = await self.consumer.getmany(
-                    timeout_ms=100 if self.held else 200,
-                    max_records=self.settings.fanout_batch_max,
-                )
-            if records or self.held:
-                await self.handle(records)
+    def decode(self, raw: Raw) -> Pending:
+        try:
+            vote = decode_vote(raw.value)
+        except EnvelopeError as exc:
+            raise PoisonRecord(str(exc)) from None
+        return Pending(raw.tp, raw.offset, vote)
 
-    async def handle(self, records: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
-        fresh: list[Pending] = []
-        last: dict[TopicPartition, int] = {}
-        for tp, recs in records.items():
-            last[tp] = recs[-1].offset
-            for rec in recs:
-                try:
-                    vote = decode_vote(rec.value)
-                except EnvelopeError as exc:
-                    # Poison record: log and skip it rather than block the partition forever.
-                    log.error("skipping record %s@%d: %s", tp, rec.offset, exc)
-                    continue
-                fresh.append(Pending(tp, rec.offset, vote))
-        owned = self.consumer.assignment()
-        # Held votes of partitions taken away by a rebalance belong to their new owner.
-        work = [p for p in self.held if p.tp in owned] + fresh
-        if not work:
-            await self._commit(last, [])
-            return
-        totals, failed, errors = await self.apply(work)
+    def hold_key(self, item: Pending) -> str:
+        try:
+            return self.pools.names[self.pools.for_id(item.vote.post)]
+        except NotFound:
+            raise PoisonRecord(f"post id {item.vote.post} names no shard") from None
+
+    async def apply_batch(self, work: list[Record[Pending]]) -> Outcome[Pending]:
+        totals, failed, errors, poison = await self.apply([r.item for r in work])
+        by_vote = {id(r.item): r for r in work}
+        out: Outcome[Pending] = Outcome(
+            held=[replace(by_vote[id(p)], hold=self.hold_key(p)) for p in failed],
+            poison=[(by_vote[id(p)], why) for p, why in poison],
+            failures={name: e.message for name, e in errors},
+        )
         try:
             await self.feeds.on_totals(totals)
             await self.publish(totals)
         except (OSError, aioredis.RedisError) as exc:
             # The counters are stored; the feeds and subscribers are not told yet. Hold it
             # all: on the retry the shards skip what they have and send their totals.
-            log.warning("batch of %d votes: Redis failed (%s); retrying", len(work), exc)
-            self.held = work
-            await self._commit(last, work)
-            await asyncio.sleep(RETRY_PAUSE_S)
-            return
-        self.held = failed
-        if errors:
-            log.warning("%d votes held: %s", len(failed), "; ".join(e.message for e in errors))
-        await self._commit(last, failed)
-        self.batches += 1
-        self.votes += len(work) - len(failed)
+            left = {id(p) for p in failed} | {id(p) for p, _ in poison}
+            out.held += [replace(r, hold="redis") for r in work if id(r.item) not in left]
+            out.failures["redis"] = repr(exc)
+            return out
         self.updates += len(totals)
-        if failed and not fresh:
-            await asyncio.sleep(RETRY_PAUSE_S)
+        return out
 
     async def apply(
         self, work: list[Pending]
-    ) -> tuple[list[Totals], list[Pending], list[Unavailable]]:
+    ) -> tuple[
+        list[Totals], list[Pending], list[tuple[str, Unavailable]], list[tuple[Pending, str]]
+    ]:
         """Apply the deltas, one transaction per physical shard, shards in parallel.
 
-        Returns (totals of the posts touched, votes of the shards that failed, their
-        errors). A shard that is down, or whose transaction was aborted by a deadlock or
-        serialization failure, fails only its own votes.
+        Returns (totals of the posts touched, votes of the shards that failed transiently,
+        (shard name, error) per failed shard, poison votes and why). A shard that is down,
+        or whose transaction failed transiently (deadlock, serialization failure, timeout,
+        read-only: by SQLSTATE), fails only its own votes; a shard whose transaction hit a
+        data error applies its votes one by one to find the poison.
         """
         by_shard: dict[int, list[Pending]] = defaultdict(list)
         for p in work:
@@ -149,19 +140,43 @@ class ScoresWorker:
         )
         totals: list[Totals] = []
         failed: list[Pending] = []
-        errors: list[Unavailable] = []
+        errors: list[tuple[str, Unavailable]] = []
+        poison: list[tuple[Pending, str]] = []
         for physical, part in zip(shards, parts, strict=True):
-            if isinstance(part, TransactionRollbackError):
-                part = Unavailable(f"shard {self.pools.names[physical]}: {part}")
-            if isinstance(part, Unavailable):
-                failed.extend(by_shard[physical])
-                errors.append(part)
-            elif isinstance(part, BaseException):
-                raise part
-            else:
+            name = self.pools.names[physical]
+            if not isinstance(part, BaseException):
                 totals.extend(part)
+            elif not isinstance(part, Exception):
+                raise part  # cancellation
+            elif classify(part) is Fault.POISON:
+                got, held, bad, why = await self._isolate(physical, by_shard[physical])
+                totals += got
+                failed += held
+                poison += bad
+                if why is not None:
+                    errors.append((name, Unavailable(f"shard {name}: {why}")))
+            else:
+                failed.extend(by_shard[physical])
+                errors.append((name, Unavailable(f"shard {name}: {describe(part)}")))
         failed.sort(key=lambda p: (p.tp.partition, p.offset))
-        return totals, failed, errors
+        return totals, failed, errors, poison
+
+    async def _isolate(
+        self, physical: int, votes: list[Pending]
+    ) -> tuple[list[Totals], list[Pending], list[tuple[Pending, str]], str | None]:
+        """One transaction per vote, in offset order, to tell the poison from the rest; a
+        transient error on the way holds that vote and the later ones."""
+        totals: list[Totals] = []
+        poison: list[tuple[Pending, str]] = []
+        ordered = sorted(votes, key=lambda p: (p.tp.partition, p.offset))
+        for i, p in enumerate(ordered):
+            try:
+                totals += await self._apply_shard(physical, [p])
+            except Exception as exc:
+                if classify(exc) is not Fault.POISON:
+                    return totals, ordered[i:], poison, describe(exc)
+                poison.append((p, describe(exc)))
+        return totals, [], poison, None
 
     async def _apply_shard(self, physical: int, work: list[Pending]) -> list[Totals]:
         # Records name vote rows; what is counted is each row's value not counted yet
@@ -175,9 +190,6 @@ class ScoresWorker:
             if redone:
                 totals += await posts.totals_of(conn, redone)
         return totals
-
-    async def _commit(self, last: dict[TopicPartition, int], held: list[Pending]) -> None:
-        await commit(self.consumer, last, ((p.tp, p.offset) for p in held))
 
     async def publish(self, totals: list[Totals]) -> None:
         """One delivery per gateway node with the new totals of the threads it follows."""
@@ -199,13 +211,14 @@ async def run_scores(settings: Settings) -> None:
         settings,
         votes_topic(settings),
         scores_group(settings),
-        lambda pools, redis, consumer: ScoresWorker(settings, pools, redis, consumer),
+        lambda pools, redis, consumer, dlq: ScoresWorker(settings, pools, redis, consumer, dlq),
         "scores",
     )
     assert isinstance(worker, ScoresWorker)
     log.info(
-        "scores worker stopped after %d batches, %d votes, %d counter updates",
+        "scores worker stopped after %d batches, %d votes, %d counter updates, %d dead-lettered",
         worker.batches,
-        worker.votes,
+        worker.done,
         worker.updates,
+        worker.dead_lettered,
     )

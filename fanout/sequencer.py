@@ -4,6 +4,14 @@ The numbers come from `conversations.last_seq` in PostgreSQL (the source of trut
 lost Redis can never make a seq be reused. A message already stored keeps its seq and is
 returned as `redelivered` so the worker can publish it again (gateways drop the duplicate by
 seq); it is never sequenced twice.
+
+What a failed transaction means is decided by its SQLSTATE (`storage.pgerrors`): a
+transient error (connection lost, deadlock, serialization failure, statement or lock
+timeout, read-only database, admin shutdown, anything unrecognised) holds the shard's
+messages for the worker to retry; only an error that says a message itself can never be
+stored (a data exception, an integrity violation other than the idempotency key) makes the
+batch be retried one message at a time to find the poison, which is dead-lettered by the
+worker. Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -13,11 +21,10 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import asyncpg
-
-from storage.errors import Unavailable
+from storage.errors import NotFound, Unavailable
 from storage.messages import append_batch
 from storage.models import Message, NewMessage
+from storage.pgerrors import Fault, classify, describe
 from storage.pools import ShardPools
 
 log = logging.getLogger(__name__)
@@ -28,36 +35,51 @@ _ATTEMPTS = 3
 class Sequenced:
     stored: list[Message] = field(default_factory=list)
     redelivered: list[Message] = field(default_factory=list)
-    orphans: list[NewMessage] = field(default_factory=list)
+    # Messages no database will take as they are: (message, why). The worker dead-letters
+    # them. Messages of a conversation that does not exist on its shard are among them.
+    poison: list[tuple[NewMessage, str]] = field(default_factory=list)
+    # Messages of shards that failed transiently, in their original order, and why per
+    # shard name: the worker holds and retries them.
+    held: list[NewMessage] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
 
     def in_order(self) -> list[Message]:
         """Everything to publish, per conversation in seq order."""
         return sorted(self.stored + self.redelivered, key=lambda m: (m.conv, m.seq))
 
+    def add(self, other: Sequenced) -> None:
+        self.stored.extend(other.stored)
+        self.redelivered.extend(other.redelivered)
+        self.poison.extend(other.poison)
+        self.held.extend(other.held)
+        self.errors.update(other.errors)
+
 
 async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
+    name = pools.names[physical]
     try:
         return await _one_shard_tx(pools, physical, batch)
-    except asyncpg.PostgresError as exc:
-        if isinstance(exc, asyncpg.UniqueViolationError) or len(batch) == 1:
-            raise
-        # A message the database refuses (it should have been refused at the gateway)
-        # must not block its partition forever: store the batch one by one and drop
-        # only the poison.
-        log.error("batch refused on %s (%s); isolating", pools.names[physical], exc)
-        out = Sequenced()
-        for m in batch:
-            try:
-                part = await _one_shard_tx(pools, physical, [m])
-            except asyncpg.PostgresError as one:
-                if isinstance(one, asyncpg.UniqueViolationError):
-                    raise
-                log.error("dropping message %d of conversation %d: %s", m.id, m.conv, one)
+    except Exception as exc:
+        if classify(exc) is not Fault.POISON:
+            return Sequenced(held=list(batch), errors={name: describe(exc)})
+        if len(batch) == 1:
+            return Sequenced(poison=[(batch[0], describe(exc))])
+        log.warning("batch refused on %s (%s); retrying one by one", name, describe(exc))
+    # One transaction per message, in order, to tell the poison from the rest. A transient
+    # error on the way holds that message and every later one of the shard, so a
+    # conversation's messages are never stored out of their partition order.
+    out = Sequenced()
+    for i, m in enumerate(batch):
+        try:
+            out.add(await _one_shard_tx(pools, physical, [m]))
+        except Exception as exc:
+            if classify(exc) is Fault.POISON:
+                out.poison.append((m, describe(exc)))
                 continue
-            out.stored.extend(part.stored)
-            out.redelivered.extend(part.redelivered)
-            out.orphans.extend(part.orphans)
-        return out
+            out.held.extend(batch[i:])
+            out.errors[name] = describe(exc)
+            break
+    return out
 
 
 async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
@@ -65,44 +87,37 @@ async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage
         try:
             async with pools.transaction(physical) as conn:
                 stored, already, orphans = await append_batch(conn, batch)
-            return Sequenced(stored, already, orphans)
-        except asyncpg.UniqueViolationError:
+            why = f"conversation not found on shard {pools.names[physical]}"
+            return Sequenced(stored, already, poison=[(m, why) for m in orphans])
+        except Exception as exc:
             # Another worker (a zombie after a rebalance) stored some of these between our
             # check and our insert; the transaction rolled back, so no seq was used. Retry:
             # the check now finds them.
-            if attempt == _ATTEMPTS - 1:
+            if classify(exc) is not Fault.RACE:
                 raise
+            if attempt == _ATTEMPTS - 1:
+                # Retried later like a shard that is down.
+                raise Unavailable(f"sequencing race persisted: {describe(exc)}") from None
             log.info("sequencing race on shard %s, retrying", pools.names[physical])
     raise AssertionError("unreachable")
 
 
-async def sequence(
-    pools: ShardPools, batch: list[NewMessage]
-) -> tuple[Sequenced, list[NewMessage], list[Unavailable]]:
+async def sequence(pools: ShardPools, batch: list[NewMessage]) -> Sequenced:
     """Sequence and persist `batch`, one transaction per physical shard, in parallel.
 
-    A shard that is down fails only its own messages: they come back in the second list
-    (in their original order) for the caller to retry, while the other shards' messages
-    are stored and returned in the first.
+    Never raises for a database error: a shard that fails transiently fails only its own
+    messages (they come back in `held`, in their original order, for the caller to
+    retry) while the other shards' messages are stored; poison comes back in `poison`.
     """
+    out = Sequenced()
     by_shard: dict[int, list[NewMessage]] = defaultdict(list)
     for m in batch:
-        by_shard[pools.for_id(m.conv)].append(m)
+        try:
+            by_shard[pools.for_id(m.conv)].append(m)
+        except NotFound:
+            out.poison.append((m, f"conversation id {m.conv} names no shard"))
     shards = list(by_shard)
-    parts = await asyncio.gather(
-        *(_one_shard(pools, p, by_shard[p]) for p in shards), return_exceptions=True
-    )
-    out = Sequenced()
-    failed: list[NewMessage] = []
-    errors: list[Unavailable] = []
-    for physical, part in zip(shards, parts, strict=True):
-        if isinstance(part, Unavailable):
-            failed.extend(by_shard[physical])
-            errors.append(part)
-        elif isinstance(part, BaseException):
-            raise part
-        else:
-            out.stored.extend(part.stored)
-            out.redelivered.extend(part.redelivered)
-            out.orphans.extend(part.orphans)
-    return out, failed, errors
+    parts = await asyncio.gather(*(_one_shard(pools, p, by_shard[p]) for p in shards))
+    for part in parts:
+        out.add(part)
+    return out

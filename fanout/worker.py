@@ -6,26 +6,31 @@ anywhere leaves its uncommitted records to be redelivered to the group; the sequ
 recognises what was already stored and it is published again under its original seq
 (gateways drop what a subscriber already has).
 
-Shard isolation: when one shard is down, only its messages wait. They are held and retried
-while the worker goes on with the other shards; the committed offset of a partition stops
-at its oldest held record, so nothing is lost if the worker dies while holding them.
+Shard isolation: when one shard is down or fails transiently, only its messages wait.
+They are held and retried with backoff while the worker goes on with the other shards; the
+committed offset of a partition stops at its oldest held record, so nothing is lost if the
+worker dies while holding them. A message no database will ever take goes to the
+dead-letter topic. The holding, backoff, offset checks and dead letters are
+`fanout.holding`'s, shared with the scores worker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import replace
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
-from fanout.consumer import commit, run_consumer_process
+from fanout.consumer import run_consumer_process
+from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
+from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
 from fanout.kafka import fanout_group, messages_topic
 from fanout.routing import Routes
 from fanout.sequencer import sequence
+from storage.errors import NotFound
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -34,90 +39,53 @@ from storage.settings import Settings
 log = logging.getLogger("agora.fanout")
 
 MAX_HELD = 50_000  # beyond this, stop taking new records until the shard is back
-RETRY_PAUSE_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    tp: TopicPartition
-    offset: int
-    message: NewMessage
+class FanoutWorker(HoldingWorker[NewMessage]):
+    group = "fanout"
 
-
-class FanoutWorker:
     def __init__(
         self,
         settings: Settings,
         pools: ShardPools,
         redis: aioredis.Redis,
         consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, consumer, dead_letters)
         self.pools = pools
         self.routes = Routes(redis, RedisKeys(settings.redis_prefix))
-        self.consumer = consumer
-        self.stopping = asyncio.Event()
-        self.held: list[Pending] = []  # records whose shard was down, oldest first
-        self.batches = 0
-        self.messages = 0
+        self.max_held = MAX_HELD
 
-    async def run(self) -> None:
-        while not self.stopping.is_set():
-            if len(self.held) >= MAX_HELD:
-                records = {}
-                await asyncio.sleep(RETRY_PAUSE_S)
-            else:
-                # With records held, come back soon to retry them even if no new ones arrive.
-                timeout = 100 if self.held else 200
-                records = await self.consumer.getmany(
-                    timeout_ms=timeout, max_records=self.settings.fanout_batch_max
-                )
-            if records or self.held:
-                await self.handle(records)
-
-    async def handle(self, records: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
-        fresh: list[Pending] = []
-        last: dict[TopicPartition, int] = {}
-        for tp, recs in records.items():
-            last[tp] = recs[-1].offset
-            for rec in recs:
-                try:
-                    fresh.append(Pending(tp, rec.offset, decode_new_message(rec.value)))
-                except EnvelopeError as exc:
-                    # Poison record: log and skip it rather than block the partition forever.
-                    log.error("skipping record %s@%d: %s", tp, rec.offset, exc)
-        owned = self.consumer.assignment()
-        # Held records of partitions taken away by a rebalance belong to their new owner.
-        work = [p for p in self.held if p.tp in owned] + fresh
-        if not work:
-            await self._commit(last, [])
-            return
+    def decode(self, raw: Raw) -> NewMessage:
         try:
-            result, failed, errors = await sequence(self.pools, [p.message for p in work])
+            return decode_new_message(raw.value)
+        except EnvelopeError as exc:
+            raise PoisonRecord(str(exc)) from None
+
+    def hold_key(self, item: NewMessage) -> str:
+        try:
+            return self.pools.names[self.pools.for_id(item.conv)]
+        except NotFound:
+            raise PoisonRecord(f"conversation id {item.conv} names no shard") from None
+
+    async def apply_batch(self, work: list[Record[NewMessage]]) -> Outcome[NewMessage]:
+        result = await sequence(self.pools, [r.item for r in work])
+        by_message = {id(r.item): r for r in work}
+        out: Outcome[NewMessage] = Outcome(failures=dict(result.errors))
+        out.held = [
+            replace(r, hold=self.hold_key(r.item)) for r in (by_message[id(m)] for m in result.held)
+        ]
+        out.poison = [(by_message[id(m)], why) for m, why in result.poison]
+        try:
             await self.publish(result.in_order())
         except (OSError, aioredis.RedisError) as exc:
-            # Redis down (publish) or an unexpected I/O failure: take it all again later.
-            log.warning("batch of %d failed (%s); retrying", len(work), exc)
-            self.held = work
-            await self._commit(last, work)
-            await asyncio.sleep(RETRY_PAUSE_S)
-            return
-        failed_ids = {id(m) for m in failed}
-        self.held = [p for p in work if id(p.message) in failed_ids]
-        if errors:
-            log.warning(
-                "%d messages held: %s", len(self.held), "; ".join(e.message for e in errors)
-            )
-        for orphan in result.orphans:
-            log.warning("message %d for unknown conversation %d dropped", orphan.id, orphan.conv)
-        await self._commit(last, self.held)
-        self.batches += 1
-        self.messages += len(work) - len(self.held)
-        if self.held and not fresh:
-            await asyncio.sleep(RETRY_PAUSE_S)
-
-    async def _commit(self, last: dict[TopicPartition, int], held: list[Pending]) -> None:
-        await commit(self.consumer, last, ((p.tp, p.offset) for p in held))
+            # Stored but not published: hold it all; the retry finds the messages stored
+            # (redelivered) and publishes them under their seq.
+            left = {(r.tp, r.offset) for r in out.held} | {(r.tp, r.offset) for r, _ in out.poison}
+            out.held += [replace(r, hold="redis") for r in work if (r.tp, r.offset) not in left]
+            out.failures["redis"] = repr(exc)
+        return out
 
     async def publish(self, messages: list[Message]) -> None:
         if not messages:
@@ -139,8 +107,13 @@ async def run_worker(settings: Settings) -> None:
         settings,
         messages_topic(settings),
         fanout_group(settings),
-        lambda pools, redis, consumer: FanoutWorker(settings, pools, redis, consumer),
+        lambda pools, redis, consumer, dlq: FanoutWorker(settings, pools, redis, consumer, dlq),
         "fanout",
     )
     assert isinstance(worker, FanoutWorker)
-    log.info("fanout worker stopped after %d batches", worker.batches)
+    log.info(
+        "fanout worker stopped after %d batches, %d messages, %d dead-lettered",
+        worker.batches,
+        worker.done,
+        worker.dead_lettered,
+    )

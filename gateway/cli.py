@@ -3,8 +3,9 @@
 agora services up|down|status   local PostgreSQL, Redis and Kafka (Tansu) for dev/tests
 agora migrate                   apply schema migrations to every physical shard
 agora gateway --port P --workers N
-agora fanout [--workers N]      the messages fan-out workers
+agora fanout [--workers N]      the messages fan-out workers (supervised: restarted on a crash)
 agora scores [--workers N]      the scores workers (vote counters, feeds, score frames)
+agora dlq list|replay           what the workers dead-lettered; re-submit it once fixed
 agora dev                       services + migrate + a gateway, a fan-out and a scores worker
 agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
 agora shards prune --physical N  after a shard move: drop rows mapped elsewhere (--apply)
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_fanout_process(index: int = 0) -> None:
+def _run_fanout_process(index: int = 0, restarts: int = 0) -> None:
     import uvloop
 
     from fanout.metrics import run_with_metrics
@@ -98,14 +97,14 @@ def _run_fanout_process(index: int = 0) -> None:
 
     settings = _settings()
     _logging(settings)
-    uvloop.run(run_with_metrics(settings, "fanout", index, run_worker))
+    uvloop.run(run_with_metrics(settings, "fanout", index, run_worker, restarts))
 
 
 def cmd_fanout(args: argparse.Namespace) -> int:
-    return _run_processes(_run_fanout_process, args.workers)
+    return _supervise(_run_fanout_process, args.workers, "fanout")
 
 
-def _run_scores_process(index: int = 0) -> None:
+def _run_scores_process(index: int = 0, restarts: int = 0) -> None:
     import uvloop
 
     from fanout.metrics import run_with_metrics
@@ -113,32 +112,47 @@ def _run_scores_process(index: int = 0) -> None:
 
     settings = _settings()
     _logging(settings)
-    uvloop.run(run_with_metrics(settings, "scores", index, run_scores))
+    uvloop.run(run_with_metrics(settings, "scores", index, run_scores, restarts))
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    return _run_processes(_run_scores_process, args.workers)
+    return _supervise(_run_scores_process, args.workers, "scores")
 
 
-def _run_processes(target: Callable[[int], None], workers: int) -> int:
-    """Run `target` in this process, or in `workers` child processes that get our signals."""
-    if workers <= 1:
-        target(0)
+def _supervise(target: Callable[[int, int], None], workers: int, role: str) -> int:
+    """Run `target` in `workers` child processes (one by default), restarted when they die;
+    each child gets its index (its metrics port is AGORA_METRICS_PORT + index)."""
+    from fanout.supervisor import supervise
+
+    settings = _settings()
+    _logging(settings)
+    return supervise(target, workers, role, settings.worker_restart_max_ms / 1000)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from fanout import deadletter
+
+    settings = _settings()
+    if args.action == "list":
+        rows = asyncio.run(deadletter.read_all(settings, args.topic))
+        print(f"{len(rows)} dead letters in {args.topic}")
+        for partition, offset, d in rows:
+            if d is None:
+                print(f"{partition}:{offset}  (not a dead letter)")
+                continue
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.at / 1000))
+            print(
+                f"{partition}:{offset}  {at}  from {d.topic}[{d.partition}]@{d.offset}  "
+                f"error: {d.error}  value: {deadletter.preview(d.value)}"
+            )
         return 0
-    # Each child gets its index (its metrics port is AGORA_METRICS_PORT + index).
-    procs = [multiprocessing.Process(target=target, args=(i,)) for i in range(workers)]
-    for p in procs:
-        p.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.pid:
-                os.kill(p.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
+    if not args.all and not args.offset:
+        print("agora dlq replay: give --all or --offset N (repeatable)", file=sys.stderr)
+        return 2
+    done = asyncio.run(deadletter.replay(settings, args.topic, None if args.all else args.offset))
+    for _p, offset, topic, partition, new_offset in done:
+        print(f"{offset} -> {topic}[{partition}]@{new_offset}")
+    print(f"replayed {len(done)} records")
     return 0
 
 
@@ -277,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scores", help="run scores workers on the votes topic")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_scores)
+
+    p = sub.add_parser("dlq", help="dead-lettered records: list them, replay them")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--topic", choices=["messages", "votes"], default="messages")
+    p.add_argument("--all", action="store_true", help="replay: every dead letter")
+    p.add_argument(
+        "--offset", type=int, action="append", default=[], help="replay: this DLQ offset"
+    )
+    p.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("shards", help="shard maintenance (after moving logical shards)")
     p.add_argument("action", choices=["prune"])

@@ -217,6 +217,22 @@ class Settings:
         _int_range(1, 100_000),
         "Most records a fan-out worker takes from Kafka per batch.",
     )
+    worker_retry_max_ms: int = _setting(
+        "AGORA_WORKER_RETRY_MAX_MS",
+        "5000",
+        _int_range(100, 600_000),
+        "Longest wait between retries of the records a fan-out or scores worker holds "
+        "(their shard, Redis or the dead-letter topic failing transiently); waits start at "
+        "100 ms and double per failure, per shard.",
+    )
+    worker_restart_max_ms: int = _setting(
+        "AGORA_WORKER_RESTART_MAX_MS",
+        "30000",
+        _int_range(100, 600_000),
+        "Longest wait before `agora fanout`/`agora scores` restarts a worker process that "
+        "exited unexpectedly; waits start at 500 ms and double while it keeps exiting "
+        "within a minute of its start.",
+    )
     socket_send_buffer: int = _setting(
         "AGORA_SOCKET_SEND_BUFFER",
         "0",

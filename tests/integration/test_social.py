@@ -507,8 +507,8 @@ async def test_redelivered_or_restarted_records_count_each_vote_once(
     ]
 
     async def apply(work: list[Pending]) -> set[tuple[int, int, int]]:
-        totals, failed, errors = await worker.apply(work)
-        assert (failed, errors) == ([], [])
+        totals, failed, errors, poison = await worker.apply(work)
+        assert (failed, errors, poison) == ([], [], [])
         return {(t.id, t.up, t.down) for t in totals}
 
     assert await apply(batch) == {(post.id, 2, 0), (other.id, 0, 1)}
@@ -588,15 +588,15 @@ async def test_a_dead_shard_holds_back_only_its_own_votes(
             Pending(tp, 2, Vote(on1.id, "b", ts)),
             Pending(tp, 3, Vote(on0.id, "c", ts)),
         ]
-        totals, failed, errors = await worker.apply(work)
+        totals, failed, errors, poison = await worker.apply(work)
         assert [(t.id, t.up) for t in totals] == [(on0.id, 2)]
-        assert failed == [work[1]]
-        assert len(errors) == 1 and "#1" in errors[0].message
+        assert failed == [work[1]] and poison == []
+        assert len(errors) == 1 and "#1" in errors[0][1].message
         # The shard is back: the held vote and the (redelivered) rest are retried together.
         worker.pools = pools
-        totals, failed, errors = await worker.apply(work)
+        totals, failed, errors, poison = await worker.apply(work)
         assert {(t.id, t.up) for t in totals} == {(on0.id, 2), (on1.id, 1)}
-        assert (failed, errors) == ([], [])
+        assert (failed, errors, poison) == ([], [], [])
         assert await counters(pools, on0.id) == (2, 0)
         assert await counters(pools, on1.id) == (1, 0)
     finally:

@@ -1,0 +1,394 @@
+"""The loop both Kafka workers share: take records without trusting the fetch, hold what
+cannot be applied yet, dead-letter what never can be, commit only what is done.
+
+- **Continuity.** The topics are neither compacted nor transactional, so a partition's
+  offsets are contiguous. The worker knows the next offset it expects per partition (from
+  the committed offset when the partition is assigned); a fetched record past it means the
+  fetch skipped records (a broker bug seen in the dev broker), so the worker seeks back and
+  fetches them again, and never commits past them.
+- **Holding.** A record whose shard (or Redis, or the dead-letter topic) fails transiently
+  is held and retried with capped exponential backoff per shard, while the other shards go
+  on; records of a shard waiting out its backoff are held without being tried. A
+  partition's committed offset stops at its oldest held record, so a worker that dies
+  while holding loses nothing. Held records of partitions taken away by a rebalance are
+  dropped: their new owner starts from the committed offset and gets them again.
+- **Poison.** A record that can never be applied (an envelope that does not decode, a data
+  error) is produced to the dead-letter topic; its offset is committed past only after
+  that produce was acknowledged, else it is held like a transient failure.
+
+The workers (`fanout.worker`, `fanout.scores`) say only how to decode a record, which shard
+it needs and how to apply a batch (`HoldingWorker.decode`, `.hold_key`, `.apply_batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from fanout.consumer import commit
+from fanout.deadletter import DeadLetters
+from fanout.metrics import ConsumerMetrics, installed
+from storage.settings import Settings
+
+T = TypeVar("T")
+log = logging.getLogger("agora.fanout")
+
+FIRST_RETRY_S = 0.1
+DEAD_LETTER_KEY = "dead-letter topic"
+
+
+class _Offset(Protocol):
+    @property
+    def offset(self) -> int: ...
+
+
+R = TypeVar("R", bound=_Offset)
+
+
+class Continuity:
+    """The next offset expected per partition (pure; the worker seeks on a skip)."""
+
+    def __init__(self) -> None:
+        self.expected: dict[TopicPartition, int] = {}
+
+    def known(self, tp: TopicPartition) -> bool:
+        return tp in self.expected
+
+    def reset(self, tp: TopicPartition, offset: int) -> None:
+        self.expected[tp] = offset
+
+    def forget(self, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+
+    def take(self, tp: TopicPartition, records: Sequence[R]) -> tuple[list[R], int | None]:
+        """The records that continue the partition, in order, and the offset to seek back
+        to if the fetch skipped some (None when it did not). Records below the expected
+        offset were taken already (a re-fetch) and are left out."""
+        expected = self.expected[tp]
+        taken: list[R] = []
+        skipped: int | None = None
+        for rec in records:
+            if rec.offset < expected:
+                continue
+            if rec.offset > expected:
+                skipped = expected
+                break
+            taken.append(rec)
+            expected += 1
+        self.expected[tp] = expected
+        return taken, skipped
+
+
+class Backoff:
+    """Capped exponential backoff per key (a shard's name, "redis", the DLQ). Pure."""
+
+    def __init__(self, first_s: float, cap_s: float) -> None:
+        self.first_s, self.cap_s = first_s, cap_s
+        self._delay: dict[str, float] = {}
+        self._due: dict[str, float] = {}
+
+    def due(self, key: str, now: float) -> bool:
+        return self._due.get(key, 0.0) <= now
+
+    def failing(self, key: str) -> bool:
+        return key in self._delay
+
+    def due_at(self, key: str) -> float:
+        return self._due.get(key, 0.0)
+
+    def failed(self, key: str, now: float) -> float:
+        """Record a failure; returns how long `key` now waits."""
+        delay = min(self.cap_s, self._delay[key] * 2) if key in self._delay else self.first_s
+        self._delay[key] = delay
+        self._due[key] = now + delay
+        return delay
+
+    def succeeded(self, key: str) -> bool:
+        """Record a success; whether `key` was failing until now."""
+        self._due.pop(key, None)
+        return self._delay.pop(key, None) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Record(Generic[T]):
+    raw: Raw
+    item: T
+    hold: str  # the backoff key it waits on when held: its shard's name, "redis"...
+
+    @property
+    def tp(self) -> TopicPartition:
+        return self.raw.tp
+
+    @property
+    def offset(self) -> int:
+        return self.raw.offset
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """What `apply_batch` made of the records it was given; those in neither list are done."""
+
+    held: list[Record[T]] = field(default_factory=list)  # with `hold` set to what failed
+    poison: list[tuple[Record[T], str]] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # hold key -> error
+
+
+class PoisonRecord(ValueError):
+    """Raised by `decode` or `hold_key` for a record that can never be applied."""
+
+
+class HoldingWorker(Generic[T]):
+    group = "worker"
+
+    def __init__(
+        self, settings: Settings, consumer: AIOKafkaConsumer, dead_letters: DeadLetters | None
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.stopping = asyncio.Event()
+        self.held: list[Record[T]] = []  # oldest first per partition
+        self.letters: list[tuple[Raw, str]] = []  # poison the dead-letter topic did not take
+        self.continuity = Continuity()
+        self.backoff = Backoff(FIRST_RETRY_S, settings.worker_retry_max_ms / 1000)
+        self.generation = 0
+        self.max_held = 50_000
+        self.batches = 0
+        self.done = 0
+        self.dead_lettered = 0
+        self.skips_healed = 0
+        self.metrics: ConsumerMetrics | None = installed()
+
+    # -- what a worker says ----------------------------------------------------------------
+
+    def decode(self, raw: Raw) -> T:
+        raise NotImplementedError
+
+    def hold_key(self, item: T) -> str:
+        """The backoff key of the shard this item needs."""
+        raise NotImplementedError
+
+    async def apply_batch(self, work: list[Record[T]]) -> Outcome[T]:
+        raise NotImplementedError
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def listener(self) -> ConsumerRebalanceListener:
+        return _Listener(self)
+
+    def revoked(self, tps: Sequence[TopicPartition]) -> None:
+        # A new assignment starts from the committed offsets: what was held or expected
+        # under the old one is redelivered, so it is dropped (a batch still in flight sees
+        # the generation change and keeps nothing of it).
+        self.generation += 1
+        self.continuity.forget(tps)
+        self.held = []
+        self.letters = []
+        self._gauge()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            if len(self.held) + len(self.letters) >= self.max_held:
+                records: dict[TopicPartition, list[Any]] = {}
+                await asyncio.sleep(self._until_due(loop.time()) or FIRST_RETRY_S)
+            else:
+                # With records held, come back when the first backoff ends even if no new
+                # records arrive.
+                wait = self._until_due(loop.time())
+                timeout = 200 if wait is None else max(10, min(200, int(wait * 1000)))
+                records = await self.consumer.getmany(
+                    timeout_ms=timeout, max_records=self.settings.fanout_batch_max
+                )
+            if records or self.held or self.letters:
+                await self.handle(records)
+
+    def _until_due(self, now: float) -> float | None:
+        keys = {r.hold for r in self.held} | ({DEAD_LETTER_KEY} if self.letters else set())
+        due = [self.backoff.due_at(k) for k in keys]
+        return max(0.0, min(due) - now) if due else None
+
+    async def handle(self, records: dict[TopicPartition, list[Any]]) -> None:
+        generation = self.generation
+        last: dict[TopicPartition, int] = {}
+        fresh: list[Record[T]] = []
+        letters = list(self.letters)
+        for tp, recs in records.items():
+            taken = await self._continuous(tp, recs)
+            if taken:
+                last[tp] = taken[-1].offset
+            for rec in taken:
+                raw = Raw(tp, rec.offset, rec.key, rec.value)
+                try:
+                    item = self.decode(raw)
+                    key = self.hold_key(item)
+                except PoisonRecord as exc:
+                    letters.append((raw, str(exc)))
+                    continue
+                fresh.append(Record(raw, item, key))
+        now = asyncio.get_running_loop().time()
+        due: list[Record[T]] = []
+        waiting: list[Record[T]] = []
+        for r in [*self.held, *fresh]:
+            (due if self.backoff.due(r.hold, now) else waiting).append(r)
+        outcome: Outcome[T] = Outcome()
+        if due:
+            try:
+                outcome = await self.apply_batch(due)
+            except Exception as exc:
+                # A bug or a failure nobody classified: hold it all rather than lose it or
+                # exit; the traceback says what to fix.
+                log.exception("%s: batch of %d failed; holding it", self.group, len(due))
+                outcome = Outcome(
+                    held=[replace(r, hold="worker") for r in due], failures={"worker": repr(exc)}
+                )
+        letters += [(r.raw, why) for r, why in outcome.poison]
+        unsent = await self._dead_letter_all(letters, outcome, now)
+        self._backoff(due, outcome, now, bool(letters))
+        if generation != self.generation:
+            return  # revoked while applying: the new owner redelivers; commit nothing
+        self.held = sorted(waiting + outcome.held, key=lambda r: (r.tp.partition, r.offset))
+        self.letters = unsent
+        self._gauge()
+        floor = [(r.tp, r.offset) for r in self.held] + [(raw.tp, raw.offset) for raw, _ in unsent]
+        await commit(self.consumer, last, floor)
+        self.batches += 1
+        self.done += len(due) - len(outcome.held)
+
+    async def _dead_letter_all(
+        self, letters: list[tuple[Raw, str]], outcome: Outcome[T], now: float
+    ) -> list[tuple[Raw, str]]:
+        """Produce the poison records to the dead-letter topic; returns those not taken
+        (held until the topic works again, and never committed past)."""
+        if not letters or not self.backoff.due(DEAD_LETTER_KEY, now):
+            return letters
+        unsent: list[tuple[Raw, str]] = []
+        for i, (raw, why) in enumerate(letters):
+            error = await self._dead_letter(raw, why)
+            if error is not None:
+                outcome.failures[DEAD_LETTER_KEY] = error
+                unsent = letters[i:]
+                break
+        return unsent
+
+    async def _continuous(self, tp: TopicPartition, recs: list[Any]) -> list[Any]:
+        if not self.continuity.known(tp):
+            try:
+                start = await self.consumer.committed(tp)
+                if start is None:
+                    start = (await self.consumer.beginning_offsets([tp]))[tp]
+            except KafkaError as exc:
+                # Not knowing where the partition starts, take nothing of it: fetch it again.
+                log.warning("%s: committed offset of %s unknown (%s)", self.group, tp, exc)
+                self.consumer.seek(tp, recs[0].offset)
+                return []
+            self.continuity.reset(tp, start)
+        taken, skipped = self.continuity.take(tp, recs)
+        if skipped is not None:
+            await self._heal(tp, skipped, recs[-1].offset)
+        return taken
+
+    async def _heal(self, tp: TopicPartition, expected: int, seen: int) -> None:
+        try:
+            start: int | None = (await self.consumer.beginning_offsets([tp]))[tp]
+        except KafkaError:
+            start = None
+        if start is not None and start > expected:
+            # Not a skip: retention removed them before they were taken (a worker stopped
+            # longer than the topic keeps records). Nothing to fetch again; say so loudly.
+            log.error(
+                "%s: offsets %d..%d of %s are gone from the log (retention); going on at %d",
+                self.group,
+                expected,
+                start - 1,
+                tp,
+                start,
+            )
+            expected = start
+            self.continuity.reset(tp, start)
+        else:
+            self.skips_healed += 1
+            if self.metrics is not None:
+                self.metrics.skips_healed.labels(self.group).inc()
+            log.warning(
+                "%s: fetch of %s skipped from offset %d (got up to %d); fetching it again",
+                self.group,
+                tp,
+                expected,
+                seen,
+            )
+        self.consumer.seek(tp, expected)
+
+    async def _dead_letter(self, raw: Raw, why: str) -> str | None:
+        """Produce one poison record to the dead-letter topic; the error if that failed."""
+        if self.dead_letters is None:
+            return "no dead-letter topic"
+        try:
+            await self.dead_letters.send(raw.tp, raw.offset, raw.key, raw.value, why)
+        except Exception as exc:
+            return repr(exc)
+        self.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.dead_lettered.labels(self.group).inc()
+        log.error(
+            "%s: record %s@%d dead-lettered to %s: %s",
+            self.group,
+            raw.tp,
+            raw.offset,
+            self.dead_letters.topic,
+            why,
+        )
+        return None
+
+    def _backoff(
+        self, due: list[Record[T]], outcome: Outcome[T], now: float, lettered: bool
+    ) -> None:
+        for key, why in outcome.failures.items():
+            delay = self.backoff.failed(key, now)
+            count = sum(1 for r in outcome.held if r.hold == key)
+            if self.metrics is not None:
+                self.metrics.hold_faults.labels(self.group).inc()
+            log.warning(
+                "%s: %s failed (%s); %d records held, retry in %.1fs",
+                self.group,
+                key,
+                why,
+                count,
+                delay,
+            )
+        tried = {r.hold for r in due} | ({DEAD_LETTER_KEY} if lettered else set())
+        for key in tried - outcome.failures.keys():
+            if self.backoff.succeeded(key):
+                log.info("%s: %s works again", self.group, key)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.held.labels(self.group).set(len(self.held) + len(self.letters))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: HoldingWorker[Any]) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.worker.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # Expected offsets start from the committed ones, read on the first fetch of each
+        # partition (the revocation forgot the old ones).
+        return None
