@@ -10,6 +10,7 @@ carries the count in `agora_worker_restarts_total`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("agora.supervisor")
 
+PR_SET_PDEATHSIG = 1
 FIRST_RESTART_S = 0.5
 HEALTHY_AFTER_S = 60.0  # a child that lived this long starts the backoff over
 STOP_GRACE_S = 20.0
@@ -44,10 +46,23 @@ class _Slot:
     restart_at: float | None = None
 
 
-def _child(target: Callable[[int, int], None], index: int, restarts: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (even by SIGKILL): a worker without
+    its supervisor would otherwise live on unsupervised next to its replacement."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the orchestrator's process-group kill is the fallback
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(target: Callable[[int, int], None], index: int, restarts: int, parent: int) -> None:
     # The parent's handlers were inherited by the fork; the worker installs its own.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _die_with_parent(parent)
     target(index, restarts)
 
 
@@ -60,7 +75,9 @@ def supervise(
 
     def start(slot: _Slot) -> None:
         slot.proc = multiprocessing.Process(
-            target=_child, args=(target, slot.index, slot.restarts), name=f"{role}-{slot.index}"
+            target=_child,
+            args=(target, slot.index, slot.restarts, os.getpid()),
+            name=f"{role}-{slot.index}",
         )
         slot.proc.start()
         slot.started = time.monotonic()

@@ -44,8 +44,12 @@ class Proc:
         return self.popen.poll() is None
 
     def kill(self) -> None:
+        """SIGKILL the process and its children (a supervised worker's child with it)."""
         if self.alive():
-            self.popen.send_signal(signal.SIGKILL)
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.popen.wait(10)
 
     def stop(self, timeout: float = 15) -> None:
@@ -78,6 +82,7 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: `kill` takes its children too
         )
         proc = Proc(name, popen, port)
         self.procs.append(proc)

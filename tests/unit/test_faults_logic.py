@@ -3,7 +3,6 @@ fetched records continue a partition, per-shard backoff, restart waits, dead-let
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import asyncpg
@@ -69,7 +68,6 @@ def test_the_exception_types_asyncpg_raises_map_by_their_sqlstate() -> None:
     [
         OSError("refused"),
         ConnectionResetError(),
-        asyncio.TimeoutError(),
         TimeoutError(),
         asyncpg.InterfaceError("connection is closed"),
         asyncpg.ConnectionDoesNotExistError("gone"),
