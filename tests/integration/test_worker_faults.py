@@ -42,7 +42,7 @@ from storage.settings import Settings
 from tests.engines import free_port, settings_env
 from tests.integration.helpers import collect, create_group, uid
 from tests.integration.test_faults import Follower, report, send_steadily
-from tests.stack import Proc, Stack
+from tests.stack import LOG_DIR, Proc, Stack
 
 pytestmark = pytest.mark.engines
 
@@ -58,6 +58,19 @@ def child_pid(proc: Proc) -> int:
     found = re.findall(r"worker 0 started \(pid (\d+)\)", proc.log_text())
     assert found, f"{proc.name}: no worker start in its log"
     return int(found[-1])
+
+
+def log_since_now(name: str) -> Callable[[], str]:
+    """Reads the log of process `name` from this point on (logs are appended across runs)."""
+    path = LOG_DIR / f"{name}.log"
+    start = path.stat().st_size if path.exists() else 0
+
+    def read() -> str:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
+
+    return read
 
 
 def alive(pid: int) -> bool:
@@ -222,6 +235,7 @@ async def test_database_fault_with_traffic_loses_nothing(
     s = Stack(settings)
     try:
         g1, g2 = s.gateway(f"wf-{name}-g1"), s.gateway(f"wf-{name}-g2")
+        worker_log = log_since_now(f"wf-{name}-f")
         w = s.fanout(f"wf-{name}-f")
         pid = child_pid(w)
         # Both conversations made by one owner (so on one shard), one sender each (a cid
@@ -247,7 +261,7 @@ async def test_database_fault_with_traffic_loses_nothing(
         await wait_for(lambda: len(followers[0].seqs) >= 20, 30, "traffic to flow")
         admin = await asyncpg.connect(dsn)
         try:
-            await fault(Target(admin, dsn, db, [int(c) for c in convs], w.log_text))
+            await fault(Target(admin, dsn, db, [int(c) for c in convs], worker_log))
         finally:
             await admin.close()
         print(f"{name}: fault injected and healed")
@@ -273,12 +287,12 @@ async def test_database_fault_with_traffic_loses_nothing(
             assert [m.seq for m in stored] == list(range(1, count + 1))
             for f in mine:
                 assert f.seqs == list(range(1, count + 1)), f"{f.user}: {len(f.seqs)} seqs"
-        log = w.log_text()
+        log = worker_log()
         if sqlstate is not None:
             assert sqlstate in log, f"the fault ({sqlstate}) never reached the worker"
         assert alive(pid) and child_pid(w) == pid, "the worker process exited"
         assert "Traceback" not in log and "restarting" not in log
-        assert "dead-lettered" not in log
+        assert "dead-lettered to" not in log
     finally:
         s.stop_all()
 
@@ -291,6 +305,7 @@ async def test_broker_paused_with_traffic_loses_nothing(
     s = Stack(settings, extra_env={"AGORA_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
     try:
         g1, g2 = s.gateway("wf-bk-g1"), s.gateway("wf-bk-g2")
+        worker_log = log_since_now("wf-bk-f")
         w = s.fanout("wf-bk-f")
         pid = child_pid(w)
         sender, reader = uid("s"), uid("r")
@@ -318,7 +333,7 @@ async def test_broker_paused_with_traffic_loses_nothing(
             assert f.seqs == list(range(1, count + 1))
         assert sorted(str(m.id) for m in stored) == sorted(acked)
         assert alive(pid) and child_pid(w) == pid
-        assert "Traceback" not in w.log_text()
+        assert "Traceback" not in worker_log() and "dead-lettered to" not in worker_log()
     finally:
         s.stop_all()
         broker.kill()
@@ -336,7 +351,8 @@ async def test_poison_is_dead_lettered_the_partition_goes_on_and_replay_stores_i
     await producer.start()
     try:
         g = s.gateway("dlq-g")
-        w = s.fanout("dlq-f")
+        worker_log = log_since_now("dlq-f")
+        s.fanout("dlq-f")
         a = uid("a")
         bad_conv = int(await create_group(http, s, g, a, []))
         good_conv = int(await create_group(http, s, g, a, []))
@@ -359,7 +375,7 @@ async def test_poison_is_dead_lettered_the_partition_goes_on_and_replay_stores_i
         ok = [await c.send(str(good_conv), f"ok {i}", cid=f"ok{i}") for i in range(5)]
         got = await collect(c, str(good_conv), 5, 30)
         assert [f["id"] for f in got] == [a["id"] for a in ok]  # the partition went on
-        await wait_for(lambda: w.log_text().count("dead-lettered to") >= 2, 30, "dead letters")
+        await wait_for(lambda: worker_log().count("dead-lettered to") >= 2, 30, "dead letters")
 
         listing = agora(settings, "dlq", "list")
         print(listing)
@@ -382,7 +398,7 @@ async def test_poison_is_dead_lettered_the_partition_goes_on_and_replay_stores_i
         assert [(f["id"], f["seq"], f["cid"]) for f in got] == [(poison_ack["id"], 1, "poison")]
         stored = await messages.after(pools, bad_conv, 0, 10)
         assert [(str(m.id), m.seq) for m in stored] == [(poison_ack["id"], 1)]
-        assert "Traceback" not in w.log_text()
+        assert "Traceback" not in worker_log()
         await c.close()
     finally:
         await producer.stop()
@@ -399,6 +415,7 @@ async def test_supervisor_restarts_a_killed_worker_and_messages_keep_flowing(
     s = Stack(settings, extra_env={"AGORA_METRICS_PORT": str(metrics_port)})
     try:
         g = s.gateway("sv-g")
+        worker_log = log_since_now("sv-f")
         w = s.fanout("sv-f")
         first = child_pid(w)
         a = uid("a")
@@ -410,7 +427,7 @@ async def test_supervisor_restarts_a_killed_worker_and_messages_keep_flowing(
         os.kill(first, signal.SIGKILL)
         await wait_for(lambda: child_pid(w) != first, 15, "a new worker process")
         assert w.alive() and not alive(first)
-        assert f"worker 0 (pid {first}) exited with -9" in w.log_text()
+        assert f"worker 0 (pid {first}) exited with -9" in worker_log()
         acks = [await c.send(conv, f"after {i}", cid=f"after{i}") for i in range(10)]
         got = await collect(c, conv, 10, 60)
         assert [f["id"] for f in got] == [ack["id"] for ack in acks]
