@@ -121,12 +121,15 @@ def shard_dsn(settings: Settings, pools: ShardPools, conv: int) -> tuple[str, st
     return dsn, urlsplit(dsn).path.lstrip("/")
 
 
-async def terminate_others(admin: asyncpg.Connection, db: str) -> int:
+async def terminate_others(
+    admin: asyncpg.Connection, db: str, keep: asyncpg.Connection | None = None
+) -> int:
     """End every session on `db` but ours: the pools reconnect and pick up new settings."""
     n: int = await admin.fetchval(
         """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-           WHERE datname = $1 AND pid <> pg_backend_pid()""",
+           WHERE datname = $1 AND pid <> pg_backend_pid() AND pid <> $2""",
         db,
+        keep.get_server_pid() if keep is not None else 0,
     )
     return n
 
@@ -175,9 +178,9 @@ def timeout_fault(setting: str) -> Fault:
     async def fault(t: Target) -> None:
         # The lock is taken by a session opened before the setting: it holds, the worker's
         # new sessions (their pools reconnect after the terminate) give up after 300 ms.
-        async with row_locked(t.dsn, t.convs[0]):
+        async with row_locked(t.dsn, t.convs[0]) as locker:
             await t.admin.execute(f"ALTER DATABASE \"{t.db}\" SET {setting} = '300ms'")
-            await terminate_others(t.admin, t.db)
+            await terminate_others(t.admin, t.db, keep=locker)
             await asyncio.sleep(3)
             await t.admin.execute(f'ALTER DATABASE "{t.db}" RESET {setting}')
         await terminate_others(t.admin, t.db)
