@@ -31,8 +31,19 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agora_client import AgoraClient
-from fanout.envelope import encode_new_message
-from fanout.kafka import ensure_topics, fanout_group, make_consumer, messages_topic
+from fanout import deadletter
+from fanout.deadletter import DeadLetters
+from fanout.envelope import Vote, encode_new_message, encode_vote
+from fanout.kafka import (
+    dlq_topic,
+    ensure_topics,
+    fanout_group,
+    make_consumer,
+    messages_topic,
+    scores_group,
+    votes_topic,
+)
+from fanout.scores import ScoresWorker
 from fanout.worker import FanoutWorker
 from storage import messages, services
 from storage.ids import IdGenerator
@@ -518,3 +529,79 @@ async def test_a_fetch_that_skips_offsets_is_sought_back_and_nothing_is_lost(
         await task
         await consumer.stop()
         await producer.stop()
+
+
+# -- the scores worker: poison votes to their dead-letter topic ------------------------------
+
+
+async def test_poison_votes_are_dead_lettered_and_the_rest_is_counted(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    isolated = settings.with_overrides(kafka_topic_prefix=f"pv{secrets.token_hex(3)}")
+    await ensure_topics(isolated)
+    topic = votes_topic(isolated)
+    consumer = make_consumer(isolated, topic, scores_group(isolated))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    worker = ScoresWorker(
+        isolated,
+        pools,
+        redis_client,
+        consumer,
+        DeadLetters(producer, dlq_topic(isolated, "votes")),
+    )
+    consumer.subscribe([topic], listener=worker.listener())
+    await consumer.start()
+    ids = IdGenerator()
+    full, fine = ids.next_id(9), ids.next_id(9)
+    physical = pools.for_id(full)
+    async with pools.transaction(physical) as conn:
+        for post, up in ((full, 2_147_483_647), (fine, 0)):
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id, up)
+                   VALUES ($1, 'x', 'c_pv', 't', $1, $2)""",
+                post,
+                up,
+            )
+
+    async def vote(post: int, up: int) -> None:
+        value = encode_vote(Vote(post, up, 0, int(time.time() * 1000)))
+        await producer.send_and_wait(topic, value, key=str(post).encode())
+
+    task = asyncio.create_task(worker.run())
+    try:
+        # A counter at its limit: the UPDATE overflows (22003) for this vote only, in one
+        # batch with votes that are fine (isolated one by one to find it).
+        await producer.send_and_wait(topic, b"\x93not a vote", key=str(fine).encode())
+        await vote(full, 1)
+        for _ in range(3):
+            await vote(fine, 1)
+        deadline = time.monotonic() + 30
+        while worker.dead_lettered < 2 or worker.done < 3:
+            assert time.monotonic() < deadline, (worker.dead_lettered, worker.done)
+            await asyncio.sleep(0.05)
+        assert await _counters(pools, fine) == (3, 0)
+        letters = await deadletter.read_all(isolated, "votes")
+        errors = sorted(d.error for _, _, d in letters if d is not None)
+        assert len(letters) == 2 and "22003" in errors[0] and "envelope" in errors[1], errors
+        # Fixed (the counter recounted), then replayed: counted once.
+        async with pools.connection(physical) as conn:
+            await conn.execute("UPDATE posts SET up = 0 WHERE id = $1", full)
+        stuck = [o for _, o, d in letters if d is not None and "22003" in d.error]
+        assert len(await deadletter.replay(isolated, "votes", stuck)) == 1
+        while await _counters(pools, full) != (1, 0):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert worker.held == [] and worker.letters == []
+    finally:
+        worker.stopping.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _counters(pools: ShardPools, post: int) -> tuple[int, int]:
+    async with pools.connection(pools.for_id(post)) as conn:
+        row = await conn.fetchrow("SELECT up, down FROM posts WHERE id = $1", post)
+    assert row is not None
+    return row["up"], row["down"]
