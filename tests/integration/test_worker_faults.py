@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -278,6 +280,7 @@ async def test_database_fault_with_traffic_loses_nothing(
             await fault(Target(admin, dsn, db, [int(c) for c in convs], worker_log))
         finally:
             await admin.close()
+        healed = time.time()
         print(f"{name}: fault injected and healed")
         results = [await t for t in sending]
         for acked, _ in results:
@@ -302,6 +305,10 @@ async def test_database_fault_with_traffic_loses_nothing(
             for f in mine:
                 assert f.seqs == list(range(1, count + 1)), f"{f.user}: {len(f.seqs)} seqs"
         log = worker_log()
+        back = [json.loads(line)["ts"] for line in log.splitlines() if "works again" in line]
+        if back:
+            at = datetime.fromisoformat(back[-1].replace("Z", "+00:00")).timestamp()
+            print(f"{name}: the worker's shard worked again {at - healed:+.2f}s after healing")
         if sqlstate is not None:
             assert sqlstate in log, f"the fault ({sqlstate}) never reached the worker"
         assert alive(pid) and child_pid(w) == pid, "the worker process exited"
