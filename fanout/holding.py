@@ -23,13 +23,14 @@ it needs and how to apply a batch (`HoldingWorker.decode`, `.hold_key`, `.apply_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from fanout.consumer import commit
 from fanout.deadletter import DeadLetters
@@ -261,7 +262,10 @@ class HoldingWorker(Generic[T]):
         unsent = await self._dead_letter_all(letters, outcome, now)
         self._backoff(due, outcome, now, bool(letters))
         if generation != self.generation:
-            return  # revoked while applying: the new owner redelivers; commit nothing
+            # Revoked while applying: the new owner redelivers; commit nothing, and expect
+            # nothing of these partitions (if they come back, from their committed offset).
+            self.continuity.forget(list(records))
+            return
         self.held = sorted(waiting + outcome.held, key=lambda r: (r.tp.partition, r.offset))
         self.letters = unsent
         self._gauge()
@@ -295,7 +299,7 @@ class HoldingWorker(Generic[T]):
             except KafkaError as exc:
                 # Not knowing where the partition starts, take nothing of it: fetch it again.
                 log.warning("%s: committed offset of %s unknown (%s)", self.group, tp, exc)
-                self.consumer.seek(tp, recs[0].offset)
+                self._seek(tp, recs[0].offset)
                 return []
             self.continuity.reset(tp, start)
         taken, skipped = self.continuity.take(tp, recs)
@@ -332,7 +336,12 @@ class HoldingWorker(Generic[T]):
                 expected,
                 seen,
             )
-        self.consumer.seek(tp, expected)
+        self._seek(tp, expected)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        # A rebalance may have taken the partition meanwhile: its new owner reads it.
+        with contextlib.suppress(IllegalStateError):
+            self.consumer.seek(tp, offset)
 
     async def _dead_letter(self, raw: Raw, why: str) -> str | None:
         """Produce one poison record to the dead-letter topic; the error if that failed."""
