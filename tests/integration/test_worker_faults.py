@@ -612,3 +612,74 @@ async def _counters(pools: ShardPools, post: int) -> tuple[int, int]:
         row = await conn.fetchrow("SELECT up, down FROM posts WHERE id = $1", post)
     assert row is not None
     return row["up"], row["down"]
+
+
+# -- a rebalance takes a partition whose records are held ----------------------------------
+
+
+async def test_held_records_of_a_revoked_partition_are_left_to_their_new_owner(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    isolated = settings.with_overrides(kafka_topic_prefix=f"rb{secrets.token_hex(3)}")
+    await ensure_topics(isolated)
+    topic = messages_topic(isolated)
+    broken = ShardPools(
+        isolated.with_overrides(
+            shard_dsns=(settings.shard_dsns[0], "postgresql://x@127.0.0.1:1/no")
+        )
+    )
+    ids = IdGenerator()
+    conv = ids.next_id(4000)  # a logical shard of physical #1, the one `broken` cannot reach
+    assert pools.for_id(conv) == 1
+    async with pools.transaction(1) as conn:
+        await conn.execute(
+            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", conv
+        )
+
+    async def start(p: ShardPools) -> tuple[FanoutWorker, asyncio.Task[None]]:
+        consumer = make_consumer(isolated, topic, fanout_group(isolated))
+        worker = FanoutWorker(isolated, p, redis_client, consumer)
+        consumer.subscribe([topic], listener=worker.listener())
+        await consumer.start()
+        return worker, asyncio.create_task(worker.run())
+
+    async def stop(worker: FanoutWorker, task: asyncio.Task[None]) -> None:
+        worker.stopping.set()
+        await task
+        await worker.consumer.stop()
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    a, a_task = await start(broken)
+    started: list[tuple[FanoutWorker, asyncio.Task[None]]] = [(a, a_task)]
+    try:
+        for i in range(5):
+            m = NewMessage(
+                conv=conv,
+                id=ids.next_id(4000),
+                sender="x",
+                cid=f"c{i}",
+                body=f"m{i}",
+                ts=int(time.time() * 1000),
+                kind="text",
+            )
+            await producer.send_and_wait(topic, encode_new_message(m), key=str(conv).encode())
+        await wait_for(lambda: len(a.held) == 5, 30, "the dead shard's messages held")
+        generation = a.generation
+        b, b_task = await start(pools)
+        started.append((b, b_task))
+        # The group rebalances: what `a` held is dropped, never committed past.
+        await wait_for(lambda: a.generation > generation, 30, "the rebalance")
+        assert a.held == [] or all(r.tp in a.consumer.assignment() for r in a.held)
+        started.remove((a, a_task))
+        await stop(a, a_task)  # `b` now owns every partition, from the committed offsets
+        deadline = time.monotonic() + 30
+        while len(got := await messages.after(pools, conv, 0, 10)) < 5:
+            assert time.monotonic() < deadline, f"stored {len(got)} of 5"
+            await asyncio.sleep(0.05)
+        assert [(m.cid, m.seq) for m in got] == [(f"c{i}", i + 1) for i in range(5)]
+    finally:
+        for worker, task in started:
+            await stop(worker, task)
+        await producer.stop()
+        await broken.close()
