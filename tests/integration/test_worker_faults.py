@@ -683,3 +683,53 @@ async def test_held_records_of_a_revoked_partition_are_left_to_their_new_owner(
             await stop(worker, task)
         await producer.stop()
         await broken.close()
+
+
+async def test_votes_on_a_read_only_shard_are_held_then_counted_once(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    isolated = settings.with_overrides(kafka_topic_prefix=f"ro{secrets.token_hex(3)}")
+    await ensure_topics(isolated)
+    topic = votes_topic(isolated)
+    consumer = make_consumer(isolated, topic, scores_group(isolated))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    worker = ScoresWorker(
+        isolated, pools, redis_client, consumer, DeadLetters(producer, dlq_topic(isolated, "votes"))
+    )
+    consumer.subscribe([topic], listener=worker.listener())
+    await consumer.start()
+    post = IdGenerator().next_id(11)
+    dsn = settings.shard_dsns[pools.for_id(post)]
+    db = urlsplit(dsn).path.lstrip("/")
+    async with pools.transaction(pools.for_id(post)) as conn:
+        await conn.execute(
+            """INSERT INTO posts (id, author, community, title, thread_id)
+               VALUES ($1, 'x', 'c_ro', 't', $1)""",
+            post,
+        )
+    admin = await asyncpg.connect(dsn)
+    task = asyncio.create_task(worker.run())
+    try:
+        await admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+        await terminate_others(admin, db)
+        for _ in range(5):
+            value = encode_vote(Vote(post, 1, 0, int(time.time() * 1000)))
+            await producer.send_and_wait(topic, value, key=str(post).encode())
+        await wait_for(lambda: len(worker.held) == 5, 30, "the votes held")
+        assert await consumer.committed(TopicPartition(topic, worker.held[0].tp.partition)) in (
+            None,
+            worker.held[0].offset,
+        )
+        await admin.execute(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+        await terminate_others(admin, db)
+        await wait_for(lambda: worker.held == [], 30, "the votes applied")
+        assert await _counters(pools, post) == (5, 0)
+        assert worker.dead_lettered == 0
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+        await admin.close()
+        worker.stopping.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
