@@ -12,7 +12,7 @@ and any other reader need nothing but the bytes. Produced with acks=all; the wor
 commits its offset past the original only after this produce was acknowledged.
 `agora dlq replay` produces `key`/`value` unchanged to `topic` again, once the cause is
 fixed (a message is recognised by its (conversation, sender, cid) key if it was stored
-after all; a vote delta replayed twice is counted twice).
+after all; a vote record names a vote row, counted once however often it is named).
 """
 
 from __future__ import annotations

@@ -560,7 +560,7 @@ async def test_poison_votes_are_dead_lettered_and_the_rest_is_counted(
     consumer.subscribe([topic], listener=worker.listener())
     await consumer.start()
     ids = IdGenerator()
-    full, fine = ids.next_id(9), ids.next_id(9)
+    full, fine = ids.next_id(9), ids.next_id(9)  # one logical shard: one transaction
     physical = pools.for_id(full)
     async with pools.transaction(physical) as conn:
         for post, up in ((full, 2_147_483_647), (fine, 0)):
@@ -571,8 +571,12 @@ async def test_poison_votes_are_dead_lettered_and_the_rest_is_counted(
                 up,
             )
 
-    async def vote(post: int, up: int) -> None:
-        value = encode_vote(Vote(post, up, 0, int(time.time() * 1000)))
+    async def vote(post: int, user: str) -> None:
+        async with pools.transaction(physical) as conn:
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, $2, 1)", post, user
+            )
+        value = encode_vote(Vote(post, user, int(time.time() * 1000)))
         await producer.send_and_wait(topic, value, key=str(post).encode())
 
     task = asyncio.create_task(worker.run())
@@ -580,9 +584,9 @@ async def test_poison_votes_are_dead_lettered_and_the_rest_is_counted(
         # A counter at its limit: the UPDATE overflows (22003) for this vote only, in one
         # batch with votes that are fine (isolated one by one to find it).
         await producer.send_and_wait(topic, b"\x93not a vote", key=str(fine).encode())
-        await vote(full, 1)
-        for _ in range(3):
-            await vote(fine, 1)
+        await vote(full, "u0")
+        for i in range(3):
+            await vote(fine, f"u{i}")
         deadline = time.monotonic() + 30
         while worker.dead_lettered < 2 or worker.done < 3:
             assert time.monotonic() < deadline, (worker.dead_lettered, worker.done)
@@ -708,13 +712,17 @@ async def test_votes_on_a_read_only_shard_are_held_then_counted_once(
                VALUES ($1, 'x', 'c_ro', 't', $1)""",
             post,
         )
+        for i in range(5):  # the voters' rows, as the vote path writes them
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, $2, 1)", post, f"u{i}"
+            )
     admin = await asyncpg.connect(dsn)
     task = asyncio.create_task(worker.run())
     try:
         await admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
         await terminate_others(admin, db)
-        for _ in range(5):
-            value = encode_vote(Vote(post, 1, 0, int(time.time() * 1000)))
+        for i in range(5):
+            value = encode_vote(Vote(post, f"u{i}", int(time.time() * 1000)))
             await producer.send_and_wait(topic, value, key=str(post).encode())
         await wait_for(lambda: len(worker.held) == 5, 30, "the votes held")
         assert await consumer.committed(TopicPartition(topic, worker.held[0].tp.partition)) in (
