@@ -558,8 +558,8 @@ async def test_concurrent_workers_count_overlapping_records_once(
     rng = random.Random(7)
     halves = [rng.sample(batch, 70), list(reversed(batch))]
     results = await asyncio.gather(*(w.apply(h) for w, h in zip(workers, halves, strict=True)))
-    for _totals, failed, errors in results:
-        assert (failed, errors) == ([], [])
+    for _totals, failed, errors, poison in results:
+        assert (failed, errors, poison) == ([], [], [])
     for p in made:
         assert await counters(pools, p.id) == (25, 0)
 
