@@ -216,7 +216,8 @@ class HoldingWorker(Generic[T]):
                 records = await self.consumer.getmany(
                     timeout_ms=timeout, max_records=self.settings.fanout_batch_max
                 )
-            if records or self.held or self.letters:
+            # Held records whose backoff has not ended are left alone (no empty rounds).
+            if records or self._until_due(loop.time()) == 0:
                 await self.handle(records)
 
     def _until_due(self, now: float) -> float | None:
