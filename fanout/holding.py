@@ -227,14 +227,10 @@ class HoldingWorker(Generic[T]):
 
     async def handle(self, records: dict[TopicPartition, list[Any]]) -> None:
         generation = self.generation
-        last: dict[TopicPartition, int] = {}
         fresh: list[Record[T]] = []
         letters = list(self.letters)
         for tp, recs in records.items():
-            taken = await self._continuous(tp, recs)
-            if taken:
-                last[tp] = taken[-1].offset
-            for rec in taken:
+            for rec in await self._continuous(tp, recs):
                 raw = Raw(tp, rec.offset, rec.key, rec.value)
                 try:
                     item = self.decode(raw)
@@ -270,8 +266,13 @@ class HoldingWorker(Generic[T]):
         self.held = sorted(waiting + outcome.held, key=lambda r: (r.tp.partition, r.offset))
         self.letters = unsent
         self._gauge()
+        # Up to what was taken, on every owned partition (a record finished on a later
+        # round, e.g. after its dead letter went through, is committed past then), never
+        # past a held one.
+        owned = self.consumer.assignment()
+        taken = {tp: exp - 1 for tp, exp in self.continuity.expected.items() if tp in owned}
         floor = [(r.tp, r.offset) for r in self.held] + [(raw.tp, raw.offset) for raw, _ in unsent]
-        await commit(self.consumer, last, floor)
+        await commit(self.consumer, taken, floor)
         self.batches += 1
         self.done += len(due) - len(outcome.held)
 

@@ -46,8 +46,12 @@ class Proc:
     def kill(self) -> None:
         """SIGKILL the process and its children (a supervised worker's child with it)."""
         if self.alive():
+            pid = self.popen.pid
             try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
+                if os.getpgid(pid) == pid:  # spawned as its group's leader
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    self.popen.send_signal(signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.popen.wait(10)

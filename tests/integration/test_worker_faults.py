@@ -741,3 +741,51 @@ async def test_votes_on_a_read_only_shard_are_held_then_counted_once(
         await task
         await consumer.stop()
         await producer.stop()
+
+
+async def test_a_poison_record_the_dead_letter_topic_refuses_is_held_not_committed_past(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    isolated = settings.with_overrides(kafka_topic_prefix=f"dl{secrets.token_hex(3)}")
+    await ensure_topics(isolated)
+    topic = messages_topic(isolated)
+    consumer = make_consumer(isolated, topic, fanout_group(isolated))
+    # A producer that is closed: every dead-letter produce fails, as with a broker that
+    # refuses the topic.
+    closed = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await closed.start()
+    await closed.stop()
+    worker = FanoutWorker(
+        isolated,
+        pools,
+        redis_client,
+        consumer,
+        DeadLetters(closed, dlq_topic(isolated, "messages")),
+    )
+    consumer.subscribe([topic], listener=worker.listener())
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    await consumer.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        meta = await producer.send_and_wait(topic, b"\xc1not an envelope", key=b"1")
+        tp = TopicPartition(topic, meta.partition)
+        await wait_for(lambda: len(worker.letters) == 1, 30, "the poison held")
+        await wait_for(lambda: worker.backoff.failing("dead-letter topic"), 10, "a backoff")
+        assert await consumer.committed(tp) in (None, meta.offset)
+        # The topic takes it again: dead-lettered, then committed past.
+        worker.dead_letters = DeadLetters(producer, dlq_topic(isolated, "messages"))
+        await wait_for(lambda: worker.letters == [], 30, "the dead letter sent")
+        deadline = time.monotonic() + 10
+        while await consumer.committed(tp) != meta.offset + 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        letters = await deadletter.read_all(isolated, "messages")
+        assert [(d.offset, d.value) for _, _, d in letters if d is not None] == [
+            (meta.offset, b"\xc1not an envelope")
+        ]
+    finally:
+        worker.stopping.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
