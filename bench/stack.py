@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import proc_cpu_s, proc_rss_kib, proc_sched_s
+from bench.common import child_pids, proc_cpu_s, proc_rss_kib, proc_sched_s
 from gateway.auth import make_token
 from storage.settings import Settings
 from tests.engines import free_port, settings_env, test_engines
@@ -42,9 +42,17 @@ BENCH_ENV = {
 class BenchProc(Proc):
     """tests.stack.Proc (urls, alive, stop, kill) plus what the benchmarks read of it."""
 
+    _worker: int | None = field(default=None, init=False, repr=False)
+
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        """The process doing the work. `agora fanout`/`agora scores` are supervisors that
+        run their worker in a child (fanout/supervisor.py): measuring or profiling the
+        supervisor would read an idle process, so for them this is the child."""
+        if self._worker is None or not os.path.exists(f"/proc/{self._worker}"):
+            kids = child_pids(self.popen.pid)
+            self._worker = kids[0] if kids else None
+        return self._worker or self.popen.pid
 
     def log_text(self) -> str:
         return (LOG_DIR / f"{self.name}.log").read_text(errors="replace")
