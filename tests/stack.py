@@ -43,17 +43,22 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def signal_all(self, sig: int) -> None:
+        """Send `sig` to the process and its children: SIGSTOP to a supervised worker must
+        pause the child doing the work, not only its supervisor."""
+        pid = self.popen.pid
+        try:
+            if os.getpgid(pid) == pid:  # spawned as its group's leader
+                os.killpg(pid, sig)
+            else:
+                self.popen.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
         """SIGKILL the process and its children (a supervised worker's child with it)."""
         if self.alive():
-            pid = self.popen.pid
-            try:
-                if os.getpgid(pid) == pid:  # spawned as its group's leader
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    self.popen.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.signal_all(signal.SIGKILL)
             self.popen.wait(10)
 
     def stop(self, timeout: float = 15) -> None:

@@ -74,7 +74,7 @@ def env(settings: Settings) -> Iterator[Env]:
         for p in (s, short):
             for proc in p.procs:
                 if proc.alive():
-                    proc.popen.send_signal(signal.SIGCONT)
+                    proc.signal_all(signal.SIGCONT)
             p.stop_all()
         broker.send_signal(signal.SIGCONT)
         broker.kill()
@@ -202,7 +202,7 @@ async def test_retry_while_the_first_copy_is_in_flight_and_redis_lost_it(
     user, conv, c1, c2 = await sender(env, http)
     await retry_until_acked(c1, conv, "warm-up", "fl-0")  # the worker is known to run
     await wait_for("the warm-up stored", lambda: stored(pools, conv, user, "fl-0"))
-    env.fanout.popen.send_signal(signal.SIGSTOP)
+    env.fanout.signal_all(signal.SIGSTOP)
     try:
         first = await retry_until_acked(c1, conv, "hello", "fl-1")
         assert await stored(pools, conv, user, "fl-1") is None  # still in Kafka
@@ -224,7 +224,7 @@ async def test_retry_while_the_first_copy_is_in_flight_and_redis_lost_it(
 
         await wait_for("the retry's claim", claimed)
     finally:
-        env.fanout.popen.send_signal(signal.SIGCONT)
+        env.fanout.signal_all(signal.SIGCONT)
     again = str((await retry)["id"])
     print(f"in flight + FLUSHDB: first {first}, retry {again}")
     assert again == first
