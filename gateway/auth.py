@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import jwt
 
-from gateway.protocol.frames import USER_ID
+from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 from storage.errors import ConfigError, Unauthorized
 from storage.settings import Settings
 
-MAX_TOKEN_CHARS = 8192
-LEEWAY_S = 5
+LEEWAY_S = 5  # a token is accepted until exp + this (clock skew); sessions end then too
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 
 
@@ -30,6 +29,7 @@ VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 class Identity:
     user: str
     name: str
+    exp: int = 0  # the token's `exp` claim (s since the epoch); valid until exp + LEEWAY_S
 
 
 class TokenVerifier:
@@ -87,8 +87,9 @@ class TokenVerifier:
             raise Unauthorized("token sub is not a valid user id")
         name = claims.get("name")
         # `exp` is a number once decode accepted it (it checks the type and the time).
+        exp = int(claims["exp"])
         until = float(claims["exp"]) + LEEWAY_S
-        return Identity(sub, name[:100] if isinstance(name, str) else sub), until
+        return Identity(sub, name[:100] if isinstance(name, str) else sub, exp), until
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -254,6 +254,22 @@ class Node:
         if conv in conn.subs and self._remove_sub(conn, conv):
             self.sync.changed(convs=(conv,))
 
+    def unsubscribe_user(self, conv: int, user: str | None, reason: str) -> int:
+        """End the local subscriptions of `user` (everyone's when None) to `conv`: each
+        connection is told `unsubbed` and gets nothing of `conv` after it. Returns how
+        many subscriptions ended."""
+        conns = self.conv_subs.get(conv)
+        if not conns:
+            return 0
+        ended = [c for c in list(conns) if user is None or c.user == user]
+        frame = frames.unsubbed(conv, reason)
+        for conn in ended:
+            self._remove_sub(conn, conv)
+            conn.push_frame(frame)
+        if ended and conv not in self.conv_subs:
+            self.sync.changed(convs=(conv,))
+        return len(ended)
+
     # -- delivery ---------------------------------------------------------------------------
     def _on_delivery(self, data: bytes) -> None:
         try:

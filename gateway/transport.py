@@ -162,6 +162,7 @@ class WebSocketLink(asyncio.Protocol):
     flow control. `gateway.connection.Link` is what the session sees of it."""
 
     __slots__ = (
+        "_counted",
         "_early",
         "_held",
         "_timer",
@@ -180,7 +181,8 @@ class WebSocketLink(asyncio.Protocol):
     def __init__(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.endpoint = endpoint
-        self.reader = wsp.FrameReader(endpoint.max_frame_bytes)
+        self.reader = wsp.FrameReader(endpoint.max_frame_bytes, endpoint.max_fragments)
+        self._counted = 0  # frames of `reader` already charged to the session's budget
         self.conn: Connection | None = None  # set once authenticated (before registration)
         self.ready = False  # registered and greeted: requests are handled from here on
         self.paused = False
@@ -268,20 +270,29 @@ class WebSocketLink(asyncio.Protocol):
             self.broken = True
             self._fail(exc)
             return
-        message = self.endpoint.message
+        endpoint = self.endpoint
+        # Every frame counts against the budget: the events below are charged one by one
+        # (data messages by `message`), the frames that are not events (fragments of a
+        # message, whole or not yet) here, in bulk.
+        fragments = self.reader.frames - self._counted - len(events)
+        self._counted = self.reader.frames
+        if fragments and conn is not None and not self.closing:
+            endpoint.charge(conn, fragments)
         for op, payload in events:
             if op == OP_CLOSE:
                 self._close_received(payload)
                 return
-            if self.closing:
+            if self.closing or conn is None:
                 continue  # after our close frame, only the peer's close matters
             if op == OP_PING:
                 # Not while the peer is not reading (RFC 6455 5.5.3 lets us answer only the
                 # latest ping): pongs must not grow the buffer past the outbound limits.
-                if not self.paused:
+                if endpoint.charge(conn, 1) and not self.paused:
                     self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
-            elif op != OP_PONG and conn is not None:
-                message(conn, payload)
+            elif op == OP_PONG:
+                endpoint.charge(conn, 1)
+            else:
+                endpoint.message(conn, payload)
         failure = self.reader.failure
         if failure is not None and not self.broken:
             # Broken after some whole messages: those were handled (in order), now close.

@@ -151,9 +151,14 @@ async def create_thread(
     )
 
 
-async def get_conversation(pools: ShardPools, conv_id: int) -> Conversation | None:
+async def get_conversation(
+    pools: ShardPools, conv_id: int, *, open_only: bool = False
+) -> Conversation | None:
+    """The conversation with its members; with `open_only`, None when it is closed (the
+    thread of a deleted post) as when it does not exist."""
+    closed = " AND closed_at IS NULL" if open_only else ""
     async with pools.connection(pools.for_id(conv_id)) as conn:
-        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1", conv_id)
+        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1" + closed, conv_id)
         if row is None:
             return None
         members = await conn.fetch(
@@ -176,6 +181,26 @@ async def access(pools: ShardPools, conv_id: int, user: str) -> tuple[str, bool]
     if row is None:
         return None
     return row["kind"], row["member"]
+
+
+async def allowed_among(pools: ShardPools, conv_id: int, users: Iterable[str]) -> set[str]:
+    """Which of `users` may still use `conv_id` (members, or anyone for an open thread);
+    none when it is closed or gone. One query, for re-checking a node's subscribers."""
+    wanted = sorted(set(users))
+    async with pools.connection(pools.for_id(conv_id)) as conn:
+        row = await conn.fetchrow(
+            "SELECT kind FROM conversations WHERE id = $1 AND closed_at IS NULL", conv_id
+        )
+        if row is None:
+            return set()
+        if row["kind"] == "thread":
+            return set(wanted)
+        rows = await conn.fetch(
+            "SELECT user_id FROM members WHERE conv_id = $1 AND user_id = ANY($2::text[])",
+            conv_id,
+            wanted,
+        )
+    return {r["user_id"] for r in rows}
 
 
 async def add_member(pools: ShardPools, conv_id: int, user: str) -> bool:

@@ -52,6 +52,11 @@ class RedisKeys:
         """Set of node ids with connections of `user`. TTL: as conv_routes."""
         return f"{self.p}:route:u:{user}"
 
+    def revocations(self) -> str:
+        """Stream of membership changes every gateway node reads: (conv, user, reason),
+        so caches and subscriptions follow a removal at once (gateway.revocation)."""
+        return f"{self.p}:revocations"
+
     # -- votes -----------------------------------------------------------------------------
     def vote_sweep(self) -> str:
         """Held for one sweep interval by the gateway that re-produces pending votes."""

@@ -181,6 +181,13 @@ class Settings:
         _int_range(1024, 16 * 1024 * 1024),
         "Largest client frame accepted; larger frames close with 1009.",
     )
+    max_fragments: int = _setting(
+        "AGORA_MAX_FRAGMENTS",
+        "32",
+        _int_range(1, 100_000),
+        "Most WebSocket frames one client message may be split into (continuation "
+        "fragments); a message in more closes with 1009.",
+    )
     replay_limit: int = _setting(
         "AGORA_REPLAY_LIMIT",
         "1000",

@@ -8,7 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.access import Access
+from gateway import revocation
+from gateway.access import NOT_FOUND, Access
 from gateway.http.common import (
     JSONResponse,
     decode_cursor,
@@ -22,7 +23,14 @@ from gateway.node import Node
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, USER_ID
 from gateway.send import SendPath
 from storage import conversations, messages
-from storage.errors import BadRequest, Forbidden, NotFound, TooLarge, Unprocessable
+from storage.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+)
 from storage.ids import IdGenerator
 from storage.models import Conversation, Message
 from storage.pools import ShardPools
@@ -121,11 +129,11 @@ async def list_mine(request: Request) -> Response:
 async def _member_conversation(request: Request) -> tuple[str, Conversation]:
     me = identity(request)
     conv_id = path_id(request)
-    conv = await conversations.get_conversation(request.app.state.pools, conv_id)
-    if conv is None:
-        raise NotFound("no such conversation")
-    if conv.kind != "thread" and me.user not in conv.members:
-        raise Forbidden("not a member of this conversation")
+    conv = await conversations.get_conversation(request.app.state.pools, conv_id, open_only=True)
+    # One answer for "none", "closed" and "not yours": ids of others' conversations and
+    # whether they exist stay unknown to a non-member.
+    if conv is None or (conv.kind != "thread" and me.user not in conv.members):
+        raise NotFound(NOT_FOUND)
     return me.user, conv
 
 
@@ -146,6 +154,9 @@ async def add_member(request: Request) -> Response:
     await conversations.add_member(pools, conv.id, new)
     access: Access = request.app.state.access
     access.forget(new, conv.id)
+    node: Node = request.app.state.node
+    # Other nodes may have cached a refusal (1 s): best effort, the refusal expires.
+    await revocation.announce_quietly(node.redis, node.keys, conv.id, new, revocation.ADDED)
     updated = await conversations.get_conversation(pools, conv.id)
     if updated is not None:
         await _announce(request.app.state.node, updated, [new])
@@ -157,15 +168,23 @@ async def remove_member(request: Request) -> Response:
     target = _user_id(request.path_params["user"], "user")
     if conv.kind != "group":
         raise Forbidden("members can only be removed from a group")
-    if target not in conv.members:
-        raise NotFound("not a member")
     if target != user and user != conv.created_by:
         raise Forbidden("only the group's creator removes other members")
-    removed = await conversations.remove_member(request.app.state.pools, conv.id, target)
+    removed = target in conv.members and await conversations.remove_member(
+        request.app.state.pools, conv.id, target
+    )
+    # Announced also when there was nothing to remove: a retry after a failed
+    # announcement (503 below) still reaches every node.
+    node: Node = request.app.state.node
+    reason = revocation.LEFT if target == user else revocation.REMOVED
+    try:
+        await revocation.announce(node.redis, node.keys, conv.id, target, reason)
+    except Exception as exc:
+        raise Unavailable(
+            f"removed, but not yet announced to every node ({type(exc).__name__}); retry"
+        ) from None
     if not removed:
         raise NotFound("not a member")
-    access: Access = request.app.state.access
-    access.forget(target, conv.id)
     return Response(status_code=204)
 
 
