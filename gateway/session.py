@@ -12,7 +12,7 @@ import time
 import redis.asyncio as aioredis
 
 from gateway.access import Access
-from gateway.auth import LEEWAY_S, TokenVerifier
+from gateway.auth import TokenVerifier
 from gateway.connection import Connection
 from gateway.expiry import TokenExpiry
 from gateway.node import Node
@@ -92,11 +92,11 @@ class RequestHandler:
             who = self.verifier.verify(req.token)
             if who.user != conn.user:
                 raise Unauthorized("token is for another user")
-            deadline = who.exp + LEEWAY_S
+            deadline = who.exp + self.verifier.leeway_s
             if deadline < conn.token_deadline:
                 raise Unauthorized("token expires before the current one")
         except Unauthorized as exc:
-            if time.time() >= conn.token_deadline - LEEWAY_S:
+            if time.time() >= conn.token_deadline - self.verifier.leeway_s:
                 # The session's own token has expired (only the leeway is left): a bad
                 # replacement ends it now.
                 conn.push_frame(frames.err(req.rid, exc))

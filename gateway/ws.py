@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from gateway.admission import Admission
-from gateway.auth import LEEWAY_S, TokenVerifier, bearer
+from gateway.auth import TokenVerifier, bearer
 from gateway.connection import Connection, WireCounters
 from gateway.expiry import TokenExpiry
 from gateway.limits import AbusePolicy, TokenBucket
@@ -187,7 +187,7 @@ class Endpoint:
                 identity.exp,
             )
         )
-        self.expiry.watch(conn, identity.exp + LEEWAY_S)
+        self.expiry.watch(conn, identity.exp + self.verifier.leeway_s)
         return conn
 
     # -- each frame -----------------------------------------------------------------------------

@@ -163,6 +163,14 @@ class Settings:
     jwt_public_key: str = _setting(
         "AGORA_JWT_PUBLIC_KEY", "", _str, "PEM public key for RS256/ES256 tokens."
     )
+    jwt_leeway_s: int = _setting(
+        "AGORA_JWT_LEEWAY_S",
+        "5",
+        _int_range(0, 300),
+        "Clock skew allowed on a token's `exp`: a token is accepted until exp plus this, "
+        "and a WebSocket session whose token ran out is closed (4001) then, unless the "
+        "client sent a newer one (`auth`).",
+    )
     node_id: str = _setting(
         "AGORA_NODE_ID",
         "",

@@ -125,9 +125,10 @@ def test_a_cached_page_is_the_json_of_each_viewer() -> None:
 # -- verified tokens --------------------------------------------------------------------------
 
 
-def _verifier() -> tuple[TokenVerifier, str]:
+def _verifier(leeway_s: int = 5) -> tuple[TokenVerifier, str]:
     secret = "s" * 32
-    return TokenVerifier(Settings.from_env({"AGORA_JWT_SECRET": secret})), secret
+    env = {"AGORA_JWT_SECRET": secret, "AGORA_JWT_LEEWAY_S": str(leeway_s)}
+    return TokenVerifier(Settings.from_env(env)), secret
 
 
 def test_a_token_is_checked_once_while_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,9 +156,8 @@ def test_a_token_is_checked_once_while_valid(monkeypatch: pytest.MonkeyPatch) ->
         verifier.verify(forged)  # failures are not remembered as successes either
 
 
-def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(auth, "LEEWAY_S", 0)
-    verifier, secret = _verifier()
+def test_a_remembered_token_still_expires() -> None:
+    verifier, secret = _verifier(leeway_s=0)
     token = make_token(secret, "carol", None, 1)
     assert verifier.verify(token).user == "carol"
     exp = jwt.decode(token, options={"verify_signature": False})["exp"]
