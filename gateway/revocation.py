@@ -8,11 +8,13 @@ than pub/sub because a reader does not lose entries while its connection is down
 goes on from its last id, so a node that reconnects applies what it missed.
 
 What a node can still miss: entries it had not read that vanished (Redis restarted or
-flushed, or so many entries that trimming passed it). The node finds that out by
-checking, whenever the stream is quiet or after an error, that the last entry it read
-still exists (at start it appends an anchor entry if the stream is empty). When it is
-gone the node forgets every cached answer and re-checks every local subscription against
-the shards, one query per conversation. While Redis is unreachable nothing that the
+flushed, or so many entries that trimming passed it). Each entry names the id of the
+entry before it (appended by one script, so the chain has no holes), and a reader
+compares that with the last id it read: a mismatch means entries went missing. A stream
+that vanished with nothing new written is found by checking, whenever the stream is quiet
+or after an error, that the last entry read still exists. Either way the node forgets
+every cached answer and re-checks every local subscription against the shards, one
+query per conversation. While Redis is unreachable nothing that the
 cache guards can succeed anyway: a send, a `sub` and `typing` each need Redis.
 
 The send path pays nothing for this: a cache hit is still a dict lookup.
@@ -46,18 +48,29 @@ READ_COUNT = 500
 RECHECK_PARALLEL = 8
 
 
+# KEYS: the stream. ARGV: conv, user, reason, maxlen. Appends the entry with `p` = the id
+# of the entry before it ("0-0" for the first of a stream), and returns the new id.
+_APPEND = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if newest[1] then prev = newest[1][1] end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
+                  'c', ARGV[1], 'u', ARGV[2], 'r', ARGV[3], 'p', prev)
+"""
+
+
+async def _append(redis: aioredis.Redis, key: str, conv: int, user: str, reason: str) -> str:
+    new_id = await redis.eval(_APPEND, 1, key, str(conv), user, reason, str(STREAM_MAXLEN))
+    return _text(new_id)
+
+
 async def announce(
     redis: aioredis.Redis, keys: RedisKeys, conv: int, user: str | None, reason: str
 ) -> None:
     """Tell every node (after the change is committed in the shards). `user` None: the
     whole conversation (closed)."""
     assert reason in REASONS
-    await redis.xadd(
-        keys.revocations(),
-        {"c": str(conv), "u": user or "", "r": reason},
-        maxlen=STREAM_MAXLEN,
-        approximate=True,
-    )
+    await _append(redis, keys.revocations(), conv, user or "", reason)
 
 
 def _text(value: Any) -> str:
@@ -86,7 +99,7 @@ class RevocationWatcher:
         newest = await self.redis.xrevrange(self.key, count=1)
         if newest:
             return _text(newest[0][0])
-        return _text(await self.redis.xadd(self.key, {"c": "0", "u": "", "r": ADDED}))
+        return await _append(self.redis, self.key, 0, "", ADDED)
 
     async def _run(self) -> None:
         suspect = False  # an error happened: entries may have vanished meanwhile
@@ -99,10 +112,15 @@ class RevocationWatcher:
                 if not reply:
                     await self._verify()
                     continue
+                broken = False
                 for _stream, entries in reply:
                     for entry_id, fields in entries:
-                        self._apply(fields)
+                        if not self._apply(fields):
+                            broken = True
                         self.last = _text(entry_id)
+                if broken:
+                    log.warning("revocation stream has a hole; re-checking every subscription")
+                    await self.recheck()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -117,21 +135,24 @@ class RevocationWatcher:
         self.last = await self._anchor()
         await self.recheck()
 
-    def _apply(self, fields: dict[Any, Any]) -> None:
+    def _apply(self, fields: dict[Any, Any]) -> bool:
+        """Apply one entry; False when the entry before it is not the last one we read."""
         data = {_text(k): _text(v) for k, v in fields.items()}
+        follows = data.get("p") == self.last
         try:
             conv = int(data["c"])
             user = data["u"] or None
             reason = data["r"]
         except (KeyError, ValueError):
             log.error("revocation stream: bad entry %r dropped", data)
-            return
+            return follows
         if not conv:
-            return  # an anchor
+            return follows  # an anchor
         self.applied += 1
         self.access.revoke(conv, user)
         if reason != ADDED:
             self.node.unsubscribe_user(conv, user, reason)
+        return follows
 
     async def recheck(self) -> None:
         """Forget every cached answer; end each local subscription that no longer holds."""
