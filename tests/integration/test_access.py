@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from agora_client import AgoraClient, ServerError
+from agora_client import AgoraClient, ReconnectingClient, ServerError
 from storage import conversations
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -146,6 +146,9 @@ async def test_leaving_ends_the_own_subscriptions_with_reason_left(
     b1 = await AgoraClient.connect(g1.ws_url, stack.token(b))
     await b1.sub(conv)
     await b1.send(conv, "hi")
+    resilient = ReconnectingClient(g2.ws_url, stack.token(b))
+    await resilient.start()
+    await resilient.subscribe(conv)
     r = await http.delete(
         f"{g2.http_url}/v1/conversations/{conv}/members/{b}", headers=bearer(stack, b)
     )
@@ -158,6 +161,10 @@ async def test_leaving_ends_the_own_subscriptions_with_reason_left(
     with pytest.raises(ServerError):
         await b1.send(conv, "still here?")
     await b1.close()
+    # The reconnecting client forgets the subscription: it is not resubscribed later.
+    assert (await resilient.next_event("unsubbed", timeout=1.0))["reason"] == "left"
+    assert resilient.last_seq(conv) is None
+    await resilient.close()
 
 
 async def test_a_deleted_posts_thread_closes_for_every_subscriber(
@@ -300,6 +307,41 @@ async def test_a_bad_auth_is_refused_and_ends_an_expired_session(stack: Stack, g
     assert c.close_code == 4001
     assert time.time() < exp + LEEWAY_S  # before the expiry would have closed it anyway
     await c.close()
+
+
+async def test_the_python_client_refreshes_its_token_before_it_expires(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    a = uid("a")
+    conv = await create_group(http, stack, g1, a, [])
+    issued: list[str] = []
+
+    async def provider() -> str:
+        token = stack.token(a, ttl=4)
+        issued.append(token)
+        return token
+
+    client = ReconnectingClient(
+        [g1.ws_url, g2.ws_url], stack.token(a, ttl=4), token_provider=provider, refresh_margin_s=2
+    )
+    await client.start()
+    await client.subscribe(conv)
+    assert client.conn is not None
+    first_exp = client.conn.hello["exp"]
+    sent = 0
+    while time.time() < first_exp + LEEWAY_S + 4:  # well past the first token's end
+        assert (await client.send(conv, f"m{sent}", timeout=5))["t"] == "ack"
+        sent += 1
+        await asyncio.sleep(0.5)
+    print(
+        f"refreshes {client.refreshes}, tokens issued {len(issued)}, connects "
+        f"{client.connects}, last close {client.last_close}, sent {sent}"
+    )
+    assert client.connects == 1 and client.last_close is None  # one session all along
+    assert client.refreshes >= 2 and client.token == issued[-1]
+    bodies = [(await client.next_event("msg", timeout=10))["body"] for _ in range(sent)]
+    assert bodies == [f"m{i}" for i in range(sent)]  # every message reached the session
+    await client.close()
 
 
 # -- 3. every frame counts ----------------------------------------------------------------
