@@ -15,6 +15,7 @@ from gateway.access import Access
 from gateway.auth import TokenVerifier
 from gateway.connection import Connection
 from gateway.expiry import TokenExpiry
+from gateway.limits import BucketMap
 from gateway.node import Node
 from gateway.protocol import frames
 from gateway.protocol.frames import Auth, CloseCode, Ping, Request, Send, Sub, Typing, Unsub
@@ -24,6 +25,7 @@ from storage.errors import AgoraError, BadRequest, Internal, Unauthorized, Unava
 log = logging.getLogger("agora.gateway")
 
 MAX_SUBSCRIPTIONS = 1000
+TYPING_EVERY_S = 2  # one `typing` per user per conversation passed on per this, cluster-wide
 
 
 class RequestHandler:
@@ -40,6 +42,10 @@ class RequestHandler:
         self.send_path = send_path
         self.verifier = verifier
         self.expiry = expiry
+        # Typing is fanned out to every subscriber (a public thread may have thousands):
+        # a node-local bucket drops repeats without a round trip, a Redis key per (conv,
+        # user) drops those from the user's other nodes.
+        self._typing = BucketMap(1 / TYPING_EVERY_S, 1)
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -83,7 +89,11 @@ class RequestHandler:
             self._auth(conn, req)
         elif isinstance(req, Typing):
             await self.access.check(conn.user, req.conv)
-            await self.node.publish_typing(req.conv, conn.user)
+            if self._typing.take(f"{req.conv}:{conn.user}", time.monotonic()):
+                return  # dropped: this user typed here less than TYPING_EVERY_S ago
+            key = self.node.keys.typing(req.conv, conn.user)
+            if await self.node.redis.set(key, b"1", nx=True, px=TYPING_EVERY_S * 1000):
+                await self.node.publish_typing(req.conv, conn.user)
 
     def _auth(self, conn: Connection, req: Auth) -> None:
         """A newer token for the same user: the session lives until its `exp` instead."""

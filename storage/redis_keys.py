@@ -57,6 +57,10 @@ class RedisKeys:
         so caches and subscriptions follow a removal at once (gateway.revocation)."""
         return f"{self.p}:revocations"
 
+    def typing(self, conv: int, user: str) -> str:
+        """Exists for 2 s after `user` typed in `conv`: later typing frames are dropped."""
+        return f"{self.p}:typing:{conv}:{len(user)}:{user}"
+
     # -- votes -----------------------------------------------------------------------------
     def vote_sweep(self) -> str:
         """Held for one sweep interval by the gateway that re-produces pending votes."""

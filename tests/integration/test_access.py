@@ -239,6 +239,28 @@ async def test_a_node_that_missed_revocations_rechecks_its_subscriptions(
         await x.close()
 
 
+async def test_typing_is_passed_on_once_per_user_and_conversation_every_two_seconds(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    a, b = uid("a"), uid("b")
+    conv = await create_group(http, stack, g1, a, [b])
+    watcher = await AgoraClient.connect(g1.ws_url, stack.token(b))
+    await watcher.sub(conv)
+    typists = [await AgoraClient.connect(n.ws_url, stack.token(a)) for n in (g1, g2)]
+    for _ in range(5):  # ten typing frames from two nodes within a few ms
+        for t in typists:
+            await t.typing(conv)
+    first = await watcher.next_event("typing", timeout=2)
+    assert first == {"t": "typing", "conv": conv, "user": a}
+    with pytest.raises(TimeoutError):
+        await watcher.next_event("typing", timeout=1.0)  # the other nine were dropped
+    await asyncio.sleep(1.2)  # 2 s after the first: the next one passes again
+    await typists[1].typing(conv)
+    assert (await watcher.next_event("typing", timeout=2))["user"] == a
+    for x in (watcher, *typists):
+        await x.close()
+
+
 # -- 2. sessions end when the token does --------------------------------------------------
 
 
