@@ -30,6 +30,7 @@ from gateway.ratelimit import ClusterLimiter, stop_task
 from gateway.revocation import RevocationWatcher
 from gateway.send import SendPath
 from gateway.session import RequestHandler
+from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
 from gateway.ws import Endpoint
 from storage import logs, users
@@ -145,6 +146,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.idempotency_window_s,
         )
         state.settings = settings
+        state.readiness = health.Readiness()
         state.verifier = verifier
         state.pools = pools
         state.redis = redis
@@ -162,6 +164,9 @@ def create_app(settings: Settings) -> Starlette:
         )
         node.latency = wire_metrics.latency.labels()
         endpoint.bind(node, state.handler, admission)
+        endpoint.user_cap = UserConnectionCap(
+            redis, node.keys, node.routes, node.id, settings.max_connections_per_user
+        )
         await node.start()
         state.revocations = RevocationWatcher(redis, node.keys, access, node, pools)
         background = [

@@ -227,7 +227,7 @@ class Node:
             # published to this node, anything before it is in what we read.
             await self.sync.ensure(conv=conv)
             limit = self.settings.replay_limit
-            wanted = 0 if since is None else limit + 1
+            wanted = 0 if since is None else limit
             latest, missed = await messages.recover(self.pools, conv, since or 0, wanted)
         except BaseException:
             # Failed (routing or storage down): no half-made subscription holding messages.
@@ -239,7 +239,7 @@ class Node:
         if since is None or since >= latest:
             out = sub.skip_to(latest)
             recovered = since is not None
-        elif len(missed) > limit:
+        elif latest - since > limit:  # more than we replay: none was read
             out = sub.skip_to(latest)
         else:
             out = sub.fill(missed)

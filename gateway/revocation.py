@@ -43,7 +43,7 @@ CLOSED = "closed"  # the conversation closed (a post deleted): everyone is out
 ADDED = "added"  # a new member: only cached refusals are dropped
 REASONS = (REMOVED, LEFT, CLOSED, ADDED)
 STREAM_MAXLEN = 10_000  # approximate; a reader this far behind re-checks everything
-BLOCK_MS = 2000  # a quiet stream is checked for lost entries this often
+BLOCK_MS = 2000  # a quiet stream is checked this often; under AGORA_REDIS_TIMEOUT_S (3+ s)
 READ_COUNT = 500
 RECHECK_PARALLEL = 8
 

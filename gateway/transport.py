@@ -58,18 +58,55 @@ def _trusted_hosts(allowed: str | tuple[str, ...]) -> _TrustedHosts:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a bound on the request head, and WebSocket
-    upgrades handed to our endpoint instead of an ASGI WebSocket protocol."""
+    """uvicorn's httptools protocol, with bounds on the request head (its size, and the
+    time it may take to arrive), and WebSocket upgrades handed to our endpoint instead of
+    an ASGI WebSocket protocol.
+
+    uvicorn times out only an idle keep-alive connection; a client that opens a socket
+    and sends nothing, or a head one byte at a time (slowloris), would hold its socket
+    and buffers forever. Here a head must be complete within AGORA_REQUEST_HEAD_TIMEOUT_S
+    of the connection (or of its first byte on a kept-alive one), or it gets 408.
+    """
 
     endpoint: ClassVar[Endpoint]
+    _head_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def bound_to(cls, endpoint: Endpoint) -> type[GatewayHttpProtocol]:
         return type("BoundGatewayHttpProtocol", (cls,), {"endpoint": endpoint})
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            seconds = self.endpoint.settings.request_head_timeout_s
+            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(wsp.http_response(408, "request head took too long\n"))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
     def on_message_begin(self) -> None:
         self._head_bytes = 0
+        self._start_head_timer()
         super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -125,6 +162,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
 
     def _upgrade(self, rest: bytes) -> None:
+        self._stop_head_timer()
         self.connections.discard(self)
         transport = self.transport
         try:

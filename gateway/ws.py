@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from gateway.node import Node
     from gateway.session import RequestHandler
     from gateway.transport import WebSocketLink
+    from gateway.usercap import UserConnectionCap
 
 log = logging.getLogger("agora.gateway")
 
@@ -71,6 +72,7 @@ class Endpoint:
         self.links: set[WebSocketLink] = set()  # every upgraded socket until it is gone
         self._none_left: asyncio.Event | None = None
         self._opening: set[asyncio.Task[None]] = set()
+        self.user_cap: UserConnectionCap | None = None
         self.node: Node
         self.handler: RequestHandler
         self.admission: Admission
@@ -147,6 +149,21 @@ class Endpoint:
             return
         if conn.close_code is not None:
             return  # the peer left while we registered it
+        cap = self.user_cap
+        if cap is not None:
+            try:
+                admitted = await cap.admit(conn.user)
+            except Exception as exc:  # Redis down: sessions are not worth refusing for it
+                log.warning("conn %d: session count unavailable: %s", conn.id, exc)
+                admitted = True
+            else:
+                if admitted:
+                    conn.on_close(lambda c: cap.release(c.user))
+            if not admitted:
+                conn.close(CloseCode.RATE_LIMITED, "too many connections for this user")
+                return
+            if conn.close_code is not None:
+                return
         link.opened()
 
     def _accept(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> Connection | None:

@@ -52,6 +52,10 @@ class RedisKeys:
         """Set of node ids with connections of `user`. TTL: as conv_routes."""
         return f"{self.p}:route:u:{user}"
 
+    def user_sessions(self, user: str) -> str:
+        """Hash of node incarnation -> open WebSocket sessions of `user` there."""
+        return f"{self.p}:sessions:{len(user)}:{user}"
+
     def revocations(self) -> str:
         """Stream of membership changes every gateway node reads: (conv, user, reason),
         so caches and subscriptions follow a removal at once (gateway.revocation)."""

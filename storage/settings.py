@@ -128,6 +128,13 @@ class Settings:
         _int_range(1, 10_000),
         "Redis connections per process; callers wait for a free one beyond it.",
     )
+    redis_timeout_s: int = _setting(
+        "AGORA_REDIS_TIMEOUT_S",
+        "5",
+        _int_range(3, 120),
+        "Seconds a Redis connect or command may take before it fails (`unavailable`); "
+        "pub/sub reads are exempt.",
+    )
     redis_prefix: str = _setting(
         "AGORA_REDIS_PREFIX", "agora", _prefix, "Prefix of every Redis key and channel."
     )
@@ -189,6 +196,13 @@ class Settings:
         _int_range(1024, 16 * 1024 * 1024),
         "Largest client frame accepted; larger frames close with 1009.",
     )
+    request_head_timeout_s: int = _setting(
+        "AGORA_REQUEST_HEAD_TIMEOUT_S",
+        "10",
+        _int_range(1, 300),
+        "Seconds an HTTP request's head (request line and headers, upgrades included) may "
+        "take to arrive from the connection or its first byte; slower clients get 408.",
+    )
     max_fragments: int = _setting(
         "AGORA_MAX_FRAGMENTS",
         "32",
@@ -225,6 +239,13 @@ class Settings:
         "50000",
         _int_range(1, 10_000_000),
         "Connections per gateway process; above it new upgrades get 503 + Retry-After.",
+    )
+    max_connections_per_user: int = _setting(
+        "AGORA_MAX_CONNECTIONS_PER_USER",
+        "20",
+        _int_range(0, 100_000),
+        "WebSocket sessions one user may hold across the cluster; one more is closed with "
+        "4008 right after `hello`. 0 disables.",
     )
     fanout_batch_max: int = _setting(
         "AGORA_FANOUT_BATCH_MAX",
@@ -331,6 +352,13 @@ class Settings:
         "15000",
         _int_range(0, 600_000),
         "On SIGTERM, connections still open after this are closed with 1001.",
+    )
+    ops_token: str = _setting(
+        "AGORA_OPS_TOKEN",
+        "",
+        _str,
+        "Bearer token that lets an operator's probe read `/readyz` from another host; "
+        "without it `/readyz` answers only loopback peers (others get 404).",
     )
     dev_tokens: bool = _setting(
         "AGORA_DEV_TOKENS",

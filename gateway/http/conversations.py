@@ -12,7 +12,7 @@ from gateway import revocation
 from gateway.access import NOT_FOUND, Access
 from gateway.http.common import (
     JSONResponse,
-    decode_cursor,
+    decode_int_cursor,
     encode_cursor,
     identity,
     json_body,
@@ -113,11 +113,9 @@ async def _announce(node: Node, conv: Conversation, users: tuple[str, ...] | lis
 async def list_mine(request: Request) -> Response:
     me = identity(request)
     limit = page_limit(request)
-    cursor = decode_cursor(request.query_params.get("cursor"), 2)
-    convs = await conversations.list_for_user(request.app.state.pools, me.user)
-    if cursor is not None:
-        key = (int(cursor[0]), int(cursor[1]))
-        convs = [c for c in convs if (c.last_activity_ms, c.id) < key]
+    cursor = decode_int_cursor(request.query_params.get("cursor"), 2)
+    after = (cursor[0], cursor[1]) if cursor is not None else None
+    convs = await conversations.list_for_user(request.app.state.pools, me.user, limit + 1, after)
     page = convs[:limit]
     nxt = None
     if len(convs) > limit:
@@ -193,13 +191,13 @@ async def history(request: Request) -> Response:
     limit = page_limit(request)
     before: int | None = None
     raw_before = request.query_params.get("before")
-    cursor = decode_cursor(request.query_params.get("cursor"), 1)
+    cursor = decode_int_cursor(request.query_params.get("cursor"), 1)
     if raw_before is not None:
         if not raw_before.isdigit() or len(raw_before) > 18:
             raise BadRequest("before must be a seq (a non-negative integer)")
         before = int(raw_before)
     elif cursor is not None:
-        before = int(cursor[0])
+        before = cursor[0]
     items = await messages.before(request.app.state.pools, conv.id, before, limit + 1)
     page = items[:limit]
     nxt = encode_cursor(page[-1].seq) if len(items) > limit else None

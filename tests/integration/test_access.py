@@ -5,6 +5,8 @@ real sockets (the flood tests speak raw RFC 6455)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -28,6 +30,9 @@ pytestmark = pytest.mark.engines
 
 LEEWAY_S = 1
 FRAMES_PER_S = 50  # the production default: burst 100, closed after 20 more refusals
+USER_CAP = 3
+HEAD_TIMEOUT_S = 2
+REDIS_TIMEOUT_S = 3
 
 
 LOG_START: dict[str, int] = {}
@@ -40,7 +45,13 @@ def stack(settings: Settings) -> Iterator[Stack]:
         LOG_START[name] = path.stat().st_size if path.exists() else 0
     s = Stack(
         settings,
-        extra_env={"AGORA_FRAMES_PER_S": str(FRAMES_PER_S), "AGORA_JWT_LEEWAY_S": str(LEEWAY_S)},
+        extra_env={
+            "AGORA_FRAMES_PER_S": str(FRAMES_PER_S),
+            "AGORA_JWT_LEEWAY_S": str(LEEWAY_S),
+            "AGORA_MAX_CONNECTIONS_PER_USER": str(USER_CAP),
+            "AGORA_REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S),
+            "AGORA_REDIS_TIMEOUT_S": str(REDIS_TIMEOUT_S),
+        },
     )
     try:
         s.gateway("access-g1")
@@ -473,6 +484,110 @@ async def test_fragments_count_against_the_frame_budget(settings: Settings) -> N
         client.close()
     finally:
         s.stop_all()
+
+
+# -- 4. caps and amplification ------------------------------------------------------------
+
+
+async def test_a_user_holds_at_most_the_cap_of_sessions_across_the_cluster(
+    stack: Stack, g1: Proc, g2: Proc
+) -> None:
+    user = uid("many")
+    held = [
+        await AgoraClient.connect(node.ws_url, stack.token(user)) for node in (g1, g2, g1)
+    ]  # USER_CAP sessions on two nodes
+    extra = await AgoraClient.connect(g2.ws_url, stack.token(user))  # hello, then closed
+    await asyncio.wait_for(extra.closed.wait(), 5)
+    print(f"session {USER_CAP + 1}: closed {extra.close_code} {extra.ws.close_reason}")
+    assert extra.close_code == 4008
+    for c in held:
+        assert (await c.ping())["t"] == "pong"  # the first ones are untouched
+    await held[0].close()
+    deadline = time.monotonic() + 5  # the close is counted out asynchronously
+    while True:
+        again = await AgoraClient.connect(g2.ws_url, stack.token(user))
+        try:
+            assert (await again.ping())["t"] == "pong"
+            break
+        except Exception:  # closed 4008 again: the release was not counted yet
+            await again.close()
+            assert time.monotonic() < deadline, "a freed place was never given back"
+            await asyncio.sleep(0.2)
+    for c in (*held[1:], again):
+        await c.close()
+
+
+async def test_tampered_cursors_are_400_not_500(
+    stack: Stack, g1: Proc, http: httpx.AsyncClient
+) -> None:
+    a = uid("a")
+    conv = await create_group(http, stack, g1, a, [])
+    bad = [
+        base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        for parts in (["x", 1], [1.5, 2], [-1, 2], [2**70, 1], [[1], 2], [None, None])
+        for raw in [json.dumps(parts).encode()]
+    ] + ["!!!", "e30", "bm90IGpzb24"]
+    for cursor in bad:
+        for path in ("/v1/conversations", f"/v1/conversations/{conv}/messages"):
+            r = await http.get(
+                f"{g1.http_url}{path}", params={"cursor": cursor}, headers=bearer(stack, a)
+            )
+            assert r.status_code == 400, (path, cursor, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "bad_request"
+
+
+async def test_readyz_is_cached_for_a_second(
+    stack: Stack, g1: Proc, http: httpx.AsyncClient, redis_client: aioredis.Redis
+) -> None:
+    async def pings() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    before = await pings()
+    started = time.monotonic()
+    answers = await asyncio.gather(*(http.get(f"{g1.http_url}/readyz") for _ in range(50)))
+    took = time.monotonic() - started
+    used = await pings() - before
+    print(f"50 /readyz in {took:.2f}s: {[r.status_code for r in answers][:3]}..., {used} PINGs")
+    assert all(r.status_code == 200 for r in answers)
+    assert used <= 2 + int(took)  # one round per second at most (not one per request)
+
+
+async def test_a_silent_redis_fails_a_send_within_the_timeout(
+    stack: Stack, g2: Proc, http: httpx.AsyncClient, redis_client: aioredis.Redis
+) -> None:
+    a = uid("a")
+    conv = await create_group(http, stack, g2, a, [])
+    c = await AgoraClient.connect(g2.ws_url, stack.token(a))
+    await c.send(conv, "warm")  # access cached: only Redis stands in the way now
+    # Writes wait (the send path's claim is a write); UNPAUSE, not a write, still runs.
+    await redis_client.execute_command("CLIENT", "PAUSE", str(REDIS_TIMEOUT_S * 3000), "WRITE")
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServerError) as info:
+            await c.request({"t": "send", "conv": conv, "cid": "x", "body": "y"}, timeout=30)
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    took = time.monotonic() - started
+    print(f"send while Redis is paused: {info.value.code} after {took:.1f}s")
+    assert info.value.code == "unavailable" and took < REDIS_TIMEOUT_S + 2
+    assert (await c.ping())["t"] == "pong"
+    await c.close()
+
+
+async def test_a_slow_request_head_gets_408(stack: Stack, g1: Proc) -> None:
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", g1.port)
+    writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n")  # ... and the rest never comes
+    silent_r, silent_w = await asyncio.open_connection("127.0.0.1", g1.port)  # says nothing
+    for r in (reader, silent_r):
+        answer = await asyncio.wait_for(r.read(), HEAD_TIMEOUT_S + 5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+    took = time.monotonic() - started
+    print(f"slow heads answered 408 and closed after {took:.1f}s")
+    assert HEAD_TIMEOUT_S - 0.2 <= took < HEAD_TIMEOUT_S + 2
+    for w in (writer, silent_w):
+        w.close()
 
 
 def test_the_gateways_logged_no_unhandled_error(g1: Proc, g2: Proc) -> None:
