@@ -20,7 +20,7 @@ import jwt
 
 from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 from storage.errors import ConfigError, Unauthorized
-from storage.settings import Settings
+from storage.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
 
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 
@@ -39,6 +39,16 @@ class TokenVerifier:
         self._public = [a for a in self.algorithms if not a.startswith("HS")]
         if self._hmac and not settings.jwt_secret:
             raise ConfigError("AGORA_JWT_SECRET is required when AGORA_JWT_ALGORITHMS has HS*")
+        weak = settings.jwt_secret == EXAMPLE_JWT_SECRET or (
+            len(settings.jwt_secret.encode()) < MIN_HS_SECRET_BYTES
+        )
+        if self._hmac and weak and not settings.dev_tokens:
+            # Anyone who knows (or can guess) the secret can sign a token for any user.
+            raise ConfigError(
+                "AGORA_JWT_SECRET is the published example or shorter than "
+                f"{MIN_HS_SECRET_BYTES} bytes: set a random one (openssl rand -hex 32); "
+                "weak secrets are accepted only in dev mode (AGORA_DEV_TOKENS=true, loopback)"
+            )
         if self._public and not settings.jwt_public_key:
             raise ConfigError("AGORA_JWT_PUBLIC_KEY is required for RS256/ES256")
         self.leeway_s = settings.jwt_leeway_s

@@ -16,6 +16,9 @@ from typing import Any
 from storage.errors import ConfigError
 
 MAX_LOGICAL_SHARDS = 1 << 13  # the id layout has 13 bits for the logical shard
+# The secret .env.example ships for the dev stack: published, so never a real one.
+EXAMPLE_JWT_SECRET = "dev-only-not-a-secret-change-me-please"
+MIN_HS_SECRET_BYTES = 32
 
 
 def _bool(raw: str) -> bool:
@@ -364,7 +367,9 @@ class Settings:
         "AGORA_DEV_TOKENS",
         "false",
         _bool,
-        "Serve the dev-only token endpoint. Never enable in production.",
+        "Dev mode: serve the dev-only token endpoint (anyone who reaches it can be anyone) "
+        "and accept a weak or example `AGORA_JWT_SECRET`. A gateway refuses to start with "
+        "it on a non-loopback address. Never enable in production.",
     )
     log_level: str = _setting("AGORA_LOG_LEVEL", "INFO", _nonempty, "Python logging level.")
     log_format: str = _setting(

@@ -21,7 +21,7 @@ from agora_client import AgoraClient, ReconnectingClient, ServerError
 from storage import conversations
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
+from storage.settings import EXAMPLE_JWT_SECRET, Settings
 from tests.integration.helpers import collect, create_group, rss_kib, uid
 from tests.integration.test_transport import Raw, frame, request
 from tests.stack import LOG_DIR, Proc, Stack
@@ -588,6 +588,39 @@ async def test_a_slow_request_head_gets_408(stack: Stack, g1: Proc) -> None:
     assert HEAD_TIMEOUT_S - 0.2 <= took < HEAD_TIMEOUT_S + 2
     for w in (writer, silent_w):
         w.close()
+
+
+# -- 5. safe by default --------------------------------------------------------------------
+
+
+def test_a_gateway_refuses_the_example_secret_and_dev_mode_on_a_public_bind(
+    settings: Settings,
+) -> None:
+    weak = Stack(settings, extra_env={"AGORA_JWT_SECRET": EXAMPLE_JWT_SECRET})
+    exposed = Stack(settings, extra_env={"AGORA_DEV_TOKENS": "true"})
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            weak.gateway("access-weak")
+        proc = exposed._spawn("access-exposed", ["gateway", "--host", "0.0.0.0", "--port", "0"])
+        proc.popen.wait(30)
+        assert proc.popen.returncode != 0
+        for p, setting in ((weak.procs[0], "AGORA_JWT_SECRET"), (proc, "AGORA_DEV_TOKENS")):
+            tail = p.log_text()[-2000:]
+            print(f"{p.name}: {tail.strip().splitlines()[-1]}")
+            assert setting in tail
+    finally:
+        weak.stop_all()
+        exposed.stop_all()
+
+
+async def test_a_token_in_the_query_string_is_not_logged(stack: Stack, g1: Proc) -> None:
+    token = stack.token(uid("query"))
+    c = await AgoraClient.connect(g1.ws_url, token, use_header=False)
+    assert (await c.ping())["t"] == "pong"
+    await c.close()
+    signature = token.rsplit(".", 1)[1]
+    text = (LOG_DIR / f"{g1.name}.log").read_text(errors="replace")
+    assert signature not in text
 
 
 def test_the_gateways_logged_no_unhandled_error(g1: Proc, g2: Proc) -> None:
