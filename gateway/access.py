@@ -6,10 +6,12 @@ stream (`gateway.revocation`), and every node drops the matching entries as it r
 it, so a removed member's next send is refused on every node, not after a TTL.
 
 A query that was in flight while a revocation arrived may have read the old state:
-its answer is used once but not cached (`generation`). The positive TTL is only a
-backstop for a revocation a node could not read (see gateway.revocation); negative
-answers live one second, so a member just added (whose addition is also announced)
-is let in quickly even where the announcement is late.
+its answer is used once but not cached (`generation`). The positive TTL is no longer
+what makes a removal take effect; it stays short as a backstop (a revocation a node
+could not read, see gateway.revocation, still counts for sends within it) and so that
+a conversation whose shard went down answers `unavailable` soon, as before. Negative
+answers live one second, so a member just added (whose addition is also announced) is
+let in quickly even where the announcement is late.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from storage import conversations
 from storage.errors import NotFound
 from storage.pools import ShardPools
 
-POSITIVE_TTL_S = 60.0
+POSITIVE_TTL_S = 5.0
 NEGATIVE_TTL_S = 1.0
 MAX_ENTRIES = 200_000
 # Same answer for "no such conversation" and "not a member": a non-member cannot learn

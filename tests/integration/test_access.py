@@ -486,6 +486,31 @@ async def test_fragments_count_against_the_frame_budget(settings: Settings) -> N
         s.stop_all()
 
 
+async def test_sockets_refused_4001_count_for_admission_while_they_linger(
+    settings: Settings,
+) -> None:
+    # Two upgrades with bad tokens that never answer the server's close frame: their
+    # sockets stay (in the close handshake) and admission counts them, so a third upgrade
+    # is refused before any work is done for it.
+    s = Stack(settings, extra_env={"AGORA_MAX_CONNECTIONS": "2"})
+    try:
+        g = s.gateway("access-g4")
+        lingering = []
+        for _ in range(2):
+            client, head = await Raw.open(g, request("not-a-token"))
+            assert head.startswith("HTTP/1.1 101 ")
+            op, payload = await client.next_frame()
+            assert op == 8 and int.from_bytes(payload[:2], "big") == 4001
+            lingering.append(client)  # ... and never answers the close
+        third, head = await Raw.open(g, request(s.token(uid("third"))))
+        print(f"third upgrade: {head.splitlines()[0]}")
+        assert head.startswith("HTTP/1.1 503 ")
+        for c in (*lingering, third):
+            c.close()
+    finally:
+        s.stop_all()
+
+
 # -- 4. caps and amplification ------------------------------------------------------------
 
 
