@@ -192,6 +192,7 @@ async def test_a_deleted_posts_thread_closes_for_every_subscriber(
     readers = [await AgoraClient.connect(node.ws_url, stack.token(reader)) for node in (g1, g2)]
     for x in readers:
         await x.sub(thread)
+    for x in readers:
         await x.send(thread, "a comment")
     assert len(await collect(readers[1], thread, 2, 10)) == 2  # stored and delivered
     r = await http.get(
