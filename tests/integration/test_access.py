@@ -178,6 +178,29 @@ async def test_leaving_ends_the_own_subscriptions_with_reason_left(
     await resilient.close()
 
 
+async def test_a_removal_that_could_not_be_announced_is_503_and_a_retry_announces_it(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient, redis_client: aioredis.Redis
+) -> None:
+    a, b = uid("a"), uid("b")
+    conv = await create_group(http, stack, g1, a, [b])
+    watcher = await AgoraClient.connect(g2.ws_url, stack.token(b))
+    await watcher.sub(conv)
+    url = f"{g1.http_url}/v1/conversations/{conv}/members/{b}"
+    # Redis takes no writes (the announcement is one) for longer than its timeout.
+    await redis_client.execute_command("CLIENT", "PAUSE", str(REDIS_TIMEOUT_S * 1500), "WRITE")
+    try:
+        r = await http.delete(url, headers=bearer(stack, a))
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    print(f"removal while Redis is paused: {r.status_code} {r.text}")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    r = await http.delete(url, headers=bearer(stack, a))  # the removal is done: 404 ...
+    assert r.status_code == 404
+    unsubbed = await watcher.next_event("unsubbed", timeout=1.0)  # ... and announced now
+    assert unsubbed == {"t": "unsubbed", "conv": conv, "reason": "removed"}
+    await watcher.close()
+
+
 async def test_a_deleted_posts_thread_closes_for_every_subscriber(
     stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
 ) -> None:
