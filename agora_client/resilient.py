@@ -9,6 +9,13 @@ missed, and drops anything at or below that seq (no duplicate reaches `events`).
 is retried with the same `cid` until acknowledged: the server turns a repeated cid into
 the first message's id, so a lost ack never becomes a second message.
 
+Tokens: with a `token_provider` (an async callable returning a fresh token), the client
+sends `auth {token}` before the session's token expires (`hello.exp`, then the `exp` of
+each `ok`), so the server does not close it (4001 at exp + leeway); after a 4001 it asks
+the provider for a token and reconnects instead of waiting for `set_token`. `unsubbed`
+(the user was removed, left, or the conversation closed) ends that subscription here too:
+it is not resubscribed after a reconnect.
+
 Frames other than replies land in `events` (`msg` deduplicated and in order per
 conversation; `typing`, `score`, `joined`, and `gap` when the server could not replay
 everything: fetch that range over HTTP).
@@ -22,7 +29,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +41,7 @@ from agora_client.policy import ABNORMAL, Backoff
 log = logging.getLogger("agora_client")
 
 RETRIABLE_ERRORS = frozenset({"unavailable", "rate_limited"})
+TokenProvider = Callable[[], Awaitable[str]]
 # The connection went away under a request (as our error, or as websockets' own).
 LOST = (ConnectionError, ConnectionClosed)
 
@@ -55,7 +63,12 @@ class ReconnectingClient:
         request_timeout: float = 10.0,
         stable_after_s: float = 5.0,
         use_header: bool = True,
+        token_provider: TokenProvider | None = None,
+        refresh_margin_s: float = 30.0,
     ) -> None:
+        self.token_provider = token_provider
+        self.refresh_margin_s = refresh_margin_s
+        self.refreshes = 0  # tokens the server took over an open connection (`auth`)
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.token = token
         self.encoding = encoding
@@ -107,8 +120,17 @@ class ReconnectingClient:
         attempt = 0
         while self.state != "closed":
             if self.state == "unauthorized":
+                if self.token_provider is not None and not self._token_changed.is_set():
+                    try:
+                        self.token = await self.token_provider()
+                        self._token_changed.set()
+                    except Exception as exc:
+                        log.warning("token provider failed: %s", exc)
+                        await asyncio.sleep(self.backoff.delay(None, attempt, refused=True) or 1.0)
+                        attempt += 1
+                        continue
                 await self._token_changed.wait()
-                attempt = 0
+                attempt = min(attempt, 1)  # a provider that keeps failing is backed off
             self._token_changed.clear()
             delay, opened_at = await self._one_connection(attempt)
             if delay is None:
@@ -152,6 +174,9 @@ class ReconnectingClient:
         self.conn = conn
         self.connects += 1
         self.state = "open"
+        refresher = None
+        if self.token_provider is not None:
+            refresher = asyncio.create_task(self._keep_token(conn))
         try:
             await self._resubscribe(conn)
             self._ready.set()
@@ -160,6 +185,8 @@ class ReconnectingClient:
             log.info("resubscribe failed: %s", exc)
             await conn.close()
         finally:
+            if refresher is not None:
+                refresher.cancel()
             self._ready.clear()
             self.conn = None
             if self._drop is not None:
@@ -173,6 +200,26 @@ class ReconnectingClient:
         if self.state == "closed":
             return None, opened_at
         return self._next_delay(code, attempt), opened_at
+
+    async def _keep_token(self, conn: AgoraClient) -> None:
+        """Send a fresh token before the session's expires, for as long as `conn` lives."""
+        assert self.token_provider is not None
+        exp = conn.hello.get("exp")
+        while isinstance(exp, (int, float)) and not conn.closed.is_set():
+            left = exp - time.time()
+            await asyncio.sleep(max(0.0, left - min(self.refresh_margin_s, left / 2)))
+            try:
+                token = await self.token_provider()
+                reply = await conn.request({"t": "auth", "token": token}, self.request_timeout)
+            except LOST:
+                return  # the connection is gone; the next one starts its own refresher
+            except Exception as exc:  # the provider or the server said no: try again soon
+                log.warning("token refresh failed: %s", exc)
+                await asyncio.sleep(min(5.0, max(0.5, (exp - time.time()) / 4)))
+                continue
+            self.token = token  # also for the next connection
+            self.refreshes += 1
+            exp = reply.get("exp")
 
     def _next_delay(self, code: int | None, attempt: int) -> float | None:
         if self._drain_at is not None:
@@ -231,6 +278,10 @@ class ReconnectingClient:
                 self._drop = asyncio.get_running_loop().call_later(
                     wait, lambda: asyncio.ensure_future(conn.close())
                 )
+            self.events.put_nowait(frame)
+            return True
+        if t == "unsubbed":
+            self._subs.pop(str(frame.get("conv")), None)  # not ours to follow any more
             self.events.put_nowait(frame)
             return True
         if t in ("typing", "score", "joined"):

@@ -106,6 +106,10 @@ class Routes:
         await self.redis.delete(self.keys.node_lease(node))
 
     # -- the publisher side ----------------------------------------------------------------
+    async def live_nodes(self, nodes: set[str]) -> set[str]:
+        """Which of `nodes` are alive (lease held, or still listening); cached a second."""
+        return await self._live_nodes(nodes) if nodes else set()
+
     async def _live_nodes(self, nodes: set[str]) -> set[str]:
         now = time.monotonic()
         unknown = [n for n in nodes if self._alive.get(n, (False, 0.0))[1] < now]

@@ -20,14 +20,17 @@ from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_top
 from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
+from gateway.expiry import TokenExpiry
 from gateway.feedpages import FeedPages
 from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, web
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
 from gateway.ratelimit import ClusterLimiter, stop_task
+from gateway.revocation import RevocationWatcher
 from gateway.send import SendPath
 from gateway.session import RequestHandler
+from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
 from gateway.ws import Endpoint
 from storage import logs, users
@@ -117,7 +120,8 @@ def create_app(settings: Settings) -> Starlette:
     registry = Registry({"role": "gateway"})
     wire_metrics = GatewayMetrics(registry)
     # The WebSocket side (gateway.transport hands it the upgrades of /v1/ws).
-    endpoint = Endpoint(settings, verifier, wire_metrics)
+    expiry = TokenExpiry()  # sessions whose token ran out are closed (4001)
+    endpoint = Endpoint(settings, verifier, wire_metrics, expiry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -142,6 +146,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.idempotency_window_s,
         )
         state.settings = settings
+        state.readiness = health.Readiness()
         state.verifier = verifier
         state.pools = pools
         state.redis = redis
@@ -150,7 +155,7 @@ def create_app(settings: Settings) -> Starlette:
         state.access = access
         state.send_path = send_path
         state.http_limiter = ClusterLimiter(redis, node.keys, "http", settings.http_per_s)
-        state.handler = RequestHandler(node, access, send_path)
+        state.handler = RequestHandler(node, access, send_path, verifier, expiry)
         state.admission = admission = Admission(settings)
         state.feeds = FeedCache(redis, node.keys, pools)
         state.feed_pages = FeedPages(state.feeds, pools, settings.feed_page_cache_ms)
@@ -159,11 +164,17 @@ def create_app(settings: Settings) -> Starlette:
         )
         node.latency = wire_metrics.latency.labels()
         endpoint.bind(node, state.handler, admission)
+        endpoint.user_cap = UserConnectionCap(
+            redis, node.keys, node.routes, node.id, settings.max_connections_per_user
+        )
         await node.start()
+        state.revocations = RevocationWatcher(redis, node.keys, access, node, pools)
         background = [
             asyncio.create_task(admission.watch_lag()),
             state.http_limiter.start(),
             asyncio.create_task(votes.sweep_forever(redis, node.keys.vote_sweep())),
+            asyncio.create_task(expiry.run()),
+            await state.revocations.start(),
         ]
         log.info("gateway node %s ready", node.id)
         try:

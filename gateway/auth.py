@@ -7,7 +7,8 @@ as an HMAC secret. `alg: none` is never in the accepted list.
 A client sends the same token with every HTTP request, so verified tokens are remembered
 (by their exact text, whose signature was checked) until they expire: a repeat costs a
 dict lookup instead of a signature check. Only successes are remembered, each no longer
-than its own `exp` (plus the leeway decode allows), and at most VERIFIED_CACHE of them.
+than its own `exp` (plus the leeway decode allows, AGORA_JWT_LEEWAY_S), and at most
+VERIFIED_CACHE of them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from dataclasses import dataclass
 
 import jwt
 
-from gateway.protocol.frames import USER_ID
+from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 from storage.errors import ConfigError, Unauthorized
-from storage.settings import Settings
+from storage.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
 
-MAX_TOKEN_CHARS = 8192
-LEEWAY_S = 5
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 
 
@@ -30,6 +29,7 @@ VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 class Identity:
     user: str
     name: str
+    exp: int = 0  # the token's `exp` claim (s since the epoch); valid until exp + leeway
 
 
 class TokenVerifier:
@@ -39,8 +39,19 @@ class TokenVerifier:
         self._public = [a for a in self.algorithms if not a.startswith("HS")]
         if self._hmac and not settings.jwt_secret:
             raise ConfigError("AGORA_JWT_SECRET is required when AGORA_JWT_ALGORITHMS has HS*")
+        weak = settings.jwt_secret == EXAMPLE_JWT_SECRET or (
+            len(settings.jwt_secret.encode()) < MIN_HS_SECRET_BYTES
+        )
+        if self._hmac and weak and not settings.dev_tokens:
+            # Anyone who knows (or can guess) the secret can sign a token for any user.
+            raise ConfigError(
+                "AGORA_JWT_SECRET is the published example or shorter than "
+                f"{MIN_HS_SECRET_BYTES} bytes: set a random one (openssl rand -hex 32); "
+                "weak secrets are accepted only in dev mode (AGORA_DEV_TOKENS=true, loopback)"
+            )
         if self._public and not settings.jwt_public_key:
             raise ConfigError("AGORA_JWT_PUBLIC_KEY is required for RS256/ES256")
+        self.leeway_s = settings.jwt_leeway_s
         self._secret = settings.jwt_secret
         self._public_key = settings.jwt_public_key
         self._verified: dict[str, tuple[Identity, float]] = {}  # token -> (who, valid until)
@@ -76,7 +87,11 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {str(alg)[:16]!r} is not accepted")
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg], options={"require": ["exp", "sub"]}, leeway=LEEWAY_S
+                token,
+                key,
+                algorithms=[alg],
+                options={"require": ["exp", "sub"]},
+                leeway=self.leeway_s,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
@@ -87,8 +102,9 @@ class TokenVerifier:
             raise Unauthorized("token sub is not a valid user id")
         name = claims.get("name")
         # `exp` is a number once decode accepted it (it checks the type and the time).
-        until = float(claims["exp"]) + LEEWAY_S
-        return Identity(sub, name[:100] if isinstance(name, str) else sub), until
+        exp = int(claims["exp"])
+        until = float(claims["exp"]) + self.leeway_s
+        return Identity(sub, name[:100] if isinstance(name, str) else sub, exp), until
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -82,6 +82,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _logging(settings)
+    try:
+        # Before any worker starts: a supervisor would restart one that died of it forever.
+        server.check(settings, args.host)
+    except ConfigError as exc:
+        print(f"agora: configuration error: {exc}", file=sys.stderr)
+        return 2
     if args.workers > 1:
         child = ["gateway", "--host", args.host, "--port", str(args.port), "--workers", "1"]
         return server.supervise(child, args.workers)
@@ -240,8 +246,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     services_args = argparse.Namespace(action="up", state_dir=args.state_dir)
     cmd_services(services_args)
     exe = [sys.executable, "-m", "gateway.cli"]
+    # Dev mode for this gateway only (it binds 127.0.0.1): the demo's sign-in uses the
+    # dev token endpoint. No file a deployment reads switches it on.
+    dev_mode = environ_with({"AGORA_DEV_TOKENS": "true"})
     children = [
-        subprocess.Popen([*exe, "gateway", "--port", str(args.port)]),
+        subprocess.Popen([*exe, "gateway", "--port", str(args.port)], env=dev_mode),
         subprocess.Popen([*exe, "fanout"]),
         subprocess.Popen([*exe, "scores"], env=_next_metrics_port()),
     ]

@@ -71,6 +71,7 @@ class Connection:
         "pending_close",
         "requests",
         "subs",
+        "token_deadline",
         "user",
         "wire",
     )
@@ -97,6 +98,8 @@ class Connection:
         self.requests: deque[Any] = deque()  # parsed requests waiting to be handled
         self.handler_task: asyncio.Task[None] | None = None
         self.limits: Any = None  # the read side's per-connection rate limits (gateway.ws)
+        # Wall-clock second at which the session's token runs out (gateway.expiry).
+        self.token_deadline = float("inf")
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._paused_frames = 0

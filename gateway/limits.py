@@ -29,6 +29,23 @@ class TokenBucket:
             return 0
         return max(1, int((n - self.tokens) / self.rate * 1000))
 
+    def spend(self, now: float, n: int) -> tuple[int, int]:
+        """Take a token for each of `n` events, as many as there are: (how many found
+        none, ms until the next token). Unlike `take`, a batch is not all-or-nothing: a
+        burst of frames read at once is allowed up to the budget and refused beyond it."""
+        if self.rate <= 0:
+            return 0, 0
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        covered = min(n, int(self.tokens))
+        self.tokens -= covered
+        refused = n - covered
+        if not refused:
+            return 0, 0
+        return refused, max(1, int((1 - self.tokens) / self.rate * 1000))
+
 
 @dataclass
 class AbusePolicy:
@@ -39,10 +56,10 @@ class AbusePolicy:
     window_s: float = 10.0
     _times: list[float] = field(default_factory=list)
 
-    def refused(self, now: float) -> bool:
-        """Record a refusal; True when the connection should now be closed."""
+    def refused(self, now: float, count: int = 1) -> bool:
+        """Record `count` refusals; True when the connection should now be closed."""
         self._times = [t for t in self._times if now - t < self.window_s]
-        self._times.append(now)
+        self._times.extend([now] * min(count, self.max_refusals + 1))
         return len(self._times) > self.max_refusals
 
 

@@ -227,7 +227,7 @@ class Node:
             # published to this node, anything before it is in what we read.
             await self.sync.ensure(conv=conv)
             limit = self.settings.replay_limit
-            wanted = 0 if since is None else limit + 1
+            wanted = 0 if since is None else limit
             latest, missed = await messages.recover(self.pools, conv, since or 0, wanted)
         except BaseException:
             # Failed (routing or storage down): no half-made subscription holding messages.
@@ -239,7 +239,7 @@ class Node:
         if since is None or since >= latest:
             out = sub.skip_to(latest)
             recovered = since is not None
-        elif len(missed) > limit:
+        elif latest - since > limit:  # more than we replay: none was read
             out = sub.skip_to(latest)
         else:
             out = sub.fill(missed)
@@ -253,6 +253,22 @@ class Node:
     async def unsubscribe(self, conn: Connection, conv: int) -> None:
         if conv in conn.subs and self._remove_sub(conn, conv):
             self.sync.changed(convs=(conv,))
+
+    def unsubscribe_user(self, conv: int, user: str | None, reason: str) -> int:
+        """End the local subscriptions of `user` (everyone's when None) to `conv`: each
+        connection is told `unsubbed` and gets nothing of `conv` after it. Returns how
+        many subscriptions ended."""
+        conns = self.conv_subs.get(conv)
+        if not conns:
+            return 0
+        ended = [c for c in list(conns) if user is None or c.user == user]
+        frame = frames.unsubbed(conv, reason)
+        for conn in ended:
+            self._remove_sub(conn, conv)
+            conn.push_frame(frame)
+        if ended and conv not in self.conv_subs:
+            self.sync.changed(convs=(conv,))
+        return len(ended)
 
     # -- delivery ---------------------------------------------------------------------------
     def _on_delivery(self, data: bytes) -> None:

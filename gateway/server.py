@@ -23,6 +23,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.auth import TokenVerifier
+from gateway.http import dev
 from gateway.transport import GatewayHttpProtocol
 from gateway.ws import Endpoint
 from storage.settings import Settings
@@ -77,8 +79,17 @@ def listen_socket(host: str, port: int, send_buffer: int = 0) -> socket.socket:
     return sock
 
 
+def check(settings: Settings, host: str) -> None:
+    """ConfigError when this gateway must not start: keys or secrets unusable or weak, dev
+    mode on an address others can reach."""
+    dev.check_bind(settings, host)
+    dev.check_settings(settings)
+    TokenVerifier(settings)
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     """One gateway node in this process, until SIGTERM/SIGINT (then drain)."""
+    check(settings, host)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -7,27 +7,45 @@ it made them); errors become `err` frames and the connection stays open.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis.asyncio as aioredis
 
 from gateway.access import Access
+from gateway.auth import TokenVerifier
 from gateway.connection import Connection
+from gateway.expiry import TokenExpiry
+from gateway.limits import BucketMap
 from gateway.node import Node
 from gateway.protocol import frames
-from gateway.protocol.frames import Ping, Request, Send, Sub, Typing, Unsub
+from gateway.protocol.frames import Auth, CloseCode, Ping, Request, Send, Sub, Typing, Unsub
 from gateway.send import SendPath
-from storage.errors import AgoraError, BadRequest, Internal, Unavailable
+from storage.errors import AgoraError, BadRequest, Internal, Unauthorized, Unavailable
 
 log = logging.getLogger("agora.gateway")
 
 MAX_SUBSCRIPTIONS = 1000
+TYPING_EVERY_S = 2  # one `typing` per user per conversation passed on per this, cluster-wide
 
 
 class RequestHandler:
-    def __init__(self, node: Node, access: Access, send_path: SendPath) -> None:
+    def __init__(
+        self,
+        node: Node,
+        access: Access,
+        send_path: SendPath,
+        verifier: TokenVerifier | None = None,
+        expiry: TokenExpiry | None = None,
+    ) -> None:
         self.node = node
         self.access = access
         self.send_path = send_path
+        self.verifier = verifier
+        self.expiry = expiry
+        # Typing is fanned out to every subscriber (a public thread may have thousands):
+        # a node-local bucket drops repeats without a round trip, a Redis key per (conv,
+        # user) drops those from the user's other nodes.
+        self._typing = BucketMap(1 / TYPING_EVERY_S, 1)
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -47,16 +65,53 @@ class RequestHandler:
             accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Sub):
+            generation = self.access.generation
             await self.access.check(conn.user, req.conv)
             if req.conv not in conn.subs and len(conn.subs) >= MAX_SUBSCRIPTIONS:
                 raise BadRequest(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
             if req.conv in conn.subs:
                 await self.node.unsubscribe(conn, req.conv)
             result = await self.node.subscribe(conn, req.conv, req.since)
+            if self.access.generation != generation:
+                # A revocation came while this subscription was being made: the check
+                # may have read the old membership, and the revocation may have found
+                # no subscription to end yet. Ask the shard again.
+                try:
+                    await self.access.check(conn.user, req.conv, fresh=True)
+                except AgoraError:
+                    await self.node.unsubscribe(conn, req.conv)
+                    raise
             conn.push_frame(frames.subbed(req.rid, req.conv, result["seq"], result["recovered"]))
         elif isinstance(req, Unsub):
             await self.node.unsubscribe(conn, req.conv)
             conn.push_frame(frames.ok(req.rid))
+        elif isinstance(req, Auth):
+            self._auth(conn, req)
         elif isinstance(req, Typing):
             await self.access.check(conn.user, req.conv)
-            await self.node.publish_typing(req.conv, conn.user)
+            if self._typing.take(f"{req.conv}:{conn.user}", time.monotonic()):
+                return  # dropped: this user typed here less than TYPING_EVERY_S ago
+            key = self.node.keys.typing(req.conv, conn.user)
+            if await self.node.redis.set(key, b"1", nx=True, px=TYPING_EVERY_S * 1000):
+                await self.node.publish_typing(req.conv, conn.user)
+
+    def _auth(self, conn: Connection, req: Auth) -> None:
+        """A newer token for the same user: the session lives until its `exp` instead."""
+        assert self.verifier is not None and self.expiry is not None
+        try:
+            who = self.verifier.verify(req.token)
+            if who.user != conn.user:
+                raise Unauthorized("token is for another user")
+            deadline = who.exp + self.verifier.leeway_s
+            if deadline < conn.token_deadline:
+                raise Unauthorized("token expires before the current one")
+        except Unauthorized as exc:
+            if time.time() >= conn.token_deadline - self.verifier.leeway_s:
+                # The session's own token has expired (only the leeway is left): a bad
+                # replacement ends it now.
+                conn.push_frame(frames.err(req.rid, exc))
+                conn.close(CloseCode.UNAUTHORIZED, exc.message[:120])
+                return
+            raise
+        self.expiry.watch(conn, deadline)
+        conn.push_frame(frames.ok(req.rid, exp=who.exp))

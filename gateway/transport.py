@@ -58,18 +58,55 @@ def _trusted_hosts(allowed: str | tuple[str, ...]) -> _TrustedHosts:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a bound on the request head, and WebSocket
-    upgrades handed to our endpoint instead of an ASGI WebSocket protocol."""
+    """uvicorn's httptools protocol, with bounds on the request head (its size, and the
+    time it may take to arrive), and WebSocket upgrades handed to our endpoint instead of
+    an ASGI WebSocket protocol.
+
+    uvicorn times out only an idle keep-alive connection; a client that opens a socket
+    and sends nothing, or a head one byte at a time (slowloris), would hold its socket
+    and buffers forever. Here a head must be complete within AGORA_REQUEST_HEAD_TIMEOUT_S
+    of the connection (or of its first byte on a kept-alive one), or it gets 408.
+    """
 
     endpoint: ClassVar[Endpoint]
+    _head_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def bound_to(cls, endpoint: Endpoint) -> type[GatewayHttpProtocol]:
         return type("BoundGatewayHttpProtocol", (cls,), {"endpoint": endpoint})
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            seconds = self.endpoint.settings.request_head_timeout_s
+            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(wsp.http_response(408, "request head took too long\n"))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
     def on_message_begin(self) -> None:
         self._head_bytes = 0
+        self._start_head_timer()
         super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -125,6 +162,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
 
     def _upgrade(self, rest: bytes) -> None:
+        self._stop_head_timer()
         self.connections.discard(self)
         transport = self.transport
         try:
@@ -162,6 +200,7 @@ class WebSocketLink(asyncio.Protocol):
     flow control. `gateway.connection.Link` is what the session sees of it."""
 
     __slots__ = (
+        "_counted",
         "_early",
         "_held",
         "_timer",
@@ -180,7 +219,8 @@ class WebSocketLink(asyncio.Protocol):
     def __init__(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.endpoint = endpoint
-        self.reader = wsp.FrameReader(endpoint.max_frame_bytes)
+        self.reader = wsp.FrameReader(endpoint.max_frame_bytes, endpoint.max_fragments)
+        self._counted = 0  # frames of `reader` already charged to the session's budget
         self.conn: Connection | None = None  # set once authenticated (before registration)
         self.ready = False  # registered and greeted: requests are handled from here on
         self.paused = False
@@ -268,20 +308,29 @@ class WebSocketLink(asyncio.Protocol):
             self.broken = True
             self._fail(exc)
             return
-        message = self.endpoint.message
+        endpoint = self.endpoint
+        # Every frame counts against the budget: the events below are charged one by one
+        # (data messages by `message`), the frames that are not events (fragments of a
+        # message, whole or not yet) here, in bulk.
+        fragments = self.reader.frames - self._counted - len(events)
+        self._counted = self.reader.frames
+        if fragments and conn is not None and not self.closing:
+            endpoint.charge(conn, fragments)
         for op, payload in events:
             if op == OP_CLOSE:
                 self._close_received(payload)
                 return
-            if self.closing:
+            if self.closing or conn is None:
                 continue  # after our close frame, only the peer's close matters
             if op == OP_PING:
                 # Not while the peer is not reading (RFC 6455 5.5.3 lets us answer only the
                 # latest ping): pongs must not grow the buffer past the outbound limits.
-                if not self.paused:
+                if endpoint.charge(conn, 1) and not self.paused:
                     self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
-            elif op != OP_PONG and conn is not None:
-                message(conn, payload)
+            elif op == OP_PONG:
+                endpoint.charge(conn, 1)
+            else:
+                endpoint.message(conn, payload)
         failure = self.reader.failure
         if failure is not None and not self.broken:
             # Broken after some whole messages: those were handled (in order), now close.

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier, bearer
 from gateway.connection import Connection, WireCounters
+from gateway.expiry import TokenExpiry
 from gateway.limits import AbusePolicy, TokenBucket
 from gateway.protocol import codec as codecs
 from gateway.protocol import frames
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from gateway.node import Node
     from gateway.session import RequestHandler
     from gateway.transport import WebSocketLink
+    from gateway.usercap import UserConnectionCap
 
 log = logging.getLogger("agora.gateway")
 
@@ -53,15 +55,24 @@ class Endpoint:
     """The WebSocket endpoint of one gateway node. Built with the app; `bind` gives it the
     node's parts once the app's lifespan has made them."""
 
-    def __init__(self, settings: Settings, verifier: TokenVerifier, metrics: GatewayMetrics):
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        metrics: GatewayMetrics,
+        expiry: TokenExpiry | None = None,
+    ):
         self.settings = settings
         self.max_frame_bytes = settings.max_frame_bytes
+        self.max_fragments = settings.max_fragments
         self.verifier = verifier
+        self.expiry = expiry if expiry is not None else TokenExpiry()
         self.metrics = metrics
         self.wire = {False: WireCounters(), True: WireCounters()}  # by codec.binary
         self.links: set[WebSocketLink] = set()  # every upgraded socket until it is gone
         self._none_left: asyncio.Event | None = None
         self._opening: set[asyncio.Task[None]] = set()
+        self.user_cap: UserConnectionCap | None = None
         self.node: Node
         self.handler: RequestHandler
         self.admission: Admission
@@ -102,7 +113,11 @@ class Endpoint:
     ) -> None:
         ip = client[0] if client else "?"
         admission = self.admission
-        refusal = admission.check(len(self.node.connections), self.node.draining, ip)
+        # Every upgraded socket counts while it exists (not only sessions: a refused one
+        # lingers in its close handshake), except this one and those still handshaking,
+        # which admission counts itself.
+        sockets = max(len(self.node.connections), len(self.links) - 1 - admission.handshakes)
+        refusal = admission.check(sockets, self.node.draining, ip)
         if refusal is not None:
             self.metrics.denials.labels(str(refusal.status)).inc()
             link.refuse(
@@ -134,6 +149,21 @@ class Endpoint:
             return
         if conn.close_code is not None:
             return  # the peer left while we registered it
+        cap = self.user_cap
+        if cap is not None:
+            try:
+                admitted = await cap.admit(conn.user)
+            except Exception as exc:  # Redis down: sessions are not worth refusing for it
+                log.warning("conn %d: session count unavailable: %s", conn.id, exc)
+                admitted = True
+            else:
+                if admitted:
+                    conn.on_close(lambda c: cap.release(c.user))
+            if not admitted:
+                conn.close(CloseCode.RATE_LIMITED, "too many connections for this user")
+                return
+            if conn.close_code is not None:
+                return
         link.opened()
 
     def _accept(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> Connection | None:
@@ -166,34 +196,55 @@ class Endpoint:
         # hello first (docs/protocol.md: the first frame), before registration makes the
         # connection a target of user frames; requests wait until registration is done.
         conn.push_frame(
-            frames.hello(identity.user, node.id, settings.heartbeat_ms, settings.max_frame_bytes)
+            frames.hello(
+                identity.user,
+                node.id,
+                settings.heartbeat_ms,
+                settings.max_frame_bytes,
+                identity.exp,
+            )
         )
+        self.expiry.watch(conn, identity.exp + self.verifier.leeway_s)
         return conn
 
     # -- each frame -----------------------------------------------------------------------------
+    def charge(self, conn: Connection, n: int, rid: int | None = None) -> bool:
+        """Count `n` frames against the connection's budget (every frame counts: data,
+        control, continuation fragments). False when over it: answered `err
+        rate_limited` (with `rid`), or closed with 4008 when it goes on."""
+        limits = conn.limits
+        if limits is None:
+            limits = conn.limits = _ReadLimits(self.settings.frames_per_s)
+        now = time.monotonic()
+        refused, wait_ms = limits.bucket.spend(now, n)
+        if not refused:
+            return True
+        if limits.abuse.refused(now, refused):
+            conn.close(CloseCode.RATE_LIMITED, "too many frames")
+        else:
+            conn.push_frame(frames.err(rid, RateLimited("too many frames", retry_after_ms=wait_ms)))
+        return False
+
     def message(self, conn: Connection, data: bytes | str) -> None:
         wire = conn.wire
         wire.frames_in += 1
         wire.bytes_in += len(data)
         try:
-            req = parse_request(conn.codec.decode(data))
+            decoded = conn.codec.decode(data)
+        except ProtocolViolation as exc:
+            conn.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+            return
+        # Counted before the frame is looked at: a malformed request costs its sender
+        # as much budget as a good one.
+        if not self.charge(conn, 1, _rid_of(decoded)):
+            return
+        try:
+            req = parse_request(decoded)
         except ProtocolViolation as exc:
             conn.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
             return
         except FrameError as exc:
             conn.push_frame(frames.err(exc.rid, exc.error))
-            return
-        limits = conn.limits
-        if limits is None:
-            limits = conn.limits = _ReadLimits(self.settings.frames_per_s)
-        wait_ms = limits.bucket.take(time.monotonic())
-        if wait_ms:
-            if limits.abuse.refused(time.monotonic()):
-                conn.close(CloseCode.RATE_LIMITED, "too many frames")
-                return
-            conn.push_frame(
-                frames.err(req.rid, RateLimited("too many frames", retry_after_ms=wait_ms))
-            )
             return
         if conn.pending_close is not None:
             conn.push_frame(frames.err(req.rid, Unavailable("server shutting down")))
@@ -205,6 +256,15 @@ class Endpoint:
             conn.requests.append(req)
             if conn.handler_task is None:
                 conn.handler_task = asyncio.create_task(_handle_requests(conn, self.handler))
+
+
+def _rid_of(frame: object) -> int | None:
+    """The request's rid when it has a usable one (to answer a refusal with)."""
+    if isinstance(frame, dict):
+        rid = frame.get("rid")
+        if type(rid) is int and 0 <= rid <= frames.MAX_RID:
+            return rid
+    return None
 
 
 def _query_token(query: bytes) -> str | None:

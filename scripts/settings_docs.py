@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.settings import describe
+from storage.settings import EXAMPLE_JWT_SECRET, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| variable | default | meaning |"
 # Dev-stack values that differ from the production defaults.
 DEV_VALUES = {
     "AGORA_KAFKA_IDEMPOTENCE": "false",
-    "AGORA_JWT_SECRET": "dev-only-not-a-secret-change-me-please",
-    "AGORA_DEV_TOKENS": "true",
+    "AGORA_JWT_SECRET": EXAMPLE_JWT_SECRET,  # accepted in dev mode only (`agora dev`)
     "AGORA_LOG_FORMAT": "text",
     "AGORA_METRICS_PORT": "9464",
 }

@@ -42,7 +42,7 @@ def _row_to_conversation(row: Any, members: Iterable[str]) -> Conversation:
         created_at_ms=created,
         members=tuple(sorted(members)),
         last_seq=row["last_seq"],
-        last_activity_ms=_ms(row["last_message_at"]) or created,
+        last_activity_ms=row.get("activity_ms") or _ms(row["last_message_at"]) or created,
     )
 
 
@@ -151,9 +151,14 @@ async def create_thread(
     )
 
 
-async def get_conversation(pools: ShardPools, conv_id: int) -> Conversation | None:
+async def get_conversation(
+    pools: ShardPools, conv_id: int, *, open_only: bool = False
+) -> Conversation | None:
+    """The conversation with its members; with `open_only`, None when it is closed (the
+    thread of a deleted post) as when it does not exist."""
+    closed = " AND closed_at IS NULL" if open_only else ""
     async with pools.connection(pools.for_id(conv_id)) as conn:
-        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1", conv_id)
+        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1" + closed, conv_id)
         if row is None:
             return None
         members = await conn.fetch(
@@ -176,6 +181,26 @@ async def access(pools: ShardPools, conv_id: int, user: str) -> tuple[str, bool]
     if row is None:
         return None
     return row["kind"], row["member"]
+
+
+async def allowed_among(pools: ShardPools, conv_id: int, users: Iterable[str]) -> set[str]:
+    """Which of `users` may still use `conv_id` (members, or anyone for an open thread);
+    none when it is closed or gone. One query, for re-checking a node's subscribers."""
+    wanted = sorted(set(users))
+    async with pools.connection(pools.for_id(conv_id)) as conn:
+        row = await conn.fetchrow(
+            "SELECT kind FROM conversations WHERE id = $1 AND closed_at IS NULL", conv_id
+        )
+        if row is None:
+            return set()
+        if row["kind"] == "thread":
+            return set(wanted)
+        rows = await conn.fetch(
+            "SELECT user_id FROM members WHERE conv_id = $1 AND user_id = ANY($2::text[])",
+            conv_id,
+            wanted,
+        )
+    return {r["user_id"] for r in rows}
 
 
 async def add_member(pools: ShardPools, conv_id: int, user: str) -> bool:
@@ -203,44 +228,78 @@ async def remove_member(pools: ShardPools, conv_id: int, user: str) -> bool:
     return bool(status.endswith(" 1"))
 
 
-async def list_for_user(pools: ShardPools, user: str, max_items: int = 5000) -> list[Conversation]:
-    """The user's conversations, most recently active first (ties: newer id first).
+MAX_LISTED = 5000  # conversations of one user the list reaches (their ids are read whole)
+# ms since the epoch of a conversation's last activity, computed once in SQL so the order
+# and the cursor compare exactly the numbers the client sees.
+_ACTIVITY_MS = "floor(extract(epoch FROM coalesce(c.last_message_at, c.created_at)) * 1000)"
 
-    Reads the index on the user's shard, then each conversation shard once (in parallel),
-    keeping only conversations whose membership still holds on the conversation's side.
+
+async def list_for_user(
+    pools: ShardPools, user: str, limit: int = MAX_LISTED, after: tuple[int, int] | None = None
+) -> list[Conversation]:
+    """Up to `limit` of the user's conversations, most recently active first (ties: newer
+    id first), after the key (last_activity_ms, id) `after` when given.
+
+    Reads the conversation ids from the index on the user's shard, then, on each
+    conversation shard in parallel, at most `limit` rows in key order past the cursor
+    (keyset paging in SQL, keeping only memberships that still hold on the conversation's
+    side), merges them and loads the members of the page only.
     """
     async with pools.connection(pools.for_user(user)) as conn:
         rows = await conn.fetch(
             "SELECT conv_id FROM user_conversations WHERE user_id = $1 LIMIT $2",
             user,
-            max_items,
+            MAX_LISTED,
         )
     by_shard: dict[int, list[int]] = defaultdict(list)
     for r in rows:
         by_shard[pools.for_id(r["conv_id"])].append(r["conv_id"])
+    key = after if after is not None else (None, None)
 
-    async def fetch(physical: int, conv_ids: list[int]) -> list[Conversation]:
+    async def fetch(physical: int, conv_ids: list[int]) -> list[Any]:
         async with pools.connection(physical) as conn:
-            convs = await conn.fetch(
-                """SELECT c.* FROM conversations c
-                   JOIN members m ON m.conv_id = c.id AND m.user_id = $2
-                   WHERE c.id = ANY($1::bigint[])""",
-                conv_ids,
-                user,
+            return list(
+                await conn.fetch(
+                    f"""SELECT c.*, {_ACTIVITY_MS}::bigint AS activity_ms
+                        FROM conversations c
+                        JOIN members m ON m.conv_id = c.id AND m.user_id = $2
+                        WHERE c.id = ANY($1::bigint[])
+                          AND ($3::bigint IS NULL OR ({_ACTIVITY_MS}, c.id) < ($3, $4))
+                        ORDER BY {_ACTIVITY_MS} DESC, c.id DESC
+                        LIMIT $5""",
+                    conv_ids,
+                    user,
+                    key[0],
+                    key[1],
+                    limit,
+                )
             )
-            mems = await conn.fetch(
-                "SELECT conv_id, user_id FROM members WHERE conv_id = ANY($1::bigint[])",
-                [c["id"] for c in convs],
-            )
-        members: dict[int, list[str]] = defaultdict(list)
-        for m in mems:
-            members[m["conv_id"]].append(m["user_id"])
-        return [_row_to_conversation(c, members[c["id"]]) for c in convs]
 
     parts = await asyncio.gather(*(fetch(p, c) for p, c in by_shard.items()))
-    out = [conv for part in parts for conv in part]
-    out.sort(key=lambda c: (c.last_activity_ms, c.id), reverse=True)
-    return out
+    page = sorted(
+        (row for part in parts for row in part),
+        key=lambda r: (r["activity_ms"], r["id"]),
+        reverse=True,
+    )[:limit]
+    page_by_shard: dict[int, list[int]] = defaultdict(list)
+    for row in page:
+        page_by_shard[pools.for_id(row["id"])].append(row["id"])
+
+    async def members_of(physical: int, conv_ids: list[int]) -> list[Any]:
+        async with pools.connection(physical) as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT conv_id, user_id FROM members WHERE conv_id = ANY($1::bigint[])",
+                    conv_ids,
+                )
+            )
+
+    found = await asyncio.gather(*(members_of(p, c) for p, c in page_by_shard.items()))
+    members: dict[int, list[str]] = defaultdict(list)
+    for part in found:
+        for m in part:
+            members[m["conv_id"]].append(m["user_id"])
+    return [_row_to_conversation(row, members[row["id"]]) for row in page]
 
 
 async def repair_user_index(pools: ShardPools, conv_id: int) -> None:

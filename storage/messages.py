@@ -184,15 +184,19 @@ async def latest_seqs(pools: ShardPools, convs: Iterable[int]) -> dict[int, int]
 async def recover(
     pools: ShardPools, conv: int, since_seq: int, limit: int
 ) -> tuple[int, list[Message]]:
-    """(the conversation's last seq, up to `limit` messages after `since_seq`) in one round
-    trip: what a `sub` needs, so a resubscribe storm costs one query per subscription."""
+    """(the conversation's last seq, the messages after `since_seq`) in one round trip:
+    what a `sub` needs, so a resubscribe storm costs one query per subscription. When more
+    than `limit` are missing none is read (the caller cannot replay them anyway): the
+    decision is made from `last_seq` in the same statement, so a client far behind costs
+    one row, not `limit` rows thrown away."""
     async with pools.connection(pools.for_id(conv)) as conn:
         rows = await conn.fetch(
             """SELECT c.last_seq, m.conv_id, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts
                FROM conversations c
                LEFT JOIN LATERAL (
                    SELECT * FROM messages
-                   WHERE conv_id = c.id AND seq > $2 ORDER BY seq LIMIT $3
+                   WHERE conv_id = c.id AND seq > $2 AND c.last_seq - $2 <= $3
+                   ORDER BY seq LIMIT $3
                ) m ON true
                WHERE c.id = $1""",
             conv,

@@ -52,6 +52,22 @@ class RedisKeys:
         """Set of node ids with connections of `user`. TTL: as conv_routes."""
         return f"{self.p}:route:u:{user}"
 
+    def user_sessions(self, user: str) -> str:
+        """Hash of node incarnation -> open WebSocket sessions of `user` there. TTL:
+        gateway.usercap.KEY_TTL_S, renewed by each new session."""
+        return f"{self.p}:sessions:{len(user)}:{user}"
+
+    def revocations(self) -> str:
+        """Stream of membership changes every gateway node reads: (conv, user, reason),
+        so caches and subscriptions follow a removal at once (gateway.revocation). No TTL:
+        one key, trimmed to about gateway.revocation.STREAM_MAXLEN entries."""
+        return f"{self.p}:revocations"
+
+    def typing(self, conv: int, user: str) -> str:
+        """Exists for 2 s after `user` typed in `conv`: later typing frames are dropped
+        (TTL: gateway.session.TYPING_EVERY_S)."""
+        return f"{self.p}:typing:{conv}:{len(user)}:{user}"
+
     # -- votes -----------------------------------------------------------------------------
     def vote_sweep(self) -> str:
         """Held for one sweep interval by the gateway that re-produces pending votes."""

@@ -16,6 +16,9 @@ from typing import Any
 from storage.errors import ConfigError
 
 MAX_LOGICAL_SHARDS = 1 << 13  # the id layout has 13 bits for the logical shard
+# The secret .env.example ships for the dev stack: published, so never a real one.
+EXAMPLE_JWT_SECRET = "dev-only-not-a-secret-change-me-please"
+MIN_HS_SECRET_BYTES = 32
 
 
 def _bool(raw: str) -> bool:
@@ -128,6 +131,13 @@ class Settings:
         _int_range(1, 10_000),
         "Redis connections per process; callers wait for a free one beyond it.",
     )
+    redis_timeout_s: int = _setting(
+        "AGORA_REDIS_TIMEOUT_S",
+        "5",
+        _int_range(3, 120),
+        "Seconds a Redis connect or command may take before it fails (`unavailable`); "
+        "pub/sub reads are exempt.",
+    )
     redis_prefix: str = _setting(
         "AGORA_REDIS_PREFIX", "agora", _prefix, "Prefix of every Redis key and channel."
     )
@@ -163,6 +173,14 @@ class Settings:
     jwt_public_key: str = _setting(
         "AGORA_JWT_PUBLIC_KEY", "", _str, "PEM public key for RS256/ES256 tokens."
     )
+    jwt_leeway_s: int = _setting(
+        "AGORA_JWT_LEEWAY_S",
+        "5",
+        _int_range(0, 300),
+        "Clock skew allowed on a token's `exp`: a token is accepted until exp plus this, "
+        "and a WebSocket session whose token ran out is closed (4001) then, unless the "
+        "client sent a newer one (`auth`).",
+    )
     node_id: str = _setting(
         "AGORA_NODE_ID",
         "",
@@ -180,6 +198,20 @@ class Settings:
         "65536",
         _int_range(1024, 16 * 1024 * 1024),
         "Largest client frame accepted; larger frames close with 1009.",
+    )
+    request_head_timeout_s: int = _setting(
+        "AGORA_REQUEST_HEAD_TIMEOUT_S",
+        "10",
+        _int_range(1, 300),
+        "Seconds an HTTP request's head (request line and headers, upgrades included) may "
+        "take to arrive from the connection or its first byte; slower clients get 408.",
+    )
+    max_fragments: int = _setting(
+        "AGORA_MAX_FRAGMENTS",
+        "32",
+        _int_range(1, 100_000),
+        "Most WebSocket frames one client message may be split into (continuation "
+        "fragments); a message in more closes with 1009.",
     )
     replay_limit: int = _setting(
         "AGORA_REPLAY_LIMIT",
@@ -210,6 +242,13 @@ class Settings:
         "50000",
         _int_range(1, 10_000_000),
         "Connections per gateway process; above it new upgrades get 503 + Retry-After.",
+    )
+    max_connections_per_user: int = _setting(
+        "AGORA_MAX_CONNECTIONS_PER_USER",
+        "20",
+        _int_range(0, 100_000),
+        "WebSocket sessions one user may hold across the cluster; one more is closed with "
+        "4008 right after `hello`. 0 disables.",
     )
     fanout_batch_max: int = _setting(
         "AGORA_FANOUT_BATCH_MAX",
@@ -317,11 +356,20 @@ class Settings:
         _int_range(0, 600_000),
         "On SIGTERM, connections still open after this are closed with 1001.",
     )
+    ops_token: str = _setting(
+        "AGORA_OPS_TOKEN",
+        "",
+        _str,
+        "Bearer token that lets an operator's probe read `/readyz` from another host; "
+        "without it `/readyz` answers only loopback peers (others get 404).",
+    )
     dev_tokens: bool = _setting(
         "AGORA_DEV_TOKENS",
         "false",
         _bool,
-        "Serve the dev-only token endpoint. Never enable in production.",
+        "Dev mode: serve the dev-only token endpoint (anyone who reaches it can be anyone) "
+        "and accept a weak or example `AGORA_JWT_SECRET`. A gateway refuses to start with "
+        "it on a non-loopback address. Never enable in production.",
     )
     log_level: str = _setting("AGORA_LOG_LEVEL", "INFO", _nonempty, "Python logging level.")
     log_format: str = _setting(

@@ -29,6 +29,7 @@ from gateway.protocol.frames import (
     MAX_CID_CHARS,
     MAX_RID,
     MAX_SEQ,
+    MAX_TOKEN_CHARS,
     MESSAGE_KINDS,
     CloseCode,
 )
@@ -43,6 +44,11 @@ RID = {
     "description": "Request id chosen by the client; its reply carries the same rid.",
 }
 SEQ = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
+EXP_TEXT = (
+    "the session token's `exp`, seconds since the Unix epoch (as in JWT): the session is "
+    "closed with 4001 at exp + the leeway unless renewed with `auth`"
+)
+EXP = {"type": "integer", "minimum": 0, "description": EXP_TEXT}
 NO_NUL = "^[^\\u0000]*$"
 
 
@@ -108,6 +114,20 @@ def client_frames() -> dict[str, Schema]:
         ),
         "typing": _frame("typing", {"rid": RID, "conv": conv}, optional=("rid",)),
         "ping": _frame("ping", {"rid": RID}, optional=("rid",)),
+        "auth": _frame(
+            "auth",
+            {
+                "rid": RID,
+                "token": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_TOKEN_CHARS,
+                    "description": "a newer JWT for the session's own user: the session "
+                    "then lives until its `exp` + the leeway",
+                },
+            },
+            optional=("rid",),
+        ),
     }
 
 
@@ -127,6 +147,7 @@ def server_frames() -> dict[str, Schema]:
                     "minimum": 1,
                     "description": "largest frame the gateway accepts, bytes",
                 },
+                "exp": EXP,
             },
         ),
         "msg": _frame(
@@ -175,7 +196,11 @@ def server_frames() -> dict[str, Schema]:
             {"rid": reply_rid, "cid": {"type": "string"}, "id": ID, "ts": MS},
             optional=("rid",),
         ),
-        "ok": _frame("ok", {"rid": reply_rid}, optional=("rid",)),
+        "ok": _frame(
+            "ok",
+            {"rid": reply_rid, "exp": {**EXP, "description": "(reply to `auth`) " + EXP_TEXT}},
+            optional=("rid", "exp"),
+        ),
         "pong": _frame("pong", {"rid": reply_rid}, optional=("rid",)),
         "err": _frame(
             "err",
@@ -202,6 +227,18 @@ def server_frames() -> dict[str, Schema]:
             "joined",
             {"conv": {**conversation_schema(), "description": "as GET /v1/conversations/{id}"}},
         ),
+        "unsubbed": _frame(
+            "unsubbed",
+            {
+                "conv": ID,
+                "reason": {
+                    "type": "string",
+                    "enum": ["removed", "left", "closed"],
+                    "description": "removed by another member, left, or the conversation "
+                    "closed (a deleted post's thread)",
+                },
+            },
+        ),
     }
 
 
@@ -211,6 +248,7 @@ _CLIENT_SUMMARY = {
     "send": "Send a message; `ack` once it is durably accepted.",
     "typing": "Tell the conversation the user is typing (ephemeral, no reply).",
     "ping": "Application-level ping (browsers cannot send WebSocket pings).",
+    "auth": "A newer token for the same user, before the current one expires.",
 }
 _SERVER_SUMMARY = {
     "hello": "First frame after a successful connect.",
@@ -219,14 +257,21 @@ _SERVER_SUMMARY = {
     "typing": "Someone in a subscribed conversation is typing (never stored).",
     "subbed": "Reply to `sub`, after any replayed messages.",
     "ack": "Reply to `send`: durably accepted, will be delivered.",
-    "ok": "Reply to a request with nothing to return (`unsub`).",
+    "ok": "Reply to a request with nothing to return (`unsub`; `auth`, with `exp`).",
     "pong": "Reply to `ping`.",
     "err": "A request failed; the connection stays open.",
     "reconnect": "The node is draining: reconnect to another node after `after_ms`.",
     "joined": "The user was made a member of a conversation (added frame).",
+    "unsubbed": "The server ended a subscription: removed, left, or closed (added frame).",
 }
 # Which server frames answer which request (besides `err`, which may answer any).
-_REPLIES = {"sub": ["subbed"], "unsub": ["ok"], "send": ["ack"], "ping": ["pong"]}
+_REPLIES = {
+    "sub": ["subbed"],
+    "unsub": ["ok"],
+    "send": ["ack"],
+    "ping": ["pong"],
+    "auth": ["ok"],
+}
 
 
 def client_key(t: str) -> str:

@@ -102,3 +102,17 @@ def decode_cursor(raw: str | None, arity: int) -> list[Any] | None:
     if not isinstance(parts, list) or len(parts) != arity:
         raise BadRequest("cursor is not valid")
     return parts
+
+
+MAX_CURSOR_INT = (1 << 63) - 1
+
+
+def decode_int_cursor(raw: str | None, arity: int) -> list[int] | None:
+    """A cursor of `arity` non-negative 64-bit integers; BadRequest for anything else (a
+    tampered cursor is the client's error, never a 500)."""
+    parts = decode_cursor(raw, arity)
+    if parts is None:
+        return None
+    if not all(type(p) is int and 0 <= p <= MAX_CURSOR_INT for p in parts):
+        raise BadRequest("cursor is not valid")
+    return parts

@@ -8,10 +8,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.access import Access
+from gateway import revocation
+from gateway.access import NOT_FOUND, Access
 from gateway.http.common import (
     JSONResponse,
-    decode_cursor,
+    decode_int_cursor,
     encode_cursor,
     identity,
     json_body,
@@ -22,7 +23,14 @@ from gateway.node import Node
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, USER_ID
 from gateway.send import SendPath
 from storage import conversations, messages
-from storage.errors import BadRequest, Forbidden, NotFound, TooLarge, Unprocessable
+from storage.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+)
 from storage.ids import IdGenerator
 from storage.models import Conversation, Message
 from storage.pools import ShardPools
@@ -105,11 +113,9 @@ async def _announce(node: Node, conv: Conversation, users: tuple[str, ...] | lis
 async def list_mine(request: Request) -> Response:
     me = identity(request)
     limit = page_limit(request)
-    cursor = decode_cursor(request.query_params.get("cursor"), 2)
-    convs = await conversations.list_for_user(request.app.state.pools, me.user)
-    if cursor is not None:
-        key = (int(cursor[0]), int(cursor[1]))
-        convs = [c for c in convs if (c.last_activity_ms, c.id) < key]
+    cursor = decode_int_cursor(request.query_params.get("cursor"), 2)
+    after = (cursor[0], cursor[1]) if cursor is not None else None
+    convs = await conversations.list_for_user(request.app.state.pools, me.user, limit + 1, after)
     page = convs[:limit]
     nxt = None
     if len(convs) > limit:
@@ -121,11 +127,11 @@ async def list_mine(request: Request) -> Response:
 async def _member_conversation(request: Request) -> tuple[str, Conversation]:
     me = identity(request)
     conv_id = path_id(request)
-    conv = await conversations.get_conversation(request.app.state.pools, conv_id)
-    if conv is None:
-        raise NotFound("no such conversation")
-    if conv.kind != "thread" and me.user not in conv.members:
-        raise Forbidden("not a member of this conversation")
+    conv = await conversations.get_conversation(request.app.state.pools, conv_id, open_only=True)
+    # One answer for "none", "closed" and "not yours": ids of others' conversations and
+    # whether they exist stay unknown to a non-member.
+    if conv is None or (conv.kind != "thread" and me.user not in conv.members):
+        raise NotFound(NOT_FOUND)
     return me.user, conv
 
 
@@ -146,6 +152,9 @@ async def add_member(request: Request) -> Response:
     await conversations.add_member(pools, conv.id, new)
     access: Access = request.app.state.access
     access.forget(new, conv.id)
+    node: Node = request.app.state.node
+    # Other nodes may have cached a refusal (1 s): best effort, the refusal expires.
+    await revocation.announce_quietly(node.redis, node.keys, conv.id, new, revocation.ADDED)
     updated = await conversations.get_conversation(pools, conv.id)
     if updated is not None:
         await _announce(request.app.state.node, updated, [new])
@@ -157,15 +166,23 @@ async def remove_member(request: Request) -> Response:
     target = _user_id(request.path_params["user"], "user")
     if conv.kind != "group":
         raise Forbidden("members can only be removed from a group")
-    if target not in conv.members:
-        raise NotFound("not a member")
     if target != user and user != conv.created_by:
         raise Forbidden("only the group's creator removes other members")
-    removed = await conversations.remove_member(request.app.state.pools, conv.id, target)
+    removed = target in conv.members and await conversations.remove_member(
+        request.app.state.pools, conv.id, target
+    )
+    # Announced also when there was nothing to remove: a retry after a failed
+    # announcement (503 below) still reaches every node.
+    node: Node = request.app.state.node
+    reason = revocation.LEFT if target == user else revocation.REMOVED
+    try:
+        await revocation.announce(node.redis, node.keys, conv.id, target, reason)
+    except Exception as exc:
+        raise Unavailable(
+            f"removed, but not yet announced to every node ({type(exc).__name__}); retry"
+        ) from None
     if not removed:
         raise NotFound("not a member")
-    access: Access = request.app.state.access
-    access.forget(target, conv.id)
     return Response(status_code=204)
 
 
@@ -174,13 +191,13 @@ async def history(request: Request) -> Response:
     limit = page_limit(request)
     before: int | None = None
     raw_before = request.query_params.get("before")
-    cursor = decode_cursor(request.query_params.get("cursor"), 1)
+    cursor = decode_int_cursor(request.query_params.get("cursor"), 1)
     if raw_before is not None:
         if not raw_before.isdigit() or len(raw_before) > 18:
             raise BadRequest("before must be a seq (a non-negative integer)")
         before = int(raw_before)
     elif cursor is not None:
-        before = int(cursor[0])
+        before = cursor[0]
     items = await messages.before(request.app.state.pools, conv.id, before, limit + 1)
     page = items[:limit]
     nxt = encode_cursor(page[-1].seq) if len(items) > limit else None

@@ -3,6 +3,9 @@
 Mounted only when AGORA_DEV_TOKENS=true (otherwise the path is a plain 404): whoever can
 reach it can be anyone, so it must never be on in production. It signs with the same
 HMAC secret the gateway verifies with, so it needs an HS* algorithm and AGORA_JWT_SECRET.
+A gateway with it refuses to start on a non-loopback address (`check_bind`), and the
+endpoint answers only requests that arrived on a loopback address, so a dev setting that
+leaks into a deployment exposes nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ from starlette.routing import Route
 from gateway.auth import make_token
 from gateway.http.common import JSONResponse, json_body
 from gateway.protocol.frames import USER_ID
-from storage.errors import ConfigError, Unprocessable
+from storage.errors import ConfigError, NotFound, Unprocessable
 from storage.settings import Settings
 
 TOKEN_TTL_S = 24 * 3600
 MAX_NAME = 100
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Dev mode only on a loopback bind: never where others can reach the token endpoint."""
+    if settings.dev_tokens and host not in LOOPBACK_HOSTS and not host.startswith("127."):
+        raise ConfigError(
+            f"AGORA_DEV_TOKENS=true serves tokens for any user: only on a loopback address "
+            f"(--host 127.0.0.1), not {host}"
+        )
 
 
 def check_settings(settings: Settings) -> None:
@@ -36,6 +49,9 @@ def check_settings(settings: Settings) -> None:
 
 async def issue(request: Request) -> Response:
     settings: Settings = request.app.state.settings
+    local = request.scope.get("server")
+    if not local or not (str(local[0]) in LOOPBACK_HOSTS or str(local[0]).startswith("127.")):
+        raise NotFound("Not Found")  # reached on a public address: as if it did not exist
     body = await json_body(request)
     user = body.get("user")
     if not isinstance(user, str) or not USER_ID.match(user):

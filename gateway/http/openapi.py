@@ -406,6 +406,11 @@ def _service_paths(settings: Settings) -> dict[str, Schema]:
                             _obj({"status": {"type": "string"}, "down": {"type": "object"}})
                         ),
                     },
+                    "404": {
+                        "description": "Not served to this client: only to a loopback peer "
+                        "or with `Authorization: Bearer $AGORA_OPS_TOKEN`",
+                        "content": _json(_obj({"error": {"type": "object"}}, ["error"])),
+                    },
                 },
                 public=True,
             )

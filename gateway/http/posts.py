@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fanout.feeds import FeedCache
+from gateway import revocation
 from gateway.http.common import JSONResponse, identity, json_body, path_id
 from gateway.votes import VotePath
 from storage import posts
@@ -72,6 +73,13 @@ async def get_one(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     me = identity(request)
     post = await posts.delete(request.app.state.pools, path_id(request), me.user)
+    node = request.app.state.node
+    if not await revocation.announce_quietly(
+        node.redis, node.keys, post.thread, None, revocation.CLOSED
+    ):
+        # Closed in the shard: no node lets anyone in anew; only the subscriptions open
+        # now stay until their node re-checks (its cache entries expire, a restart).
+        log.warning("post %d: thread closure not announced", post.id)
     # This node's cached first pages drop it now, whatever becomes of the feed update.
     request.app.state.feed_pages.forget_post(post.id)
     feeds: FeedCache = request.app.state.feeds

@@ -100,7 +100,17 @@ class Ping:
     rid: int | None
 
 
-Request = Sub | Unsub | Send | Typing | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """A newer token for the same user: the session lives on past the old one's `exp`."""
+
+    rid: int | None
+    token: str
+
+
+Request = Sub | Unsub | Send | Typing | Ping | Auth
+
+MAX_TOKEN_CHARS = 8192
 
 
 def _rid(frame: dict[str, Any]) -> int | None:
@@ -174,14 +184,30 @@ _PARSERS: dict[str, Any] = {
     "send": _parse_send,
     "typing": lambda f, rid: Typing(rid, _conv(f, rid)),
     "ping": lambda f, rid: Ping(rid),
+    "auth": lambda f, rid: Auth(rid, _token(f, rid)),
 }
+
+
+def _token(f: dict[str, Any], rid: int | None) -> str:
+    token = f.get("token")
+    if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_CHARS:
+        raise FrameError(rid, BadRequest(f"token must be a string of 1-{MAX_TOKEN_CHARS} chars"))
+    return token
 
 
 # -- server frames (plain maps, encoded by the codec) --------------------------------------
 
 
-def hello(user: str, node: str, hb_ms: int, max_frame: int) -> dict[str, Any]:
-    return {"t": "hello", "user": user, "node": node, "hb": hb_ms, "max_frame": max_frame}
+def hello(user: str, node: str, hb_ms: int, max_frame: int, exp: int) -> dict[str, Any]:
+    """`exp`: the token's own `exp` claim (seconds since the Unix epoch, as in JWT)."""
+    return {
+        "t": "hello",
+        "user": user,
+        "node": node,
+        "hb": hb_ms,
+        "max_frame": max_frame,
+        "exp": exp,
+    }
 
 
 def msg(
@@ -214,8 +240,8 @@ def ack(rid: int | None, cid: str, id_: int, ts: int) -> dict[str, Any]:
     return _with_rid({"t": "ack", "cid": cid, "id": str(id_), "ts": ts}, rid)
 
 
-def ok(rid: int | None) -> dict[str, Any]:
-    return _with_rid({"t": "ok"}, rid)
+def ok(rid: int | None, **fields: Any) -> dict[str, Any]:
+    return _with_rid({"t": "ok", **fields}, rid)
 
 
 def pong(rid: int | None) -> dict[str, Any]:
@@ -235,6 +261,12 @@ def typing(conv: int, user: str) -> dict[str, Any]:
 
 def score(post: int, value: int, up: int, down: int) -> dict[str, Any]:
     return {"t": "score", "post": str(post), "score": value, "up": up, "down": down}
+
+
+def unsubbed(conv: int, reason: str) -> dict[str, Any]:
+    """The server ended a subscription (the user was removed or left, the conversation
+    closed): nothing more of `conv` follows on this connection."""
+    return {"t": "unsubbed", "conv": str(conv), "reason": reason}
 
 
 def reconnect(after_ms: int) -> dict[str, Any]:

@@ -145,6 +145,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
@@ -215,14 +216,28 @@ class FrameReader:
     every control frame, in order; raises WebSocketError when the peer breaks the protocol.
 
     Memory is bounded by `max_size`: a frame or fragmented message announcing more is
-    refused (1009) from its header, before its payload is buffered.
+    refused (1009) from its header, before its payload is buffered; and by
+    `max_fragments`: a message in more pieces is refused (1009) at the first one too many
+    (empty fragments cost the reader memory and time but no bytes of `max_size`).
+    `frames` counts every frame parsed, of every kind, for the caller's rate limit.
     """
 
-    __slots__ = ("_buf", "_frag_op", "_frag_size", "_frags", "failure", "max_size")
+    __slots__ = (
+        "_buf",
+        "_frag_op",
+        "_frag_size",
+        "_frags",
+        "failure",
+        "frames",
+        "max_fragments",
+        "max_size",
+    )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, max_fragments: int = 1024) -> None:
         self._buf = b""
         self.max_size = max_size
+        self.max_fragments = max_fragments
+        self.frames = 0
         self._frag_op = 0  # opcode of a fragmented message in progress (0: none)
         self._frags: list[bytes] = []
         self._frag_size = 0
@@ -280,6 +295,7 @@ class FrameReader:
                 break
             payload = apply_mask(buf[head + 4 : end], buf[head : head + 4]) if length else b""
             pos = end
+            self.frames += 1
             if op >= 8:
                 out.append((op, payload))
                 continue
@@ -287,6 +303,10 @@ class FrameReader:
             if op == OP_CONT:
                 if not self._frag_op:
                     raise WebSocketError(PROTOCOL_ERROR, "continuation without a message")
+                if len(self._frags) >= self.max_fragments:
+                    raise WebSocketError(
+                        MESSAGE_TOO_BIG, f"message in more than {self.max_fragments} fragments"
+                    )
                 self._frags.append(payload)
                 self._frag_size += length
                 if not fin:

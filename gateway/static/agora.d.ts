@@ -72,6 +72,9 @@ export interface Hello {
   node: string;
   hb: number;
   max_frame: number;
+  /** The session token's `exp`, seconds since the epoch: closed (4001) at exp + leeway
+   * unless renewed with `auth`. */
+  exp?: number;
 }
 export interface Msg {
   t: "msg";
@@ -113,6 +116,8 @@ export interface Ack {
 export interface Ok {
   t: "ok";
   rid?: number;
+  /** In the reply to `auth`: the new token's `exp` (seconds). */
+  exp?: number;
 }
 export interface Pong {
   t: "pong";
@@ -142,6 +147,11 @@ export interface Joined {
   t: "joined";
   conv: Conversation;
 }
+export interface Unsubbed {
+  t: "unsubbed";
+  conv: string;
+  reason: "removed" | "left" | "closed";
+}
 export type ServerFrame =
   | Hello
   | Msg
@@ -153,14 +163,16 @@ export type ServerFrame =
   | Pong
   | Err
   | Reconnect
-  | Joined;
+  | Joined
+  | Unsubbed;
 
 export type ClientFrame =
   | { t: "sub"; conv: string; since?: number; rid?: number }
   | { t: "unsub"; conv: string; rid?: number }
   | { t: "send"; conv: string; cid: string; body: string; kind?: "text" | "comment"; rid?: number }
   | { t: "typing"; conv: string; rid?: number }
-  | { t: "ping"; rid?: number };
+  | { t: "ping"; rid?: number }
+  | { t: "auth"; token: string; rid?: number };
 
 // -- the client ---------------------------------------------------------------------------
 
@@ -191,10 +203,12 @@ export interface AgoraEvents {
   typing: Typing;
   score: Score;
   joined: Joined;
+  /** The server ended a subscription; the client forgets it (not resumed). */
+  unsubbed: Unsubbed;
   gap: Gap;
   reconnecting: { afterMs: number };
   unauthorized: { reason?: string };
-  error: { conv: string; err: unknown };
+  error: { conv?: string; err: unknown };
   frame: ServerFrame;
 }
 
@@ -222,6 +236,11 @@ export interface AgoraClientOptions {
   stableMs?: number;
   WebSocket?: WebSocketConstructor;
   random?: () => number;
+  /** A fresh token: sent as `auth` before the session's expires, and used to reconnect
+   * after a 4001 instead of waiting for setToken. */
+  tokenProvider?: () => Promise<string>;
+  /** Refresh this long before `exp` (at most half the remaining life); default 30000. */
+  refreshMarginMs?: number;
 }
 
 export declare class AgoraClient {
@@ -232,6 +251,8 @@ export declare class AgoraClient {
   readonly hello: Hello | null;
   /** Connections that reached `hello` so far. */
   readonly connects: number;
+  /** Tokens the server took over an open connection (`auth`). */
+  readonly refreshes: number;
   /** Sends not acknowledged yet (they are retried on reconnect). */
   readonly unacked: ClientFrame[];
 

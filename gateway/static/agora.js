@@ -18,8 +18,13 @@
 //   refusal looks like that to a browser, which hides the HTTP status) waits at least one
 //   second, the smallest Retry-After the server sends; runtimes that expose the status and
 //   Retry-After on the close event get them honoured exactly.
-// - Close 4001 stops reconnecting until setToken() gives a new token. 1000, 1009 and 4002
-//   stop too: the server says the client, not the network, must change.
+// - Close 4001 stops reconnecting until setToken() gives a new token, or, with a
+//   `tokenProvider`, until the provider gives one. With a provider the client also sends
+//   `auth {token}` before the session's token expires (hello.exp), so the server never
+//   closes it for expiry. 1000, 1009 and 4002 stop too: the server says the client, not
+//   the network, must change.
+// - `unsubbed` (removed from the conversation, left it, or it closed) forgets that
+//   subscription: it is not resumed on reconnect.
 // - Every subscription is resumed on reconnect with `since` = the last seq seen, so missed
 //   messages are replayed; duplicates (seq <= last seen) are dropped. `recovered: false`
 //   is reported as a "gap" event: fetch that range over HTTP.
@@ -118,6 +123,11 @@ export class AgoraClient {
    * @param {typeof WebSocket} [opts.WebSocket]
    * @param {"json"|"msgpack"} [opts.encoding="json"]  text frames of JSON, or binary
    *   frames of MessagePack (the same maps)
+   * @param {function(): Promise<string>} [opts.tokenProvider]  a fresh token: sent as
+   *   `auth` before the session's token expires (hello.exp, then each ok.exp), and used to
+   *   reconnect after a 4001 instead of waiting for setToken
+   * @param {number} [opts.refreshMarginMs=30000]  refresh this long before exp (at most
+   *   half the token's remaining life)
    */
   constructor(opts) {
     const encoding = opts.encoding ?? "json";
@@ -128,6 +138,11 @@ export class AgoraClient {
     this._codec = CODECS[encoding];
     this.urls = opts.url;
     this.token = opts.token || null;
+    this.tokenProvider = opts.tokenProvider || null;
+    this.refreshMarginMs = opts.refreshMarginMs ?? 30000;
+    this.refreshes = 0; // tokens the server took over an open connection
+    this._refreshTimer = null;
+    this._authFailures = 0; // 4001s in a row despite the provider's tokens
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 10000;
     this.sendTimeoutMs = opts.sendTimeoutMs ?? 60000;
     this.backoff = { baseMs: 500, maxMs: 30000, ...(opts.backoff || {}) };
@@ -158,6 +173,7 @@ export class AgoraClient {
   /**
    * Listen to: open (hello), close ({code, reason, reconnectInMs}), state, msg, typing,
    * score, joined, gap ({conv, after, before}: fetch seqs in between over HTTP),
+   * unsubbed ({conv, reason}: the server ended a subscription, it is forgotten here),
    * reconnecting ({afterMs}), unauthorized, error, frame (every frame, raw).
    */
   on(type, handler) {
@@ -270,6 +286,17 @@ export class AgoraClient {
       this._setState("unauthorized");
       this._emit("close", { code, reason: ev.reason, reconnectInMs: null });
       this._emit("unauthorized", { reason: ev.reason });
+      if (this.tokenProvider) {
+        // Ask for a token and come back, backing off if the provider's tokens fail too.
+        const wait = backoffDelay(this._authFailures++, this.backoff, this.random);
+        this._timer = setTimeout(() => {
+          this._timer = null;
+          this.tokenProvider().then(
+            (token) => this.setToken(token),
+            (err) => this._emit("error", { err }),
+          );
+        }, wait);
+      }
       return;
     }
     // Runtimes that expose the refused handshake's status (not browsers) put it here.
@@ -299,6 +326,8 @@ export class AgoraClient {
   }
 
   _stopTimers() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     clearTimeout(this._stableTimer);
     clearInterval(this._watchdog);
     this._stableTimer = this._watchdog = null;
@@ -349,6 +378,9 @@ export class AgoraClient {
         return this._onMsg(f);
       case "reconnect":
         return this._onReconnect(f);
+      case "unsubbed":
+        this.subs.delete(String(f.conv)); // removed, left or closed: not resubscribed
+        return this._emit("unsubbed", f);
       case "typing":
       case "score":
       case "joined":
@@ -366,11 +398,46 @@ export class AgoraClient {
     // Backoff starts over only once a connection has proved stable.
     this._stableTimer = setTimeout(() => {
       this.attempt = 0;
+      this._authFailures = 0;
     }, this.stableMs);
     const hb = Math.max(1000, f.hb || 25000);
     this._watchdog = setInterval(() => this._checkAlive(hb), hb / 2);
     this._emit("open", f);
+    this._scheduleRefresh(f.exp);
     this._resume();
+  }
+
+  _scheduleRefresh(exp) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this.tokenProvider || typeof exp !== "number") return;
+    const left = exp * 1000 - Date.now(); // exp: seconds since the epoch, as in JWT
+    const wait = Math.max(0, left - Math.min(this.refreshMarginMs, left / 2));
+    this._refreshTimer = setTimeout(() => this._refresh(exp), wait);
+  }
+
+  async _refresh(exp) {
+    const ws = this.ws;
+    let token;
+    try {
+      token = await this.tokenProvider();
+      if (this.ws !== ws || this.state !== "open") {
+        this.token = token; // the connection is gone: the next one uses it
+        return;
+      }
+      const ok = await this.request({ t: "auth", token });
+      this.token = token;
+      this.refreshes += 1;
+      this._authFailures = 0;
+      this._scheduleRefresh(ok.exp);
+    } catch (err) {
+      this._emit("error", { err });
+      if (this.ws === ws && this.state === "open") {
+        const left = exp * 1000 - Date.now();
+        const retry = Math.min(5000, Math.max(500, left / 4));
+        this._refreshTimer = setTimeout(() => this._refresh(exp), retry);
+      }
+    }
   }
 
   async _resume() {

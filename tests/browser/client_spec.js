@@ -23,7 +23,7 @@ function eq(a, b, msg) {
 }
 
 // A server played by the scenario: every socket the client opens lands in `sockets`.
-function fakeServer({ autoOpen = true } = {}) {
+function fakeServer({ autoOpen = true, hello = () => ({}) } = {}) {
   const server = { sockets: [], opened: [], onFrame: null };
   class FakeWebSocket {
     constructor(url, protocol) {
@@ -48,7 +48,9 @@ function fakeServer({ autoOpen = true } = {}) {
       if (this.readyState !== 0) return;
       this.readyState = 1;
       if (this.onopen) this.onopen({});
-      this.push({ t: "hello", user: "u", node: `n${server.sockets.length}`, hb: 25000, max_frame: 65536 });
+      this.push({
+        t: "hello", user: "u", node: `n${server.sockets.length}`, hb: 25000, max_frame: 65536, ...hello(),
+      });
     }
     push(frame) {
       if (this.readyState === 1 && this.onmessage) this.onmessage({ data: JSON.stringify(frame) });
@@ -209,6 +211,58 @@ const scenarios = {
     await waitFor(() => c.state === "open");
     eq(server.sockets.length, 2, "reconnected once");
     assert(server.last().url.includes("token=t2"), `new token in the URL: ${server.last().url}`);
+    c.close();
+  },
+
+  async token_is_refreshed_with_auth_before_it_expires() {
+    // hello.exp in 2 s; refreshed (auth) 1 s before, then again before each ok.exp.
+    const expIn = (s) => Math.floor(Date.now() / 1000) + s;
+    const server = fakeServer({ hello: () => ({ exp: expIn(2) }) });
+    server.onFrame = (ws, f) => {
+      if (f.t === "auth") ws.push({ t: "ok", rid: f.rid, exp: expIn(2) });
+    };
+    let issued = 0;
+    const c = client(server, {
+      refreshMarginMs: 1000,
+      tokenProvider: async () => `fresh${++issued}`,
+    });
+    c.connect();
+    await waitFor(() => c.refreshes >= 2, 5000, "two refreshes");
+    const auths = server.last().sent.filter((f) => f.t === "auth").map((f) => f.token);
+    eq(auths.slice(0, 2), ["fresh1", "fresh2"], "each fresh token sent as auth");
+    eq(server.sockets.length, 1, "no reconnect");
+    assert(c.token.startsWith("fresh"), `the newest token is kept: ${c.token}`);
+    c.close();
+  },
+
+  async unauthorized_with_a_provider_reconnects_with_a_fresh_token() {
+    const server = fakeServer();
+    const c = client(server, { tokenProvider: async () => "t-new" });
+    c.connect();
+    await waitFor(() => c.state === "open");
+    server.last().drop(4001, "token expired");
+    await waitFor(() => server.sockets.length === 2 && c.state === "open", 2000, "reconnect");
+    assert(server.last().url.includes("token=t-new"), `fresh token in the URL: ${server.last().url}`);
+    c.close();
+  },
+
+  async unsubbed_forgets_the_subscription() {
+    const server = fakeServer();
+    subReplies(server, () => 0);
+    const c = client(server);
+    const told = [];
+    c.on("unsubbed", (f) => told.push(f.reason));
+    c.connect();
+    await waitFor(() => c.state === "open");
+    await c.subscribe("1");
+    await c.subscribe("2");
+    server.last().push({ t: "unsubbed", conv: "1", reason: "removed" });
+    eq(told, ["removed"], "told why");
+    server.last().drop(1006);
+    await waitFor(() => server.sockets.length === 2 && c.state === "open", 2000, "reconnect");
+    await sleep(50);
+    const subs = server.last().sent.filter((f) => f.t === "sub").map((f) => f.conv);
+    eq(subs, ["2"], "only the subscription still held is resumed");
     c.close();
   },
 

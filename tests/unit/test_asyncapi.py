@@ -36,6 +36,7 @@ GOOD = {
     "cid": "c-1",
     "body": "hello",
     "kind": "text",
+    "token": "a.b.c",
 }
 
 
@@ -247,13 +248,15 @@ CONVERSATION = {
 }
 
 BUILT = [
-    frames.hello("alice", "gw-1", 25_000, 65_536),
+    frames.hello("alice", "gw-1", 25_000, 65_536, 1_800_000_000),
     frames.msg(42, 43, 1, "alice", "hi", 1_700_000_000_000, "c-1", "text"),
     frames.subbed(None, 42, 0, False),
     frames.subbed(5, 42, 9, True),
     frames.ack(5, "c-1", 43, 1_700_000_000_000),
     frames.ok(5),
     frames.ok(None),
+    frames.ok(5, exp=1_800_000_000),
+    frames.unsubbed(42, "removed"),
     frames.pong(5),
     frames.err(5, BadRequest("conv is required")),
     frames.err(None, RateLimited("too many frames", retry_after_ms=250)),

@@ -80,3 +80,21 @@ def test_admission_reasons() -> None:
     r = a.check(0, False, "9.9.9.9")
     assert r is not None and (r.status, r.reason) == (429, "per-ip handshake rate")
     assert a.refused["per-ip handshake rate"] == 1 and sum(a.refused.values()) == 5
+
+
+def test_spend_takes_what_there_is_and_counts_the_rest_as_refused() -> None:
+    bucket = TokenBucket(rate=10, burst=20)
+    assert bucket.spend(0.0, 15) == (0, 0)
+    refused, wait_ms = bucket.spend(0.0, 8)  # 5 left: 5 pass, 3 refused
+    assert refused == 3 and wait_ms == 100
+    assert bucket.spend(0.5, 5) == (0, 0)  # half a second: 5 more
+    assert TokenBucket(rate=0, burst=0).spend(0.0, 10**6) == (0, 0)  # disabled
+
+
+def test_abuse_policy_counts_a_batch_of_refusals() -> None:
+    policy = AbusePolicy(max_refusals=20, window_s=10)
+    assert not policy.refused(0.0, 20)
+    assert policy.refused(0.1, 1)
+    fresh = AbusePolicy(max_refusals=20, window_s=10)
+    assert fresh.refused(0.0, 10_000)  # a flood in one read closes at once
+    assert len(fresh._times) <= 21  # and keeps a bounded record

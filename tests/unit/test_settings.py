@@ -122,6 +122,11 @@ BAD_VALUES = [
     ("AGORA_KAFKA_PARTITIONS", "0"),
     ("AGORA_HEARTBEAT_MS", "999"),
     ("AGORA_MAX_FRAME_BYTES", "1023"),
+    ("AGORA_MAX_FRAGMENTS", "0"),
+    ("AGORA_JWT_LEEWAY_S", "-1"),
+    ("AGORA_REDIS_TIMEOUT_S", "1"),
+    ("AGORA_REQUEST_HEAD_TIMEOUT_S", "0"),
+    ("AGORA_MAX_CONNECTIONS_PER_USER", "-1"),
     ("AGORA_REPLAY_LIMIT", "999"),
     ("AGORA_ROUTE_LEASE_S", "1"),
     ("AGORA_OUTBOUND_MAX_FRAMES", "9"),
@@ -175,7 +180,13 @@ def test_more_databases_than_logical_shards_names_both_settings() -> None:
 def test_every_setting_has_a_bad_value_case() -> None:
     # Keeps the table above honest as settings are added: each one that can be wrong is
     # listed (free-form strings are the only exception).
-    free_form = {"AGORA_SHARD_MAP", "AGORA_JWT_SECRET", "AGORA_JWT_PUBLIC_KEY", "AGORA_NODE_ID"}
+    free_form = {
+        "AGORA_SHARD_MAP",
+        "AGORA_JWT_SECRET",
+        "AGORA_JWT_PUBLIC_KEY",
+        "AGORA_NODE_ID",
+        "AGORA_OPS_TOKEN",
+    }
     covered = {env for env, _ in BAD_VALUES} | free_form
     assert {name for name, _, _ in describe()} <= covered
 

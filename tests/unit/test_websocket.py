@@ -266,3 +266,31 @@ def test_messages_before_a_violation_are_returned_then_nothing_more() -> None:
     assert reader.failure is not None and reader.failure.code == 1002
     with pytest.raises(WebSocketError):
         reader.feed(client_frame(OP_TEXT, b"after"))
+
+
+def test_a_message_in_too_many_fragments_is_refused_at_the_first_one_over() -> None:
+    reader = FrameReader(1 << 16, max_fragments=4)
+    whole = client_frame(OP_TEXT, b"a", fin=False) + b"".join(
+        client_frame(OP_CONT, b"b", fin=i == 2) for i in range(3)
+    )
+    assert reader.feed(whole) == [(OP_TEXT, "abbb")]  # exactly 4 pieces: fine
+    over = client_frame(OP_TEXT, b"", fin=False) + client_frame(OP_CONT, b"", fin=False) * 10
+    with pytest.raises(WebSocketError) as info:
+        reader.feed(over)
+    assert info.value.code == 1009 and "4 fragments" in info.value.reason
+
+
+def test_every_frame_is_counted_whole_or_not() -> None:
+    reader = FrameReader(1 << 16)
+    data = (
+        client_frame(OP_TEXT, b"x", fin=False)
+        + client_frame(OP_PING, b"")
+        + client_frame(OP_CONT, b"y", fin=False)
+        + client_frame(OP_PONG, b"")
+    )
+    last = client_frame(OP_CONT, b"z")
+    events = reader.feed(data + last[:3])
+    assert [op for op, _ in events] == [OP_PING, OP_PONG]
+    assert reader.frames == 4  # two fragments of an unfinished message and two controls
+    assert reader.feed(last[3:]) == [(OP_TEXT, "xyz")]
+    assert reader.frames == 5  # the last piece, counted once it is whole

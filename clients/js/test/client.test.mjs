@@ -205,3 +205,54 @@ test("msgpack: binary frames on chat.v1.msgpack", async () => {
   assert.throws(() => client({ encoding: "xml" }), TypeError);
   c.close();
 });
+
+test("a token provider renews the session with auth before hello.exp", async () => {
+  let issued = 0;
+  const c = client({ tokenProvider: async () => `fresh${++issued}`, refreshMarginMs: 1000 });
+  c.connect();
+  const s = FakeSocket.last();
+  const expIn = (sec) => Math.floor(Date.now() / 1000) + sec;
+  s.open({ t: "hello", user: "u", node: "n1", hb: 25000, max_frame: 65536, exp: expIn(1) });
+  await until(() => lastFrame(s, "auth"), "an auth frame", 3000);
+  const auth = lastFrame(s, "auth");
+  assert.equal(auth.token, "fresh1");
+  s.deliver({ t: "ok", rid: auth.rid, exp: expIn(3600) });
+  await until(() => c.refreshes === 1, "the refresh to count");
+  assert.equal(c.token, "fresh1"); // also for the next connection
+  assert.equal(FakeSocket.all.length, 1); // the same session all along
+  c.close();
+});
+
+test("with a token provider a 4001 reconnects with a fresh token", async () => {
+  const c = client({ tokenProvider: async () => "fresh" });
+  c.connect();
+  FakeSocket.last().open();
+  FakeSocket.last().drop(CloseCode.UNAUTHORIZED, "token expired");
+  await until(() => FakeSocket.all.length === 2, "a reconnect");
+  assert.match(FakeSocket.last().url, /token=fresh/);
+  c.close();
+});
+
+test("unsubbed forgets the subscription: it is not resumed", async () => {
+  const c = client();
+  const told = [];
+  c.on("unsubbed", (f) => told.push([f.conv, f.reason]));
+  c.connect();
+  const s = FakeSocket.last();
+  s.open();
+  for (const conv of ["1", "2"]) {
+    const pending = c.subscribe(conv);
+    const sub = lastFrame(s, "sub");
+    s.deliver({ t: "subbed", rid: sub.rid, conv, seq: 0, recovered: false });
+    await pending;
+  }
+  s.deliver({ t: "unsubbed", conv: "1", reason: "removed" });
+  assert.deepEqual(told, [["1", "removed"]]);
+  s.drop(CloseCode.GOING_AWAY);
+  await until(() => FakeSocket.all.length === 2, "a reconnect");
+  const next = FakeSocket.last();
+  next.open();
+  await until(() => lastFrame(next, "sub"), "the resubscription");
+  assert.deepEqual(next.frames().filter((f) => f.t === "sub").map((f) => f.conv), ["2"]);
+  c.close();
+});

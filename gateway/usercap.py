@@ -1,0 +1,85 @@
+"""At most `AGORA_MAX_CONNECTIONS_PER_USER` WebSocket sessions per user, cluster-wide.
+
+Each node counts its own sessions of a user in one Redis hash per user (field: the node's
+id and this process's incarnation, value: how many). A new session adds itself and reads
+the hash in one round trip, and is refused (4008) when the sum over live nodes passes the
+cap. A node that died leaves its field behind: fields of nodes whose lease is gone are
+not counted, and are removed. A process that restarts under the same node id has a new
+incarnation, so it never inherits the old counts. A decrement lost to a Redis error can
+only over-count, for at most a day (the hash's TTL, renewed by each new session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fanout.routing import Routes
+from storage.redis_keys import RedisKeys
+
+log = logging.getLogger("agora.gateway")
+
+KEY_TTL_S = 24 * 3600
+
+
+class UserConnectionCap:
+    def __init__(
+        self, redis: aioredis.Redis, keys: RedisKeys, routes: Routes, node: str, cap: int
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.routes = routes
+        self.node = node
+        self.field = f"{node}|{secrets.token_hex(4)}"
+        self.cap = cap
+        self.refused = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def admit(self, user: str) -> bool:
+        """Count a new session of `user`; False (and not counted) when over the cap."""
+        if self.cap <= 0:
+            return True
+        key = self.keys.user_sessions(user)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(key, self.field, 1)
+        pipe.expire(key, KEY_TTL_S)
+        pipe.hgetall(key)
+        _, _, counts = await pipe.execute()
+        total, dead = await self._live_total(counts)
+        if dead:
+            await self.redis.hdel(key, *dead)
+        if total > self.cap:
+            self.refused += 1
+            await self.redis.hincrby(key, self.field, -1)
+            return False
+        return True
+
+    async def _live_total(self, counts: dict[Any, Any]) -> tuple[int, list[str]]:
+        by_field = {_text(f): int(v) for f, v in counts.items()}
+        nodes = {f.rpartition("|")[0] for f in by_field}
+        live = await self.routes.live_nodes(nodes - {self.node}) | {self.node}
+        total = sum(n for f, n in by_field.items() if f.rpartition("|")[0] in live)
+        dead = [f for f in by_field if f.rpartition("|")[0] not in live]
+        return total, dead
+
+    def release(self, user: str) -> None:
+        """A counted session ended (from a close callback: the decrement runs later)."""
+        if self.cap <= 0:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(user))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _release(self, user: str) -> None:
+        try:
+            await self.redis.hincrby(self.keys.user_sessions(user), self.field, -1)
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("session count of %s not decremented: %s", user, exc)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
