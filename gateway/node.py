@@ -377,4 +377,4 @@ class Node:
 
 
 def _msg_frame(m: Message) -> dict[str, Any]:
-    return frames.msg(m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind)
+    return frames.message(m)

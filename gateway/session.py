@@ -12,10 +12,11 @@ import redis.asyncio as aioredis
 
 from gateway.access import Access
 from gateway.connection import Connection
+from gateway.events import EventPath
 from gateway.node import Node
 from gateway.protocol import frames
-from gateway.protocol.frames import Ping, Request, Send, Sub, Typing, Unsub
-from gateway.send import SendPath
+from gateway.protocol.frames import Delete, Edit, Ping, React, Request, Send, Sub, Typing, Unsub
+from gateway.send import Accepted, SendPath
 from storage.errors import AgoraError, BadRequest, Internal, Unavailable
 
 log = logging.getLogger("agora.gateway")
@@ -28,6 +29,7 @@ class RequestHandler:
         self.node = node
         self.access = access
         self.send_path = send_path
+        self.events = EventPath(access.pools, access, send_path)
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -43,8 +45,16 @@ class RequestHandler:
     async def _handle(self, conn: Connection, req: Request) -> None:
         if isinstance(req, Ping):
             conn.push_frame(frames.pong(req.rid))
+        elif isinstance(req, Send) and req.reply_to is not None:
+            accepted = await self.events.send(
+                conn.user, req.conv, req.cid, req.body, req.kind, req.reply_to
+            )
+            conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Send):
             accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
+            conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
+        elif isinstance(req, Edit | Delete | React):
+            accepted = await self._event(conn.user, req)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Sub):
             await self.access.check(conn.user, req.conv)
@@ -60,3 +70,10 @@ class RequestHandler:
         elif isinstance(req, Typing):
             await self.access.check(conn.user, req.conv)
             await self.node.publish_typing(req.conv, conn.user)
+
+    async def _event(self, user: str, req: Edit | Delete | React) -> Accepted:
+        if isinstance(req, Edit):
+            return await self.events.edit(user, req.conv, req.cid, req.ref, req.body)
+        if isinstance(req, Delete):
+            return await self.events.delete(user, req.conv, req.cid, req.ref)
+        return await self.events.react(user, req.conv, req.cid, req.ref, req.emoji, req.remove)

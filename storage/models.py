@@ -26,7 +26,11 @@ class Message:
     body: str
     ts: int
     cid: str
-    kind: str  # text | comment
+    kind: str  # text | comment, or an event: edit | delete | react | unreact
+    ref: int | None = None  # an event's target message
+    reply_to: int | None = None  # the message a text or comment answers
+    edited: bool = False  # current state of a text or comment (history, replay)
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +44,5 @@ class NewMessage:
     body: str
     ts: int
     kind: str
+    ref: int | None = None
+    reply_to: int | None = None

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.access import Access
+from gateway.events import EventPath
 from gateway.http.common import (
     JSONResponse,
     decode_cursor,
@@ -19,11 +20,12 @@ from gateway.http.common import (
     path_id,
 )
 from gateway.node import Node
+from gateway.protocol import frames
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, USER_ID
 from gateway.send import SendPath
-from storage import conversations, messages
+from storage import conversations, events
 from storage.errors import BadRequest, Forbidden, NotFound, TooLarge, Unprocessable
-from storage.ids import IdGenerator
+from storage.ids import IdGenerator, parse_id
 from storage.models import Conversation, Message
 from storage.pools import ShardPools
 
@@ -44,16 +46,9 @@ def conversation_json(c: Conversation) -> dict[str, Any]:
 
 
 def message_json(m: Message) -> dict[str, Any]:
-    return {
-        "conv": str(m.conv),
-        "id": str(m.id),
-        "seq": m.seq,
-        "from": m.sender,
-        "body": m.body,
-        "ts": m.ts,
-        "cid": m.cid,
-        "kind": m.kind,
-    }
+    out = frames.message(m)
+    del out["t"]
+    return out
 
 
 def _user_id(value: Any, what: str) -> str:
@@ -170,7 +165,7 @@ async def remove_member(request: Request) -> Response:
 
 
 async def history(request: Request) -> Response:
-    _, conv = await _member_conversation(request)
+    me, conv = await _member_conversation(request)
     limit = page_limit(request)
     before: int | None = None
     raw_before = request.query_params.get("before")
@@ -181,10 +176,17 @@ async def history(request: Request) -> Response:
         before = int(raw_before)
     elif cursor is not None:
         before = int(cursor[0])
-    items = await messages.before(request.app.state.pools, conv.id, before, limit + 1)
-    page = items[:limit]
-    nxt = encode_cursor(page[-1].seq) if len(items) > limit else None
-    return JSONResponse({"items": [message_json(m) for m in page], "next": nxt})
+    got = await events.current_page(request.app.state.pools, conv.id, before, limit + 1, me)
+    page = got.messages[:limit]
+    nxt = encode_cursor(page[-1].seq) if len(got.messages) > limit else None
+    items = []
+    for m in page:
+        item = message_json(m)
+        counts, mine = got.reactions.get(m.id, ({}, []))
+        item["reactions"] = counts
+        item["my_reactions"] = mine
+        items.append(item)
+    return JSONResponse({"items": items, "next": nxt, "last_seq": got.last_seq})
 
 
 async def post_message(request: Request) -> Response:
@@ -202,8 +204,78 @@ async def post_message(request: Request) -> Response:
         raise TooLarge(f"body is over {MAX_BODY_CHARS} chars")
     if kind not in ("text", "comment"):
         raise Unprocessable('kind must be "text" or "comment"')
+    raw_reply = body.get("reply_to")
+    if raw_reply is not None:
+        reply_to = _message_id(raw_reply, "reply_to")
+        accepted = await _events(request).send(me.user, conv_id, cid, text, kind, reply_to)
+        return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
     send_path: SendPath = request.app.state.send_path
     accepted = await send_path.send(me.user, conv_id, cid, text, kind)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+def _events(request: Request) -> EventPath:
+    return EventPath(request.app.state.pools, request.app.state.access, request.app.state.send_path)
+
+
+def _message_id(raw: Any, what: str) -> int:
+    parsed = parse_id(raw) if isinstance(raw, str) else None
+    if parsed is None:
+        raise Unprocessable(f"{what} must be a message id (a decimal string)")
+    return parsed
+
+
+def _cid_of(body: dict[str, Any]) -> str:
+    cid = body.get("cid")
+    problem = frames.check_cid(cid)
+    if problem is not None:
+        raise Unprocessable(problem)
+    assert isinstance(cid, str)
+    return cid
+
+
+async def edit_message(request: Request) -> Response:
+    """PATCH: a new text for the caller's own message (an `edit` event)."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    body = await json_body(request)
+    cid = _cid_of(body)
+    text = body.get("body")
+    problem = frames.check_body(text)
+    if problem is not None:
+        raise problem if isinstance(problem, TooLarge) else Unprocessable(problem.message)
+    assert isinstance(text, str)
+    accepted = await _events(request).edit(me.user, conv_id, cid, ref, text)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+async def delete_message(request: Request) -> Response:
+    """DELETE: the caller's own message becomes a tombstone (a `delete` event). Without a
+    body the cid is derived from the message, so repeating the call is one delete."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    raw = await request.body()
+    body = await json_body(request) if raw.strip() else {}
+    cid = _cid_of(body) if "cid" in body else f"delete:{ref}"
+    accepted = await _events(request).delete(me.user, conv_id, cid, ref)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+async def react(request: Request) -> Response:
+    """POST `{cid, emoji, remove?}`: add (or remove) the caller's reaction."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    body = await json_body(request)
+    cid = _cid_of(body)
+    emoji = body.get("emoji")
+    problem = frames.check_emoji(emoji)
+    if problem is not None:
+        raise Unprocessable(problem)
+    assert isinstance(emoji, str)
+    remove = body.get("remove", False)
+    if not isinstance(remove, bool):
+        raise Unprocessable("remove must be a boolean")
+    accepted = await _events(request).react(me.user, conv_id, cid, ref, emoji, remove)
     return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
 
 
@@ -215,4 +287,7 @@ routes = [
     Route("/v1/conversations/{id}/members/{user}", remove_member, methods=["DELETE"]),
     Route("/v1/conversations/{id}/messages", history, methods=["GET"]),
     Route("/v1/conversations/{id}/messages", post_message, methods=["POST"]),
+    Route("/v1/conversations/{id}/messages/{mid}", edit_message, methods=["PATCH"]),
+    Route("/v1/conversations/{id}/messages/{mid}", delete_message, methods=["DELETE"]),
+    Route("/v1/conversations/{id}/messages/{mid}/reactions", react, methods=["POST"]),
 ]

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.http.common import MAX_LIMIT, JSONResponse
-from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS
+from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_EMOJI_CHARS
 from storage.settings import Settings
 
 Schema = dict[str, Any]
@@ -165,7 +165,13 @@ def _components() -> Schema:
             "ts": MS,
             "cid": {"type": "string"},
             "kind": {"type": "string", "enum": ["text", "comment"]},
-        }
+            "reply_to": ID,
+            "edited": {"type": "boolean"},
+            "deleted": {"type": "boolean"},
+            "reactions": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "my_reactions": {"type": "array", "items": {"type": "string"}},
+        },
+        ["conv", "id", "seq", "from", "body", "ts", "cid", "kind", "reactions", "my_reactions"],
     )
     post = _obj(
         {
@@ -217,9 +223,14 @@ def _conversation_paths() -> dict[str, Schema]:
             "cid": {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS},
             "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
             "kind": {"type": "string", "enum": ["text", "comment"], "default": "text"},
+            "reply_to": ID,
         },
         ["cid", "body"],
     )
+    mid = _path("mid", ID)
+    accepted = _ok(202, "Accepted", _obj({"id": ID, "ts": MS}))
+    cid_schema = {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS}
+    emoji = {"type": "string", "minLength": 1, "maxLength": MAX_EMOJI_CHARS}
     return {
         "/v1/conversations": {
             "post": _op(
@@ -272,7 +283,12 @@ def _conversation_paths() -> dict[str, Schema]:
             "get": _op(
                 "listMessages",
                 "Messages, newest first",
-                _ok(200, "A page", _list_of("Message")),
+                _ok(
+                    200,
+                    "A page of texts and comments in their current state; `last_seq` is the "
+                    "conversation's seq that state reflects",
+                    _page_with_seq(),
+                ),
                 errors=(400, 403, 404),
                 params=[
                     cid,
@@ -289,7 +305,49 @@ def _conversation_paths() -> dict[str, Schema]:
                 body=send_body,
             ),
         },
+        "/v1/conversations/{id}/messages/{mid}": {
+            "patch": _op(
+                "editMessage",
+                "Edit the caller's own message (an `edit` event, idempotent by cid)",
+                accepted,
+                errors=(*_WITH_BODY, 403, 404, 409),
+                params=[cid, mid],
+                body=_obj(
+                    {
+                        "cid": cid_schema,
+                        "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
+                    }
+                ),
+            ),
+            "delete": _op(
+                "deleteMessage",
+                "Delete the caller's own message, leaving a tombstone (a `delete` event)",
+                accepted,
+                errors=(400, 403, 404, 409, 413, 422),
+                params=[cid, mid],
+            ),
+        },
+        "/v1/conversations/{id}/messages/{mid}/reactions": {
+            "post": _op(
+                "react",
+                "Add (or, with remove, take back) the caller's reaction to a message",
+                accepted,
+                errors=(*_WITH_BODY, 403, 404, 409),
+                params=[cid, mid],
+                body=_obj(
+                    {"cid": cid_schema, "emoji": emoji, "remove": {"type": "boolean"}},
+                    ["cid", "emoji"],
+                ),
+            ),
+        },
     }
+
+
+def _page_with_seq() -> Schema:
+    page = _list_of("Message")
+    page["properties"]["last_seq"] = {"type": "integer", "minimum": 0}
+    page["required"] = [*page["required"], "last_seq"]
+    return page
 
 
 def _social_paths() -> dict[str, Schema]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from storage.errors import AgoraError, BadRequest, TooLarge
 from storage.ids import parse_id
+from storage.models import Message
 
 MAX_BODY_CHARS = 4000
 MAX_CID_CHARS = 64
@@ -22,6 +23,7 @@ MAX_RID = (1 << 53) - 1  # a JavaScript client's largest safe integer
 MAX_SEQ = (1 << 63) - 1
 USER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MESSAGE_KINDS = ("text", "comment")
+MAX_EMOJI_CHARS = 32
 
 
 class CloseCode(IntEnum):
@@ -87,6 +89,34 @@ class Send:
     cid: str
     body: str
     kind: str
+    reply_to: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
+class React:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+    emoji: str
+    remove: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +130,7 @@ class Ping:
     rid: int | None
 
 
-Request = Sub | Unsub | Send | Typing | Ping
+Request = Sub | Unsub | Send | Edit | Delete | React | Typing | Ping
 
 
 def _rid(frame: dict[str, Any]) -> int | None:
@@ -113,16 +143,67 @@ def _rid(frame: dict[str, Any]) -> int | None:
     return rid
 
 
-def _conv(frame: dict[str, Any], rid: int | None) -> int:
-    raw = frame.get("conv")
+def _conv(frame: dict[str, Any], rid: int | None, name: str = "conv") -> int:
+    raw = frame.get(name)
     if raw is None:
-        raise FrameError(rid, BadRequest("conv is required"))
+        raise FrameError(rid, BadRequest(f"{name} is required"))
     if not isinstance(raw, str):
-        raise FrameError(rid, BadRequest("conv must be a decimal string"))
+        raise FrameError(rid, BadRequest(f"{name} must be a decimal string"))
     conv = parse_id(raw)
     if conv is None:
-        raise FrameError(rid, BadRequest("conv is not a valid id"))
+        raise FrameError(rid, BadRequest(f"{name} is not a valid id"))
     return conv
+
+
+def check_cid(cid: Any) -> str | None:
+    """Why `cid` is not a client message id (None: it is one). Shared with HTTP."""
+    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
+        return f"cid must be a string of 1-{MAX_CID_CHARS} chars"
+    return None
+
+
+def check_body(body: Any) -> AgoraError | None:
+    """Why `body` is not a message text (None: it is one). Shared with HTTP."""
+    if not isinstance(body, str):
+        return BadRequest("body must be a string")
+    if "\x00" in body:
+        # PostgreSQL text cannot hold NUL: refuse it here, not in a fan-out worker later.
+        return BadRequest("body must not contain NUL characters")
+    if not body:
+        return BadRequest("body must not be empty")
+    if len(body) > MAX_BODY_CHARS:
+        return TooLarge(f"body is over {MAX_BODY_CHARS} chars")
+    return None
+
+
+def check_emoji(emoji: Any) -> str | None:
+    """Why `emoji` is not a reaction (None: it is one): 1-32 chars, no whitespace or
+    control characters (so it is one visible token). Shared with HTTP."""
+    if (
+        not isinstance(emoji, str)
+        or not 1 <= len(emoji) <= MAX_EMOJI_CHARS
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in emoji)
+    ):
+        return f"emoji must be 1-{MAX_EMOJI_CHARS} chars without spaces or control characters"
+    return None
+
+
+def _cid(f: dict[str, Any], rid: int | None) -> str:
+    cid = f.get("cid")
+    problem = check_cid(cid)
+    if problem is not None:
+        raise FrameError(rid, BadRequest(problem))
+    assert isinstance(cid, str)
+    return cid
+
+
+def _body(f: dict[str, Any], rid: int | None) -> str:
+    body = f.get("body")
+    problem = check_body(body)
+    if problem is not None:
+        raise FrameError(rid, problem)
+    assert isinstance(body, str)
+    return body
 
 
 def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
@@ -135,23 +216,34 @@ def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
 
 def _parse_send(f: dict[str, Any], rid: int | None) -> Send:
     conv = _conv(f, rid)
-    cid = f.get("cid")
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
-        raise FrameError(rid, BadRequest(f"cid must be a string of 1-{MAX_CID_CHARS} chars"))
-    body = f.get("body")
-    if not isinstance(body, str):
-        raise FrameError(rid, BadRequest("body must be a string"))
-    if "\x00" in body:
-        # PostgreSQL text cannot hold NUL: refuse it here, not in a fan-out worker later.
-        raise FrameError(rid, BadRequest("body must not contain NUL characters"))
-    if not body:
-        raise FrameError(rid, BadRequest("body must not be empty"))
-    if len(body) > MAX_BODY_CHARS:
-        raise FrameError(rid, TooLarge(f"body is over {MAX_BODY_CHARS} chars"))
+    cid = _cid(f, rid)
+    body = _body(f, rid)
     kind = f.get("kind", "text")
     if kind not in MESSAGE_KINDS:
         raise FrameError(rid, BadRequest('kind must be "text" or "comment"'))
-    return Send(rid, conv, cid, body, kind)
+    reply_to = None if f.get("reply_to") is None else _conv(f, rid, "reply_to")
+    return Send(rid, conv, cid, body, kind, reply_to)
+
+
+def _parse_edit(f: dict[str, Any], rid: int | None) -> Edit:
+    return Edit(rid, _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref"), _body(f, rid))
+
+
+def _parse_delete(f: dict[str, Any], rid: int | None) -> Delete:
+    return Delete(rid, _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref"))
+
+
+def _parse_react(f: dict[str, Any], rid: int | None) -> React:
+    conv, cid, ref = _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref")
+    emoji = f.get("emoji")
+    problem = check_emoji(emoji)
+    if problem is not None:
+        raise FrameError(rid, BadRequest(problem))
+    assert isinstance(emoji, str)
+    remove = f.get("remove", False)
+    if not isinstance(remove, bool):
+        raise FrameError(rid, BadRequest("remove must be a boolean"))
+    return React(rid, conv, cid, ref, emoji, remove)
 
 
 def parse_request(frame: Any) -> Request:
@@ -172,6 +264,9 @@ _PARSERS: dict[str, Any] = {
     "sub": _parse_sub,
     "unsub": lambda f, rid: Unsub(rid, _conv(f, rid)),
     "send": _parse_send,
+    "edit": _parse_edit,
+    "delete": _parse_delete,
+    "react": _parse_react,
     "typing": lambda f, rid: Typing(rid, _conv(f, rid)),
     "ping": lambda f, rid: Ping(rid),
 }
@@ -185,9 +280,21 @@ def hello(user: str, node: str, hb_ms: int, max_frame: int) -> dict[str, Any]:
 
 
 def msg(
-    conv: int, id_: int, seq: int, sender: str, body: str, ts: int, cid: str, kind: str
+    conv: int,
+    id_: int,
+    seq: int,
+    sender: str,
+    body: str,
+    ts: int,
+    cid: str,
+    kind: str,
+    *,
+    ref: int | None = None,
+    reply_to: int | None = None,
+    edited: bool = False,
+    deleted: bool = False,
 ) -> dict[str, Any]:
-    return {
+    frame: dict[str, Any] = {
         "t": "msg",
         "conv": str(conv),
         "id": str(id_),
@@ -198,6 +305,34 @@ def msg(
         "cid": cid,
         "kind": kind,
     }
+    # Additions, present only when set: a plain message's frame is as it always was.
+    if ref is not None:
+        frame["ref"] = str(ref)
+    if reply_to is not None:
+        frame["reply_to"] = str(reply_to)
+    if edited:
+        frame["edited"] = True
+    if deleted:
+        frame["deleted"] = True
+    return frame
+
+
+def message(m: Message) -> dict[str, Any]:
+    """The `msg` frame of a stored message (live, replayed or over HTTP)."""
+    return msg(
+        m.conv,
+        m.id,
+        m.seq,
+        m.sender,
+        m.body,
+        m.ts,
+        m.cid,
+        m.kind,
+        ref=m.ref,
+        reply_to=m.reply_to,
+        edited=m.edited,
+        deleted=m.deleted,
+    )
 
 
 def _with_rid(frame: dict[str, Any], rid: int | None) -> dict[str, Any]:
