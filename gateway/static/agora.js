@@ -9,6 +9,7 @@
 //   client.connect();
 //   await client.subscribe(convId);
 //   await client.send(convId, "hello");      // resolves with the ack
+//   await client.edit(convId, msgId, "hi");  // edit, deleteMessage, react: events with a seq
 //
 // What it does for you (docs/protocol.md):
 // - The token travels as ?token= (browsers cannot set headers on a WebSocket).
@@ -507,12 +508,33 @@ export class AgoraClient {
    * Survives reconnects: it is sent again with the same cid until acked, refused, or
    * `sendTimeoutMs` passes.
    */
-  send(conv, body, { cid = randomCid(), kind } = {}) {
+  send(conv, body, { cid = randomCid(), kind, replyTo } = {}) {
+    const frame = { t: "send", conv: String(conv), cid, body };
+    if (kind) frame.kind = kind;
+    if (replyTo) frame.reply_to = String(replyTo);
+    return this._submit(frame);
+  }
+
+  /** Edit your own message `ref`: an `edit` event with its own seq (retried like a send). */
+  edit(conv, ref, body, { cid = randomCid() } = {}) {
+    return this._submit({ t: "edit", conv: String(conv), cid, ref: String(ref), body });
+  }
+
+  /** Delete your own message `ref`: a tombstone stays, the text is gone. */
+  deleteMessage(conv, ref, { cid = randomCid() } = {}) {
+    return this._submit({ t: "delete", conv: String(conv), cid, ref: String(ref) });
+  }
+
+  /** Add (or with `remove: true`, take back) your reaction `emoji` to message `ref`. */
+  react(conv, ref, emoji, { remove = false, cid = randomCid() } = {}) {
+    return this._submit({ t: "react", conv: String(conv), cid, ref: String(ref), emoji, remove });
+  }
+
+  _submit(frame) {
     if (this.state === "closed") {
       return Promise.reject(new AgoraError("closed", "client closed"));
     }
-    const frame = { t: "send", conv: String(conv), cid, body };
-    if (kind) frame.kind = kind;
+    const cid = frame.cid;
     const existing = this._sends.get(cid);
     if (existing) return existing.promise;
     let entry;

@@ -40,7 +40,12 @@ const state = {
   post: null, // the open post id
   lastTypingSent: 0,
   creating: false, // a conversation create is in flight
+  byId: new Map(), // message id -> its msg (current state: edits, deletes, reactions)
+  floor: new Map(), // conv -> the seq the last history page reflected (older events skip)
+  replyTo: null, // the message id the composer answers
+  editing: null, // the message id the composer edits
 };
+const EVENT_KINDS = new Set(["edit", "delete", "react", "unreact"]);
 
 function toast(text) {
   const t = $("toast");
@@ -196,12 +201,42 @@ async function createConversation(ev) {
 
 function store(conv, msg) {
   if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+  msg.reactions = msg.reactions || {};
+  msg.mine = new Set(msg.my_reactions || []);
   state.messages.get(conv).set(msg.seq, msg);
+  state.byId.set(msg.id, msg);
+}
+
+/** An edit, delete or reaction event: change its target (every sequenced reaction event
+ * moves a count by exactly one, so counting is exact). */
+function applyEvent(e) {
+  if (e.seq <= (state.floor.get(e.conv) || 0)) return; // the history page reflects it
+  const m = state.byId.get(e.ref);
+  if (!m) return;
+  if (e.kind === "edit") {
+    m.body = e.body;
+    m.edited = true;
+  } else if (e.kind === "delete") {
+    m.body = "";
+    m.deleted = true;
+    m.reactions = {};
+    m.mine.clear();
+  } else {
+    const step = e.kind === "react" ? 1 : -1;
+    const n = (m.reactions[e.body] || 0) + step;
+    if (n > 0) m.reactions[e.body] = n;
+    else delete m.reactions[e.body];
+    if (e.from === state.me) {
+      if (step > 0) m.mine.add(e.body);
+      else m.mine.delete(e.body);
+    }
+  }
 }
 
 async function loadHistory(conv) {
   const page = await state.http.get(`/v1/conversations/${conv}/messages?limit=100`);
   for (const m of page.items) store(conv, m);
+  state.floor.set(conv, Math.max(state.floor.get(conv) || 0, page.last_seq || 0));
   if (conv === state.open) renderMessages();
   if (state.post && state.posts.get(state.post)?.thread === conv) renderComments();
 }
@@ -222,12 +257,83 @@ async function openConversation(conv) {
 
 function messageItem(m, pending) {
   const mine = m.from === state.me;
+  const quoted = m.reply_to ? state.byId.get(m.reply_to) : null;
+  const actions = [];
+  if (!pending && !m.deleted && m.id && m.conv === state.open) {
+    actions.push(h("button", { class: "link", "data-testid": "reply", onclick: () => startReply(m) }, "reply"));
+    actions.push(h("button", { class: "link", "data-testid": "react", onclick: () => toggleReaction(m, "👍") }, "👍"));
+    if (mine) {
+      actions.push(h("button", { class: "link", "data-testid": "edit", onclick: () => startEdit(m) }, "edit"));
+      actions.push(h("button", { class: "link", "data-testid": "delete", onclick: () => deleteMsg(m) }, "delete"));
+    }
+  }
+  const chips = Object.entries(m.reactions || {}).map(([emoji, n]) =>
+    h(
+      "button",
+      { class: `chip ${m.mine && m.mine.has(emoji) ? "on" : ""}`, "data-testid": "reaction", onclick: () => toggleReaction(m, emoji) },
+      `${emoji} ${n}`,
+    ),
+  );
   return h(
     "li",
-    { class: `${mine ? "mine" : ""} ${pending ? "pending" : ""}`, "data-seq": m.seq ?? "" },
+    { class: `${mine ? "mine" : ""} ${pending ? "pending" : ""}`, "data-seq": m.seq ?? "", "data-id": m.id ?? "" },
     h("div", { class: "from" }, mine ? "you" : m.from),
-    h("div", { class: "body" }, m.body),
+    m.reply_to
+      ? h("div", { class: "quote", "data-testid": "quote" }, `↪ ${quoted ? (quoted.deleted ? "deleted message" : quoted.body) : "an earlier message"}`)
+      : null,
+    m.deleted
+      ? h("div", { class: "body deleted", "data-testid": "tombstone" }, "message deleted")
+      : h("div", { class: "body" }, m.body, m.edited ? h("span", { class: "muted", "data-testid": "edited" }, " (edited)") : null),
+    chips.length ? h("div", { class: "row chips" }, chips) : null,
+    actions.length ? h("div", { class: "row actions" }, actions) : null,
   );
+}
+
+function composerMode() {
+  const target = state.byId.get(state.replyTo || state.editing);
+  $("composer-mode").hidden = !target;
+  $("composer-mode-text").textContent = !target
+    ? ""
+    : state.editing
+      ? "Editing your message"
+      : `Replying to ${target.from}: ${target.body.slice(0, 60)}`;
+}
+
+function startReply(m) {
+  state.editing = null;
+  state.replyTo = m.id;
+  composerMode();
+  $("composer-input").focus();
+}
+
+function startEdit(m) {
+  state.replyTo = null;
+  state.editing = m.id;
+  $("composer-input").value = m.body;
+  composerMode();
+  $("composer-input").focus();
+}
+
+function cancelMode() {
+  if (state.editing) $("composer-input").value = "";
+  state.replyTo = state.editing = null;
+  composerMode();
+}
+
+async function deleteMsg(m) {
+  try {
+    await state.client.deleteMessage(m.conv, m.id);
+  } catch (err) {
+    fail(err);
+  }
+}
+
+async function toggleReaction(m, emoji) {
+  try {
+    await state.client.react(m.conv, m.id, emoji, { remove: m.mine.has(emoji) });
+  } catch (err) {
+    fail(err);
+  }
 }
 
 function renderMessages() {
@@ -245,6 +351,13 @@ function renderMessages() {
 }
 
 function onMsg(m) {
+  if (EVENT_KINDS.has(m.kind)) {
+    applyEvent(m);
+    if (m.conv === state.open) renderMessages();
+    const postId = state.byThread.get(m.conv);
+    if (postId && postId === state.post) renderComments();
+    return;
+  }
   store(m.conv, m);
   const conv = state.convs.get(m.conv);
   if (conv) {
@@ -271,15 +384,27 @@ async function sendMessage(ev) {
   const body = input.value.trim();
   if (!body || !state.open) return;
   input.value = "";
-  await sendTo(state.open, body, renderMessages);
+  const editing = state.editing;
+  const replyTo = state.replyTo;
+  state.editing = state.replyTo = null;
+  composerMode();
+  if (editing) {
+    try {
+      await state.client.edit(state.open, editing, body);
+    } catch (err) {
+      fail(err);
+    }
+    return;
+  }
+  await sendTo(state.open, body, renderMessages, replyTo);
 }
 
-async function sendTo(conv, body, rerender) {
+async function sendTo(conv, body, rerender, replyTo = null) {
   const cid = crypto.getRandomValues(new Uint32Array(3)).join("-");
   state.pending.set(cid, { conv, body });
   rerender();
   try {
-    await state.client.send(conv, body, { cid });
+    await state.client.send(conv, body, { cid, replyTo });
   } catch (err) {
     fail(err);
   } finally {
@@ -502,6 +627,7 @@ function init() {
   $("new-conv").addEventListener("submit", createConversation);
   $("composer").addEventListener("submit", sendMessage);
   $("composer-input").addEventListener("input", onComposerInput);
+  $("composer-cancel").addEventListener("click", cancelMode);
   $("new-post").addEventListener("submit", createPost);
   $("comment-form").addEventListener("submit", sendComment);
   $("feed-kind").addEventListener("change", loadFeed);

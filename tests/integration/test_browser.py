@@ -168,6 +168,73 @@ async def test_two_people_chat_and_vote_live_through_two_nodes(stack: Stack, bro
         await p.context.close()
 
 
+async def test_edit_delete_react_and_reply_live_through_two_nodes(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    alice = await new_page(browser, g1.http_url + "/")
+    bob = await new_page(browser, g2.http_url + "/")
+    await sign_in(alice, alice_id)
+    await sign_in(bob, bob_id)
+    await alice.get_by_test_id("new-conv-members").fill(bob_id)
+    await alice.locator("#new-conv-title").fill("Edits")
+    await alice.get_by_test_id("new-conv-submit").click()
+    await expect(alice.get_by_test_id("chat-title")).to_have_text("Edits", timeout=WAIT_MS)
+    await bob.get_by_test_id("conv-list").get_by_text("Edits").click(timeout=WAIT_MS)
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Edits", timeout=WAIT_MS)
+
+    await alice.get_by_test_id("composer-input").fill("lunch at 12?")
+    await alice.get_by_test_id("composer-input").press("Enter")
+    # The message itself (a reply quoting it contains its text too, but not as its body).
+    bobs_view = bob.locator("#messages li").filter(has=bob.locator(".body", has_text="lunch at"))
+    await expect(bobs_view).to_have_count(1, timeout=WAIT_MS)
+
+    # Alice edits: Bob sees the new text marked edited, without a reload.
+    alices_msg = alice.locator("#messages li").filter(
+        has=alice.locator(".body", has_text="lunch at")
+    )
+    await alices_msg.get_by_test_id("edit").click()
+    await alice.get_by_test_id("composer-input").fill("lunch at 12:30?")
+    await alice.get_by_test_id("composer-input").press("Enter")
+    await expect(bobs_view).to_contain_text("lunch at 12:30? (edited)", timeout=WAIT_MS)
+    # Bob cannot edit her message: no edit button on it.
+    await expect(bobs_view.get_by_test_id("edit")).to_have_count(0)
+
+    # Bob reacts and replies; Alice sees the count and the quote.
+    await bobs_view.get_by_test_id("react").click()
+    await expect(alices_msg.get_by_test_id("reaction")).to_have_text("👍 1", timeout=WAIT_MS)
+    await bobs_view.get_by_test_id("reply").click()
+    await expect(bob.get_by_test_id("composer-mode")).to_contain_text("Replying to")
+    await bob.get_by_test_id("composer-input").fill("yes!")
+    await bob.get_by_test_id("composer-send").click()
+    reply = alice.locator("#messages li").filter(has_text="yes!")
+    await expect(reply.get_by_test_id("quote")).to_contain_text("lunch at 12:30?", timeout=WAIT_MS)
+    # Alice reacts too, then Bob takes his back: counts stay exact on both sides.
+    await alices_msg.get_by_test_id("react").click()
+    await expect(bobs_view.get_by_test_id("reaction")).to_have_text("👍 2", timeout=WAIT_MS)
+    await bobs_view.get_by_test_id("reaction").click()
+    await expect(alices_msg.get_by_test_id("reaction")).to_have_text("👍 1", timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "events-alice.png"))
+
+    # Alice deletes: a tombstone on both sides, and after Bob reloads (from history).
+    await alices_msg.get_by_test_id("delete").click()
+    tomb = bob.locator("#messages li").get_by_test_id("tombstone")
+    await expect(tomb).to_have_count(1, timeout=WAIT_MS)
+    await expect(reply.get_by_test_id("quote")).to_contain_text("deleted message", timeout=WAIT_MS)
+    await bob.reload()
+    await expect(bob.get_by_test_id("conn-state")).to_contain_text("online", timeout=WAIT_MS)
+    await bob.get_by_test_id("conv-list").get_by_text("Edits").click(timeout=WAIT_MS)
+    await expect(bob.locator("#messages li").get_by_test_id("tombstone")).to_have_count(
+        1, timeout=WAIT_MS
+    )
+    await expect(bob.get_by_test_id("messages")).not_to_contain_text("12:30")
+    await bob.screenshot(path=str(ARTIFACTS / "events-bob.png"))
+    assert alice.errors == [] and bob.errors == [], (alice.errors, bob.errors)
+    for p in (alice, bob):
+        await p.context.close()
+
+
 async def test_agora_js_moves_to_the_other_node_when_its_node_drains(
     stack: Stack, browser: Any
 ) -> None:
