@@ -206,6 +206,10 @@ class AgoraClient:
         frame = {"t": "react", "conv": conv, "ref": ref, "emoji": emoji, "remove": remove}
         return await self.request({**frame, "cid": cid or uuid.uuid4().hex})
 
+    async def read(self, conv: str, seq: int) -> dict[str, Any]:
+        """Move one's read pointer in `conv` to `seq` (forward only)."""
+        return await self.request({"t": "read", "conv": conv, "seq": seq})
+
     async def typing(self, conv: str) -> None:
         await self.ws.send(self.encode({"t": "typing", "conv": conv}))
 

@@ -352,6 +352,11 @@ class ReconnectingClient:
                 raise TimeoutError(f"send {frame['cid']} not acknowledged within {timeout}s")
             await asyncio.sleep(wait)
 
+    async def read(self, conv: str, seq: int) -> dict[str, Any]:
+        """Move one's read pointer in `conv` to `seq` (forward only; repeating is safe)."""
+        conn = await self._connection(time.monotonic() + self.request_timeout)
+        return await conn.read(conv, seq)
+
     async def ping(self) -> dict[str, Any]:
         conn = await self._connection(time.monotonic() + self.request_timeout)
         return await conn.ping()

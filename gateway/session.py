@@ -15,7 +15,19 @@ from gateway.connection import Connection
 from gateway.events import EventPath
 from gateway.node import Node
 from gateway.protocol import frames
-from gateway.protocol.frames import Delete, Edit, Ping, React, Request, Send, Sub, Typing, Unsub
+from gateway.protocol.frames import (
+    Delete,
+    Edit,
+    Ping,
+    React,
+    Read,
+    Request,
+    Send,
+    Sub,
+    Typing,
+    Unsub,
+)
+from gateway.readstate import ReadPath
 from gateway.send import Accepted, SendPath
 from storage.errors import AgoraError, BadRequest, Internal, Unavailable
 
@@ -30,6 +42,7 @@ class RequestHandler:
         self.access = access
         self.send_path = send_path
         self.events = EventPath(access.pools, access, send_path)
+        self.reads = ReadPath(node, access)
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -53,6 +66,9 @@ class RequestHandler:
         elif isinstance(req, Send):
             accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
+        elif isinstance(req, Read):
+            await self.reads.read(conn.user, req.conv, req.seq)
+            conn.push_frame(frames.ok(req.rid))
         elif isinstance(req, Edit | Delete | React):
             accepted = await self._event(conn.user, req)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))

@@ -289,6 +289,15 @@ class Settings:
         "Authenticated HTTP requests per second per user across the cluster (burst 2x); "
         "0 disables. Over it: 429 with Retry-After.",
     )
+    receipts_max_members: int = _setting(
+        "AGORA_RECEIPTS_MAX_MEMBERS",
+        "32",
+        _int_range(0, 1000),
+        "Read receipts (a `receipt` frame to every member when one reads further, and "
+        "`GET /v1/conversations/{id}/receipts`) for direct conversations and groups of at "
+        "most this many members; 0 turns them off. Read pointers and `unread` are kept "
+        "for every size.",
+    )
     feed_page_cache_ms: int = _setting(
         "AGORA_FEED_PAGE_CACHE_MS",
         "1000",

@@ -21,9 +21,10 @@ from gateway.http.common import (
 )
 from gateway.node import Node
 from gateway.protocol import frames
-from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, USER_ID
+from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_SEQ, USER_ID
+from gateway.readstate import ReadPath
 from gateway.send import SendPath
-from storage import conversations, events
+from storage import conversations, events, readstate
 from storage.errors import BadRequest, Forbidden, NotFound, TooLarge, Unprocessable
 from storage.ids import IdGenerator, parse_id
 from storage.models import Conversation, Message
@@ -110,7 +111,14 @@ async def list_mine(request: Request) -> Response:
     if len(convs) > limit:
         last = page[-1]
         nxt = encode_cursor(last.last_activity_ms, last.id)
-    return JSONResponse({"items": [conversation_json(c) for c in page], "next": nxt})
+    state = await readstate.unread(request.app.state.pools, me.user, [c.id for c in page])
+    return JSONResponse({"items": [_with_read(c, state) for c in page], "next": nxt})
+
+
+def _with_read(c: Conversation, state: dict[int, tuple[int, int]]) -> dict[str, Any]:
+    out = conversation_json(c)
+    out["read_seq"], out["unread"] = state.get(c.id, (0, 0))
+    return out
 
 
 async def _member_conversation(request: Request) -> tuple[str, Conversation]:
@@ -125,8 +133,32 @@ async def _member_conversation(request: Request) -> tuple[str, Conversation]:
 
 
 async def get_one(request: Request) -> Response:
-    _, conv = await _member_conversation(request)
-    return JSONResponse(conversation_json(conv))
+    me, conv = await _member_conversation(request)
+    state = await readstate.unread(request.app.state.pools, me, [conv.id])
+    return JSONResponse(_with_read(conv, state))
+
+
+async def mark_read(request: Request) -> Response:
+    """PUT `{seq}`: the caller has read up to `seq` (the pointer only moves forward)."""
+    me = identity(request)
+    conv_id = path_id(request)
+    body = await json_body(request)
+    seq = body.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise Unprocessable("seq must be a non-negative integer")
+    now = await ReadPath(request.app.state.node, request.app.state.access).read(
+        me.user, conv_id, seq
+    )
+    return JSONResponse({"conv": str(conv_id), "seq": now})
+
+
+async def receipts(request: Request) -> Response:
+    me = identity(request)
+    conv_id = path_id(request)
+    found = await ReadPath(request.app.state.node, request.app.state.access).receipts(
+        me.user, conv_id
+    )
+    return JSONResponse({"items": [{"user": u, "seq": s} for u, s in found]})
 
 
 async def add_member(request: Request) -> Response:
@@ -283,6 +315,8 @@ routes = [
     Route("/v1/conversations", create, methods=["POST"]),
     Route("/v1/conversations", list_mine, methods=["GET"]),
     Route("/v1/conversations/{id}", get_one, methods=["GET"]),
+    Route("/v1/conversations/{id}/read", mark_read, methods=["PUT"]),
+    Route("/v1/conversations/{id}/receipts", receipts, methods=["GET"]),
     Route("/v1/conversations/{id}/members", add_member, methods=["POST"]),
     Route("/v1/conversations/{id}/members/{user}", remove_member, methods=["DELETE"]),
     Route("/v1/conversations/{id}/messages", history, methods=["GET"]),

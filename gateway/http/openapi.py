@@ -148,6 +148,8 @@ def conversation_schema() -> Schema:
             "created_at": MS,
             "last_seq": {"type": "integer", "minimum": 0},
             "last_activity": MS,
+            "read_seq": {"type": "integer", "minimum": 0},
+            "unread": {"type": "integer", "minimum": 0},
         },
         ["id", "kind", "title", "members", "created_at"],
     )
@@ -304,6 +306,36 @@ def _conversation_paths() -> dict[str, Schema]:
                 params=[cid],
                 body=send_body,
             ),
+        },
+        "/v1/conversations/{id}/read": {
+            "put": _op(
+                "markRead",
+                "Move the caller's read pointer forward (never back, never past the last seq)",
+                _ok(200, "The pointer now", _obj({"conv": ID, "seq": {"type": "integer"}})),
+                errors=(*_WITH_BODY, 403, 404),
+                params=[cid],
+                body=_obj({"seq": {"type": "integer", "minimum": 0}}),
+            )
+        },
+        "/v1/conversations/{id}/receipts": {
+            "get": _op(
+                "readReceipts",
+                "Every member's read pointer (direct conversations and small groups)",
+                _ok(
+                    200,
+                    "Pointers by user",
+                    _obj(
+                        {
+                            "items": {
+                                "type": "array",
+                                "items": _obj({"user": USER, "seq": {"type": "integer"}}),
+                            }
+                        }
+                    ),
+                ),
+                errors=(403, 404),
+                params=[cid],
+            )
         },
         "/v1/conversations/{id}/messages/{mid}": {
             "patch": _op(

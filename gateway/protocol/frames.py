@@ -120,6 +120,13 @@ class React:
 
 
 @dataclass(frozen=True, slots=True)
+class Read:
+    rid: int | None
+    conv: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Typing:
     rid: int | None
     conv: int
@@ -130,7 +137,7 @@ class Ping:
     rid: int | None
 
 
-Request = Sub | Unsub | Send | Edit | Delete | React | Typing | Ping
+Request = Sub | Unsub | Send | Edit | Delete | React | Read | Typing | Ping
 
 
 def _rid(frame: dict[str, Any]) -> int | None:
@@ -246,6 +253,14 @@ def _parse_react(f: dict[str, Any], rid: int | None) -> React:
     return React(rid, conv, cid, ref, emoji, remove)
 
 
+def _parse_read(f: dict[str, Any], rid: int | None) -> Read:
+    conv = _conv(f, rid)
+    seq = f.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise FrameError(rid, BadRequest("seq must be a non-negative integer"))
+    return Read(rid, conv, seq)
+
+
 def parse_request(frame: Any) -> Request:
     """One decoded client frame -> a typed request (see the module doc for errors)."""
     if not isinstance(frame, dict):
@@ -267,6 +282,7 @@ _PARSERS: dict[str, Any] = {
     "edit": _parse_edit,
     "delete": _parse_delete,
     "react": _parse_react,
+    "read": _parse_read,
     "typing": lambda f, rid: Typing(rid, _conv(f, rid)),
     "ping": lambda f, rid: Ping(rid),
 }
@@ -370,6 +386,16 @@ def typing(conv: int, user: str) -> dict[str, Any]:
 
 def score(post: int, value: int, up: int, down: int) -> dict[str, Any]:
     return {"t": "score", "post": str(post), "score": value, "up": up, "down": down}
+
+
+def read(conv: int, seq: int) -> dict[str, Any]:
+    """To the reader's own connections: their read pointer in `conv` is now `seq`."""
+    return {"t": "read", "conv": str(conv), "seq": seq}
+
+
+def receipt(conv: int, user: str, seq: int) -> dict[str, Any]:
+    """To the members: `user` has read `conv` up to `seq`."""
+    return {"t": "receipt", "conv": str(conv), "user": user, "seq": seq}
 
 
 def reconnect(after_ms: int) -> dict[str, Any]:
