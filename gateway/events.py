@@ -17,7 +17,7 @@ import asyncio
 
 from gateway.access import Access
 from gateway.send import Accepted, SendPath
-from storage import events
+from storage import events, messages
 from storage.errors import Forbidden, NotFound
 from storage.models import Message
 from storage.pools import ShardPools
@@ -60,9 +60,9 @@ class EventPath:
         target = await self._target(conv, ref)
         problem = _refusal(target, user, kind)
         if problem is not None:
-            earlier = await events.stored_cid(self.pools, conv, user, cid)
-            if earlier is not None and earlier.kind == kind and earlier.ref == ref:
-                return Accepted(earlier.id, earlier.ts)  # a retry of an accepted event
+            earlier = await messages.stored_id(self.pools, conv, user, cid)
+            if earlier is not None:
+                return Accepted(*earlier)  # a retry of an accepted event (even a refused one)
             raise problem
         return await self.send_path.send(user, conv, cid, body, kind, ref=ref)
 

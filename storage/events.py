@@ -227,12 +227,15 @@ async def _store(
         )
     if refused:
         await conn.execute(
-            """INSERT INTO refused_events (conv_id, sender, cid)
-               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])
+            """INSERT INTO refused_events (conv_id, sender, cid, id, ts)
+               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[],
+                                    $5::bigint[])
                ON CONFLICT DO NOTHING""",
             [m.conv for m in refused],
             [m.sender for m in refused],
             [m.cid for m in refused],
+            [m.id for m in refused],
+            [m.ts for m in refused],
         )
 
 
@@ -303,19 +306,5 @@ async def target(pools: ShardPools, conv: int, message_id: int) -> Message | Non
     async with pools.connection(pools.for_id(conv)) as conn:
         row = await conn.fetchrow(
             f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND id = $2", conv, message_id
-        )
-    return None if row is None else _row_to_message(row)
-
-
-async def stored_cid(pools: ShardPools, conv: int, sender: str, cid: str) -> Message | None:
-    """The message stored under (conv, sender, cid), if any."""
-    from storage.messages import _COLUMNS, _row_to_message
-
-    async with pools.connection(pools.for_id(conv)) as conn:
-        row = await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3",
-            conv,
-            sender,
-            cid,
         )
     return None if row is None else _row_to_message(row)

@@ -203,8 +203,12 @@ async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tupl
     """(id, ts) of the message stored under (conv, sender, cid), or None: one read through
     the unique key. What the send path answers a retry that Redis no longer remembers."""
     async with pools.connection(pools.for_id(conv)) as conn:
+        # An event the sequencer refused (storage/events.py) is settled too, unsequenced.
         row = await conn.fetchrow(
-            "SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3",
+            """SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3
+               UNION ALL
+               SELECT id, ts FROM refused_events WHERE conv_id = $1 AND sender = $2 AND cid = $3
+               LIMIT 1""",
             conv,
             sender,
             cid,

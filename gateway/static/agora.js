@@ -353,6 +353,8 @@ export class AgoraClient {
       case "typing":
       case "score":
       case "joined":
+      case "read":
+      case "receipt":
         return this._emit(f.t, f);
       default:
         return undefined;
@@ -587,6 +589,13 @@ export class AgoraClient {
         entry.reject(err);
       },
     );
+  }
+
+  /** Move your read pointer in `conv` to `seq` (forward only; your other devices get a
+   * `read` event). Not kept while offline: send it again when it matters. */
+  read(conv, seq) {
+    if (this.state !== "open") return Promise.resolve(null);
+    return this.request({ t: "read", conv: String(conv), seq });
   }
 
   /** Tell the conversation you are typing (ephemeral; throttle it in the UI). */

@@ -44,6 +44,9 @@ const state = {
   floor: new Map(), // conv -> the seq the last history page reflected (older events skip)
   replyTo: null, // the message id the composer answers
   editing: null, // the message id the composer edits
+  readSeq: new Map(), // conv -> my read pointer (the largest heard)
+  latest: new Map(), // conv -> the largest seq seen
+  receipts: new Map(), // conv -> Map(user -> seq they have read up to)
 };
 const EVENT_KINDS = new Set(["edit", "delete", "react", "unreact"]);
 
@@ -116,6 +119,8 @@ async function start(token) {
   client.on("typing", onTyping);
   client.on("score", onScore);
   client.on("joined", (f) => addConversation(f.conv, true));
+  client.on("read", onRead);
+  client.on("receipt", onReceipt);
   client.on("gap", (g) => loadHistory(g.conv).catch(fail));
   client.on("unauthorized", () => {
     toast("Session expired: sign in again");
@@ -144,6 +149,12 @@ async function loadConversations() {
 function addConversation(conv, announce) {
   const known = state.convs.has(conv.id);
   state.convs.set(conv.id, { ...state.convs.get(conv.id), ...conv });
+  if (typeof conv.unread === "number") {
+    // The server's count (texts of others after my read pointer) is the truth on load.
+    if (conv.unread && !viewing(conv.id)) state.unread.set(conv.id, conv.unread);
+    else state.unread.delete(conv.id);
+    state.readSeq.set(conv.id, Math.max(state.readSeq.get(conv.id) || 0, conv.read_seq || 0));
+  }
   if (!known) {
     state.client.subscribe(conv.id).catch(fail);
     // Not for one I am creating: its `joined` frame may beat the HTTP answer here.
@@ -172,7 +183,7 @@ function renderConvList() {
           onclick: () => (location.hash = `#/chat/${c.id}`),
         },
         h("span", {}, convName(c), h("span", { class: "muted" }, c.kind === "direct" ? "" : " · group")),
-        state.unread.get(c.id) ? h("span", { class: "badge" }, state.unread.get(c.id)) : null,
+        state.unread.get(c.id) ? h("span", { class: "badge", "data-testid": "unread" }, state.unread.get(c.id)) : null,
       ),
     ),
   );
@@ -236,6 +247,7 @@ function applyEvent(e) {
 async function loadHistory(conv) {
   const page = await state.http.get(`/v1/conversations/${conv}/messages?limit=100`);
   for (const m of page.items) store(conv, m);
+  state.latest.set(conv, Math.max(state.latest.get(conv) || 0, page.last_seq || 0));
   state.floor.set(conv, Math.max(state.floor.get(conv) || 0, page.last_seq || 0));
   if (conv === state.open) renderMessages();
   if (state.post && state.posts.get(state.post)?.thread === conv) renderComments();
@@ -253,6 +265,59 @@ async function openConversation(conv) {
   renderTyping();
   $("composer-input").focus();
   await loadHistory(conv);
+  markRead(conv);
+  loadReceipts(conv).catch(() => {}); // 403 in big groups: no receipts there
+}
+
+/** Is `conv` on screen (open, its tab shown, the page visible)? Only then is it read. */
+function viewing(conv) {
+  return conv === state.open && !$("chats").hidden && document.visibilityState !== "hidden";
+}
+
+/** Tell the server (and so my other devices) that I have read the open conversation. */
+function markRead(conv) {
+  const seq = state.latest.get(conv) || 0;
+  if (seq > (state.readSeq.get(conv) || 0) && viewing(conv)) {
+    state.readSeq.set(conv, seq);
+    state.client.read(conv, seq).catch(() => {}); // best effort: sent again on the next message
+  }
+}
+
+function onRead(f) {
+  // Another device (or this one) read up to f.seq: frames from two nodes may cross, keep the max.
+  if (f.seq > (state.readSeq.get(f.conv) || 0)) state.readSeq.set(f.conv, f.seq);
+  const readTo = state.readSeq.get(f.conv);
+  const loaded = [...(state.messages.get(f.conv) || new Map()).values()];
+  const left = loaded.filter((m) => m.seq > readTo && m.from !== state.me).length;
+  if (left && !viewing(f.conv)) state.unread.set(f.conv, left);
+  else state.unread.delete(f.conv);
+  renderConvList();
+}
+
+async function loadReceipts(conv) {
+  const page = await state.http.get(`/v1/conversations/${conv}/receipts`);
+  const map = state.receipts.get(conv) || new Map();
+  for (const r of page.items) map.set(r.user, Math.max(map.get(r.user) || 0, r.seq));
+  state.receipts.set(conv, map);
+  if (conv === state.open) renderMessages();
+}
+
+function onReceipt(f) {
+  if (!state.receipts.has(f.conv)) state.receipts.set(f.conv, new Map());
+  const map = state.receipts.get(f.conv);
+  map.set(f.user, Math.max(map.get(f.user) || 0, f.seq));
+  if (f.conv === state.open) renderMessages();
+}
+
+/** Who has read up to my last message of the open conversation ("seen by ..."). */
+function seenLine(msgs) {
+  const mine = msgs.filter((m) => m.from === state.me && m.seq);
+  if (!mine.length) return null;
+  const last = mine[mine.length - 1].seq;
+  const who = [...(state.receipts.get(state.open) || new Map()).entries()]
+    .filter(([user, seq]) => user !== state.me && seq >= last)
+    .map(([user]) => user);
+  return who.length ? `seen by ${who.join(", ")}` : null;
 }
 
 function messageItem(m, pending) {
@@ -347,10 +412,12 @@ function renderMessages() {
     .filter(([cid, p]) => p.conv === conv && !seen.has(cid))
     .map(([cid, p]) => ({ from: state.me, body: p.body, cid }));
   list.replaceChildren(...msgs.map((m) => messageItem(m, false)), ...pending.map((m) => messageItem(m, true)));
+  $("seen").textContent = seenLine(msgs) || "";
   if (stuckToBottom) list.scrollTop = list.scrollHeight;
 }
 
 function onMsg(m) {
+  state.latest.set(m.conv, Math.max(state.latest.get(m.conv) || 0, m.seq));
   if (EVENT_KINDS.has(m.kind)) {
     applyEvent(m);
     if (m.conv === state.open) renderMessages();
@@ -362,13 +429,16 @@ function onMsg(m) {
   const conv = state.convs.get(m.conv);
   if (conv) {
     conv.last_activity = m.ts;
-    if (m.conv !== state.open && m.from !== state.me) {
+    if (!viewing(m.conv) && m.from !== state.me) {
       state.unread.set(m.conv, (state.unread.get(m.conv) || 0) + 1);
     }
     renderConvList();
   }
   clearTyping(m.conv, m.from);
-  if (m.conv === state.open) renderMessages();
+  if (m.conv === state.open) {
+    renderMessages();
+    markRead(m.conv);
+  }
   const postId = state.byThread.get(m.conv);
   if (postId) {
     const p = state.posts.get(postId);

@@ -25,9 +25,12 @@ CREATE TABLE reactions (
 -- Events the sequencer refused (an edit of a message deleted meanwhile, a reaction that
 -- changes nothing): never sequenced, remembered so a redelivery is refused again rather
 -- than applied against a later state.
+-- A retried cid of one is answered with its id, as a stored message's is.
 CREATE TABLE refused_events (
     conv_id  bigint NOT NULL,
     sender   text NOT NULL,
     cid      text NOT NULL,
+    id       bigint NOT NULL,
+    ts       bigint NOT NULL,
     PRIMARY KEY (conv_id, sender, cid)
 );

@@ -235,6 +235,51 @@ async def test_edit_delete_react_and_reply_live_through_two_nodes(
         await p.context.close()
 
 
+async def test_a_second_device_clears_its_badge_and_the_sender_sees_seen(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    phone = await new_page(browser, g1.http_url + "/")
+    laptop = await new_page(browser, g2.http_url + "/")
+    bob = await new_page(browser, g1.http_url + "/")
+    for page, user in ((phone, alice_id), (laptop, alice_id), (bob, bob_id)):
+        await sign_in(page, user)
+    await bob.get_by_test_id("new-conv-members").fill(alice_id)
+    await bob.locator("#new-conv-title").fill("Badges")
+    await bob.get_by_test_id("new-conv-submit").click()
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Badges", timeout=WAIT_MS)
+    for text in ("one", "two"):
+        await bob.get_by_test_id("composer-input").fill(text)
+        await bob.get_by_test_id("composer-input").press("Enter")
+    for device in (phone, laptop):
+        entry = device.get_by_test_id("conv-list").get_by_role("listitem").filter(has_text="Badges")
+        await expect(entry.get_by_test_id("unread")).to_have_text("2", timeout=WAIT_MS)
+
+    # Alice reads on her phone: the laptop's badge goes (a `read` frame through the other
+    # node), and Bob sees that she has seen his messages.
+    await phone.get_by_test_id("conv-list").get_by_text("Badges").click()
+    await expect(phone.get_by_test_id("messages")).to_contain_text("two", timeout=WAIT_MS)
+    laptop_entry = (
+        laptop.get_by_test_id("conv-list").get_by_role("listitem").filter(has_text="Badges")
+    )
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_count(0, timeout=WAIT_MS)
+    await expect(bob.get_by_test_id("seen")).to_have_text(f"seen by {alice_id}", timeout=WAIT_MS)
+    # The server's count agrees after a reload; a new message brings the badge back.
+    await laptop.reload()
+    await expect(laptop.get_by_test_id("conn-state")).to_contain_text("online", timeout=WAIT_MS)
+    await expect(laptop.get_by_test_id("conv-list")).to_contain_text("Badges", timeout=WAIT_MS)
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_count(0)
+    await phone.get_by_test_id("tab-feed").click()  # the phone looks elsewhere now
+    await bob.get_by_test_id("composer-input").fill("three")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_text("1", timeout=WAIT_MS)
+    await bob.screenshot(path=str(ARTIFACTS / "seen-bob.png"))
+    for p in (phone, laptop, bob):
+        assert p.errors == [], p.errors
+        await p.context.close()
+
+
 async def test_agora_js_moves_to_the_other_node_when_its_node_drains(
     stack: Stack, browser: Any
 ) -> None:
