@@ -21,7 +21,7 @@ from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
 from gateway.feedpages import FeedPages
-from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, web
+from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, publish, web
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
@@ -182,6 +182,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/me", me, methods=["GET"]),
         *health.routes,
         *conversations.routes,
+        *publish.routes,
         *posts.routes,
         *feeds.routes,
         *openapi.routes,

@@ -199,7 +199,15 @@ def _components() -> Schema:
         }
     )
     return {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "apikey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "A service key: `Authorization: ApiKey <key>`",
+            },
+        },
         "schemas": {
             "Conversation": conversation,
             "Message": message,
@@ -307,6 +315,20 @@ def _conversation_paths() -> dict[str, Schema]:
                 body=send_body,
             ),
         },
+        "/v1/publish/conversations/{id}": {
+            "post": _service_op(
+                "publishToConversation",
+                "A backend service posts into a conversation its key's scope names",
+                [cid],
+            )
+        },
+        "/v1/publish/users/{user}": {
+            "post": _service_op(
+                "publishToUser",
+                "A backend service posts to a user (their direct conversation with it)",
+                [_path("user", USER)],
+            )
+        },
         "/v1/conversations/{id}/read": {
             "put": _op(
                 "markRead",
@@ -373,6 +395,25 @@ def _conversation_paths() -> dict[str, Schema]:
             ),
         },
     }
+
+
+def _service_op(op_id: str, summary: str, params: list[Schema]) -> Schema:
+    body = _obj(
+        {
+            "cid": {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS},
+            "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
+        }
+    )
+    op = _op(
+        op_id,
+        summary,
+        _ok(202, "Accepted", _obj({"id": ID, "ts": MS, "conv": ID})),
+        errors=(*_WITH_BODY, 403, 404, 409),
+        params=params,
+        body=body,
+    )
+    op["security"] = [{"apikey": []}]
+    return op
 
 
 def _page_with_seq() -> Schema:

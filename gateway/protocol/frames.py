@@ -24,6 +24,7 @@ MAX_SEQ = (1 << 63) - 1
 USER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MESSAGE_KINDS = ("text", "comment")
 MAX_EMOJI_CHARS = 32
+SERVICE_SENDER = "service/"  # the sender prefix of the publish API (gateway/servicekeys.py)
 
 
 class CloseCode(IntEnum):
@@ -330,6 +331,8 @@ def msg(
         frame["edited"] = True
     if deleted:
         frame["deleted"] = True
+    if sender.startswith(SERVICE_SENDER):
+        frame["service"] = True  # posted by a backend service (no user id holds a "/")
     return frame
 
 

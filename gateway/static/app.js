@@ -342,7 +342,7 @@ function messageItem(m, pending) {
   return h(
     "li",
     { class: `${mine ? "mine" : ""} ${pending ? "pending" : ""}`, "data-seq": m.seq ?? "", "data-id": m.id ?? "" },
-    h("div", { class: "from" }, mine ? "you" : m.from),
+    h("div", { class: "from" }, mine ? "you" : m.from, m.service ? h("span", { class: "badge service", "data-testid": "service" }, "service") : null),
     m.reply_to
       ? h("div", { class: "quote", "data-testid": "quote" }, `↪ ${quoted ? (quoted.deleted ? "deleted message" : quoted.body) : "an earlier message"}`)
       : null,
