@@ -21,7 +21,18 @@ from gateway.access import Access
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
 from gateway.feedpages import FeedPages
-from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, publish, web
+from gateway.http import (
+    asyncapi,
+    conversations,
+    dev,
+    feeds,
+    health,
+    notifications,
+    openapi,
+    posts,
+    publish,
+    web,
+)
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
@@ -183,6 +194,7 @@ def create_app(settings: Settings) -> Starlette:
         *health.routes,
         *conversations.routes,
         *publish.routes,
+        *notifications.routes,
         *posts.routes,
         *feeds.routes,
         *openapi.routes,

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from storage import events
+from storage import events, notifications
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 
@@ -121,6 +121,8 @@ async def append_batch(
             ],
             columns=list(_COPY_COLUMNS),
         )
+        # Mentions and replies go to the inbox in this transaction: exactly once.
+        stored = await notifications.derive(conn, stored)
     return stored, already, orphans
 
 

@@ -315,6 +315,27 @@ def _conversation_paths() -> dict[str, Schema]:
                 body=send_body,
             ),
         },
+        "/v1/notifications": {
+            "get": _op(
+                "listNotifications",
+                "The caller's inbox: mentions, replies, direct messages kept while offline",
+                _ok(200, "A page, and the unread total", _inbox_page()),
+                errors=(400,),
+                params=[
+                    _query("unread", {"type": "string", "enum": ["true", "false"]}),
+                    *_PAGE,
+                ],
+            )
+        },
+        "/v1/notifications/read": {
+            "post": _op(
+                "markNotificationsRead",
+                "Mark notifications read (`ids`), or all of them (`{}`)",
+                _ok(200, "How many changed", _obj({"marked": {"type": "integer"}})),
+                errors=_WITH_BODY,
+                body=_obj({"ids": {"type": "array", "items": ID, "maxItems": 1000}}, []),
+            )
+        },
         "/v1/publish/conversations/{id}": {
             "post": _service_op(
                 "publishToConversation",
@@ -414,6 +435,28 @@ def _service_op(op_id: str, summary: str, params: list[Schema]) -> Schema:
     )
     op["security"] = [{"apikey": []}]
     return op
+
+
+def _inbox_page() -> Schema:
+    item = _obj(
+        {
+            "id": ID,
+            "kind": {"type": "string", "enum": ["mention", "reply", "dm"]},
+            "conv": ID,
+            "message": ID,
+            "from": {"type": "string"},
+            "excerpt": {"type": "string"},
+            "ts": MS,
+            "read": {"type": "boolean"},
+        }
+    )
+    return _obj(
+        {
+            "items": {"type": "array", "items": item},
+            "next": {"type": ["string", "null"]},
+            "unread": {"type": "integer", "minimum": 0},
+        }
+    )
 
 
 def _page_with_seq() -> Schema:

@@ -355,6 +355,7 @@ export class AgoraClient {
       case "joined":
       case "read":
       case "receipt":
+      case "notify":
         return this._emit(f.t, f);
       default:
         return undefined;

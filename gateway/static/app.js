@@ -121,6 +121,7 @@ async function start(token) {
   client.on("joined", (f) => addConversation(f.conv, true));
   client.on("read", onRead);
   client.on("receipt", onReceipt);
+  client.on("notify", onNotify);
   client.on("gap", (g) => loadHistory(g.conv).catch(fail));
   client.on("unauthorized", () => {
     toast("Session expired: sign in again");
@@ -128,6 +129,7 @@ async function start(token) {
     setTimeout(signOut, 1500);
   });
   client.connect();
+  loadInbox().catch(fail);
   await loadConversations();
   route();
 }
@@ -292,6 +294,44 @@ function onRead(f) {
   if (left && !viewing(f.conv)) state.unread.set(f.conv, left);
   else state.unread.delete(f.conv);
   renderConvList();
+}
+
+// -- notifications -------------------------------------------------------------------------
+const NOTE_TEXT = { mention: "mentioned you", reply: "replied to you", dm: "wrote to you" };
+
+function setBell(n) {
+  state.bell = Math.max(0, n);
+  $("bell-count").textContent = String(state.bell);
+}
+
+async function loadInbox() {
+  const page = await state.http.get("/v1/notifications?limit=30");
+  setBell(page.unread);
+  $("inbox-list").replaceChildren(
+    ...page.items.map((n) =>
+      h(
+        "li",
+        { class: n.read ? "" : "unread", "data-testid": "note", onclick: () => (location.hash = `#/chat/${n.conv}`) },
+        `${n.from} ${NOTE_TEXT[n.kind] || n.kind}: ${n.excerpt}`,
+      ),
+    ),
+  );
+}
+
+function onNotify(f) {
+  setBell((state.bell || 0) + 1);
+  toast(`${f.n.from} ${NOTE_TEXT[f.n.kind] || f.n.kind}`);
+  if (!$("inbox").hidden) loadInbox().catch(fail);
+}
+
+async function toggleInbox() {
+  $("inbox").hidden = !$("inbox").hidden;
+  if (!$("inbox").hidden) await loadInbox();
+}
+
+async function readAllNotes() {
+  await state.http.post("/v1/notifications/read", {});
+  await loadInbox();
 }
 
 async function loadReceipts(conv) {
@@ -698,6 +738,8 @@ function init() {
   $("composer").addEventListener("submit", sendMessage);
   $("composer-input").addEventListener("input", onComposerInput);
   $("composer-cancel").addEventListener("click", cancelMode);
+  $("bell").addEventListener("click", () => toggleInbox().catch(fail));
+  $("inbox-read").addEventListener("click", () => readAllNotes().catch(fail));
   $("new-post").addEventListener("submit", createPost);
   $("comment-form").addEventListener("submit", sendComment);
   $("feed-kind").addEventListener("change", loadFeed);

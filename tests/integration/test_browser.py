@@ -280,6 +280,38 @@ async def test_a_second_device_clears_its_badge_and_the_sender_sees_seen(
         await p.context.close()
 
 
+async def test_inbox_keeps_a_mention_for_an_offline_user_and_notifies_live(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    bob = await new_page(browser, g1.http_url + "/")
+    await sign_in(bob, bob_id)
+    await bob.get_by_test_id("new-conv-members").fill(alice_id)
+    await bob.locator("#new-conv-title").fill("Inbox")
+    await bob.get_by_test_id("new-conv-submit").click()
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Inbox", timeout=WAIT_MS)
+    await bob.get_by_test_id("composer-input").fill(f"@{alice_id} while you were away")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(bob.locator("#messages li.pending")).to_have_count(0, timeout=WAIT_MS)
+
+    alice = await new_page(browser, g2.http_url + "/")  # she comes online only now
+    await sign_in(alice, alice_id)
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("1", timeout=WAIT_MS)
+    await alice.get_by_test_id("bell").click()
+    await expect(alice.get_by_test_id("note")).to_contain_text(f"{bob_id} mentioned you")
+    await bob.get_by_test_id("composer-input").fill(f"and now live, @{alice_id}")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("2", timeout=WAIT_MS)
+    await expect(alice.get_by_test_id("note")).to_have_count(2, timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "inbox-alice.png"))
+    await alice.get_by_test_id("inbox-read").click()
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("0", timeout=WAIT_MS)
+    for p in (alice, bob):
+        assert p.errors == [], p.errors
+        await p.context.close()
+
+
 async def test_agora_js_moves_to_the_other_node_when_its_node_drains(
     stack: Stack, browser: Any
 ) -> None:

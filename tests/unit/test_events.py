@@ -115,3 +115,27 @@ def test_timeline_applies_events_in_order_and_ignores_old_seqs() -> None:
     t.apply(_msg(6, "delete", "", "101"))
     assert (item.body, item.deleted, item.reactions) == ("", True, {})
     assert t.seq == 6
+
+
+def test_mentions_are_parsed_once_each_and_sentence_ends_are_not_names() -> None:
+    from storage.notifications import excerpt, mentioned
+
+    assert mentioned("hi @bob and @carol.x, @bob again; email a@b.c") == ["bob", "carol.x"]
+    assert mentioned("@alice: look @dave.") == ["alice", "dave"]
+    assert mentioned("@" + "x" * 70) == ["x" * 64]
+    assert len(mentioned(" ".join(f"@u{i}" for i in range(30)))) == 20
+    assert excerpt("y" * 500).endswith("…") and len(excerpt("y" * 500)) == 140
+
+
+def test_a_dm_entry_only_for_direct_messages_not_already_notified() -> None:
+    from storage.notifications import dm_of
+
+    plain = Message(1, 2, 3, "a", "hi", 4, "c", "text")
+    assert dm_of(plain) is None
+    direct = Message(1, 2, 3, "a", "hi", 4, "c", "text", dm_to="b")
+    n = dm_of(direct)
+    assert n is not None and (n.user, n.kind, n.sender) == ("b", "dm", "a")
+    mentioned_too = Message(
+        1, 2, 3, "a", "@b", 4, "c", "text", notify=(("b", "mention"),), dm_to="b"
+    )
+    assert dm_of(mentioned_too) is None
