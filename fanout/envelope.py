@@ -123,6 +123,8 @@ class Delivery:
     typing: list[tuple[int, str]] = field(default_factory=list)  # (conv, user)
     scores: list[Score] = field(default_factory=list)
     user_frames: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # (conversations, frame): to each local subscriber of any of them once (presence).
+    presence: list[tuple[list[int], dict[str, Any]]] = field(default_factory=list)
 
 
 def encode_delivery(d: Delivery) -> bytes:
@@ -135,6 +137,8 @@ def encode_delivery(d: Delivery) -> bytes:
         payload["sc"] = [[s.post, s.thread, s.score, s.up, s.down] for s in d.scores]
     if d.user_frames:
         payload["u"] = [[u, f] for u, f in d.user_frames]
+    if d.presence:
+        payload["pr"] = [[convs, f] for convs, f in d.presence]
     out: bytes = msgpack.packb(payload)
     return out
 
@@ -156,6 +160,7 @@ def decode_delivery(data: bytes) -> Delivery:
             typing=[(int(c), str(u)) for c, u in o.get("ty", ())],
             scores=[Score(*row) for row in o.get("sc", ())],
             user_frames=[(str(u), dict(f)) for u, f in o.get("u", ())],
+            presence=[([int(c) for c in convs], dict(f)) for convs, f in o.get("pr", ())],
         )
     except (TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad delivery envelope: {exc!r}") from None

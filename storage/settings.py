@@ -326,6 +326,22 @@ class Settings:
         "most this many members; 0 turns them off. Read pointers and `unread` are kept "
         "for every size.",
     )
+    presence_grace_s: int = _setting(
+        "AGORA_PRESENCE_GRACE_S",
+        "15",
+        _int_range(1, 3600),
+        "A user is offline this long after their last connection closed (on any gateway), "
+        "so reconnects and drains do not flap; also how often a gateway sweeps the users "
+        "of gateways that died.",
+    )
+    presence_max_members: int = _setting(
+        "AGORA_PRESENCE_MAX_MEMBERS",
+        "100",
+        _int_range(0, 1000),
+        "`presence` frames go to the subscribers of the direct conversations and groups "
+        "of at most this many members a user is in (bigger rooms: `GET .../presence`); 0 "
+        "turns the frames off.",
+    )
     service_keys: tuple[ServiceKey, ...] = _setting(
         "AGORA_SERVICE_KEYS",
         "",

@@ -24,7 +24,7 @@ from gateway.protocol import frames
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_SEQ, USER_ID
 from gateway.readstate import ReadPath
 from gateway.send import SendPath
-from storage import conversations, events, readstate
+from storage import conversations, events, presence, readstate
 from storage.errors import BadRequest, Forbidden, NotFound, TooLarge, Unprocessable
 from storage.ids import IdGenerator, parse_id
 from storage.models import Conversation, Message
@@ -150,6 +150,33 @@ async def mark_read(request: Request) -> Response:
         me.user, conv_id, seq
     )
     return JSONResponse({"conv": str(conv_id), "seq": now})
+
+
+async def presence_list(request: Request) -> Response:
+    """Members with their presence, by user id (keyset), `?online=true` for online only."""
+    _, conv = await _member_conversation(request)
+    if conv.kind == "thread":
+        raise Forbidden("presence is listed for direct conversations and groups")
+    limit = page_limit(request)
+    cursor = decode_cursor(request.query_params.get("cursor"), 1)
+    only = request.query_params.get("online", "")
+    if only not in ("", "true", "false"):
+        raise BadRequest("online must be true or false")
+    if cursor is not None and not isinstance(cursor[0], str):
+        raise BadRequest("cursor is not valid")
+    after = cursor[0] if cursor is not None else None
+    pools: ShardPools = request.app.state.pools
+    users = await presence.members_page(pools, conv.id, after, limit + 1)
+    page = users[:limit]
+    nxt = encode_cursor(page[-1]) if len(users) > limit else None
+    node: Node = request.app.state.node
+    states = await node.presence.states(page)
+    items = [
+        {"user": u, "online": states[u][0], "last_seen": states[u][1]}
+        for u in page
+        if only != "true" or states[u][0]
+    ]
+    return JSONResponse({"items": items, "next": nxt})
 
 
 async def receipts(request: Request) -> Response:
@@ -317,6 +344,7 @@ routes = [
     Route("/v1/conversations/{id}", get_one, methods=["GET"]),
     Route("/v1/conversations/{id}/read", mark_read, methods=["PUT"]),
     Route("/v1/conversations/{id}/receipts", receipts, methods=["GET"]),
+    Route("/v1/conversations/{id}/presence", presence_list, methods=["GET"]),
     Route("/v1/conversations/{id}/members", add_member, methods=["POST"]),
     Route("/v1/conversations/{id}/members/{user}", remove_member, methods=["DELETE"]),
     Route("/v1/conversations/{id}/messages", history, methods=["GET"]),

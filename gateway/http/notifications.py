@@ -27,7 +27,11 @@ async def inbox(request: Request) -> Response:
     me = identity(request)
     limit = page_limit(request)
     cursor = decode_cursor(request.query_params.get("cursor"), 1)
-    before = int(cursor[0]) if cursor is not None else None
+    before = None
+    if cursor is not None:
+        if type(cursor[0]) is not int:
+            raise BadRequest("cursor is not valid")
+        before = cursor[0]
     flag = request.query_params.get("unread", "")
     if flag not in ("", "true", "false"):
         raise BadRequest("unread must be true or false")

@@ -360,6 +360,37 @@ def _conversation_paths() -> dict[str, Schema]:
                 body=_obj({"seq": {"type": "integer", "minimum": 0}}),
             )
         },
+        "/v1/conversations/{id}/presence": {
+            "get": _op(
+                "listPresence",
+                "Members and whether each is online (`last_seen` when not), by user id",
+                _ok(
+                    200,
+                    "A page of members",
+                    _obj(
+                        {
+                            "items": {
+                                "type": "array",
+                                "items": _obj(
+                                    {
+                                        "user": USER,
+                                        "online": {"type": "boolean"},
+                                        "last_seen": {"type": ["integer", "null"]},
+                                    }
+                                ),
+                            },
+                            "next": {"type": ["string", "null"]},
+                        }
+                    ),
+                ),
+                errors=(400, 403, 404),
+                params=[
+                    cid,
+                    _query("online", {"type": "string", "enum": ["true", "false"]}),
+                    *_PAGE,
+                ],
+            )
+        },
         "/v1/conversations/{id}/receipts": {
             "get": _op(
                 "readReceipts",

@@ -401,5 +401,10 @@ def receipt(conv: int, user: str, seq: int) -> dict[str, Any]:
     return {"t": "receipt", "conv": str(conv), "user": user, "seq": seq}
 
 
+def presence(user: str, online: bool, last_seen: int | None) -> dict[str, Any]:
+    """`user` came online, or went offline (`last_seen`: when, ms)."""
+    return {"t": "presence", "user": user, "online": online, "last_seen": last_seen}
+
+
 def reconnect(after_ms: int) -> dict[str, Any]:
     return {"t": "reconnect", "after_ms": after_ms}
