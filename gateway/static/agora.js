@@ -356,6 +356,7 @@ export class AgoraClient {
       case "read":
       case "receipt":
       case "notify":
+      case "presence":
         return this._emit(f.t, f);
       default:
         return undefined;

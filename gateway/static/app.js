@@ -47,6 +47,7 @@ const state = {
   readSeq: new Map(), // conv -> my read pointer (the largest heard)
   latest: new Map(), // conv -> the largest seq seen
   receipts: new Map(), // conv -> Map(user -> seq they have read up to)
+  online: new Map(), // user -> {online, last_seen}
 };
 const EVENT_KINDS = new Set(["edit", "delete", "react", "unreact"]);
 
@@ -122,6 +123,7 @@ async function start(token) {
   client.on("read", onRead);
   client.on("receipt", onReceipt);
   client.on("notify", onNotify);
+  client.on("presence", onPresence);
   client.on("gap", (g) => loadHistory(g.conv).catch(fail));
   client.on("unauthorized", () => {
     toast("Session expired: sign in again");
@@ -159,6 +161,7 @@ function addConversation(conv, announce) {
   }
   if (!known) {
     state.client.subscribe(conv.id).catch(fail);
+    loadPresence(conv.id).catch(() => {});
     // Not for one I am creating: its `joined` frame may beat the HTTP answer here.
     if (announce && !state.creating) toast(`You are in ${convName(conv)}`);
   }
@@ -184,7 +187,15 @@ function renderConvList() {
           "data-conv": c.id,
           onclick: () => (location.hash = `#/chat/${c.id}`),
         },
-        h("span", {}, convName(c), h("span", { class: "muted" }, c.kind === "direct" ? "" : " · group")),
+        h(
+          "span",
+          {},
+          c.kind === "direct"
+            ? h("span", { class: `dot ${c.members.some((m) => m !== state.me && isOnline(m)) ? "on" : ""}`, "data-testid": "dot" })
+            : null,
+          convName(c),
+          h("span", { class: "muted" }, c.kind === "direct" ? "" : " · group"),
+        ),
         state.unread.get(c.id) ? h("span", { class: "badge", "data-testid": "unread" }, state.unread.get(c.id)) : null,
       ),
     ),
@@ -265,6 +276,7 @@ async function openConversation(conv) {
   renderConvList();
   renderMessages();
   renderTyping();
+  renderPresence();
   $("composer-input").focus();
   await loadHistory(conv);
   markRead(conv);
@@ -294,6 +306,37 @@ function onRead(f) {
   if (left && !viewing(f.conv)) state.unread.set(f.conv, left);
   else state.unread.delete(f.conv);
   renderConvList();
+}
+
+// -- presence ------------------------------------------------------------------------------
+async function loadPresence(conv) {
+  const page = await state.http.get(`/v1/conversations/${conv}/presence?limit=100`);
+  for (const p of page.items) state.online.set(p.user, { online: p.online, last_seen: p.last_seen });
+  renderConvList();
+  if (conv === state.open) renderPresence();
+}
+
+function onPresence(f) {
+  state.online.set(f.user, { online: f.online, last_seen: f.last_seen });
+  renderConvList();
+  renderPresence();
+}
+
+function isOnline(user) {
+  return Boolean(state.online.get(user)?.online);
+}
+
+/** The open conversation's members, each with a dot (green: online). */
+function renderPresence() {
+  const c = state.convs.get(state.open);
+  if (!c) return;
+  const others = c.members.filter((m) => m !== state.me);
+  $("chat-members").replaceChildren(
+    ...others.map((m) =>
+      h("span", { class: "member", "data-testid": "member", "data-user": m, "data-online": isOnline(m) ? "yes" : "no" },
+        h("span", { class: `dot ${isOnline(m) ? "on" : ""}` }), m),
+    ),
+  );
 }
 
 // -- notifications -------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def stack(settings: Settings) -> Iterator[Stack]:
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.skip(f"{CHROMIUM} missing: run scripts/bootstrap as root (apt-get install chromium)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    s = Stack(settings, extra_env={"AGORA_DEV_TOKENS": "true"})
+    s = Stack(settings, extra_env={"AGORA_DEV_TOKENS": "true", "AGORA_PRESENCE_GRACE_S": "2"})
     try:
         s.gateway("web-g1")
         s.gateway("web-g2")
@@ -310,6 +310,27 @@ async def test_inbox_keeps_a_mention_for_an_offline_user_and_notifies_live(
     for p in (alice, bob):
         assert p.errors == [], p.errors
         await p.context.close()
+
+
+async def test_presence_dots_follow_a_user_across_nodes(stack: Stack, browser: Any) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    alice = await new_page(browser, g1.http_url + "/")
+    await sign_in(alice, alice_id)
+    await alice.get_by_test_id("new-conv-members").fill(bob_id)
+    await alice.locator("#new-conv-title").fill("Dots")
+    await alice.get_by_test_id("new-conv-submit").click()
+    await expect(alice.get_by_test_id("chat-title")).to_have_text("Dots", timeout=WAIT_MS)
+    bobs_dot = alice.locator(f'[data-testid="member"][data-user="{bob_id}"]')
+    await expect(bobs_dot).to_have_attribute("data-online", "no", timeout=WAIT_MS)
+    bob = await new_page(browser, g2.http_url + "/")
+    await sign_in(bob, bob_id)
+    await expect(bobs_dot).to_have_attribute("data-online", "yes", timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "presence-alice.png"))
+    await bob.context.close()  # gone: offline after the grace period (2 s here)
+    await expect(bobs_dot).to_have_attribute("data-online", "no", timeout=WAIT_MS)
+    assert alice.errors == [], alice.errors
+    await alice.context.close()
 
 
 async def test_agora_js_moves_to_the_other_node_when_its_node_drains(
