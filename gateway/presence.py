@@ -30,12 +30,15 @@ import redis.asyncio as aioredis
 
 from fanout.envelope import Delivery
 from gateway.protocol import frames
-from storage import presence
+from storage import conversations, presence
 from storage.ids import now_ms
 from storage.pools import ShardPools
 
 log = logging.getLogger("agora.gateway")
 PRESENCE_TTL_S = 30 * 24 * 3600  # last_seen is kept a month after the last change
+COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
+COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
+MAX_KINDS = 100_000
 
 # KEYS: presence hash, this node's presence set. ARGV: now ms, ttl, user, node set ttl.
 # 1 when the user was not online before.
@@ -77,6 +80,9 @@ class Presence:
         self._pending: dict[str, asyncio.Task[None]] = {}  # offline checks in their grace
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
+        self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
+        # thread -> (the total its local subscribers last got, how many they were then)
+        self._sent: dict[int, tuple[int, int]] = {}
 
     # -- hooks of gateway.node.Node ------------------------------------------------------
     def attached(self, user: str) -> None:
@@ -156,6 +162,13 @@ class Presence:
 
     # -- every node: heartbeat; one node at a time: sweep the dead ones -------------------
     async def run(self) -> None:
+        counts = self._spawn(self._count_threads())
+        try:
+            await self._sweep_forever()
+        finally:
+            counts.cancel()
+
+    async def _sweep_forever(self) -> None:
         while True:
             try:
                 await self._heartbeat()
@@ -195,6 +208,54 @@ class Presence:
             await self.redis.delete(self.keys.presence_node(dead))
             await self.redis.zrem(self.keys.presence_nodes(), dead)
             log.info("presence: took over %d users of dead node %s", len(users), dead)
+
+    # -- post threads: counts only ---------------------------------------------------------
+    async def _count_threads(self) -> None:
+        """Each second: write this node's subscriber count of every thread it has
+        subscribers of, read every node's, and tell the local subscribers the total when
+        it changed. One pipelined round trip per second, whatever the threads' sizes; no
+        frame crosses gateways."""
+        while True:
+            await asyncio.sleep(COUNT_EVERY_S)
+            try:
+                await self.count_threads_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("thread presence counts failed: %s", exc)
+
+    async def count_threads_once(self) -> None:
+        local = {c: len(s) for c, s in list(self.node.conv_subs.items()) if s}
+        for conv in [c for c in local if c not in self._kinds][:1000]:
+            found = await conversations.access(self.pools, conv, "")
+            if len(self._kinds) >= MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[conv] = found[0] if found else ""
+        threads = [c for c in local if self._kinds.get(c) == "thread"]
+        for gone in [c for c in self._sent if c not in local]:
+            del self._sent[gone]
+        if not threads:
+            return
+        now = now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for conv in threads:
+            key = self.keys.presence_watchers(conv)
+            pipe.hset(key, self.node.id, f"{local[conv]}:{now + COUNT_VALID_MS}")
+            pipe.expire(key, 10)
+            pipe.hgetall(key)
+        replies = await pipe.execute()
+        for i, conv in enumerate(threads):
+            total = 0
+            for raw in replies[i * 3 + 2].values():
+                count, _, until = (raw.decode() if isinstance(raw, bytes) else raw).partition(":")
+                if int(until) >= now:  # a dead gateway's count fades out
+                    total += int(count)
+            # Sent again when the total moved, or to a subscriber that joined since.
+            if self._sent.get(conv) != (total, local[conv]):
+                self._sent[conv] = (total, local[conv])
+                subs = self.node.conv_subs.get(conv)
+                if subs:
+                    self.node._broadcast(frames.presence_count(conv, total), subs)
 
     async def states(self, users: list[str]) -> dict[str, tuple[bool, int | None]]:
         """{user: (online, last_seen)} in one round trip."""

@@ -67,6 +67,11 @@ class RedisKeys:
         every heartbeat (gone when no gateway runs)."""
         return f"{self.p}:pres:nodes"
 
+    def presence_watchers(self, conv: int) -> str:
+        """Hash node -> "count:until_ms" of a post thread's subscribers per gateway.
+        TTL: a few seconds, refreshed each second by the gateways that have some."""
+        return f"{self.p}:pres:w:{conv}"
+
     def presence_sweep(self) -> str:
         """Held for one sweep by the gateway that takes over the users of dead nodes."""
         return f"{self.p}:pres:sweep"

@@ -406,5 +406,10 @@ def presence(user: str, online: bool, last_seen: int | None) -> dict[str, Any]:
     return {"t": "presence", "user": user, "online": online, "last_seen": last_seen}
 
 
+def presence_count(conv: int, online: int) -> dict[str, Any]:
+    """How many connections follow a post's thread (sent at most once a second)."""
+    return {"t": "presence_count", "conv": str(conv), "online": online}
+
+
 def reconnect(after_ms: int) -> dict[str, Any]:
     return {"t": "reconnect", "after_ms": after_ms}

@@ -4,6 +4,7 @@ gateway killed outright. Three gateway processes and the real engines."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -152,3 +153,43 @@ async def test_big_rooms_get_no_frames_but_list_presence(
     await cb.close()
     await watcher.close()
     await asyncio.sleep(0)
+
+
+async def test_a_post_thread_gets_counts_only_at_most_once_a_second(
+    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
+) -> None:
+    author = uid("w")
+    r = await http.post(
+        f"{g1.http_url}/v1/posts",
+        json={"title": "watch me", "community": "presence"},
+        headers={"Authorization": f"Bearer {stack.token(author)}"},
+    )
+    assert r.status_code == 201, r.text
+    thread = r.json()["thread"]
+    readers = [
+        await AgoraClient.connect((g1 if i % 2 else g2).ws_url, stack.token(uid("r")))
+        for i in range(3)
+    ]
+    for c in readers:
+        await c.sub(thread)
+
+    async def count_reaches(client: AgoraClient, value: int) -> list[float]:
+        stamps: list[float] = []
+        while True:
+            f = await client.next_event("presence_count", timeout=10)
+            assert f["conv"] == thread
+            stamps.append(time.monotonic())
+            if f["online"] == value:
+                return stamps
+
+    for c in readers:
+        await count_reaches(c, 3)
+    await readers[0].close()
+    for c in readers[1:]:
+        stamps = await count_reaches(c, 2)
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        assert all(g >= 0.9 for g in gaps), gaps  # at most once a second
+    with pytest.raises(TimeoutError):  # no user-level presence frames for a thread
+        await readers[1].next_event("presence", timeout=1)
+    for c in readers[1:]:
+        await c.close()
