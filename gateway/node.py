@@ -28,6 +28,7 @@ from gateway.connection import Connection
 from gateway.heartbeat import keep_alive
 from gateway.presence import Presence
 from gateway.protocol import frames
+from gateway.protocol.messages import message_frame
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
 from gateway.tailcheck import TailCheck
@@ -390,4 +391,4 @@ class Node:
 
 
 def _msg_frame(m: Message) -> dict[str, Any]:
-    return frames.message(m)
+    return message_frame(m)

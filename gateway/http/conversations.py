@@ -20,8 +20,9 @@ from gateway.http.common import (
     path_id,
 )
 from gateway.node import Node
-from gateway.protocol import frames
+from gateway.protocol import fields
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_SEQ, USER_ID
+from gateway.protocol.messages import message_frame
 from gateway.readstate import ReadPath
 from gateway.send import SendPath
 from storage import conversations, events, presence, readstate
@@ -47,7 +48,7 @@ def conversation_json(c: Conversation) -> dict[str, Any]:
 
 
 def message_json(m: Message) -> dict[str, Any]:
-    out = frames.message(m)
+    out = message_frame(m)
     del out["t"]
     return out
 
@@ -286,7 +287,7 @@ def _message_id(raw: Any, what: str) -> int:
 
 def _cid_of(body: dict[str, Any]) -> str:
     cid = body.get("cid")
-    problem = frames.check_cid(cid)
+    problem = fields.check_cid(cid)
     if problem is not None:
         raise Unprocessable(problem)
     assert isinstance(cid, str)
@@ -300,7 +301,7 @@ async def edit_message(request: Request) -> Response:
     body = await json_body(request)
     cid = _cid_of(body)
     text = body.get("body")
-    problem = frames.check_body(text)
+    problem = fields.check_body(text)
     if problem is not None:
         raise problem if isinstance(problem, TooLarge) else Unprocessable(problem.message)
     assert isinstance(text, str)
@@ -327,7 +328,7 @@ async def react(request: Request) -> Response:
     body = await json_body(request)
     cid = _cid_of(body)
     emoji = body.get("emoji")
-    problem = frames.check_emoji(emoji)
+    problem = fields.check_emoji(emoji)
     if problem is not None:
         raise Unprocessable(problem)
     assert isinstance(emoji, str)

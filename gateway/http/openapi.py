@@ -23,6 +23,8 @@ Schema = dict[str, Any]
 
 ID = {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "64-bit id, decimal"}
 USER = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+# A member: a user, or (in its direct conversations with users) a publishing service.
+MEMBER = {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,64}|service/[a-z0-9_-]{1,32})$"}
 COMMUNITY = {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"}
 MS = {"type": "integer", "description": "milliseconds since the Unix epoch (UTC)"}
 ERROR_CODES = [
@@ -144,7 +146,7 @@ def conversation_schema() -> Schema:
             "id": ID,
             "kind": {"type": "string", "enum": ["direct", "group", "thread"]},
             "title": {"type": "string"},
-            "members": {"type": "array", "items": USER},
+            "members": {"type": "array", "items": MEMBER},
             "created_at": MS,
             "last_seq": {"type": "integer", "minimum": 0},
             "last_activity": MS,

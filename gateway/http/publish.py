@@ -18,7 +18,7 @@ from starlette.routing import Route
 from gateway.access import Access
 from gateway.http.common import JSONResponse, json_body, path_id
 from gateway.http.conversations import _announce, _cid_of
-from gateway.protocol import frames
+from gateway.protocol import fields
 from gateway.protocol.frames import USER_ID
 from gateway.send import Accepted, SendPath
 from gateway.servicekeys import Service, ServiceKeys
@@ -62,7 +62,7 @@ def _paths(request: Request) -> tuple[ServiceKeys, SendPath]:
 def _text(body: dict[str, Any]) -> tuple[str, str]:
     cid = _cid_of(body)
     text = body.get("body")
-    problem = frames.check_body(text)
+    problem = fields.check_body(text)
     if problem is not None:
         raise problem if isinstance(problem, TooLarge) else Unprocessable(problem.message)
     assert isinstance(text, str)

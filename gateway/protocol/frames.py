@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from storage.errors import AgoraError, BadRequest, TooLarge
+from gateway.protocol import fields
+from gateway.protocol.fields import check_body, check_cid, check_emoji
+from storage.errors import AgoraError, BadRequest
 from storage.ids import parse_id
-from storage.models import Message
 
-MAX_BODY_CHARS = 4000
-MAX_CID_CHARS = 64
+MAX_BODY_CHARS = fields.MAX_BODY_CHARS
+MAX_CID_CHARS = fields.MAX_CID_CHARS
+MAX_EMOJI_CHARS = fields.MAX_EMOJI_CHARS
 MAX_RID = (1 << 53) - 1  # a JavaScript client's largest safe integer
 MAX_SEQ = (1 << 63) - 1
 USER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MESSAGE_KINDS = ("text", "comment")
-MAX_EMOJI_CHARS = 32
 SERVICE_SENDER = "service/"  # the sender prefix of the publish API (gateway/servicekeys.py)
 
 
@@ -161,39 +162,6 @@ def _conv(frame: dict[str, Any], rid: int | None, name: str = "conv") -> int:
     if conv is None:
         raise FrameError(rid, BadRequest(f"{name} is not a valid id"))
     return conv
-
-
-def check_cid(cid: Any) -> str | None:
-    """Why `cid` is not a client message id (None: it is one). Shared with HTTP."""
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
-        return f"cid must be a string of 1-{MAX_CID_CHARS} chars"
-    return None
-
-
-def check_body(body: Any) -> AgoraError | None:
-    """Why `body` is not a message text (None: it is one). Shared with HTTP."""
-    if not isinstance(body, str):
-        return BadRequest("body must be a string")
-    if "\x00" in body:
-        # PostgreSQL text cannot hold NUL: refuse it here, not in a fan-out worker later.
-        return BadRequest("body must not contain NUL characters")
-    if not body:
-        return BadRequest("body must not be empty")
-    if len(body) > MAX_BODY_CHARS:
-        return TooLarge(f"body is over {MAX_BODY_CHARS} chars")
-    return None
-
-
-def check_emoji(emoji: Any) -> str | None:
-    """Why `emoji` is not a reaction (None: it is one): 1-32 chars, no whitespace or
-    control characters (so it is one visible token). Shared with HTTP."""
-    if (
-        not isinstance(emoji, str)
-        or not 1 <= len(emoji) <= MAX_EMOJI_CHARS
-        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in emoji)
-    ):
-        return f"emoji must be 1-{MAX_EMOJI_CHARS} chars without spaces or control characters"
-    return None
 
 
 def _cid(f: dict[str, Any], rid: int | None) -> str:
@@ -334,24 +302,6 @@ def msg(
     if sender.startswith(SERVICE_SENDER):
         frame["service"] = True  # posted by a backend service (no user id holds a "/")
     return frame
-
-
-def message(m: Message) -> dict[str, Any]:
-    """The `msg` frame of a stored message (live, replayed or over HTTP)."""
-    return msg(
-        m.conv,
-        m.id,
-        m.seq,
-        m.sender,
-        m.body,
-        m.ts,
-        m.cid,
-        m.kind,
-        ref=m.ref,
-        reply_to=m.reply_to,
-        edited=m.edited,
-        deleted=m.deleted,
-    )
 
 
 def _with_rid(frame: dict[str, Any], rid: int | None) -> dict[str, Any]:

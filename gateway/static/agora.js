@@ -357,6 +357,7 @@ export class AgoraClient {
       case "receipt":
       case "notify":
       case "presence":
+      case "presence_count":
         return this._emit(f.t, f);
       default:
         return undefined;

@@ -15,8 +15,8 @@ from fanout.envelope import (
     encode_delivery,
     encode_new_message,
 )
-from gateway.protocol import frames
 from gateway.protocol.frames import Delete, Edit, FrameError, React, Send, parse_request
+from gateway.protocol.messages import message_frame
 from storage.events import _Target, refusal
 from storage.models import Message, NewMessage
 
@@ -52,11 +52,11 @@ def test_bad_event_frames_are_frame_errors(frame: dict[str, Any]) -> None:
 
 
 def test_msg_frame_adds_fields_only_when_set() -> None:
-    plain = frames.message(Message(1, 2, 3, "u", "b", 4, "c", "text"))
+    plain = message_frame(Message(1, 2, 3, "u", "b", 4, "c", "text"))
     assert set(plain) == {"t", "conv", "id", "seq", "from", "body", "ts", "cid", "kind"}
-    edit = frames.message(Message(1, 2, 3, "u", "b", 4, "c", "edit", ref=7))
+    edit = message_frame(Message(1, 2, 3, "u", "b", 4, "c", "edit", ref=7))
     assert edit["ref"] == "7"
-    reply = frames.message(Message(1, 2, 3, "u", "", 4, "c", "text", 8, 9, True, True))
+    reply = message_frame(Message(1, 2, 3, "u", "", 4, "c", "text", 8, 9, True, True))
     assert (reply["ref"], reply["reply_to"], reply["edited"], reply["deleted"]) == (
         "8",
         "9",
