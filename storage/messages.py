@@ -65,7 +65,7 @@ async def append_batch(
                last_message_at = to_timestamp(v.ts / 1000.0)
            FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(id, n, ts)
            WHERE c.id = v.id
-           RETURNING c.id, c.last_seq""",
+           RETURNING c.id, c.last_seq, c.kind""",
         conv_ids,
         [len(per_conv[c]) for c in conv_ids],
         [max(m.ts for m in per_conv[c]) for c in conv_ids],
@@ -122,7 +122,8 @@ async def append_batch(
             columns=list(_COPY_COLUMNS),
         )
         # Mentions and replies go to the inbox in this transaction: exactly once.
-        stored = await notifications.derive(conn, stored)
+        kinds = {r["id"]: r["kind"] for r in rows}
+        stored = await notifications.derive(conn, stored, kinds)
     return stored, already, orphans
 
 

@@ -54,26 +54,31 @@ def excerpt(body: str) -> str:
     return body if len(body) <= EXCERPT_CHARS else body[: EXCERPT_CHARS - 1] + "…"
 
 
-async def derive(conn: Any, stored: list[Message]) -> list[Message]:
+async def derive(conn: Any, stored: list[Message], kinds: dict[int, str]) -> list[Message]:
     """Write the mention and reply notifications of `stored` (in the sequencing
-    transaction); returns `stored` with each message's `notify` and `dm_to` set."""
+    transaction; `kinds`: each conversation's kind); returns `stored` with each message's
+    `notify` and `dm_to` set. Reads only what a batch needs: the members a text @names,
+    the two members of a direct conversation, the authors of the messages replied to (a
+    batch of a big room's plain messages costs no query at all)."""
     texts = [m for m in stored if m.kind in ("text", "comment")]
-    if not texts:
+    named = {m.id: mentioned(m.body) for m in texts if "@" in m.body}
+    direct = sorted({m.conv for m in texts if kinds.get(m.conv) == "direct"})
+    replied = sorted({m.reply_to for m in texts if m.reply_to is not None})
+    if not named and not direct and not replied:
         return stored
-    convs = sorted({m.conv for m in texts})
+    by_id = {m.id: m for m in texts}
+    wanted = [(by_id[i].conv, user) for i, users in named.items() for user in users]
     rows = await conn.fetch(
-        """SELECT c.id, c.kind, m.user_id FROM conversations c
-           LEFT JOIN members m ON m.conv_id = c.id
-           WHERE c.id = ANY($1::bigint[])""",
-        convs,
+        """SELECT m.conv_id, m.user_id FROM members m
+           WHERE m.conv_id = ANY($1::bigint[])
+              OR (m.conv_id, m.user_id) IN (SELECT * FROM unnest($2::bigint[], $3::text[]))""",
+        direct,
+        [c for c, _ in wanted],
+        [u for _, u in wanted],
     )
     members: dict[int, set[str]] = defaultdict(set)
-    kinds: dict[int, str] = {}
     for r in rows:
-        kinds[r["id"]] = r["kind"]
-        if r["user_id"] is not None:
-            members[r["id"]].add(r["user_id"])
-    replied = [m.reply_to for m in texts if m.reply_to is not None]
+        members[r["conv_id"]].add(r["user_id"])
     authors: dict[int, str] = {}
     if replied:
         for r in await conn.fetch(
@@ -81,7 +86,7 @@ async def derive(conn: Any, stored: list[Message]) -> list[Message]:
         ):
             authors[r["id"]] = r["sender"]
         # A reply to a message of the same batch: its author is in the batch.
-        authors.update({m.id: m.sender for m in stored if m.id in set(replied)})
+        authors.update({m.id: m.sender for m in stored if m.id in replied})
     out: list[Notification] = []
     marked: dict[int, Message] = {}
     for m in texts:
@@ -89,7 +94,7 @@ async def derive(conn: Any, stored: list[Message]) -> list[Message]:
         author = authors.get(m.reply_to) if m.reply_to is not None else None
         if author is not None and author != m.sender:
             whom[author] = "reply"  # a reply that also @names its author is a reply
-        for user in mentioned(m.body):
+        for user in named.get(m.id, ()):
             if user in members[m.conv] and user != m.sender:
                 whom.setdefault(user, "mention")
         dm_to = None

@@ -49,9 +49,9 @@ async def mark_read(request: Request) -> Response:
     """`{ids: [...]}` marks those read; `{}` marks every one."""
     me = identity(request)
     body = await json_body(request)
-    raw = body.get("ids")
     ids: list[int] | None = None
-    if raw is not None:
+    if "ids" in body:  # absent: all of them; present, it must be a list
+        raw = body["ids"]
         if not isinstance(raw, list) or len(raw) > MAX_MARK:
             raise Unprocessable(f"ids must be a list of at most {MAX_MARK} notification ids")
         ids = []

@@ -160,7 +160,7 @@ async def test_a_dm_or_mention_to_an_offline_user_waits_in_the_inbox(
     r = await http.post(f"{g1.http_url}/v1/notifications/read", json={}, headers=auth(stack, away))
     assert r.json() == {"marked": 3}
     assert (await inbox(http, stack, g1, away))["unread"] == 0
-    for bad in ({"ids": "x"}, {"ids": [1]}, {"ids": ["nope"]}):
+    for bad in ({"ids": "x"}, {"ids": [1]}, {"ids": ["nope"]}, {"ids": None}):
         r = await http.post(
             f"{g1.http_url}/v1/notifications/read", json=bad, headers=auth(stack, away)
         )
