@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from storage.errors import NotFound
 from storage.models import Message
 from storage.pools import ShardPools
 
@@ -205,7 +206,10 @@ async def mark_read(pools: ShardPools, user: str, ids: list[int] | None, now: in
     else:
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i in ids:
-            by_shard[pools.for_id(i)].append(i)
+            try:
+                by_shard[pools.for_id(i)].append(i)
+            except NotFound:
+                continue  # an id naming no shard names no notification either
         counts = await asyncio.gather(*(one(p, g) for p, g in by_shard.items()))
     return sum(counts)
 

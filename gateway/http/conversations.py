@@ -160,8 +160,8 @@ async def presence_list(request: Request) -> Response:
         raise Forbidden("presence is listed for direct conversations and groups")
     limit = page_limit(request)
     cursor = decode_cursor(request.query_params.get("cursor"), 1)
-    only = request.query_params.get("online", "")
-    if only not in ("", "true", "false"):
+    only = request.query_params.get("online", "false")
+    if only not in ("true", "false"):
         raise BadRequest("online must be true or false")
     if cursor is not None and not isinstance(cursor[0], str):
         raise BadRequest("cursor is not valid")

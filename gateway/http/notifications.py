@@ -32,8 +32,8 @@ async def inbox(request: Request) -> Response:
         if type(cursor[0]) is not int:
             raise BadRequest("cursor is not valid")
         before = cursor[0]
-    flag = request.query_params.get("unread", "")
-    if flag not in ("", "true", "false"):
+    flag = request.query_params.get("unread", "false")
+    if flag not in ("true", "false"):
         raise BadRequest("unread must be true or false")
     pools = request.app.state.pools
     items = await notifications.page(pools, me.user, before, limit + 1, flag == "true")

@@ -183,3 +183,35 @@ async def test_a_redelivered_mention_is_not_notified_twice(
     async with pools.connection(pools.for_id(conv)) as conn:
         rows = await conn.fetchval("SELECT count(*) FROM notifications WHERE user_id = $1", b)
     assert rows == 1
+
+
+async def test_when_redis_cannot_say_who_is_online_every_dm_is_kept(
+    pools: ShardPools, ids: IdGenerator, http: httpx.AsyncClient, stack: Stack, g1: Proc
+) -> None:
+    """The fan-out worker asks Redis who is online before keeping a direct message for an
+    offline recipient; with Redis unreachable it keeps it anyway, then fails the batch
+    (which is handled again: nothing is lost, nothing is kept twice)."""
+    import redis.asyncio as aioredis
+
+    from fanout.notify import notify
+    from fanout.routing import Routes
+    from storage.models import Message
+    from storage.redis_keys import RedisKeys
+
+    a, b = uid("a"), uid("b")
+    r = await http.post(
+        f"{g1.http_url}/v1/conversations",
+        json={"kind": "direct", "members": [b]},
+        headers=auth(stack, a),
+    )
+    conv = int(r.json()["id"])
+    m = Message(conv, ids.next_id(shard_of_id(conv)), 1, a, "hello", 1, "c", "text", dm_to=b)
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    try:
+        for _ in range(2):  # the batch handled again: still one entry
+            with pytest.raises((aioredis.RedisError, OSError)):
+                await notify(Routes(dead, RedisKeys("x")), pools, [m])
+    finally:
+        await dead.aclose()
+    page = await inbox(http, stack, g1, b)
+    assert [(n["kind"], n["message"]) for n in page["items"]] == [("dm", str(m.id))]
