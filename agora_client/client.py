@@ -170,7 +170,12 @@ class AgoraClient:
         return await self.request({"t": "unsub", "conv": conv})
 
     async def send(
-        self, conv: str, body: str, cid: str | None = None, kind: str | None = None
+        self,
+        conv: str,
+        body: str,
+        cid: str | None = None,
+        kind: str | None = None,
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         frame: dict[str, Any] = {
             "t": "send",
@@ -180,7 +185,30 @@ class AgoraClient:
         }
         if kind:
             frame["kind"] = kind
+        if reply_to is not None:
+            frame["reply_to"] = reply_to
         return await self.request(frame)
+
+    async def edit(self, conv: str, ref: str, body: str, cid: str | None = None) -> dict[str, Any]:
+        """Edit one's own message `ref`: an `edit` event with its own seq."""
+        frame = {"t": "edit", "conv": conv, "ref": ref, "body": body}
+        return await self.request({**frame, "cid": cid or uuid.uuid4().hex})
+
+    async def delete(self, conv: str, ref: str, cid: str | None = None) -> dict[str, Any]:
+        """Delete one's own message `ref` (a tombstone stays)."""
+        frame = {"t": "delete", "conv": conv, "ref": ref}
+        return await self.request({**frame, "cid": cid or uuid.uuid4().hex})
+
+    async def react(
+        self, conv: str, ref: str, emoji: str, remove: bool = False, cid: str | None = None
+    ) -> dict[str, Any]:
+        """Add (or take back) one's reaction `emoji` to message `ref`."""
+        frame = {"t": "react", "conv": conv, "ref": ref, "emoji": emoji, "remove": remove}
+        return await self.request({**frame, "cid": cid or uuid.uuid4().hex})
+
+    async def read(self, conv: str, seq: int) -> dict[str, Any]:
+        """Move one's read pointer in `conv` to `seq` (forward only)."""
+        return await self.request({"t": "read", "conv": conv, "seq": seq})
 
     async def typing(self, conv: str) -> None:
         await self.ws.send(self.encode({"t": "typing", "conv": conv}))

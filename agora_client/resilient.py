@@ -339,6 +339,7 @@ class ReconnectingClient:
         cid: str | None = None,
         kind: str | None = None,
         timeout: float = 60.0,
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         """The `ack` of this message, retrying with the same cid across reconnects,
         `unavailable` and `rate_limited`, until `timeout`."""
@@ -346,6 +347,40 @@ class ReconnectingClient:
         frame["body"] = body
         if kind:
             frame["kind"] = kind
+        if reply_to is not None:
+            frame["reply_to"] = reply_to
+        return await self.submit(frame, timeout)
+
+    async def edit(
+        self, conv: str, ref: str, body: str, cid: str | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Edit one's own message `ref` (retried with the same cid like `send`)."""
+        frame = {"t": "edit", "conv": conv, "ref": ref, "body": body}
+        return await self.submit({**frame, "cid": cid or uuid.uuid4().hex}, timeout)
+
+    async def delete(
+        self, conv: str, ref: str, cid: str | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Delete one's own message `ref` (a tombstone stays)."""
+        frame = {"t": "delete", "conv": conv, "ref": ref}
+        return await self.submit({**frame, "cid": cid or uuid.uuid4().hex}, timeout)
+
+    async def react(
+        self,
+        conv: str,
+        ref: str,
+        emoji: str,
+        remove: bool = False,
+        cid: str | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Add (or take back) one's reaction `emoji` to message `ref`."""
+        frame = {"t": "react", "conv": conv, "ref": ref, "emoji": emoji, "remove": remove}
+        return await self.submit({**frame, "cid": cid or uuid.uuid4().hex}, timeout)
+
+    async def submit(self, frame: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Any request carrying a `cid` (send, edit, delete, react): its `ack`, retrying
+        with the same cid until `timeout`."""
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
@@ -367,6 +402,11 @@ class ReconnectingClient:
             if time.monotonic() + wait > deadline:
                 raise TimeoutError(f"send {frame['cid']} not acknowledged within {timeout}s")
             await asyncio.sleep(wait)
+
+    async def read(self, conv: str, seq: int) -> dict[str, Any]:
+        """Move one's read pointer in `conv` to `seq` (forward only; repeating is safe)."""
+        conn = await self._connection(time.monotonic() + self.request_timeout)
+        return await conn.read(conv, seq)
 
     async def ping(self) -> dict[str, Any]:
         conn = await self._connection(time.monotonic() + self.request_timeout)

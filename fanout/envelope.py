@@ -34,19 +34,27 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 
 def encode_new_message(m: NewMessage) -> bytes:
-    out: bytes = msgpack.packb(
-        {
-            "v": VERSION,
-            "c": m.conv,
-            "i": m.id,
-            "f": m.sender,
-            "k": m.cid,
-            "b": m.body,
-            "t": m.ts,
-            "y": m.kind,
-        }
-    )
+    o: dict[str, Any] = {
+        "v": VERSION,
+        "c": m.conv,
+        "i": m.id,
+        "f": m.sender,
+        "k": m.cid,
+        "b": m.body,
+        "t": m.ts,
+        "y": m.kind,
+    }
+    # Optional keys, present only when set (an addition: older records have none).
+    if m.ref is not None:
+        o["r"] = m.ref
+    if m.reply_to is not None:
+        o["p"] = m.reply_to
+    out: bytes = msgpack.packb(o)
     return out
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def decode_new_message(data: bytes) -> NewMessage:
@@ -60,6 +68,8 @@ def decode_new_message(data: bytes) -> NewMessage:
             body=str(o["b"]),
             ts=int(o["t"]),
             kind=str(o["y"]),
+            ref=_opt_int(o.get("r")),
+            reply_to=_opt_int(o.get("p")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad message envelope: {exc!r}") from None
@@ -113,22 +123,33 @@ class Delivery:
     typing: list[tuple[int, str]] = field(default_factory=list)  # (conv, user)
     scores: list[Score] = field(default_factory=list)
     user_frames: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # (conversations, frame): to each local subscriber of any of them once (presence).
+    presence: list[tuple[list[int], dict[str, Any]]] = field(default_factory=list)
 
 
 def encode_delivery(d: Delivery) -> bytes:
     payload: dict[str, Any] = {"v": VERSION}
     if d.messages:
-        payload["m"] = [
-            [m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind] for m in d.messages
-        ]
+        payload["m"] = [_message_row(m) for m in d.messages]
     if d.typing:
         payload["ty"] = [[c, u] for c, u in d.typing]
     if d.scores:
         payload["sc"] = [[s.post, s.thread, s.score, s.up, s.down] for s in d.scores]
     if d.user_frames:
         payload["u"] = [[u, f] for u, f in d.user_frames]
+    if d.presence:
+        payload["pr"] = [[convs, f] for convs, f in d.presence]
     out: bytes = msgpack.packb(payload)
     return out
+
+
+def _message_row(m: Message) -> list[Any]:
+    row: list[Any] = [m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind]
+    # The fields of edits, reactions and replies trail, only when set: a plain message's
+    # row stays as it was.
+    if m.ref is not None or m.reply_to is not None or m.edited or m.deleted:
+        row += [m.ref, m.reply_to, m.edited, m.deleted]
+    return row
 
 
 def decode_delivery(data: bytes) -> Delivery:
@@ -139,6 +160,7 @@ def decode_delivery(data: bytes) -> Delivery:
             typing=[(int(c), str(u)) for c, u in o.get("ty", ())],
             scores=[Score(*row) for row in o.get("sc", ())],
             user_frames=[(str(u), dict(f)) for u, f in o.get("u", ())],
+            presence=[([int(c) for c in convs], dict(f)) for convs, f in o.get("pr", ())],
         )
     except (TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad delivery envelope: {exc!r}") from None

@@ -28,6 +28,7 @@ from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
 from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
 from fanout.kafka import fanout_group, messages_topic
+from fanout.notify import notify
 from fanout.routing import Routes
 from fanout.sequencer import sequence
 from storage.errors import NotFound
@@ -79,6 +80,7 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         out.poison = [(by_message[id(m)], why) for m, why in result.poison]
         try:
             await self.publish(result.in_order())
+            await notify(self.routes, self.pools, result.stored)
         except (OSError, aioredis.RedisError) as exc:
             # Stored but not published: hold it all; the retry finds the messages stored
             # (redelivered) and publishes them under their seq.

@@ -22,7 +22,18 @@ from gateway.admission import Admission
 from gateway.auth import TokenVerifier
 from gateway.expiry import TokenExpiry
 from gateway.feedpages import FeedPages
-from gateway.http import asyncapi, conversations, dev, feeds, health, openapi, posts, web
+from gateway.http import (
+    asyncapi,
+    conversations,
+    dev,
+    feeds,
+    health,
+    notifications,
+    openapi,
+    posts,
+    publish,
+    web,
+)
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
@@ -193,6 +204,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/me", me, methods=["GET"]),
         *health.routes,
         *conversations.routes,
+        *publish.routes,
+        *notifications.routes,
         *posts.routes,
         *feeds.routes,
         *openapi.routes,

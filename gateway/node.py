@@ -26,7 +26,9 @@ from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
 from gateway.connection import Connection
 from gateway.heartbeat import keep_alive
+from gateway.presence import Presence
 from gateway.protocol import frames
+from gateway.protocol.messages import message_frame
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
 from gateway.tailcheck import TailCheck
@@ -84,6 +86,7 @@ class Node:
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
         self.latency: LatencySink = _NoLatency()
+        self.presence = Presence(self, pools)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +97,7 @@ class Node:
         self._tasks.append(asyncio.create_task(self.sync.run()))
         self._tasks.append(asyncio.create_task(self.tails.run()))
         self._tasks.append(asyncio.create_task(keep_alive(self.connections, self.settings)))
+        self._tasks.append(asyncio.create_task(self.presence.run()))
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
@@ -104,6 +108,7 @@ class Node:
                 await task
         for conn in list(self.connections):  # whoever outlived the drain (a forced exit)
             conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
+        await self.presence.stop()
         with contextlib.suppress(Exception):
             await self.routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
 
@@ -183,9 +188,12 @@ class Node:
             return  # closed already: detach has run and would not run again
         self.connections.add(conn)
         self._none_left.clear()
+        first = not self.user_conns.get(conn.user)
         self.user_conns[conn.user].add(conn)
         self.sync.changed(users=(conn.user,))
         await self.sync.ensure(user=conn.user)
+        if first and self.user_conns.get(conn.user):
+            self.presence.attached(conn.user)
 
     def detach(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -198,6 +206,7 @@ class Node:
             if not users:
                 del self.user_conns[conn.user]
                 self.sync.changed(users=(conn.user,))
+                self.presence.detached(conn.user)
         self.sync.changed(convs=drop_convs)
 
     def _remove_sub(self, conn: Connection, conv: int) -> bool:
@@ -296,6 +305,11 @@ class Node:
             conns = self.user_conns.get(user)
             if conns:
                 self._broadcast(frame, conns)
+        for convs, frame in delivery.presence:
+            # Once per connection, however many of these rooms it follows.
+            targets = set().union(*(self.conv_subs.get(c, ()) for c in convs))
+            if targets:
+                self._broadcast(frame, targets, skip_user=frame.get("user"))
 
     def _broadcast(
         self, frame: dict[str, Any], conns: set[Connection], skip_user: str | None = None
@@ -393,4 +407,4 @@ class Node:
 
 
 def _msg_frame(m: Message) -> dict[str, Any]:
-    return frames.msg(m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind)
+    return message_frame(m)

@@ -128,21 +128,41 @@ class SendPath:
         self.from_shard = 0  # answered with a stored message's id that Redis had forgotten
         self.settled = 0  # waited for the copy to be stored (Redis lost data recently)
 
-    async def send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
-        """Accept one message; runs to its end even when the caller is cancelled (its
-        client went away): a claimed cid must end acked or failed, or the client's retry
-        would find it pending with nobody left to finish it."""
-        task = asyncio.ensure_future(self._send(user, conv, cid, body, kind))
+    async def send(
+        self,
+        user: str,
+        conv: int,
+        cid: str,
+        body: str,
+        kind: str,
+        ref: int | None = None,
+        reply_to: int | None = None,
+    ) -> Accepted:
+        """Accept one message (or an event of gateway/events.py: `ref` is its target);
+        runs to its end even when the caller is cancelled (its client went away): a
+        claimed cid must end acked or failed, or the client's retry would find it pending
+        with nobody left to finish it."""
+        task = asyncio.ensure_future(self._send(user, conv, cid, body, kind, ref, reply_to))
         task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
-    async def _send(self, user: str, conv: int, cid: str, body: str, kind: str) -> Accepted:
+    async def _send(
+        self,
+        user: str,
+        conv: int,
+        cid: str,
+        body: str,
+        kind: str,
+        ref: int | None = None,
+        reply_to: int | None = None,
+    ) -> Accepted:
         wait_ms = self._local.take(user, time.monotonic())
         if wait_ms:
             raise RateLimited("too many messages", retry_after_ms=wait_ms)
         conv_kind = await self.access.check(user, conv)
         if conv_kind == "thread":
-            kind = "comment"  # every message of a post's thread is a comment
+            if kind == "text":
+                kind = "comment"  # every message of a post's thread is a comment
         elif kind == "comment":
             raise BadRequest("comments belong to a post's thread")
         key = self.keys.idempotency(user, cid)
@@ -155,7 +175,7 @@ class SendPath:
             if record.state == "a":
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
-                message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind)
+                message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
                 return await self._produce(key, message, record, fresh)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:

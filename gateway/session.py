@@ -14,12 +14,27 @@ import redis.asyncio as aioredis
 from gateway.access import Access
 from gateway.auth import TokenVerifier
 from gateway.connection import Connection
+from gateway.events import EventPath
 from gateway.expiry import TokenExpiry
 from gateway.limits import BucketMap
 from gateway.node import Node
 from gateway.protocol import frames
-from gateway.protocol.frames import Auth, CloseCode, Ping, Request, Send, Sub, Typing, Unsub
-from gateway.send import SendPath
+from gateway.protocol.frames import (
+    Auth,
+    CloseCode,
+    Delete,
+    Edit,
+    Ping,
+    React,
+    Read,
+    Request,
+    Send,
+    Sub,
+    Typing,
+    Unsub,
+)
+from gateway.readstate import ReadPath
+from gateway.send import Accepted, SendPath
 from storage.errors import AgoraError, BadRequest, Internal, Unauthorized, Unavailable
 
 log = logging.getLogger("agora.gateway")
@@ -46,6 +61,8 @@ class RequestHandler:
         # a node-local bucket drops repeats without a round trip, a Redis key per (conv,
         # user) drops those from the user's other nodes.
         self._typing = BucketMap(1 / TYPING_EVERY_S, 1)
+        self.events = EventPath(access.pools, access, send_path)
+        self.reads = ReadPath(node, access)
 
     async def handle(self, conn: Connection, req: Request) -> None:
         try:
@@ -61,8 +78,19 @@ class RequestHandler:
     async def _handle(self, conn: Connection, req: Request) -> None:
         if isinstance(req, Ping):
             conn.push_frame(frames.pong(req.rid))
+        elif isinstance(req, Send) and req.reply_to is not None:
+            accepted = await self.events.send(
+                conn.user, req.conv, req.cid, req.body, req.kind, req.reply_to
+            )
+            conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Send):
             accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
+            conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
+        elif isinstance(req, Read):
+            await self.reads.read(conn.user, req.conv, req.seq)
+            conn.push_frame(frames.ok(req.rid))
+        elif isinstance(req, Edit | Delete | React):
+            accepted = await self._event(conn.user, req)
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Sub):
             generation = self.access.generation
@@ -115,3 +143,10 @@ class RequestHandler:
             raise
         self.expiry.watch(conn, deadline)
         conn.push_frame(frames.ok(req.rid, exp=who.exp))
+
+    async def _event(self, user: str, req: Edit | Delete | React) -> Accepted:
+        if isinstance(req, Edit):
+            return await self.events.edit(user, req.conv, req.cid, req.ref, req.body)
+        if isinstance(req, Delete):
+            return await self.events.delete(user, req.conv, req.cid, req.ref)
+        return await self.events.react(user, req.conv, req.cid, req.ref, req.emoji, req.remove)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from storage import events, notifications
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 
@@ -35,7 +36,7 @@ async def append_batch(
         return [], [], []
 
     existing_rows = await conn.fetch(
-        """SELECT m.conv_id, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts
+        f"""SELECT {_M_COLUMNS}
            FROM messages m
            JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS k(conv_id, sender, cid)
              ON m.conv_id = k.conv_id AND m.sender = k.sender AND m.cid = k.cid""",
@@ -46,6 +47,11 @@ async def append_batch(
     already = [_row_to_message(r) for r in existing_rows]
     seen = {(m.conv, m.sender, m.cid) for m in already}
     fresh = [m for m in items if (m.conv, m.sender, m.cid) not in seen]
+    if not fresh:
+        return [], already, []
+    # Edits, deletes and reactions take effect here, in the order they get their seqs.
+    outcome = await events.apply(conn, fresh)
+    fresh, overrides = outcome.keep, outcome.overrides
     if not fresh:
         return [], already, []
 
@@ -59,7 +65,7 @@ async def append_batch(
                last_message_at = to_timestamp(v.ts / 1000.0)
            FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(id, n, ts)
            WHERE c.id = v.id
-           RETURNING c.id, c.last_seq""",
+           RETURNING c.id, c.last_seq, c.kind""",
         conv_ids,
         [len(per_conv[c]) for c in conv_ids],
         [max(m.ts for m in per_conv[c]) for c in conv_ids],
@@ -67,6 +73,7 @@ async def append_batch(
     last = {r["id"]: r["last_seq"] for r in rows}
     stored: list[Message] = []
     orphans: list[NewMessage] = []
+    edited_ats: dict[int, int | None] = {}
     for conv in conv_ids:
         msgs = per_conv[conv]
         if conv not in last:
@@ -74,16 +81,68 @@ async def append_batch(
             continue
         first = last[conv] - len(msgs) + 1
         for offset, m in enumerate(msgs):
+            body, edited_at, deleted = overrides.get(m.id, (m.body, None, False))
             stored.append(
-                Message(m.conv, m.id, first + offset, m.sender, m.body, m.ts, m.cid, m.kind)
+                Message(
+                    m.conv,
+                    m.id,
+                    first + offset,
+                    m.sender,
+                    body,
+                    m.ts,
+                    m.cid,
+                    m.kind,
+                    m.ref,
+                    m.reply_to,
+                    edited_at is not None,
+                    deleted,
+                )
             )
+            edited_ats[m.id] = edited_at
     if stored:
         await conn.copy_records_to_table(
             "messages",
-            records=[(m.conv, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts) for m in stored],
-            columns=["conv_id", "seq", "id", "sender", "cid", "body", "kind", "ts"],
+            records=[
+                (
+                    m.conv,
+                    m.seq,
+                    m.id,
+                    m.sender,
+                    m.cid,
+                    m.body,
+                    m.kind,
+                    m.ts,
+                    m.ref,
+                    m.reply_to,
+                    edited_ats[m.id],
+                    m.deleted,
+                )
+                for m in stored
+            ],
+            columns=list(_COPY_COLUMNS),
         )
+        # Mentions and replies go to the inbox in this transaction: exactly once.
+        kinds = {r["id"]: r["kind"] for r in rows}
+        stored = await notifications.derive(conn, stored, kinds)
     return stored, already, orphans
+
+
+_COPY_COLUMNS = (
+    "conv_id",
+    "seq",
+    "id",
+    "sender",
+    "cid",
+    "body",
+    "kind",
+    "ts",
+    "ref",
+    "reply_to",
+    "edited_at",
+    "deleted",
+)
+_COLUMNS = ", ".join(_COPY_COLUMNS)
+_M_COLUMNS = ", ".join(f"m.{c}" for c in _COPY_COLUMNS)
 
 
 def _row_to_message(r: Any) -> Message:
@@ -96,10 +155,11 @@ def _row_to_message(r: Any) -> Message:
         ts=r["ts"],
         cid=r["cid"],
         kind=r["kind"],
+        ref=r["ref"],
+        reply_to=r["reply_to"],
+        edited=r["edited_at"] is not None,
+        deleted=r["deleted"],
     )
-
-
-_COLUMNS = "conv_id, seq, id, sender, cid, body, kind, ts"
 
 
 async def after(pools: ShardPools, conv: int, since_seq: int, limit: int) -> list[Message]:
@@ -146,8 +206,12 @@ async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tupl
     """(id, ts) of the message stored under (conv, sender, cid), or None: one read through
     the unique key. What the send path answers a retry that Redis no longer remembers."""
     async with pools.connection(pools.for_id(conv)) as conn:
+        # An event the sequencer refused (storage/events.py) is settled too, unsequenced.
         row = await conn.fetchrow(
-            "SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3",
+            """SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3
+               UNION ALL
+               SELECT id, ts FROM refused_events WHERE conv_id = $1 AND sender = $2 AND cid = $3
+               LIMIT 1""",
             conv,
             sender,
             cid,
@@ -191,7 +255,7 @@ async def recover(
     one row, not `limit` rows thrown away."""
     async with pools.connection(pools.for_id(conv)) as conn:
         rows = await conn.fetch(
-            """SELECT c.last_seq, m.conv_id, m.seq, m.id, m.sender, m.cid, m.body, m.kind, m.ts
+            f"""SELECT c.last_seq, {_M_COLUMNS}
                FROM conversations c
                LEFT JOIN LATERAL (
                    SELECT * FROM messages

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,15 @@ class Message:
     body: str
     ts: int
     cid: str
-    kind: str  # text | comment
+    kind: str  # text | comment, or an event: edit | delete | react | unreact
+    ref: int | None = None  # an event's target message
+    reply_to: int | None = None  # the message a text or comment answers
+    edited: bool = False  # current state of a text or comment (history, replay)
+    deleted: bool = False
+    # Set where it is sequenced, never stored nor sent: whom to notify (user, kind), and
+    # the other member of a direct conversation (a `dm` entry if they are offline).
+    notify: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    dm_to: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +48,5 @@ class NewMessage:
     body: str
     ts: int
     kind: str
+    ref: int | None = None
+    reply_to: int | None = None

@@ -68,6 +68,30 @@ class RedisKeys:
         (TTL: gateway.session.TYPING_EVERY_S)."""
         return f"{self.p}:typing:{conv}:{len(user)}:{user}"
 
+    # -- presence (gateway/presence.py) ------------------------------------------------------
+    def presence(self, user: str) -> str:
+        """Hash {on: 1|0, seen: ms} of `user`. TTL: PRESENCE_TTL_S, reset on each change."""
+        return f"{self.p}:pres:u:{len(user)}:{user}"
+
+    def presence_node(self, node: str) -> str:
+        """Set of users that went online through gateway `node`. TTL: a few leases,
+        refreshed by the live node; a dead node's set is swept, then expires."""
+        return f"{self.p}:pres:n:{node}"
+
+    def presence_nodes(self) -> str:
+        """Sorted set: node id -> ms of its last presence heartbeat. TTL: refreshed by
+        every heartbeat (gone when no gateway runs)."""
+        return f"{self.p}:pres:nodes"
+
+    def presence_watchers(self, conv: int) -> str:
+        """Hash node -> "count:until_ms" of a post thread's subscribers per gateway.
+        TTL: a few seconds, refreshed each second by the gateways that have some."""
+        return f"{self.p}:pres:w:{conv}"
+
+    def presence_sweep(self) -> str:
+        """Held for one sweep by the gateway that takes over the users of dead nodes."""
+        return f"{self.p}:pres:sweep"
+
     # -- votes -----------------------------------------------------------------------------
     def vote_sweep(self) -> str:
         """Held for one sweep interval by the gateway that re-produces pending votes."""

@@ -87,6 +87,34 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+_SCOPE = re.compile(r"^(conv:(\*|[0-9]{1,19})|user:(\*|[A-Za-z0-9_.:-]{1,64}))$")
+_SERVICE_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
+
+ServiceKey = tuple[str, str, tuple[str, ...]]  # (name, sha256 hex of the key, scopes)
+
+
+def _service_keys(raw: str) -> tuple[ServiceKey, ...]:
+    """`name:sha256hex:scope,scope;...`, scopes `conv:<id>`, `conv:*`, `user:<id>`, `user:*`."""
+    out: list[ServiceKey] = []
+    for entry in (e.strip() for e in raw.split(";")):
+        if not entry:
+            continue
+        name, _, rest = entry.partition(":")
+        digest, _, scopes_raw = rest.partition(":")
+        scopes = tuple(s.strip() for s in scopes_raw.split(",") if s.strip())
+        if not _SERVICE_NAME.match(name):
+            raise ValueError(f"service name {name[:40]!r} is not [a-z0-9_-]{{1,32}}")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"service {name}: the key hash must be 64 lowercase hex digits")
+        bad = [s for s in scopes if not _SCOPE.match(s)]
+        if bad or not scopes:
+            raise ValueError(f"service {name}: scopes must be conv:<id>|conv:*|user:<id>|user:*")
+        if any(k[0] == name for k in out):
+            raise ValueError(f"service {name} is listed twice")
+        out.append((name, digest, scopes))
+    return tuple(out)
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str) -> Any:
     return field(metadata={"env": env, "default": default, "parse": parse, "doc": doc})
 
@@ -327,6 +355,47 @@ class Settings:
         _int_range(0, 1_000_000),
         "Authenticated HTTP requests per second per user across the cluster (burst 2x); "
         "0 disables. Over it: 429 with Retry-After.",
+    )
+    receipts_max_members: int = _setting(
+        "AGORA_RECEIPTS_MAX_MEMBERS",
+        "32",
+        _int_range(0, 1000),
+        "Read receipts (a `receipt` frame to every member when one reads further, and "
+        "`GET /v1/conversations/{id}/receipts`) for direct conversations and groups of at "
+        "most this many members; 0 turns them off. Read pointers and `unread` are kept "
+        "for every size.",
+    )
+    presence_grace_s: int = _setting(
+        "AGORA_PRESENCE_GRACE_S",
+        "15",
+        _int_range(1, 3600),
+        "A user is offline this long after their last connection closed (on any gateway), "
+        "so reconnects and drains do not flap; also how often a gateway sweeps the users "
+        "of gateways that died.",
+    )
+    presence_max_members: int = _setting(
+        "AGORA_PRESENCE_MAX_MEMBERS",
+        "100",
+        _int_range(0, 1000),
+        "`presence` frames go to the subscribers of the direct conversations and groups "
+        "of at most this many members a user is in (bigger rooms: `GET .../presence`); 0 "
+        "turns the frames off.",
+    )
+    service_keys: tuple[ServiceKey, ...] = _setting(
+        "AGORA_SERVICE_KEYS",
+        "",
+        _service_keys,
+        "Backend services allowed to publish (`POST /v1/publish/...`), as "
+        "`name:sha256hex:scope,scope` entries separated by `;`. The hash is the SHA-256 of "
+        "the key the service sends (`Authorization: ApiKey <key>`; make one with "
+        "`python -m gateway.servicekeys NAME`); scopes are `conv:<id>`, `conv:*`, "
+        "`user:<id>`, `user:*`. Empty: no publish API.",
+    )
+    service_sends_per_s: int = _setting(
+        "AGORA_SERVICE_SENDS_PER_S",
+        "200",
+        _int_range(0, 1_000_000),
+        "Messages per second each service may publish, per gateway (burst 2x); 0 disables.",
     )
     feed_page_cache_ms: int = _setting(
         "AGORA_FEED_PAGE_CACHE_MS",

@@ -22,6 +22,13 @@ export async function example(token: string): Promise<string> {
   const subbed = await client.subscribe("42", { since: 7 });
   if (subbed !== null && !subbed.recovered) console.log("fetch over HTTP");
   const ack: Ack = await client.send(42, "hello", { kind: "text" });
+  await client.send(42, "re", { replyTo: ack.id });
+  await client.edit(42, ack.id, "hello!");
+  await client.react(42, ack.id, "👍", { remove: false });
+  await client.deleteMessage(42, ack.id);
+  await client.read(42, 3);
+  client.on("presence", (p) => console.log(p.user, p.online, p.last_seen ?? 0));
+  client.on("notify", (f) => console.log(f.n.kind, f.n.excerpt));
   const reply: ServerFrame = await client.request({ t: "ping" });
   if (reply.t === "err") console.log(reply.code, reply.retry_after_ms);
   off();

@@ -27,12 +27,14 @@ from gateway.http.openapi import ERROR_CODES, ID, MS, USER, conversation_schema
 from gateway.protocol.frames import (
     MAX_BODY_CHARS,
     MAX_CID_CHARS,
+    MAX_EMOJI_CHARS,
     MAX_RID,
     MAX_SEQ,
     MAX_TOKEN_CHARS,
     MESSAGE_KINDS,
     CloseCode,
 )
+from storage.events import EVENT_KINDS
 
 Schema = dict[str, Any]
 
@@ -50,6 +52,8 @@ EXP_TEXT = (
 )
 EXP = {"type": "integer", "minimum": 0, "description": EXP_TEXT}
 NO_NUL = "^[^\\u0000]*$"
+# A message's sender: a user, or a backend service through the publish API.
+SENDER = {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,64}|service/[a-z0-9_-]{1,32})$"}
 
 
 def _frame(t: str, props: dict[str, Schema], optional: tuple[str, ...] = ()) -> Schema:
@@ -65,6 +69,16 @@ def _frame(t: str, props: dict[str, Schema], optional: tuple[str, ...] = ()) -> 
 def client_frames() -> dict[str, Schema]:
     """The requests the gateway parses (gateway.protocol.frames.parse_request), by `t`."""
     conv = {**ID, "description": "the conversation (or a post's thread)"}
+    cid = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_CID_CHARS,
+        "pattern": NO_NUL,
+        "description": "client id of this change, unique per user: a repeat answers the "
+        "first one's id",
+    }
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS, "pattern": NO_NUL}
+    ref = {**ID, "description": "the id of a text or comment of this conversation"}
     return {
         "sub": _frame(
             "sub",
@@ -109,8 +123,49 @@ def client_frames() -> dict[str, Schema]:
                     "description": "`comment` only in a post's thread, where every "
                     "message is a comment",
                 },
+                "reply_to": {**ref, "description": "the message this one answers (added)"},
             },
-            optional=("rid", "kind"),
+            optional=("rid", "kind", "reply_to"),
+        ),
+        "edit": _frame(
+            "edit",
+            {"rid": RID, "conv": conv, "cid": cid, "ref": ref, "body": text},
+            optional=("rid",),
+        ),
+        "delete": _frame(
+            "delete", {"rid": RID, "conv": conv, "cid": cid, "ref": ref}, optional=("rid",)
+        ),
+        "react": _frame(
+            "react",
+            {
+                "rid": RID,
+                "conv": conv,
+                "cid": cid,
+                "ref": ref,
+                "emoji": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_EMOJI_CHARS,
+                    "pattern": NO_NUL,
+                    "description": "no whitespace or control characters",
+                },
+                "remove": {"type": "boolean", "default": False},
+            },
+            optional=("rid", "remove"),
+        ),
+        "read": _frame(
+            "read",
+            {
+                "rid": RID,
+                "conv": conv,
+                "seq": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": MAX_SEQ,
+                    "description": "the last seq read: the pointer only moves forward",
+                },
+            },
+            optional=("rid",),
         ),
         "typing": _frame("typing", {"rid": RID, "conv": conv}, optional=("rid",)),
         "ping": _frame("ping", {"rid": RID}, optional=("rid",)),
@@ -156,12 +211,62 @@ def server_frames() -> dict[str, Schema]:
                 "conv": ID,
                 "id": ID,
                 "seq": SEQ,
-                "from": USER,
+                "from": SENDER,
                 "body": {"type": "string", "maxLength": MAX_BODY_CHARS},
                 "ts": MS,
                 "cid": {"type": "string", "maxLength": MAX_CID_CHARS},
-                "kind": {"type": "string", "enum": list(MESSAGE_KINDS)},
+                "kind": {
+                    "type": "string",
+                    "enum": [*MESSAGE_KINDS, *EVENT_KINDS],
+                    "description": "a text or comment, or an event changing the one `ref` "
+                    "names (added)",
+                },
+                "ref": {**ID, "description": "an event's target (added)"},
+                "reply_to": {**ID, "description": "the message this one answers (added)"},
+                "edited": {"type": "boolean", "const": True, "description": "(added)"},
+                "deleted": {"type": "boolean", "const": True, "description": "(added)"},
+                "service": {
+                    "type": "boolean",
+                    "const": True,
+                    "description": "posted by a backend service (added)",
+                },
             },
+            optional=("ref", "reply_to", "edited", "deleted", "service"),
+        ),
+        "read": _frame("read", {"conv": ID, "seq": {"type": "integer", "minimum": 0}}),
+        "receipt": _frame(
+            "receipt", {"conv": ID, "user": USER, "seq": {"type": "integer", "minimum": 0}}
+        ),
+        "notify": _frame(
+            "notify",
+            {
+                "n": {
+                    "type": "object",
+                    "description": "a notification, as GET /v1/notifications lists it",
+                    "properties": {
+                        "id": ID,
+                        "kind": {"type": "string", "enum": ["mention", "reply", "dm"]},
+                        "conv": ID,
+                        "message": ID,
+                        "from": SENDER,
+                        "excerpt": {"type": "string"},
+                        "ts": MS,
+                        "read": {"type": "boolean"},
+                    },
+                    "required": ["id", "kind", "conv", "message", "from", "excerpt", "ts"],
+                }
+            },
+        ),
+        "presence": _frame(
+            "presence",
+            {
+                "user": USER,
+                "online": {"type": "boolean"},
+                "last_seen": {"type": ["integer", "null"], "description": "ms; null online"},
+            },
+        ),
+        "presence_count": _frame(
+            "presence_count", {"conv": ID, "online": {"type": "integer", "minimum": 0}}
         ),
         "score": _frame(
             "score",
@@ -249,6 +354,10 @@ _CLIENT_SUMMARY = {
     "typing": "Tell the conversation the user is typing (ephemeral, no reply).",
     "ping": "Application-level ping (browsers cannot send WebSocket pings).",
     "auth": "A newer token for the same user, before the current one expires.",
+    "edit": "Edit one's own message: an `edit` event with its own seq (added).",
+    "delete": "Delete one's own message, leaving a tombstone (added).",
+    "react": "Add or take back a reaction to a message (added).",
+    "read": "Move one's read pointer forward (added).",
 }
 _SERVER_SUMMARY = {
     "hello": "First frame after a successful connect.",
@@ -263,6 +372,11 @@ _SERVER_SUMMARY = {
     "reconnect": "The node is draining: reconnect to another node after `after_ms`.",
     "joined": "The user was made a member of a conversation (added frame).",
     "unsubbed": "The server ended a subscription: removed, left, or closed (added frame).",
+    "read": "The user's read pointer moved (to each of their connections; added).",
+    "receipt": "A member read a small conversation up to a seq (added).",
+    "notify": "The user was mentioned or replied to (added).",
+    "presence": "A member of a small room came online or went offline (added).",
+    "presence_count": "How many connections follow a post's thread (added).",
 }
 # Which server frames answer which request (besides `err`, which may answer any).
 _REPLIES = {
@@ -271,6 +385,10 @@ _REPLIES = {
     "send": ["ack"],
     "ping": ["pong"],
     "auth": ["ok"],
+    "edit": ["ack"],
+    "delete": ["ack"],
+    "react": ["ack"],
+    "read": ["ok"],
 }
 
 

@@ -10,8 +10,10 @@ from starlette.routing import Route
 
 from gateway import revocation
 from gateway.access import NOT_FOUND, Access
+from gateway.events import EventPath
 from gateway.http.common import (
     JSONResponse,
+    decode_cursor,
     decode_int_cursor,
     encode_cursor,
     identity,
@@ -20,9 +22,12 @@ from gateway.http.common import (
     path_id,
 )
 from gateway.node import Node
-from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, USER_ID
+from gateway.protocol import fields
+from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_SEQ, USER_ID
+from gateway.protocol.messages import message_frame
+from gateway.readstate import ReadPath
 from gateway.send import SendPath
-from storage import conversations, messages
+from storage import conversations, events, presence, readstate
 from storage.errors import (
     BadRequest,
     Forbidden,
@@ -31,7 +36,7 @@ from storage.errors import (
     Unavailable,
     Unprocessable,
 )
-from storage.ids import IdGenerator
+from storage.ids import IdGenerator, parse_id
 from storage.models import Conversation, Message
 from storage.pools import ShardPools
 
@@ -52,16 +57,9 @@ def conversation_json(c: Conversation) -> dict[str, Any]:
 
 
 def message_json(m: Message) -> dict[str, Any]:
-    return {
-        "conv": str(m.conv),
-        "id": str(m.id),
-        "seq": m.seq,
-        "from": m.sender,
-        "body": m.body,
-        "ts": m.ts,
-        "cid": m.cid,
-        "kind": m.kind,
-    }
+    out = message_frame(m)
+    del out["t"]
+    return out
 
 
 def _user_id(value: Any, what: str) -> str:
@@ -121,7 +119,14 @@ async def list_mine(request: Request) -> Response:
     if len(convs) > limit:
         last = page[-1]
         nxt = encode_cursor(last.last_activity_ms, last.id)
-    return JSONResponse({"items": [conversation_json(c) for c in page], "next": nxt})
+    state = await readstate.unread(request.app.state.pools, me.user, [c.id for c in page])
+    return JSONResponse({"items": [_with_read(c, state) for c in page], "next": nxt})
+
+
+def _with_read(c: Conversation, state: dict[int, tuple[int, int]]) -> dict[str, Any]:
+    out = conversation_json(c)
+    out["read_seq"], out["unread"] = state.get(c.id, (0, 0))
+    return out
 
 
 async def _member_conversation(request: Request) -> tuple[str, Conversation]:
@@ -136,8 +141,59 @@ async def _member_conversation(request: Request) -> tuple[str, Conversation]:
 
 
 async def get_one(request: Request) -> Response:
+    me, conv = await _member_conversation(request)
+    state = await readstate.unread(request.app.state.pools, me, [conv.id])
+    return JSONResponse(_with_read(conv, state))
+
+
+async def mark_read(request: Request) -> Response:
+    """PUT `{seq}`: the caller has read up to `seq` (the pointer only moves forward)."""
+    me = identity(request)
+    conv_id = path_id(request)
+    body = await json_body(request)
+    seq = body.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise Unprocessable("seq must be a non-negative integer")
+    now = await ReadPath(request.app.state.node, request.app.state.access).read(
+        me.user, conv_id, seq
+    )
+    return JSONResponse({"conv": str(conv_id), "seq": now})
+
+
+async def presence_list(request: Request) -> Response:
+    """Members with their presence, by user id (keyset), `?online=true` for online only."""
     _, conv = await _member_conversation(request)
-    return JSONResponse(conversation_json(conv))
+    if conv.kind == "thread":
+        raise Forbidden("presence is listed for direct conversations and groups")
+    limit = page_limit(request)
+    cursor = decode_cursor(request.query_params.get("cursor"), 1)
+    only = request.query_params.get("online", "false")
+    if only not in ("true", "false"):
+        raise BadRequest("online must be true or false")
+    if cursor is not None and not isinstance(cursor[0], str):
+        raise BadRequest("cursor is not valid")
+    after = cursor[0] if cursor is not None else None
+    pools: ShardPools = request.app.state.pools
+    users = await presence.members_page(pools, conv.id, after, limit + 1)
+    page = users[:limit]
+    nxt = encode_cursor(page[-1]) if len(users) > limit else None
+    node: Node = request.app.state.node
+    states = await node.presence.states(page)
+    items = [
+        {"user": u, "online": states[u][0], "last_seen": states[u][1]}
+        for u in page
+        if only != "true" or states[u][0]
+    ]
+    return JSONResponse({"items": items, "next": nxt})
+
+
+async def receipts(request: Request) -> Response:
+    me = identity(request)
+    conv_id = path_id(request)
+    found = await ReadPath(request.app.state.node, request.app.state.access).receipts(
+        me.user, conv_id
+    )
+    return JSONResponse({"items": [{"user": u, "seq": s} for u, s in found]})
 
 
 async def add_member(request: Request) -> Response:
@@ -187,7 +243,7 @@ async def remove_member(request: Request) -> Response:
 
 
 async def history(request: Request) -> Response:
-    _, conv = await _member_conversation(request)
+    me, conv = await _member_conversation(request)
     limit = page_limit(request)
     before: int | None = None
     raw_before = request.query_params.get("before")
@@ -198,10 +254,17 @@ async def history(request: Request) -> Response:
         before = int(raw_before)
     elif cursor is not None:
         before = cursor[0]
-    items = await messages.before(request.app.state.pools, conv.id, before, limit + 1)
-    page = items[:limit]
-    nxt = encode_cursor(page[-1].seq) if len(items) > limit else None
-    return JSONResponse({"items": [message_json(m) for m in page], "next": nxt})
+    got = await events.current_page(request.app.state.pools, conv.id, before, limit + 1, me)
+    page = got.messages[:limit]
+    nxt = encode_cursor(page[-1].seq) if len(got.messages) > limit else None
+    items = []
+    for m in page:
+        item = message_json(m)
+        counts, mine = got.reactions.get(m.id, ({}, []))
+        item["reactions"] = counts
+        item["my_reactions"] = mine
+        items.append(item)
+    return JSONResponse({"items": items, "next": nxt, "last_seq": got.last_seq})
 
 
 async def post_message(request: Request) -> Response:
@@ -219,8 +282,78 @@ async def post_message(request: Request) -> Response:
         raise TooLarge(f"body is over {MAX_BODY_CHARS} chars")
     if kind not in ("text", "comment"):
         raise Unprocessable('kind must be "text" or "comment"')
+    raw_reply = body.get("reply_to")
+    if raw_reply is not None:
+        reply_to = _message_id(raw_reply, "reply_to")
+        accepted = await _events(request).send(me.user, conv_id, cid, text, kind, reply_to)
+        return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
     send_path: SendPath = request.app.state.send_path
     accepted = await send_path.send(me.user, conv_id, cid, text, kind)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+def _events(request: Request) -> EventPath:
+    return EventPath(request.app.state.pools, request.app.state.access, request.app.state.send_path)
+
+
+def _message_id(raw: Any, what: str) -> int:
+    parsed = parse_id(raw) if isinstance(raw, str) else None
+    if parsed is None:
+        raise Unprocessable(f"{what} must be a message id (a decimal string)")
+    return parsed
+
+
+def _cid_of(body: dict[str, Any]) -> str:
+    cid = body.get("cid")
+    problem = fields.check_cid(cid)
+    if problem is not None:
+        raise Unprocessable(problem)
+    assert isinstance(cid, str)
+    return cid
+
+
+async def edit_message(request: Request) -> Response:
+    """PATCH: a new text for the caller's own message (an `edit` event)."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    body = await json_body(request)
+    cid = _cid_of(body)
+    text = body.get("body")
+    problem = fields.check_body(text)
+    if problem is not None:
+        raise problem if isinstance(problem, TooLarge) else Unprocessable(problem.message)
+    assert isinstance(text, str)
+    accepted = await _events(request).edit(me.user, conv_id, cid, ref, text)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+async def delete_message(request: Request) -> Response:
+    """DELETE: the caller's own message becomes a tombstone (a `delete` event). Without a
+    body the cid is derived from the message, so repeating the call is one delete."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    raw = await request.body()
+    body = await json_body(request) if raw.strip() else {}
+    cid = _cid_of(body) if "cid" in body else f"delete:{ref}"
+    accepted = await _events(request).delete(me.user, conv_id, cid, ref)
+    return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
+
+
+async def react(request: Request) -> Response:
+    """POST `{cid, emoji, remove?}`: add (or remove) the caller's reaction."""
+    me = identity(request)
+    conv_id, ref = path_id(request), path_id(request, "mid")
+    body = await json_body(request)
+    cid = _cid_of(body)
+    emoji = body.get("emoji")
+    problem = fields.check_emoji(emoji)
+    if problem is not None:
+        raise Unprocessable(problem)
+    assert isinstance(emoji, str)
+    remove = body.get("remove", False)
+    if not isinstance(remove, bool):
+        raise Unprocessable("remove must be a boolean")
+    accepted = await _events(request).react(me.user, conv_id, cid, ref, emoji, remove)
     return JSONResponse({"id": str(accepted.id), "ts": accepted.ts}, status_code=202)
 
 
@@ -228,8 +361,14 @@ routes = [
     Route("/v1/conversations", create, methods=["POST"]),
     Route("/v1/conversations", list_mine, methods=["GET"]),
     Route("/v1/conversations/{id}", get_one, methods=["GET"]),
+    Route("/v1/conversations/{id}/read", mark_read, methods=["PUT"]),
+    Route("/v1/conversations/{id}/receipts", receipts, methods=["GET"]),
+    Route("/v1/conversations/{id}/presence", presence_list, methods=["GET"]),
     Route("/v1/conversations/{id}/members", add_member, methods=["POST"]),
     Route("/v1/conversations/{id}/members/{user}", remove_member, methods=["DELETE"]),
     Route("/v1/conversations/{id}/messages", history, methods=["GET"]),
     Route("/v1/conversations/{id}/messages", post_message, methods=["POST"]),
+    Route("/v1/conversations/{id}/messages/{mid}", edit_message, methods=["PATCH"]),
+    Route("/v1/conversations/{id}/messages/{mid}", delete_message, methods=["DELETE"]),
+    Route("/v1/conversations/{id}/messages/{mid}/reactions", react, methods=["POST"]),
 ]

@@ -16,13 +16,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.http.common import MAX_LIMIT, JSONResponse
-from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS
+from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_EMOJI_CHARS
 from storage.settings import Settings
 
 Schema = dict[str, Any]
 
 ID = {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "64-bit id, decimal"}
 USER = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+# A member: a user, or (in its direct conversations with users) a publishing service.
+MEMBER = {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,64}|service/[a-z0-9_-]{1,32})$"}
 COMMUNITY = {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"}
 MS = {"type": "integer", "description": "milliseconds since the Unix epoch (UTC)"}
 ERROR_CODES = [
@@ -144,10 +146,12 @@ def conversation_schema() -> Schema:
             "id": ID,
             "kind": {"type": "string", "enum": ["direct", "group", "thread"]},
             "title": {"type": "string"},
-            "members": {"type": "array", "items": USER},
+            "members": {"type": "array", "items": MEMBER},
             "created_at": MS,
             "last_seq": {"type": "integer", "minimum": 0},
             "last_activity": MS,
+            "read_seq": {"type": "integer", "minimum": 0},
+            "unread": {"type": "integer", "minimum": 0},
         },
         ["id", "kind", "title", "members", "created_at"],
     )
@@ -165,7 +169,13 @@ def _components() -> Schema:
             "ts": MS,
             "cid": {"type": "string"},
             "kind": {"type": "string", "enum": ["text", "comment"]},
-        }
+            "reply_to": ID,
+            "edited": {"type": "boolean"},
+            "deleted": {"type": "boolean"},
+            "reactions": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "my_reactions": {"type": "array", "items": {"type": "string"}},
+        },
+        ["conv", "id", "seq", "from", "body", "ts", "cid", "kind", "reactions", "my_reactions"],
     )
     post = _obj(
         {
@@ -191,7 +201,15 @@ def _components() -> Schema:
         }
     )
     return {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "apikey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "A service key: `Authorization: ApiKey <key>`",
+            },
+        },
         "schemas": {
             "Conversation": conversation,
             "Message": message,
@@ -217,9 +235,14 @@ def _conversation_paths() -> dict[str, Schema]:
             "cid": {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS},
             "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
             "kind": {"type": "string", "enum": ["text", "comment"], "default": "text"},
+            "reply_to": ID,
         },
         ["cid", "body"],
     )
+    mid = _path("mid", ID)
+    accepted = _ok(202, "Accepted", _obj({"id": ID, "ts": MS}))
+    cid_schema = {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS}
+    emoji = {"type": "string", "minLength": 1, "maxLength": MAX_EMOJI_CHARS}
     return {
         "/v1/conversations": {
             "post": _op(
@@ -272,7 +295,12 @@ def _conversation_paths() -> dict[str, Schema]:
             "get": _op(
                 "listMessages",
                 "Messages, newest first",
-                _ok(200, "A page", _list_of("Message")),
+                _ok(
+                    200,
+                    "A page of texts and comments in their current state; `last_seq` is the "
+                    "conversation's seq that state reflects",
+                    _page_with_seq(),
+                ),
                 errors=(400, 403, 404),
                 params=[
                     cid,
@@ -289,7 +317,186 @@ def _conversation_paths() -> dict[str, Schema]:
                 body=send_body,
             ),
         },
+        "/v1/notifications": {
+            "get": _op(
+                "listNotifications",
+                "The caller's inbox: mentions, replies, direct messages kept while offline",
+                _ok(200, "A page, and the unread total", _inbox_page()),
+                errors=(400,),
+                params=[
+                    _query("unread", {"type": "string", "enum": ["true", "false"]}),
+                    *_PAGE,
+                ],
+            )
+        },
+        "/v1/notifications/read": {
+            "post": _op(
+                "markNotificationsRead",
+                "Mark notifications read (`ids`), or all of them (`{}`)",
+                _ok(200, "How many changed", _obj({"marked": {"type": "integer"}})),
+                errors=_WITH_BODY,
+                body=_obj({"ids": {"type": "array", "items": ID, "maxItems": 1000}}, []),
+            )
+        },
+        "/v1/publish/conversations/{id}": {
+            "post": _service_op(
+                "publishToConversation",
+                "A backend service posts into a conversation its key's scope names",
+                [cid],
+            )
+        },
+        "/v1/publish/users/{user}": {
+            "post": _service_op(
+                "publishToUser",
+                "A backend service posts to a user (their direct conversation with it)",
+                [_path("user", USER)],
+            )
+        },
+        "/v1/conversations/{id}/read": {
+            "put": _op(
+                "markRead",
+                "Move the caller's read pointer forward (never back, never past the last seq)",
+                _ok(200, "The pointer now", _obj({"conv": ID, "seq": {"type": "integer"}})),
+                errors=(*_WITH_BODY, 403, 404),
+                params=[cid],
+                body=_obj({"seq": {"type": "integer", "minimum": 0}}),
+            )
+        },
+        "/v1/conversations/{id}/presence": {
+            "get": _op(
+                "listPresence",
+                "Members and whether each is online (`last_seen` when not), by user id",
+                _ok(
+                    200,
+                    "A page of members",
+                    _obj(
+                        {
+                            "items": {
+                                "type": "array",
+                                "items": _obj(
+                                    {
+                                        "user": USER,
+                                        "online": {"type": "boolean"},
+                                        "last_seen": {"type": ["integer", "null"]},
+                                    }
+                                ),
+                            },
+                            "next": {"type": ["string", "null"]},
+                        }
+                    ),
+                ),
+                errors=(400, 403, 404),
+                params=[
+                    cid,
+                    _query("online", {"type": "string", "enum": ["true", "false"]}),
+                    *_PAGE,
+                ],
+            )
+        },
+        "/v1/conversations/{id}/receipts": {
+            "get": _op(
+                "readReceipts",
+                "Every member's read pointer (direct conversations and small groups)",
+                _ok(
+                    200,
+                    "Pointers by user",
+                    _obj(
+                        {
+                            "items": {
+                                "type": "array",
+                                "items": _obj({"user": USER, "seq": {"type": "integer"}}),
+                            }
+                        }
+                    ),
+                ),
+                errors=(403, 404),
+                params=[cid],
+            )
+        },
+        "/v1/conversations/{id}/messages/{mid}": {
+            "patch": _op(
+                "editMessage",
+                "Edit the caller's own message (an `edit` event, idempotent by cid)",
+                accepted,
+                errors=(*_WITH_BODY, 403, 404, 409),
+                params=[cid, mid],
+                body=_obj(
+                    {
+                        "cid": cid_schema,
+                        "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
+                    }
+                ),
+            ),
+            "delete": _op(
+                "deleteMessage",
+                "Delete the caller's own message, leaving a tombstone (a `delete` event)",
+                accepted,
+                errors=(400, 403, 404, 409, 413, 422),
+                params=[cid, mid],
+            ),
+        },
+        "/v1/conversations/{id}/messages/{mid}/reactions": {
+            "post": _op(
+                "react",
+                "Add (or, with remove, take back) the caller's reaction to a message",
+                accepted,
+                errors=(*_WITH_BODY, 403, 404, 409),
+                params=[cid, mid],
+                body=_obj(
+                    {"cid": cid_schema, "emoji": emoji, "remove": {"type": "boolean"}},
+                    ["cid", "emoji"],
+                ),
+            ),
+        },
     }
+
+
+def _service_op(op_id: str, summary: str, params: list[Schema]) -> Schema:
+    body = _obj(
+        {
+            "cid": {"type": "string", "minLength": 1, "maxLength": MAX_CID_CHARS},
+            "body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS},
+        }
+    )
+    op = _op(
+        op_id,
+        summary,
+        _ok(202, "Accepted", _obj({"id": ID, "ts": MS, "conv": ID})),
+        errors=(*_WITH_BODY, 403, 404, 409),
+        params=params,
+        body=body,
+    )
+    op["security"] = [{"apikey": []}]
+    return op
+
+
+def _inbox_page() -> Schema:
+    item = _obj(
+        {
+            "id": ID,
+            "kind": {"type": "string", "enum": ["mention", "reply", "dm"]},
+            "conv": ID,
+            "message": ID,
+            "from": {"type": "string"},
+            "excerpt": {"type": "string"},
+            "ts": MS,
+            "read": {"type": "boolean"},
+        }
+    )
+    return _obj(
+        {
+            "items": {"type": "array", "items": item},
+            "next": {"type": ["string", "null"]},
+            "unread": {"type": "integer", "minimum": 0},
+        }
+    )
+
+
+def _page_with_seq() -> Schema:
+    page = _list_of("Message")
+    page["properties"]["last_seq"] = {"type": "integer", "minimum": 0}
+    page["required"] = [*page["required"], "last_seq"]
+    return page
 
 
 def _social_paths() -> dict[str, Schema]:

@@ -13,15 +13,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from storage.errors import AgoraError, BadRequest, TooLarge
+from gateway.protocol import fields
+from gateway.protocol.fields import check_body, check_cid, check_emoji
+from storage.errors import AgoraError, BadRequest
 from storage.ids import parse_id
 
-MAX_BODY_CHARS = 4000
-MAX_CID_CHARS = 64
+MAX_BODY_CHARS = fields.MAX_BODY_CHARS
+MAX_CID_CHARS = fields.MAX_CID_CHARS
+MAX_EMOJI_CHARS = fields.MAX_EMOJI_CHARS
 MAX_RID = (1 << 53) - 1  # a JavaScript client's largest safe integer
 MAX_SEQ = (1 << 63) - 1
 USER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MESSAGE_KINDS = ("text", "comment")
+SERVICE_SENDER = "service/"  # the sender prefix of the publish API (gateway/servicekeys.py)
 
 
 class CloseCode(IntEnum):
@@ -87,6 +91,41 @@ class Send:
     cid: str
     body: str
     kind: str
+    reply_to: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
+class React:
+    rid: int | None
+    conv: int
+    cid: str
+    ref: int
+    emoji: str
+    remove: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    rid: int | None
+    conv: int
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +147,7 @@ class Auth:
     token: str
 
 
-Request = Sub | Unsub | Send | Typing | Ping | Auth
+Request = Sub | Unsub | Send | Edit | Delete | React | Read | Typing | Ping | Auth
 
 MAX_TOKEN_CHARS = 8192
 
@@ -123,16 +162,34 @@ def _rid(frame: dict[str, Any]) -> int | None:
     return rid
 
 
-def _conv(frame: dict[str, Any], rid: int | None) -> int:
-    raw = frame.get("conv")
+def _conv(frame: dict[str, Any], rid: int | None, name: str = "conv") -> int:
+    raw = frame.get(name)
     if raw is None:
-        raise FrameError(rid, BadRequest("conv is required"))
+        raise FrameError(rid, BadRequest(f"{name} is required"))
     if not isinstance(raw, str):
-        raise FrameError(rid, BadRequest("conv must be a decimal string"))
+        raise FrameError(rid, BadRequest(f"{name} must be a decimal string"))
     conv = parse_id(raw)
     if conv is None:
-        raise FrameError(rid, BadRequest("conv is not a valid id"))
+        raise FrameError(rid, BadRequest(f"{name} is not a valid id"))
     return conv
+
+
+def _cid(f: dict[str, Any], rid: int | None) -> str:
+    cid = f.get("cid")
+    problem = check_cid(cid)
+    if problem is not None:
+        raise FrameError(rid, BadRequest(problem))
+    assert isinstance(cid, str)
+    return cid
+
+
+def _body(f: dict[str, Any], rid: int | None) -> str:
+    body = f.get("body")
+    problem = check_body(body)
+    if problem is not None:
+        raise FrameError(rid, problem)
+    assert isinstance(body, str)
+    return body
 
 
 def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
@@ -145,23 +202,42 @@ def _parse_sub(f: dict[str, Any], rid: int | None) -> Sub:
 
 def _parse_send(f: dict[str, Any], rid: int | None) -> Send:
     conv = _conv(f, rid)
-    cid = f.get("cid")
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\x00" in cid:
-        raise FrameError(rid, BadRequest(f"cid must be a string of 1-{MAX_CID_CHARS} chars"))
-    body = f.get("body")
-    if not isinstance(body, str):
-        raise FrameError(rid, BadRequest("body must be a string"))
-    if "\x00" in body:
-        # PostgreSQL text cannot hold NUL: refuse it here, not in a fan-out worker later.
-        raise FrameError(rid, BadRequest("body must not contain NUL characters"))
-    if not body:
-        raise FrameError(rid, BadRequest("body must not be empty"))
-    if len(body) > MAX_BODY_CHARS:
-        raise FrameError(rid, TooLarge(f"body is over {MAX_BODY_CHARS} chars"))
+    cid = _cid(f, rid)
+    body = _body(f, rid)
     kind = f.get("kind", "text")
     if kind not in MESSAGE_KINDS:
         raise FrameError(rid, BadRequest('kind must be "text" or "comment"'))
-    return Send(rid, conv, cid, body, kind)
+    reply_to = None if f.get("reply_to") is None else _conv(f, rid, "reply_to")
+    return Send(rid, conv, cid, body, kind, reply_to)
+
+
+def _parse_edit(f: dict[str, Any], rid: int | None) -> Edit:
+    return Edit(rid, _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref"), _body(f, rid))
+
+
+def _parse_delete(f: dict[str, Any], rid: int | None) -> Delete:
+    return Delete(rid, _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref"))
+
+
+def _parse_react(f: dict[str, Any], rid: int | None) -> React:
+    conv, cid, ref = _conv(f, rid), _cid(f, rid), _conv(f, rid, "ref")
+    emoji = f.get("emoji")
+    problem = check_emoji(emoji)
+    if problem is not None:
+        raise FrameError(rid, BadRequest(problem))
+    assert isinstance(emoji, str)
+    remove = f.get("remove", False)
+    if not isinstance(remove, bool):
+        raise FrameError(rid, BadRequest("remove must be a boolean"))
+    return React(rid, conv, cid, ref, emoji, remove)
+
+
+def _parse_read(f: dict[str, Any], rid: int | None) -> Read:
+    conv = _conv(f, rid)
+    seq = f.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise FrameError(rid, BadRequest("seq must be a non-negative integer"))
+    return Read(rid, conv, seq)
 
 
 def parse_request(frame: Any) -> Request:
@@ -182,6 +258,10 @@ _PARSERS: dict[str, Any] = {
     "sub": _parse_sub,
     "unsub": lambda f, rid: Unsub(rid, _conv(f, rid)),
     "send": _parse_send,
+    "edit": _parse_edit,
+    "delete": _parse_delete,
+    "react": _parse_react,
+    "read": _parse_read,
     "typing": lambda f, rid: Typing(rid, _conv(f, rid)),
     "ping": lambda f, rid: Ping(rid),
     "auth": lambda f, rid: Auth(rid, _token(f, rid)),
@@ -211,9 +291,21 @@ def hello(user: str, node: str, hb_ms: int, max_frame: int, exp: int) -> dict[st
 
 
 def msg(
-    conv: int, id_: int, seq: int, sender: str, body: str, ts: int, cid: str, kind: str
+    conv: int,
+    id_: int,
+    seq: int,
+    sender: str,
+    body: str,
+    ts: int,
+    cid: str,
+    kind: str,
+    *,
+    ref: int | None = None,
+    reply_to: int | None = None,
+    edited: bool = False,
+    deleted: bool = False,
 ) -> dict[str, Any]:
-    return {
+    frame: dict[str, Any] = {
         "t": "msg",
         "conv": str(conv),
         "id": str(id_),
@@ -224,6 +316,18 @@ def msg(
         "cid": cid,
         "kind": kind,
     }
+    # Additions, present only when set: a plain message's frame is as it always was.
+    if ref is not None:
+        frame["ref"] = str(ref)
+    if reply_to is not None:
+        frame["reply_to"] = str(reply_to)
+    if edited:
+        frame["edited"] = True
+    if deleted:
+        frame["deleted"] = True
+    if sender.startswith(SERVICE_SENDER):
+        frame["service"] = True  # posted by a backend service (no user id holds a "/")
+    return frame
 
 
 def _with_rid(frame: dict[str, Any], rid: int | None) -> dict[str, Any]:
@@ -267,6 +371,26 @@ def unsubbed(conv: int, reason: str) -> dict[str, Any]:
     """The server ended a subscription (the user was removed or left, the conversation
     closed): nothing more of `conv` follows on this connection."""
     return {"t": "unsubbed", "conv": str(conv), "reason": reason}
+
+
+def read(conv: int, seq: int) -> dict[str, Any]:
+    """To the reader's own connections: their read pointer in `conv` is now `seq`."""
+    return {"t": "read", "conv": str(conv), "seq": seq}
+
+
+def receipt(conv: int, user: str, seq: int) -> dict[str, Any]:
+    """To the members: `user` has read `conv` up to `seq`."""
+    return {"t": "receipt", "conv": str(conv), "user": user, "seq": seq}
+
+
+def presence(user: str, online: bool, last_seen: int | None) -> dict[str, Any]:
+    """`user` came online, or went offline (`last_seen`: when, ms)."""
+    return {"t": "presence", "user": user, "online": online, "last_seen": last_seen}
+
+
+def presence_count(conv: int, online: int) -> dict[str, Any]:
+    """How many connections follow a post's thread (sent at most once a second)."""
+    return {"t": "presence_count", "conv": str(conv), "online": online}
 
 
 def reconnect(after_ms: int) -> dict[str, Any]:

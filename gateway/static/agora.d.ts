@@ -85,7 +85,50 @@ export interface Msg {
   body: string;
   ts: number;
   cid: string;
-  kind: "text" | "comment";
+  /** A text or comment, or an event changing the message `ref` names. */
+  kind: "text" | "comment" | "edit" | "delete" | "react" | "unreact";
+  ref?: string;
+  reply_to?: string;
+  edited?: true;
+  deleted?: true;
+  /** Posted by a backend service (`from` is `service/<name>`). */
+  service?: true;
+}
+export interface Read {
+  t: "read";
+  conv: string;
+  seq: number;
+}
+export interface Receipt {
+  t: "receipt";
+  conv: string;
+  user: string;
+  seq: number;
+}
+export interface Notification {
+  id: string;
+  kind: "mention" | "reply" | "dm";
+  conv: string;
+  message: string;
+  from: string;
+  excerpt: string;
+  ts: number;
+  read: boolean;
+}
+export interface Notify {
+  t: "notify";
+  n: Notification;
+}
+export interface Presence {
+  t: "presence";
+  user: string;
+  online: boolean;
+  last_seen: number | null;
+}
+export interface PresenceCount {
+  t: "presence_count";
+  conv: string;
+  online: number;
 }
 export interface Score {
   t: "score";
@@ -164,12 +207,29 @@ export type ServerFrame =
   | Err
   | Reconnect
   | Joined
-  | Unsubbed;
+  | Unsubbed
+  | Read
+  | Receipt
+  | Notify
+  | Presence
+  | PresenceCount;
 
 export type ClientFrame =
   | { t: "sub"; conv: string; since?: number; rid?: number }
   | { t: "unsub"; conv: string; rid?: number }
-  | { t: "send"; conv: string; cid: string; body: string; kind?: "text" | "comment"; rid?: number }
+  | {
+      t: "send";
+      conv: string;
+      cid: string;
+      body: string;
+      kind?: "text" | "comment";
+      reply_to?: string;
+      rid?: number;
+    }
+  | { t: "edit"; conv: string; cid: string; ref: string; body: string; rid?: number }
+  | { t: "delete"; conv: string; cid: string; ref: string; rid?: number }
+  | { t: "react"; conv: string; cid: string; ref: string; emoji: string; remove?: boolean; rid?: number }
+  | { t: "read"; conv: string; seq: number; rid?: number }
   | { t: "typing"; conv: string; rid?: number }
   | { t: "ping"; rid?: number }
   | { t: "auth"; token: string; rid?: number };
@@ -205,6 +265,11 @@ export interface AgoraEvents {
   joined: Joined;
   /** The server ended a subscription; the client forgets it (not resumed). */
   unsubbed: Unsubbed;
+  read: Read;
+  receipt: Receipt;
+  notify: Notify;
+  presence: Presence;
+  presence_count: PresenceCount;
   gap: Gap;
   reconnecting: { afterMs: number };
   unauthorized: { reason?: string };
@@ -270,7 +335,24 @@ export declare class AgoraClient {
   unsubscribe(conv: string | number): Promise<Ok | null>;
   lastSeq(conv: string | number): number | null;
   /** Resolves with the `ack` once durably accepted; retried with the same cid. */
-  send(conv: string | number, body: string, opts?: { cid?: string; kind?: "text" | "comment" }): Promise<Ack>;
+  send(
+    conv: string | number,
+    body: string,
+    opts?: { cid?: string; kind?: "text" | "comment"; replyTo?: string | null },
+  ): Promise<Ack>;
+  /** Edit your own message: an `edit` event with its own seq (retried like a send). */
+  edit(conv: string | number, ref: string, body: string, opts?: { cid?: string }): Promise<Ack>;
+  /** Delete your own message (a tombstone stays). */
+  deleteMessage(conv: string | number, ref: string, opts?: { cid?: string }): Promise<Ack>;
+  /** Add (or with `remove`, take back) your reaction. */
+  react(
+    conv: string | number,
+    ref: string,
+    emoji: string,
+    opts?: { remove?: boolean; cid?: string },
+  ): Promise<Ack>;
+  /** Move your read pointer forward; null when not connected (not kept). */
+  read(conv: string | number, seq: number): Promise<Ok | null>;
   typing(conv: string | number): void;
 }
 

@@ -9,6 +9,7 @@
 //   client.connect();
 //   await client.subscribe(convId);
 //   await client.send(convId, "hello");      // resolves with the ack
+//   await client.edit(convId, msgId, "hi");  // edit, deleteMessage, react: events with a seq
 //
 // What it does for you (docs/protocol.md):
 // - The token travels as ?token= (browsers cannot set headers on a WebSocket).
@@ -384,6 +385,11 @@ export class AgoraClient {
       case "typing":
       case "score":
       case "joined":
+      case "read":
+      case "receipt":
+      case "notify":
+      case "presence":
+      case "presence_count":
         return this._emit(f.t, f);
       default:
         return undefined;
@@ -574,12 +580,33 @@ export class AgoraClient {
    * Survives reconnects: it is sent again with the same cid until acked, refused, or
    * `sendTimeoutMs` passes.
    */
-  send(conv, body, { cid = randomCid(), kind } = {}) {
+  send(conv, body, { cid = randomCid(), kind, replyTo } = {}) {
+    const frame = { t: "send", conv: String(conv), cid, body };
+    if (kind) frame.kind = kind;
+    if (replyTo) frame.reply_to = String(replyTo);
+    return this._submit(frame);
+  }
+
+  /** Edit your own message `ref`: an `edit` event with its own seq (retried like a send). */
+  edit(conv, ref, body, { cid = randomCid() } = {}) {
+    return this._submit({ t: "edit", conv: String(conv), cid, ref: String(ref), body });
+  }
+
+  /** Delete your own message `ref`: a tombstone stays, the text is gone. */
+  deleteMessage(conv, ref, { cid = randomCid() } = {}) {
+    return this._submit({ t: "delete", conv: String(conv), cid, ref: String(ref) });
+  }
+
+  /** Add (or with `remove: true`, take back) your reaction `emoji` to message `ref`. */
+  react(conv, ref, emoji, { remove = false, cid = randomCid() } = {}) {
+    return this._submit({ t: "react", conv: String(conv), cid, ref: String(ref), emoji, remove });
+  }
+
+  _submit(frame) {
     if (this.state === "closed") {
       return Promise.reject(new AgoraError("closed", "client closed"));
     }
-    const frame = { t: "send", conv: String(conv), cid, body };
-    if (kind) frame.kind = kind;
+    const cid = frame.cid;
     const existing = this._sends.get(cid);
     if (existing) return existing.promise;
     let entry;
@@ -632,6 +659,13 @@ export class AgoraClient {
         entry.reject(err);
       },
     );
+  }
+
+  /** Move your read pointer in `conv` to `seq` (forward only; your other devices get a
+   * `read` event). Not kept while offline: send it again when it matters. */
+  read(conv, seq) {
+    if (this.state !== "open") return Promise.resolve(null);
+    return this.request({ t: "read", conv: String(conv), seq });
   }
 
   /** Tell the conversation you are typing (ephemeral; throttle it in the UI). */

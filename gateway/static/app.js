@@ -40,7 +40,16 @@ const state = {
   post: null, // the open post id
   lastTypingSent: 0,
   creating: false, // a conversation create is in flight
+  byId: new Map(), // message id -> its msg (current state: edits, deletes, reactions)
+  floor: new Map(), // conv -> the seq the last history page reflected (older events skip)
+  replyTo: null, // the message id the composer answers
+  editing: null, // the message id the composer edits
+  readSeq: new Map(), // conv -> my read pointer (the largest heard)
+  latest: new Map(), // conv -> the largest seq seen
+  receipts: new Map(), // conv -> Map(user -> seq they have read up to)
+  online: new Map(), // user -> {online, last_seen}
 };
+const EVENT_KINDS = new Set(["edit", "delete", "react", "unreact"]);
 
 function toast(text) {
   const t = $("toast");
@@ -111,6 +120,10 @@ async function start(token) {
   client.on("typing", onTyping);
   client.on("score", onScore);
   client.on("joined", (f) => addConversation(f.conv, true));
+  client.on("read", onRead);
+  client.on("receipt", onReceipt);
+  client.on("notify", onNotify);
+  client.on("presence", onPresence);
   client.on("gap", (g) => loadHistory(g.conv).catch(fail));
   client.on("unauthorized", () => {
     toast("Session expired: sign in again");
@@ -118,6 +131,7 @@ async function start(token) {
     setTimeout(signOut, 1500);
   });
   client.connect();
+  loadInbox().catch(fail);
   await loadConversations();
   route();
 }
@@ -139,8 +153,15 @@ async function loadConversations() {
 function addConversation(conv, announce) {
   const known = state.convs.has(conv.id);
   state.convs.set(conv.id, { ...state.convs.get(conv.id), ...conv });
+  if (typeof conv.unread === "number") {
+    // The server's count (texts of others after my read pointer) is the truth on load.
+    if (conv.unread && !viewing(conv.id)) state.unread.set(conv.id, conv.unread);
+    else state.unread.delete(conv.id);
+    state.readSeq.set(conv.id, Math.max(state.readSeq.get(conv.id) || 0, conv.read_seq || 0));
+  }
   if (!known) {
     state.client.subscribe(conv.id).catch(fail);
+    loadPresence(conv.id).catch(() => {});
     // Not for one I am creating: its `joined` frame may beat the HTTP answer here.
     if (announce && !state.creating) toast(`You are in ${convName(conv)}`);
   }
@@ -166,8 +187,16 @@ function renderConvList() {
           "data-conv": c.id,
           onclick: () => (location.hash = `#/chat/${c.id}`),
         },
-        h("span", {}, convName(c), h("span", { class: "muted" }, c.kind === "direct" ? "" : " · group")),
-        state.unread.get(c.id) ? h("span", { class: "badge" }, state.unread.get(c.id)) : null,
+        h(
+          "span",
+          {},
+          c.kind === "direct"
+            ? h("span", { class: `dot ${c.members.some((m) => m !== state.me && isOnline(m)) ? "on" : ""}`, "data-testid": "dot" })
+            : null,
+          convName(c),
+          h("span", { class: "muted" }, c.kind === "direct" ? "" : " · group"),
+        ),
+        state.unread.get(c.id) ? h("span", { class: "badge", "data-testid": "unread" }, state.unread.get(c.id)) : null,
       ),
     ),
   );
@@ -196,12 +225,43 @@ async function createConversation(ev) {
 
 function store(conv, msg) {
   if (!state.messages.has(conv)) state.messages.set(conv, new Map());
+  msg.reactions = msg.reactions || {};
+  msg.mine = new Set(msg.my_reactions || []);
   state.messages.get(conv).set(msg.seq, msg);
+  state.byId.set(msg.id, msg);
+}
+
+/** An edit, delete or reaction event: change its target (every sequenced reaction event
+ * moves a count by exactly one, so counting is exact). */
+function applyEvent(e) {
+  if (e.seq <= (state.floor.get(e.conv) || 0)) return; // the history page reflects it
+  const m = state.byId.get(e.ref);
+  if (!m) return;
+  if (e.kind === "edit") {
+    m.body = e.body;
+    m.edited = true;
+  } else if (e.kind === "delete") {
+    m.body = "";
+    m.deleted = true;
+    m.reactions = {};
+    m.mine.clear();
+  } else {
+    const step = e.kind === "react" ? 1 : -1;
+    const n = (m.reactions[e.body] || 0) + step;
+    if (n > 0) m.reactions[e.body] = n;
+    else delete m.reactions[e.body];
+    if (e.from === state.me) {
+      if (step > 0) m.mine.add(e.body);
+      else m.mine.delete(e.body);
+    }
+  }
 }
 
 async function loadHistory(conv) {
   const page = await state.http.get(`/v1/conversations/${conv}/messages?limit=100`);
   for (const m of page.items) store(conv, m);
+  state.latest.set(conv, Math.max(state.latest.get(conv) || 0, page.last_seq || 0));
+  state.floor.set(conv, Math.max(state.floor.get(conv) || 0, page.last_seq || 0));
   if (conv === state.open) renderMessages();
   if (state.post && state.posts.get(state.post)?.thread === conv) renderComments();
 }
@@ -216,18 +276,212 @@ async function openConversation(conv) {
   renderConvList();
   renderMessages();
   renderTyping();
+  renderPresence();
   $("composer-input").focus();
   await loadHistory(conv);
+  markRead(conv);
+  loadReceipts(conv).catch(() => {}); // 403 in big groups: no receipts there
+}
+
+/** Is `conv` on screen (open, its tab shown, the page visible)? Only then is it read. */
+function viewing(conv) {
+  return conv === state.open && !$("chats").hidden && document.visibilityState !== "hidden";
+}
+
+/** Tell the server (and so my other devices) that I have read the open conversation. */
+function markRead(conv) {
+  const seq = state.latest.get(conv) || 0;
+  if (seq > (state.readSeq.get(conv) || 0) && viewing(conv)) {
+    state.readSeq.set(conv, seq);
+    state.client.read(conv, seq).catch(() => {}); // best effort: sent again on the next message
+  }
+}
+
+function onRead(f) {
+  // Another device (or this one) read up to f.seq: frames from two nodes may cross, keep the max.
+  if (f.seq > (state.readSeq.get(f.conv) || 0)) state.readSeq.set(f.conv, f.seq);
+  const readTo = state.readSeq.get(f.conv);
+  const loaded = [...(state.messages.get(f.conv) || new Map()).values()];
+  const left = loaded.filter((m) => m.seq > readTo && m.from !== state.me).length;
+  if (left && !viewing(f.conv)) state.unread.set(f.conv, left);
+  else state.unread.delete(f.conv);
+  renderConvList();
+}
+
+// -- presence ------------------------------------------------------------------------------
+async function loadPresence(conv) {
+  const page = await state.http.get(`/v1/conversations/${conv}/presence?limit=100`);
+  for (const p of page.items) state.online.set(p.user, { online: p.online, last_seen: p.last_seen });
+  renderConvList();
+  if (conv === state.open) renderPresence();
+}
+
+function onPresence(f) {
+  state.online.set(f.user, { online: f.online, last_seen: f.last_seen });
+  renderConvList();
+  renderPresence();
+}
+
+function isOnline(user) {
+  return Boolean(state.online.get(user)?.online);
+}
+
+/** The open conversation's members, each with a dot (green: online). */
+function renderPresence() {
+  const c = state.convs.get(state.open);
+  if (!c) return;
+  const others = c.members.filter((m) => m !== state.me);
+  $("chat-members").replaceChildren(
+    ...others.map((m) =>
+      h("span", { class: "member", "data-testid": "member", "data-user": m, "data-online": isOnline(m) ? "yes" : "no" },
+        h("span", { class: `dot ${isOnline(m) ? "on" : ""}` }), m),
+    ),
+  );
+}
+
+// -- notifications -------------------------------------------------------------------------
+const NOTE_TEXT = { mention: "mentioned you", reply: "replied to you", dm: "wrote to you" };
+
+function setBell(n) {
+  state.bell = Math.max(0, n);
+  $("bell-count").textContent = String(state.bell);
+}
+
+async function loadInbox() {
+  const page = await state.http.get("/v1/notifications?limit=30");
+  setBell(page.unread);
+  $("inbox-list").replaceChildren(
+    ...page.items.map((n) =>
+      h(
+        "li",
+        { class: n.read ? "" : "unread", "data-testid": "note", onclick: () => (location.hash = `#/chat/${n.conv}`) },
+        `${n.from} ${NOTE_TEXT[n.kind] || n.kind}: ${n.excerpt}`,
+      ),
+    ),
+  );
+}
+
+function onNotify(f) {
+  setBell((state.bell || 0) + 1);
+  toast(`${f.n.from} ${NOTE_TEXT[f.n.kind] || f.n.kind}`);
+  if (!$("inbox").hidden) loadInbox().catch(fail);
+}
+
+async function toggleInbox() {
+  $("inbox").hidden = !$("inbox").hidden;
+  if (!$("inbox").hidden) await loadInbox();
+}
+
+async function readAllNotes() {
+  await state.http.post("/v1/notifications/read", {});
+  await loadInbox();
+}
+
+async function loadReceipts(conv) {
+  const page = await state.http.get(`/v1/conversations/${conv}/receipts`);
+  const map = state.receipts.get(conv) || new Map();
+  for (const r of page.items) map.set(r.user, Math.max(map.get(r.user) || 0, r.seq));
+  state.receipts.set(conv, map);
+  if (conv === state.open) renderMessages();
+}
+
+function onReceipt(f) {
+  if (!state.receipts.has(f.conv)) state.receipts.set(f.conv, new Map());
+  const map = state.receipts.get(f.conv);
+  map.set(f.user, Math.max(map.get(f.user) || 0, f.seq));
+  if (f.conv === state.open) renderMessages();
+}
+
+/** Who has read up to my last message of the open conversation ("seen by ..."). */
+function seenLine(msgs) {
+  const mine = msgs.filter((m) => m.from === state.me && m.seq);
+  if (!mine.length) return null;
+  const last = mine[mine.length - 1].seq;
+  const who = [...(state.receipts.get(state.open) || new Map()).entries()]
+    .filter(([user, seq]) => user !== state.me && seq >= last)
+    .map(([user]) => user);
+  return who.length ? `seen by ${who.join(", ")}` : null;
 }
 
 function messageItem(m, pending) {
   const mine = m.from === state.me;
+  const quoted = m.reply_to ? state.byId.get(m.reply_to) : null;
+  const actions = [];
+  if (!pending && !m.deleted && m.id && m.conv === state.open) {
+    actions.push(h("button", { class: "link", "data-testid": "reply", onclick: () => startReply(m) }, "reply"));
+    actions.push(h("button", { class: "link", "data-testid": "react", onclick: () => toggleReaction(m, "👍") }, "👍"));
+    if (mine) {
+      actions.push(h("button", { class: "link", "data-testid": "edit", onclick: () => startEdit(m) }, "edit"));
+      actions.push(h("button", { class: "link", "data-testid": "delete", onclick: () => deleteMsg(m) }, "delete"));
+    }
+  }
+  const chips = Object.entries(m.reactions || {}).map(([emoji, n]) =>
+    h(
+      "button",
+      { class: `chip ${m.mine && m.mine.has(emoji) ? "on" : ""}`, "data-testid": "reaction", onclick: () => toggleReaction(m, emoji) },
+      `${emoji} ${n}`,
+    ),
+  );
   return h(
     "li",
-    { class: `${mine ? "mine" : ""} ${pending ? "pending" : ""}`, "data-seq": m.seq ?? "" },
-    h("div", { class: "from" }, mine ? "you" : m.from),
-    h("div", { class: "body" }, m.body),
+    { class: `${mine ? "mine" : ""} ${pending ? "pending" : ""}`, "data-seq": m.seq ?? "", "data-id": m.id ?? "" },
+    h("div", { class: "from" }, mine ? "you" : m.from, m.service ? h("span", { class: "badge service", "data-testid": "service" }, "service") : null),
+    m.reply_to
+      ? h("div", { class: "quote", "data-testid": "quote" }, `↪ ${quoted ? (quoted.deleted ? "deleted message" : quoted.body) : "an earlier message"}`)
+      : null,
+    m.deleted
+      ? h("div", { class: "body deleted", "data-testid": "tombstone" }, "message deleted")
+      : h("div", { class: "body" }, m.body, m.edited ? h("span", { class: "muted", "data-testid": "edited" }, " (edited)") : null),
+    chips.length ? h("div", { class: "row chips" }, chips) : null,
+    actions.length ? h("div", { class: "row actions" }, actions) : null,
   );
+}
+
+function composerMode() {
+  const target = state.byId.get(state.replyTo || state.editing);
+  $("composer-mode").hidden = !target;
+  $("composer-mode-text").textContent = !target
+    ? ""
+    : state.editing
+      ? "Editing your message"
+      : `Replying to ${target.from}: ${target.body.slice(0, 60)}`;
+}
+
+function startReply(m) {
+  state.editing = null;
+  state.replyTo = m.id;
+  composerMode();
+  $("composer-input").focus();
+}
+
+function startEdit(m) {
+  state.replyTo = null;
+  state.editing = m.id;
+  $("composer-input").value = m.body;
+  composerMode();
+  $("composer-input").focus();
+}
+
+function cancelMode() {
+  if (state.editing) $("composer-input").value = "";
+  state.replyTo = state.editing = null;
+  composerMode();
+}
+
+async function deleteMsg(m) {
+  try {
+    await state.client.deleteMessage(m.conv, m.id);
+  } catch (err) {
+    fail(err);
+  }
+}
+
+async function toggleReaction(m, emoji) {
+  try {
+    await state.client.react(m.conv, m.id, emoji, { remove: m.mine.has(emoji) });
+  } catch (err) {
+    fail(err);
+  }
 }
 
 function renderMessages() {
@@ -241,21 +495,33 @@ function renderMessages() {
     .filter(([cid, p]) => p.conv === conv && !seen.has(cid))
     .map(([cid, p]) => ({ from: state.me, body: p.body, cid }));
   list.replaceChildren(...msgs.map((m) => messageItem(m, false)), ...pending.map((m) => messageItem(m, true)));
+  $("seen").textContent = seenLine(msgs) || "";
   if (stuckToBottom) list.scrollTop = list.scrollHeight;
 }
 
 function onMsg(m) {
+  state.latest.set(m.conv, Math.max(state.latest.get(m.conv) || 0, m.seq));
+  if (EVENT_KINDS.has(m.kind)) {
+    applyEvent(m);
+    if (m.conv === state.open) renderMessages();
+    const postId = state.byThread.get(m.conv);
+    if (postId && postId === state.post) renderComments();
+    return;
+  }
   store(m.conv, m);
   const conv = state.convs.get(m.conv);
   if (conv) {
     conv.last_activity = m.ts;
-    if (m.conv !== state.open && m.from !== state.me) {
+    if (!viewing(m.conv) && m.from !== state.me) {
       state.unread.set(m.conv, (state.unread.get(m.conv) || 0) + 1);
     }
     renderConvList();
   }
   clearTyping(m.conv, m.from);
-  if (m.conv === state.open) renderMessages();
+  if (m.conv === state.open) {
+    renderMessages();
+    markRead(m.conv);
+  }
   const postId = state.byThread.get(m.conv);
   if (postId) {
     const p = state.posts.get(postId);
@@ -271,15 +537,27 @@ async function sendMessage(ev) {
   const body = input.value.trim();
   if (!body || !state.open) return;
   input.value = "";
-  await sendTo(state.open, body, renderMessages);
+  const editing = state.editing;
+  const replyTo = state.replyTo;
+  state.editing = state.replyTo = null;
+  composerMode();
+  if (editing) {
+    try {
+      await state.client.edit(state.open, editing, body);
+    } catch (err) {
+      fail(err);
+    }
+    return;
+  }
+  await sendTo(state.open, body, renderMessages, replyTo);
 }
 
-async function sendTo(conv, body, rerender) {
+async function sendTo(conv, body, rerender, replyTo = null) {
   const cid = crypto.getRandomValues(new Uint32Array(3)).join("-");
   state.pending.set(cid, { conv, body });
   rerender();
   try {
-    await state.client.send(conv, body, { cid });
+    await state.client.send(conv, body, { cid, replyTo });
   } catch (err) {
     fail(err);
   } finally {
@@ -502,6 +780,9 @@ function init() {
   $("new-conv").addEventListener("submit", createConversation);
   $("composer").addEventListener("submit", sendMessage);
   $("composer-input").addEventListener("input", onComposerInput);
+  $("composer-cancel").addEventListener("click", cancelMode);
+  $("bell").addEventListener("click", () => toggleInbox().catch(fail));
+  $("inbox-read").addEventListener("click", () => readAllNotes().catch(fail));
   $("new-post").addEventListener("submit", createPost);
   $("comment-form").addEventListener("submit", sendComment);
   $("feed-kind").addEventListener("change", loadFeed);

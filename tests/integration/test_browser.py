@@ -49,7 +49,7 @@ def stack(settings: Settings) -> Iterator[Stack]:
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.skip(f"{CHROMIUM} missing: run scripts/bootstrap as root (apt-get install chromium)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    s = Stack(settings, extra_env={"AGORA_DEV_TOKENS": "true"})
+    s = Stack(settings, extra_env={"AGORA_DEV_TOKENS": "true", "AGORA_PRESENCE_GRACE_S": "2"})
     try:
         s.gateway("web-g1")
         s.gateway("web-g2")
@@ -166,6 +166,171 @@ async def test_two_people_chat_and_vote_live_through_two_nodes(stack: Stack, bro
     assert alice.errors == [] and bob.errors == [], (alice.errors, bob.errors)
     for p in (alice, bob):
         await p.context.close()
+
+
+async def test_edit_delete_react_and_reply_live_through_two_nodes(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    alice = await new_page(browser, g1.http_url + "/")
+    bob = await new_page(browser, g2.http_url + "/")
+    await sign_in(alice, alice_id)
+    await sign_in(bob, bob_id)
+    await alice.get_by_test_id("new-conv-members").fill(bob_id)
+    await alice.locator("#new-conv-title").fill("Edits")
+    await alice.get_by_test_id("new-conv-submit").click()
+    await expect(alice.get_by_test_id("chat-title")).to_have_text("Edits", timeout=WAIT_MS)
+    await bob.get_by_test_id("conv-list").get_by_text("Edits").click(timeout=WAIT_MS)
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Edits", timeout=WAIT_MS)
+
+    await alice.get_by_test_id("composer-input").fill("lunch at 12?")
+    await alice.get_by_test_id("composer-input").press("Enter")
+    # The message itself (a reply quoting it contains its text too, but not as its body).
+    bobs_view = bob.locator("#messages li").filter(has=bob.locator(".body", has_text="lunch at"))
+    await expect(bobs_view).to_have_count(1, timeout=WAIT_MS)
+
+    # Alice edits: Bob sees the new text marked edited, without a reload.
+    alices_msg = alice.locator("#messages li").filter(
+        has=alice.locator(".body", has_text="lunch at")
+    )
+    await alices_msg.get_by_test_id("edit").click()
+    await alice.get_by_test_id("composer-input").fill("lunch at 12:30?")
+    await alice.get_by_test_id("composer-input").press("Enter")
+    await expect(bobs_view).to_contain_text("lunch at 12:30? (edited)", timeout=WAIT_MS)
+    # Bob cannot edit her message: no edit button on it.
+    await expect(bobs_view.get_by_test_id("edit")).to_have_count(0)
+
+    # Bob reacts and replies; Alice sees the count and the quote.
+    await bobs_view.get_by_test_id("react").click()
+    await expect(alices_msg.get_by_test_id("reaction")).to_have_text("👍 1", timeout=WAIT_MS)
+    await bobs_view.get_by_test_id("reply").click()
+    await expect(bob.get_by_test_id("composer-mode")).to_contain_text("Replying to")
+    await bob.get_by_test_id("composer-input").fill("yes!")
+    await bob.get_by_test_id("composer-send").click()
+    reply = alice.locator("#messages li").filter(has_text="yes!")
+    await expect(reply.get_by_test_id("quote")).to_contain_text("lunch at 12:30?", timeout=WAIT_MS)
+    # Alice reacts too, then Bob takes his back: counts stay exact on both sides.
+    await alices_msg.get_by_test_id("react").click()
+    await expect(bobs_view.get_by_test_id("reaction")).to_have_text("👍 2", timeout=WAIT_MS)
+    await bobs_view.get_by_test_id("reaction").click()
+    await expect(alices_msg.get_by_test_id("reaction")).to_have_text("👍 1", timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "events-alice.png"))
+
+    # Alice deletes: a tombstone on both sides, and after Bob reloads (from history).
+    await alices_msg.get_by_test_id("delete").click()
+    tomb = bob.locator("#messages li").get_by_test_id("tombstone")
+    await expect(tomb).to_have_count(1, timeout=WAIT_MS)
+    await expect(reply.get_by_test_id("quote")).to_contain_text("deleted message", timeout=WAIT_MS)
+    await bob.reload()
+    await expect(bob.get_by_test_id("conn-state")).to_contain_text("online", timeout=WAIT_MS)
+    await bob.get_by_test_id("conv-list").get_by_text("Edits").click(timeout=WAIT_MS)
+    await expect(bob.locator("#messages li").get_by_test_id("tombstone")).to_have_count(
+        1, timeout=WAIT_MS
+    )
+    await expect(bob.get_by_test_id("messages")).not_to_contain_text("12:30")
+    await bob.screenshot(path=str(ARTIFACTS / "events-bob.png"))
+    assert alice.errors == [] and bob.errors == [], (alice.errors, bob.errors)
+    for p in (alice, bob):
+        await p.context.close()
+
+
+async def test_a_second_device_clears_its_badge_and_the_sender_sees_seen(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    phone = await new_page(browser, g1.http_url + "/")
+    laptop = await new_page(browser, g2.http_url + "/")
+    bob = await new_page(browser, g1.http_url + "/")
+    for page, user in ((phone, alice_id), (laptop, alice_id), (bob, bob_id)):
+        await sign_in(page, user)
+    await bob.get_by_test_id("new-conv-members").fill(alice_id)
+    await bob.locator("#new-conv-title").fill("Badges")
+    await bob.get_by_test_id("new-conv-submit").click()
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Badges", timeout=WAIT_MS)
+    for text in ("one", "two"):
+        await bob.get_by_test_id("composer-input").fill(text)
+        await bob.get_by_test_id("composer-input").press("Enter")
+    for device in (phone, laptop):
+        entry = device.get_by_test_id("conv-list").get_by_role("listitem").filter(has_text="Badges")
+        await expect(entry.get_by_test_id("unread")).to_have_text("2", timeout=WAIT_MS)
+
+    # Alice reads on her phone: the laptop's badge goes (a `read` frame through the other
+    # node), and Bob sees that she has seen his messages.
+    await phone.get_by_test_id("conv-list").get_by_text("Badges").click()
+    await expect(phone.get_by_test_id("messages")).to_contain_text("two", timeout=WAIT_MS)
+    laptop_entry = (
+        laptop.get_by_test_id("conv-list").get_by_role("listitem").filter(has_text="Badges")
+    )
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_count(0, timeout=WAIT_MS)
+    await expect(bob.get_by_test_id("seen")).to_have_text(f"seen by {alice_id}", timeout=WAIT_MS)
+    # The server's count agrees after a reload; a new message brings the badge back.
+    await laptop.reload()
+    await expect(laptop.get_by_test_id("conn-state")).to_contain_text("online", timeout=WAIT_MS)
+    await expect(laptop.get_by_test_id("conv-list")).to_contain_text("Badges", timeout=WAIT_MS)
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_count(0)
+    await phone.get_by_test_id("tab-feed").click()  # the phone looks elsewhere now
+    await bob.get_by_test_id("composer-input").fill("three")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(laptop_entry.get_by_test_id("unread")).to_have_text("1", timeout=WAIT_MS)
+    await bob.screenshot(path=str(ARTIFACTS / "seen-bob.png"))
+    for p in (phone, laptop, bob):
+        assert p.errors == [], p.errors
+        await p.context.close()
+
+
+async def test_inbox_keeps_a_mention_for_an_offline_user_and_notifies_live(
+    stack: Stack, browser: Any
+) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    bob = await new_page(browser, g1.http_url + "/")
+    await sign_in(bob, bob_id)
+    await bob.get_by_test_id("new-conv-members").fill(alice_id)
+    await bob.locator("#new-conv-title").fill("Inbox")
+    await bob.get_by_test_id("new-conv-submit").click()
+    await expect(bob.get_by_test_id("chat-title")).to_have_text("Inbox", timeout=WAIT_MS)
+    await bob.get_by_test_id("composer-input").fill(f"@{alice_id} while you were away")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(bob.locator("#messages li.pending")).to_have_count(0, timeout=WAIT_MS)
+
+    alice = await new_page(browser, g2.http_url + "/")  # she comes online only now
+    await sign_in(alice, alice_id)
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("1", timeout=WAIT_MS)
+    await alice.get_by_test_id("bell").click()
+    await expect(alice.get_by_test_id("note")).to_contain_text(f"{bob_id} mentioned you")
+    await bob.get_by_test_id("composer-input").fill(f"and now live, @{alice_id}")
+    await bob.get_by_test_id("composer-input").press("Enter")
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("2", timeout=WAIT_MS)
+    await expect(alice.get_by_test_id("note")).to_have_count(2, timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "inbox-alice.png"))
+    await alice.get_by_test_id("inbox-read").click()
+    await expect(alice.get_by_test_id("bell-count")).to_have_text("0", timeout=WAIT_MS)
+    for p in (alice, bob):
+        assert p.errors == [], p.errors
+        await p.context.close()
+
+
+async def test_presence_dots_follow_a_user_across_nodes(stack: Stack, browser: Any) -> None:
+    g1, g2 = node(stack, "web-g1"), node(stack, "web-g2")
+    alice_id, bob_id = uid("alice"), uid("bob")
+    alice = await new_page(browser, g1.http_url + "/")
+    await sign_in(alice, alice_id)
+    await alice.get_by_test_id("new-conv-members").fill(bob_id)
+    await alice.locator("#new-conv-title").fill("Dots")
+    await alice.get_by_test_id("new-conv-submit").click()
+    await expect(alice.get_by_test_id("chat-title")).to_have_text("Dots", timeout=WAIT_MS)
+    bobs_dot = alice.locator(f'[data-testid="member"][data-user="{bob_id}"]')
+    await expect(bobs_dot).to_have_attribute("data-online", "no", timeout=WAIT_MS)
+    bob = await new_page(browser, g2.http_url + "/")
+    await sign_in(bob, bob_id)
+    await expect(bobs_dot).to_have_attribute("data-online", "yes", timeout=WAIT_MS)
+    await alice.screenshot(path=str(ARTIFACTS / "presence-alice.png"))
+    await bob.context.close()  # gone: offline after the grace period (2 s here)
+    await expect(bobs_dot).to_have_attribute("data-online", "no", timeout=WAIT_MS)
+    assert alice.errors == [], alice.errors
+    await alice.context.close()
 
 
 async def test_agora_js_moves_to_the_other_node_when_its_node_drains(

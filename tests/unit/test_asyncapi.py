@@ -19,11 +19,13 @@ import jsonschema_rs
 import pytest
 import yaml
 
+from fanout.notify import _frames as notify_frames
 from gateway.http import asyncapi
 from gateway.http.asyncapi import client_frames, document, server_frames
 from gateway.protocol import frames
 from gateway.protocol.frames import FrameError, ProtocolViolation, parse_request
 from storage.errors import BadRequest, RateLimited
+from storage.models import Message
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "clients/js/node_modules/@asyncapi/specs/schemas/3.0.0.json"
@@ -37,6 +39,11 @@ GOOD = {
     "body": "hello",
     "kind": "text",
     "token": "a.b.c",
+    "reply_to": "987654321",
+    "ref": "987654321",
+    "emoji": "👍",
+    "remove": True,
+    "seq": 5,
 }
 
 
@@ -208,7 +215,9 @@ def test_unknown_type_is_a_protocol_violation_as_documented() -> None:
 def built_frame_types() -> set[str]:
     """Every `t` of a map literal in the gateway's source: the frames it can send."""
     found: set[str] = set()
-    for path in sorted((ROOT / "gateway").rglob("*.py")):
+    # The fan-out worker builds one too (`notify`, to the users a message mentions).
+    paths = [*(ROOT / "gateway").rglob("*.py"), *(ROOT / "fanout").rglob("*.py")]
+    for path in sorted(paths):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.Dict):
                 continue
@@ -237,6 +246,8 @@ def strict(payload: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+EVENTFUL = Message(42, 46, 4, "alice", "@bob look", 1, "c-4", "text", notify=(("bob", "mention"),))
+
 CONVERSATION = {
     "id": "42",
     "kind": "group",
@@ -264,6 +275,14 @@ BUILT = [
     frames.score(44, 3, 5, 2),
     frames.reconnect(1500),
     {"t": "joined", "conv": CONVERSATION},
+    frames.msg(42, 44, 2, "bob", "", 1, "c-2", "text", reply_to=43, edited=True, deleted=True),
+    frames.msg(42, 45, 3, "service/billing", "👍", 1, "c-3", "react", ref=43),
+    frames.read(42, 7),
+    frames.receipt(42, "bob", 7),
+    frames.presence("bob", True, None),
+    frames.presence("bob", False, 1_700_000_000_000),
+    frames.presence_count(42, 12),
+    *(f for _, f in notify_frames([EVENTFUL])),
 ]
 
 
@@ -286,7 +305,7 @@ def test_every_builder_is_exercised() -> None:
         and name[0].islower()
         and name != "parse_request"
     }
-    assert {f["t"] for f in BUILT} - {"joined"} == builders
+    assert {f["t"] for f in BUILT} - {"joined", "notify"} == builders
 
 
 def test_a_schema_refuses_what_it_does_not_document() -> None:

@@ -1,0 +1,276 @@
+"""Presence: a user is online while they have a connection on any gateway, and offline
+AGORA_PRESENCE_GRACE_S after their last one closed (a reconnect or a drain in between
+changes nothing, so nothing flaps).
+
+State lives in Redis, per user (`presence` hash: on, seen). Transitions are atomic:
+- a node whose first connection of a user attached (after registering the user's route)
+  sets `on`; only a real change (off -> on) is announced;
+- a node whose last connection of a user closed waits the grace period, then, unless the
+  user came back to it, sets `on = 0` only if no *other* live gateway has the user in its
+  route set, checked in the same script: a reconnect to another node either registered
+  first (then the user stays online) or comes after (then it announces online again);
+- a gateway that dies runs no detach: every node heartbeats in `presence_nodes`; one node
+  at a time (a Redis lock) sweeps the users of nodes whose heartbeat stopped, with the same
+  script.
+
+Announcing costs O(conversations the user is in), never O(members): one `presence` frame
+per gateway that has subscribers of the user's direct conversations and groups of at most
+AGORA_PRESENCE_MAX_MEMBERS members (`Delivery.presence`); each node hands it once to each
+local connection subscribed to any of them. Bigger rooms ask `GET .../presence`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fanout.envelope import Delivery
+from gateway.protocol import frames
+from storage import conversations, presence
+from storage.ids import now_ms
+from storage.pools import ShardPools
+
+log = logging.getLogger("agora.gateway")
+PRESENCE_TTL_S = 30 * 24 * 3600  # last_seen is kept a month after the last change
+COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
+COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
+MAX_KINDS = 100_000
+
+# KEYS: presence hash, this node's presence set. ARGV: now ms, ttl, user, node set ttl.
+# 1 when the user was not online before.
+_ONLINE = """
+local was = redis.call('HGET', KEYS[1], 'on')
+redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if was == '1' then return 0 end
+return 1
+"""
+
+# KEYS: presence hash, the user's route set. ARGV: now ms, ttl, the node giving the user
+# up, the lease key prefix. 1 when the user went offline now; 0 when another live gateway
+# still has them (or they were offline already).
+_OFFLINE = """
+if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if node ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. node) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class Presence:
+    def __init__(self, node: Any, pools: ShardPools) -> None:
+        self.node = node  # gateway.node.Node (not imported: node.py calls into this)
+        self.pools = pools
+        self.redis: aioredis.Redis = node.redis
+        self.keys = node.keys
+        self.grace_s = float(node.settings.presence_grace_s)
+        self.max_members = int(node.settings.presence_max_members)
+        self.lease_s = int(node.settings.route_lease_s)
+        self._online = self.redis.register_script(_ONLINE)
+        self._offline = self.redis.register_script(_OFFLINE)
+        self._pending: dict[str, asyncio.Task[None]] = {}  # offline checks in their grace
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.announced = 0  # presence transitions this node announced
+        self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
+        # thread -> (the total its local subscribers last got, how many they were then)
+        self._sent: dict[int, tuple[int, int]] = {}
+
+    # -- hooks of gateway.node.Node ------------------------------------------------------
+    def attached(self, user: str) -> None:
+        """The first local connection of `user` (its route is registered already)."""
+        pending = self._pending.pop(user, None)
+        if pending is not None:
+            pending.cancel()  # back within the grace period: nothing changed
+        self._spawn(self._went_online(user))
+
+    def detached(self, user: str) -> None:
+        """The last local connection of `user` closed."""
+        if user not in self._pending:
+            self._pending[user] = self._spawn(self._after_grace(user))
+
+    # -- transitions -----------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _went_online(self, user: str) -> None:
+        try:
+            changed = await self._online(
+                keys=[self.keys.presence(user), self.keys.presence_node(self.node.id)],
+                args=[now_ms(), PRESENCE_TTL_S, user, self.lease_s * 3],
+            )
+            if int(changed):
+                await self.announce(user, True, None)
+        except Exception as exc:  # best effort: the state is fixed by the next change
+            log.warning("presence of %s not set online: %s", user, exc)
+
+    async def _after_grace(self, user: str) -> None:
+        try:
+            await asyncio.sleep(self.grace_s)
+            if self.node.user_conns.get(user):
+                return
+            await self.give_up(user, self.node.id)
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self.redis.srem(self.keys.presence_node(self.node.id), user)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("presence of %s not checked: %s", user, exc)
+        finally:
+            if self._pending.get(user) is asyncio.current_task():
+                del self._pending[user]
+
+    async def give_up(self, user: str, node: str) -> bool:
+        """`node` no longer has `user`: offline unless another live gateway does."""
+        seen = now_ms()
+        changed = await self._offline(
+            keys=[self.keys.presence(user), self.keys.user_routes(user)],
+            args=[seen, PRESENCE_TTL_S, node, self.keys.node_lease("")],
+        )
+        if int(changed):
+            await self.announce(user, False, seen)
+            return True
+        return False
+
+    async def announce(self, user: str, online: bool, last_seen: int | None) -> None:
+        """One `presence` frame per gateway with subscribers of the user's small rooms."""
+        convs = [c for c, n in await presence.shared(self.pools, user) if n <= self.max_members]
+        if not convs:
+            return
+        frame = frames.presence(user, online, last_seen)
+        by_conv, _ = await self.node.routes.nodes_for(convs=convs)
+        deliveries: dict[str, Delivery] = {}
+        for conv, nodes in by_conv.items():
+            for n in nodes:
+                d = deliveries.setdefault(n, Delivery())
+                if not d.presence:
+                    d.presence.append(([], frame))
+                d.presence[0][0].append(conv)
+        await self.node.routes.publish(deliveries)
+        self.announced += 1
+
+    # -- every node: heartbeat; one node at a time: sweep the dead ones -------------------
+    async def run(self) -> None:
+        counts = self._spawn(self._count_threads())
+        try:
+            await self._sweep_forever()
+        finally:
+            counts.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self._heartbeat()
+                await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence sweep failed: %s", exc)
+            await asyncio.sleep(max(1.0, min(self.grace_s, self.lease_s) / 2))
+
+    async def _heartbeat(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.presence_nodes(), {self.node.id: now_ms()})
+        pipe.expire(self.keys.presence_nodes(), max(3600, self.lease_s * 10))
+        pipe.expire(self.keys.presence_node(self.node.id), self.lease_s * 3)
+        await pipe.execute()
+
+    async def _sweep(self) -> None:
+        lock = await self.redis.set(
+            self.keys.presence_sweep(), self.node.id, nx=True, ex=max(1, int(self.grace_s))
+        )
+        if not lock:
+            return
+        stale_before = now_ms() - self.lease_s * 1000
+        raw = await self.redis.zrangebyscore(self.keys.presence_nodes(), "-inf", stale_before)
+        candidates = {r.decode() if isinstance(r, bytes) else str(r) for r in raw}
+        candidates.discard(self.node.id)
+        if not candidates:
+            return
+        # Late, not necessarily dead: a node still holding its lease keeps its users.
+        alive = await self.node.routes._live_nodes(candidates)
+        for dead in candidates - alive:
+            users = await self.redis.smembers(self.keys.presence_node(dead))
+            for raw_user in users:
+                user = raw_user.decode() if isinstance(raw_user, bytes) else str(raw_user)
+                await self.give_up(user, dead)
+            await self.redis.delete(self.keys.presence_node(dead))
+            await self.redis.zrem(self.keys.presence_nodes(), dead)
+            log.info("presence: took over %d users of dead node %s", len(users), dead)
+
+    # -- post threads: counts only ---------------------------------------------------------
+    async def _count_threads(self) -> None:
+        """Each second: write this node's subscriber count of every thread it has
+        subscribers of, read every node's, and tell the local subscribers the total when
+        it changed. One pipelined round trip per second, whatever the threads' sizes; no
+        frame crosses gateways."""
+        while True:
+            await asyncio.sleep(COUNT_EVERY_S)
+            try:
+                await self.count_threads_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("thread presence counts failed: %s", exc)
+
+    async def count_threads_once(self) -> None:
+        local = {c: len(s) for c, s in list(self.node.conv_subs.items()) if s}
+        for conv in [c for c in local if c not in self._kinds][:1000]:
+            found = await conversations.access(self.pools, conv, "")
+            if len(self._kinds) >= MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[conv] = found[0] if found else ""
+        threads = [c for c in local if self._kinds.get(c) == "thread"]
+        for gone in [c for c in self._sent if c not in local]:
+            del self._sent[gone]
+        if not threads:
+            return
+        now = now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for conv in threads:
+            key = self.keys.presence_watchers(conv)
+            pipe.hset(key, self.node.id, f"{local[conv]}:{now + COUNT_VALID_MS}")
+            pipe.expire(key, 10)
+            pipe.hgetall(key)
+        replies = await pipe.execute()
+        for i, conv in enumerate(threads):
+            total = 0
+            for raw in replies[i * 3 + 2].values():
+                count, _, until = (raw.decode() if isinstance(raw, bytes) else raw).partition(":")
+                if int(until) >= now:  # a dead gateway's count fades out
+                    total += int(count)
+            # Sent again when the total moved, or to a subscriber that joined since.
+            if self._sent.get(conv) != (total, local[conv]):
+                self._sent[conv] = (total, local[conv])
+                subs = self.node.conv_subs.get(conv)
+                if subs:
+                    self.node._broadcast(frames.presence_count(conv, total), subs)
+
+    async def states(self, users: list[str]) -> dict[str, tuple[bool, int | None]]:
+        """{user: (online, last_seen)} in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user in users:
+            pipe.hmget(self.keys.presence(user), "on", "seen")
+        out: dict[str, tuple[bool, int | None]] = {}
+        for user, (on, seen) in zip(users, await pipe.execute(), strict=True):
+            online = on in (b"1", "1")
+            out[user] = (online, None if online or seen is None else int(seen))
+        return out
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
