@@ -1,9 +1,13 @@
-"""Engines a fault-injection test owns, so it may stop and restart them: a private Redis
-server and a private PostgreSQL cluster, each on a free port, stopped by their own PID.
+"""What the fault tests and `bench.faults` share: engines a fault run owns, so it may stop
+and restart them (a private Redis server and a private PostgreSQL cluster, each on a free
+port, stopped by their own PID), and the database faults themselves (read-only, timeouts,
+a forced deadlock, terminated sessions), aimed at one shard database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import glob
 import os
 import shutil
@@ -11,9 +15,16 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
+from storage import services
+from storage.migrate import migrate_all
 from storage.services import wait_port
+from storage.settings import Settings
 from tests.engines import free_port
 
 
@@ -94,8 +105,10 @@ class OwnPostgres:
         if not wait_port("127.0.0.1", self.port, 30):
             raise RuntimeError("private postgres did not start")
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+    def stop(self, mode: str = "immediate") -> None:
+        """`pg_ctl stop -m mode`: "fast" ends every session cleanly (a planned restart),
+        "immediate" is a crash."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
         deadline = time.monotonic() + 10
         while wait_port("127.0.0.1", self.port, 0.1) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -106,3 +119,116 @@ class OwnPostgres:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_shard(settings: Settings) -> Iterator[tuple[Settings, OwnPostgres]]:
+    """`settings` with physical shard #1 moved to a private, migrated PostgreSQL cluster
+    (shard #0 stays where it was): a run may stop and start that shard's server."""
+    pg = OwnPostgres()
+    try:
+        pg.init()
+        pg.start()
+        dsn = pg.dsn("agora_shard_x")
+        asyncio.run(services.ensure_databases((dsn,)))
+        asyncio.run(migrate_all([dsn]))
+        yield settings.with_overrides(shard_dsns=(settings.shard_dsns[0], dsn)), pg
+    finally:
+        pg.destroy()
+
+
+# -- database faults aimed at one shard database ----------------------------------------------
+
+
+@dataclass
+class Target:
+    """What a fault is aimed at: a shard database, two of its conversations, and the
+    worker's log (to see that the fault reached it)."""
+
+    admin: asyncpg.Connection
+    dsn: str
+    db: str
+    convs: list[int]
+    worker_log: Callable[[], str]
+
+
+Fault = Callable[[Target], Awaitable[None]]
+
+
+async def terminate_others(
+    admin: asyncpg.Connection, db: str, keep: asyncpg.Connection | None = None
+) -> int:
+    """End every session on `db` but ours: the pools reconnect and pick up new settings."""
+    n: int = await admin.fetchval(
+        """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+           WHERE datname = $1 AND pid <> pg_backend_pid() AND pid <> $2""",
+        db,
+        keep.get_server_pid() if keep is not None else 0,
+    )
+    return n
+
+
+async def read_only_3s(t: Target) -> None:
+    await t.admin.execute(f'ALTER DATABASE "{t.db}" SET default_transaction_read_only = on')
+    await terminate_others(t.admin, t.db)
+    await asyncio.sleep(3)
+    await t.admin.execute(f'ALTER DATABASE "{t.db}" RESET default_transaction_read_only')
+    await terminate_others(t.admin, t.db)
+
+
+@contextlib.asynccontextmanager
+async def row_locked(dsn: str, conv: int) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conv)
+        try:
+            yield conn
+        finally:
+            await tx.rollback()
+    finally:
+        await conn.close()
+
+
+def timeout_fault(setting: str) -> Fault:
+    async def fault(t: Target) -> None:
+        # The lock is taken by a session opened before the setting: it holds, the worker's
+        # new sessions (their pools reconnect after the terminate) give up after 300 ms.
+        async with row_locked(t.dsn, t.convs[0]) as locker:
+            await t.admin.execute(f"ALTER DATABASE \"{t.db}\" SET {setting} = '300ms'")
+            await terminate_others(t.admin, t.db, keep=locker)
+            await asyncio.sleep(3)
+            await t.admin.execute(f'ALTER DATABASE "{t.db}" RESET {setting}')
+        await terminate_others(t.admin, t.db)
+
+    return fault
+
+
+async def terminate_repeatedly(t: Target) -> None:
+    for _ in range(10):
+        await terminate_others(t.admin, t.db)
+        await asyncio.sleep(0.3)
+
+
+async def deadlock(t: Target) -> None:
+    """Lock the higher conversation row, wait until the worker (which locks rows in id
+    order) waits on it, then take the lower one it holds: PostgreSQL breaks the cycle by
+    aborting the worker's transaction (40P01), whose deadlock timer started first."""
+    low, high = sorted(t.convs)
+    for _ in range(20):
+        async with row_locked(t.dsn, high) as conn:
+            deadline = time.monotonic() + 3
+            waiting = 0
+            while time.monotonic() < deadline and not waiting:
+                waiting = await t.admin.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                       AND wait_event_type = 'Lock' AND query LIKE 'UPDATE conversations%'""",
+                    t.db,
+                )
+                await asyncio.sleep(0.02)
+            with contextlib.suppress(asyncpg.DeadlockDetectedError):
+                await conn.execute("UPDATE conversations SET title = title WHERE id = $1", low)
+        if "40P01" in t.worker_log():
+            return
+    raise AssertionError("no deadlock was forced in 20 attempts")

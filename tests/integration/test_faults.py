@@ -20,11 +20,10 @@ import pytest
 
 from agora_client import AgoraClient, ServerError
 from storage import messages, services
-from storage.migrate import migrate_all
 from storage.pools import ShardPools
 from storage.settings import Settings
 from tests.engines import free_port
-from tests.faults import OwnPostgres, OwnRedis
+from tests.faults import OwnPostgres, OwnRedis, private_shard
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 
@@ -44,6 +43,7 @@ class Follower:
     def __init__(self, stack: Stack, nodes: list[Proc], user: str, conv: str) -> None:
         self.stack, self.nodes, self.user, self.conv = stack, nodes, user, conv
         self.seqs: list[int] = []
+        self.times: list[float] = []  # monotonic arrival time of each of `seqs`
         self.reconnects = 0
         self.task: asyncio.Task[None] | None = None
         self.stop = asyncio.Event()
@@ -64,6 +64,7 @@ class Follower:
                     with contextlib.suppress(TimeoutError):
                         f = await c.next_event("msg", timeout=0.2)
                         self.seqs.append(f["seq"])
+                        self.times.append(time.monotonic())
             except Exception:
                 pass
             finally:
@@ -230,17 +231,8 @@ async def test_redis_restart_and_flush_during_traffic(
 
 @pytest.fixture
 def own_shard(settings: Settings) -> Iterator[tuple[Settings, OwnPostgres]]:
-    pg = OwnPostgres()
-    pg.init()
-    pg.start()
-    dsn = pg.dsn("agora_shard_x")
-    asyncio.run(services.ensure_databases((dsn,)))
-    asyncio.run(migrate_all([dsn]))
-    two = settings.with_overrides(shard_dsns=(settings.shard_dsns[0], dsn))
-    try:
+    with private_shard(settings) as (two, pg):
         yield two, pg
-    finally:
-        pg.destroy()
 
 
 def user_on(pools: ShardPools, physical: int, prefix: str) -> str:

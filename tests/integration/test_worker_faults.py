@@ -11,7 +11,6 @@ databases on the private PostgreSQL of AGORA_TEST_PG are touched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -21,8 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -53,6 +51,15 @@ from storage.models import NewMessage
 from storage.pools import ShardPools
 from storage.settings import Settings
 from tests.engines import free_port, settings_env
+from tests.faults import (
+    Fault,
+    Target,
+    deadlock,
+    read_only_3s,
+    terminate_others,
+    terminate_repeatedly,
+    timeout_fault,
+)
 from tests.integration.helpers import collect, create_group, uid
 from tests.integration.test_faults import Follower, report, send_steadily
 from tests.stack import LOG_DIR, Proc, Stack
@@ -134,100 +141,7 @@ def shard_dsn(settings: Settings, pools: ShardPools, conv: int) -> tuple[str, st
     return dsn, urlsplit(dsn).path.lstrip("/")
 
 
-async def terminate_others(
-    admin: asyncpg.Connection, db: str, keep: asyncpg.Connection | None = None
-) -> int:
-    """End every session on `db` but ours: the pools reconnect and pick up new settings."""
-    n: int = await admin.fetchval(
-        """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-           WHERE datname = $1 AND pid <> pg_backend_pid() AND pid <> $2""",
-        db,
-        keep.get_server_pid() if keep is not None else 0,
-    )
-    return n
-
-
 # -- database faults with traffic running -------------------------------------------------
-
-
-@dataclass
-class Target:
-    """What a fault is aimed at: the shard database of the conversations, and the worker."""
-
-    admin: asyncpg.Connection
-    dsn: str
-    db: str
-    convs: list[int]
-    worker_log: Callable[[], str]
-
-
-Fault = Callable[[Target], Awaitable[None]]
-
-
-async def read_only_3s(t: Target) -> None:
-    await t.admin.execute(f'ALTER DATABASE "{t.db}" SET default_transaction_read_only = on')
-    await terminate_others(t.admin, t.db)
-    await asyncio.sleep(3)
-    await t.admin.execute(f'ALTER DATABASE "{t.db}" RESET default_transaction_read_only')
-    await terminate_others(t.admin, t.db)
-
-
-@contextlib.asynccontextmanager
-async def row_locked(dsn: str, conv: int) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        tx = conn.transaction()
-        await tx.start()
-        await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conv)
-        try:
-            yield conn
-        finally:
-            await tx.rollback()
-    finally:
-        await conn.close()
-
-
-def timeout_fault(setting: str) -> Fault:
-    async def fault(t: Target) -> None:
-        # The lock is taken by a session opened before the setting: it holds, the worker's
-        # new sessions (their pools reconnect after the terminate) give up after 300 ms.
-        async with row_locked(t.dsn, t.convs[0]) as locker:
-            await t.admin.execute(f"ALTER DATABASE \"{t.db}\" SET {setting} = '300ms'")
-            await terminate_others(t.admin, t.db, keep=locker)
-            await asyncio.sleep(3)
-            await t.admin.execute(f'ALTER DATABASE "{t.db}" RESET {setting}')
-        await terminate_others(t.admin, t.db)
-
-    return fault
-
-
-async def terminate_repeatedly(t: Target) -> None:
-    for _ in range(10):
-        await terminate_others(t.admin, t.db)
-        await asyncio.sleep(0.3)
-
-
-async def deadlock(t: Target) -> None:
-    """Lock the higher conversation row, wait until the worker (which locks rows in id
-    order) waits on it, then take the lower one it holds: PostgreSQL breaks the cycle by
-    aborting the worker's transaction (40P01), whose deadlock timer started first."""
-    low, high = sorted(t.convs)
-    for _ in range(20):
-        async with row_locked(t.dsn, high) as conn:
-            deadline = time.monotonic() + 3
-            waiting = 0
-            while time.monotonic() < deadline and not waiting:
-                waiting = await t.admin.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE datname = $1
-                       AND wait_event_type = 'Lock' AND query LIKE 'UPDATE conversations%'""",
-                    t.db,
-                )
-                await asyncio.sleep(0.02)
-            with contextlib.suppress(asyncpg.DeadlockDetectedError):
-                await conn.execute("UPDATE conversations SET title = title WHERE id = $1", low)
-        if "40P01" in t.worker_log():
-            return
-    raise AssertionError("no deadlock was forced in 20 attempts")
 
 
 @pytest.mark.parametrize(
