@@ -159,3 +159,25 @@ def test_broker_smoke(tmp_path: Path) -> None:
     assert "broker_alive_after" in s["delete_records"]
     assert isinstance(s["retention_applied"], bool)
     assert "bounded" in data["targets"]
+
+
+def test_faults_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.faults",
+        "faults",
+        tmp_path,
+        *("--scenarios", "redis-restart,read-only", "--rate", "40", "--convs", "4"),
+        *("--members", "3", "--warmup", "1", "--baseline", "3", "--after", "6"),
+    )
+    s = data["summary"]
+    assert s["lost"] == 0 and s["duplicated"] == 0
+    assert all(t["reached"] for t in data["targets"].values()), data["targets"]
+    rows = {r["scenario"]: r for r in data["scenarios"]}
+    assert set(rows) == {"redis-restart", "read-only"}
+    for r in rows.values():
+        assert r["acked"] > 100 and r["stored"] == r["acked"]
+        assert r["baseline_ms"]["count"] > 0 and r["baseline_ms"]["p50"] > 0
+        assert r["fault_s"] >= 1
+        assert "recovery_s" in r and "p99" in r["during_ms"]
+    # Redis down: sends were answered `unavailable` and retried with the same cid.
+    assert rows["redis-restart"]["retried_sends"] > 0
