@@ -114,6 +114,20 @@ def recovery_s(
     return None
 
 
+def timeline(
+    samples: Sequence[tuple[float, float]], start: float, end: float, bin_s: float = 0.5
+) -> list[list[float]]:
+    """[seconds from `start`, deliveries, median latency ms] per `bin_s` from 2 s before
+    `start` to `end`: how latency moved around the fault."""
+    bins: dict[int, list[float]] = {}
+    for at, latency in samples:
+        if start - 2 <= at < end:
+            bins.setdefault(int((at - start + 2) // bin_s), []).append(latency)
+    return [
+        [round(i * bin_s - 2, 2), len(v), round(_median(v), 1)] for i, v in sorted(bins.items())
+    ]
+
+
 def _median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2]
@@ -518,6 +532,7 @@ async def _scenario(
         "until_recovered_ms": percentiles(after_fault),
         "recovery_threshold_ms": round(threshold, 2),
         "recovery_s": recovery,
+        "timeline": timeline(samples, fault_start, fault_end + args.after),
     }
     print(_line(row), flush=True)
     return row
