@@ -379,7 +379,7 @@ async def _db_fault(scene: Scene, fault: Callable[[Target], Awaitable[None]]) ->
     dsn = scene.pg.dsn(SHARD_DB)
     admin = await asyncpg.connect(dsn)
     try:
-        await fault(Target(admin, dsn, SHARD_DB, scene.shard1_convs[:2], scene.worker_log))
+        await fault(Target(admin, dsn, SHARD_DB, scene.shard1_convs, scene.worker_log))
     finally:
         await admin.close()
 
@@ -532,6 +532,7 @@ async def _scenario(
         "until_recovered_ms": percentiles(after_fault),
         "recovery_threshold_ms": round(threshold, 2),
         "recovery_s": recovery,
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # others share the machine
         "timeline": timeline(samples, fault_start, fault_end + args.after),
     }
     print(_line(row), flush=True)

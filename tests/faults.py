@@ -212,10 +212,11 @@ async def terminate_repeatedly(t: Target) -> None:
 
 
 async def deadlock(t: Target) -> None:
-    """Lock the higher conversation row, wait until the worker (which locks rows in id
-    order) waits on it, then take the lower one it holds: PostgreSQL breaks the cycle by
-    aborting the worker's transaction (40P01), whose deadlock timer started first."""
-    low, high = sorted(t.convs)
+    """Lock the highest conversation row, wait until the worker (which locks rows in id
+    order) waits on it, then take the lower ones, one of which it may hold: PostgreSQL
+    breaks the cycle by aborting the worker's transaction (40P01), whose deadlock timer
+    started first. Retried until the worker's batch held a lower row."""
+    *lower, high = sorted(t.convs)
     for _ in range(20):
         async with row_locked(t.dsn, high) as conn:
             deadline = time.monotonic() + 3
@@ -228,7 +229,9 @@ async def deadlock(t: Target) -> None:
                 )
                 await asyncio.sleep(0.02)
             with contextlib.suppress(asyncpg.DeadlockDetectedError):
-                await conn.execute("UPDATE conversations SET title = title WHERE id = $1", low)
+                await conn.execute(
+                    "UPDATE conversations SET title = title WHERE id = ANY($1::bigint[])", lower
+                )
         if "40P01" in t.worker_log():
             return
     raise AssertionError("no deadlock was forced in 20 attempts")
