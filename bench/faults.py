@@ -409,12 +409,13 @@ async def _broker_pause(scene: Scene) -> None:
 async def _worker_kill(scene: Scene) -> None:
     """SIGKILL the supervised worker process; the fault ends when its supervisor has
     started the next one."""
-    before = child_pids(scene.worker.pid)
+    supervisor = scene.worker.popen.pid
+    before = child_pids(supervisor)
     assert before, "the supervisor has no worker process"
     for pid in before:
         os.kill(pid, signal.SIGKILL)
     ok = await wait_until(
-        lambda: bool(set(child_pids(scene.worker.pid)) - set(before)), 30, interval=0.02
+        lambda: bool(set(child_pids(supervisor)) - set(before)), 30, interval=0.02
     )
     assert ok, "the supervisor did not start a new worker"
 
