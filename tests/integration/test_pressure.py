@@ -338,7 +338,7 @@ async def test_sigterm_drains_no_acked_message_lost_no_ack_lost(
 
         task = asyncio.create_task(send_until_closed())
         await asyncio.sleep(0.5)
-        g1.popen.send_signal(signal.SIGTERM)
+        g1.terminate()
         started = time.monotonic()
         reconnects = [await r.next_event("reconnect", timeout=5) for r in readers]
         afters = [f["after_ms"] for f in reconnects]
