@@ -12,8 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.transport import CLOSE_TIMEOUT_S
 from storage.settings import Settings
-from tests.integration.helpers import rss_kib, uid
+from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -267,12 +268,60 @@ async def test_data_before_the_session_opens_waits_for_it(stack: Stack, g: Proc)
             answered.append(reply["rid"])
         else:
             assert reply["t"] == "err" and reply["code"] == "rate_limited", reply
+            # The in-flight limit's answer (the frame-rate limit is set far above 20,000).
+            assert reply["retry_after_ms"] == 100, reply
             refused.append(reply["rid"])
-    assert answered == sorted(answered) and len(answered) >= 256
+    print(f"{n} early pings: {len(answered)} answered, {len(refused)} refused")
+    # ~10,000 of them arrive in one read once the session opens: past the 256 in flight.
+    assert answered == sorted(answered) and len(answered) >= 256 and refused
     assert sorted(answered + refused) == list(range(n))
     client.send(frame(8, (1000).to_bytes(2, "big")))
     while (op := (await client.next_frame())[0]) != -1:
         assert op in (8, 9, 10), op
+    client.close()
+
+
+async def test_a_half_closed_peer_ends_its_session_at_once(stack: Stack, g: Proc) -> None:
+    # The client shuts down its sending half (FIN) and says nothing more: the session ends
+    # and the server closes TCP promptly, not at the close timeout.
+    client, _ = await Raw.open(g, request(stack.token(uid("half"))))
+    assert (await client.next_json())["t"] == "hello"
+    opened = await metric(g, "agora_connections")
+    client.writer.write_eof()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (op := (await client.next_frame(timeout=CLOSE_TIMEOUT_S))[0]) != -1:
+        assert op in (9, 10), op
+    closed_in = loop.time() - started
+    print(f"half-closed peer: TCP closed by the server after {closed_in:.2f}s")
+    assert closed_in < CLOSE_TIMEOUT_S / 2
+    deadline = loop.time() + 10
+    while await metric(g, "agora_connections") > opened - 1:
+        assert loop.time() < deadline, "the half-closed connection is still counted"
+        await asyncio.sleep(0.05)
+    client.close()
+
+
+async def test_a_peer_that_never_answers_our_close_is_cut_off_after_the_close_timeout(
+    stack: Stack, g: Proc
+) -> None:
+    # Silent: no pong, so after two heartbeats the server sends its close frame (1011)
+    # and waits for ours, which never comes; then it drops the socket.
+    client, _ = await Raw.open(g, request(stack.token(uid("mute"))))
+    assert (await client.next_json())["t"] == "hello"
+    while (frame_ := await client.next_frame(timeout=15))[0] != 8:
+        assert frame_[0] == 9, frame_
+    assert int.from_bytes(frame_[1][:2], "big") == 1011
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        data = await asyncio.wait_for(client.reader.read(65536), CLOSE_TIMEOUT_S + 20)
+    except ConnectionResetError:
+        data = b""
+    cut_after = loop.time() - started
+    print(f"unanswered close: connection dropped after {cut_after:.1f}s")
+    assert data == b""  # nothing after the close frame, then the end of the connection
+    assert cut_after >= CLOSE_TIMEOUT_S - 1  # it waited for the peer's answer first
     client.close()
 
 
