@@ -13,6 +13,11 @@ from storage.settings import Settings
 from tests.engines import test_engines
 from tests.stack import check_procs
 
+# No per-example deadline: on a loaded two-core CI machine, and with coverage tracing every
+# line, an example's time says nothing about the code, and a deadline only adds flakes.
+hypothesis_settings.register_profile("agora", deadline=None)
+hypothesis_settings.load_profile("agora")
+
 
 def _fail_on_process_problems() -> None:
     report = check_procs()
