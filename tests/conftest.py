@@ -13,11 +13,6 @@ from storage.settings import Settings
 from tests.engines import test_engines
 from tests.stack import check_procs
 
-# No per-example deadline: on a loaded two-core CI machine, and with coverage tracing every
-# line, an example's time says nothing about the code, and a deadline only adds flakes.
-hypothesis_settings.register_profile("agora", deadline=None)
-hypothesis_settings.load_profile("agora")
-
 
 def _fail_on_process_problems() -> None:
     report = check_procs()
@@ -45,6 +40,7 @@ def _agora_processes_checked_per_module() -> Iterator[None]:
 def _agora_processes_checked_per_session() -> Iterator[None]:
     yield
     _fail_on_process_problems()
+
 
 # Property tests assert outcomes, never speed: on a loaded 2-core machine hypothesis's
 # default 200 ms deadline per example fails them for timing alone.
