@@ -127,7 +127,7 @@ class BenchStack:
 
     def stop_all(self) -> None:
         for p in self.procs:
-            p.stop(10)
+            p.stop(30)  # past the drain deadline (15 s by default): a timeout is a bug
 
 
 @contextlib.contextmanager
