@@ -26,7 +26,8 @@ Expectations last as long as the stack (or process) does, so a module-scoped sta
 several tests should be given them only by the test that causes the errors, near its end,
 or be a stack of its own. A process the test kills, stops or SIGTERMs must be stopped
 through `kill()`, `stop()` or `terminate()` (not `popen.send_signal`), so that its exit is
-known to be wanted; one expected to exit by itself is marked with `expect_exit()`.
+known to be wanted; one expected to exit by itself is marked with `expect_exit()`. To
+freeze a process (SIGSTOP/SIGCONT), `signal_all()` reaches a supervised worker's child too.
 bench/stack.py's processes get the same check when a `bench_stack` ends.
 """
 
