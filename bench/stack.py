@@ -26,7 +26,7 @@ from bench.common import child_pids, proc_cpu_s, proc_rss_kib, proc_sched_s
 from gateway.auth import make_token
 from storage.settings import Settings
 from tests.engines import free_port, settings_env, test_engines
-from tests.stack import Proc, wait_http
+from tests.stack import Proc, check_procs, wait_http
 
 LOG_DIR = Path(".agora/bench/logs")
 ALL_CPUS = set(range(os.cpu_count() or 1))
@@ -53,9 +53,6 @@ class BenchProc(Proc):
             kids = child_pids(self.popen.pid)
             self._worker = kids[0] if kids else None
         return self._worker or self.popen.pid
-
-    def log_text(self) -> str:
-        return (LOG_DIR / f"{self.name}.log").read_text(errors="replace")
 
     def rss_kib(self) -> int:
         return proc_rss_kib(self.pid)
@@ -98,19 +95,21 @@ class BenchStack:
         self, name: str, args: list[str], port: int | None, cpus: set[int] | None
     ) -> BenchProc:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        path = LOG_DIR / f"{name}.log"
         launcher = ["-m", "gateway.cli"]
         if self.experiment:
             launcher = ["-m", "bench.experiment", self.experiment, "--"]
-        popen = subprocess.Popen(
-            [sys.executable, *launcher, *args],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_affinity(cpus),
-        )
-        proc = BenchProc(name, popen, port)
+        with open(path, "ab") as log:  # the child keeps its own descriptor
+            start = log.tell()
+            popen = subprocess.Popen(
+                [sys.executable, *launcher, *args],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_affinity(cpus),
+            )
+        proc = BenchProc(name, popen, port, log_path=path, log_start=start)
         self.procs.append(proc)
         return proc
 
@@ -128,7 +127,7 @@ class BenchStack:
 
     def stop_all(self) -> None:
         for p in self.procs:
-            p.stop(10)
+            p.stop(30)  # past the drain deadline (15 s by default): a timeout is a bug
 
 
 @contextlib.contextmanager
@@ -146,6 +145,11 @@ def bench_stack(
             yield stack
         finally:
             stack.stop_all()
+        # Like tests/stack.py: a process that crashed or logged an unhandled error makes
+        # the run fail (CI's smoke runs of the benchmarks included), not a quiet number.
+        report = check_procs(list(stack.procs))
+        if report:
+            raise RuntimeError(report)
 
 
 def http_json(

@@ -345,8 +345,12 @@ class FeedCache:
     async def _rebuild_locked(self, feed: Feed, k: _FeedKeys, token: str) -> None:
         try:
             await asyncio.wait_for(self._rebuild(feed, k, token), REBUILD_TIMEOUT_S)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(self._release(keys=[k.lock], args=[token]))
+            if isinstance(exc, TimeoutError):
+                # A shard too slow to answer: the reader is told to retry, like any other
+                # unavailable dependency (not an internal error).
+                raise Unavailable("the feed could not be rebuilt in time; retry shortly") from exc
             raise
 
     async def _rebuild(self, feed: Feed, k: _FeedKeys, token: str) -> None:

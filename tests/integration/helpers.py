@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 import httpx
 
 from agora_client import AgoraClient
+from storage import messages
+from storage.models import Message
+from storage.pools import ShardPools
 from tests.stack import Proc, Stack
 
 
@@ -46,6 +50,46 @@ async def collect(
         if frame["conv"] == conv:
             got.append(frame)
     return got
+
+
+async def metric(node: Proc, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples on `node`'s /metrics whose labels include `labels`."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.get(f"{node.http_url}/metrics")
+    assert r.status_code == 200, r.text
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in r.text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{")[0] == name and all(w in sample for w in want):
+            total += float(value)
+    return total
+
+
+async def wait_close_counted(node: Proc, code: int, timeout: float, at_least: int = 1) -> None:
+    """Until `node` has closed `at_least` connections with `code` (agora_ws_closes_total)."""
+    deadline = time.monotonic() + timeout
+    while (n := await metric(node, "agora_ws_closes_total", code=str(code))) < at_least:
+        assert time.monotonic() < deadline, f"{node.name}: {n} closes with {code}"
+        await asyncio.sleep(0.1)
+
+
+async def wait_stored(
+    pools: ShardPools, conv: str, count: int, timeout: float, fence: str | None = None
+) -> list[Message]:
+    """`conv`'s stored messages once there are at least `count` and, with `fence`, one
+    with that cid among them (fails after `timeout`).
+
+    A fence is a message sent after the ones a test checks: a conversation's messages are
+    stored in the order they were sent, so once the fence is stored, whatever was sent
+    before it (a duplicate included) is stored too; no sleep "for it to show up"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = await messages.after(pools, int(conv), 0, count + 1000)
+        if len(stored) >= count and (fence is None or any(m.cid == fence for m in stored)):
+            return stored
+        assert time.monotonic() < deadline, f"{len(stored)} of {count} messages stored"
+        await asyncio.sleep(0.05)
 
 
 def rss_kib(pid: int) -> int:

@@ -387,7 +387,10 @@ async def test_agora_js_moves_to_the_other_node_when_its_node_drains(
     assert [e[0] for e in events] == ["reconnecting", "close"], events
     assert seen == list(range(1, 27)), "a gap or a duplicate"
     assert isinstance(own, str) and own.isdigit()
-    await asyncio.sleep(0.5)
-    assert await page.evaluate("window.seen.length") == 26, "a late duplicate"
+    # A fence: deliveries keep the conversation's order, so a late duplicate of any of
+    # the above would arrive before this one.
+    await sender.send(conv, "fence", cid="fence")
+    await page.wait_for_function("window.seen.length >= 27", timeout=WAIT_MS)
+    assert await page.evaluate("window.seen") == list(range(1, 28)), "a late duplicate"
     await sender.close()
     await page.context.close()

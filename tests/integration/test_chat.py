@@ -15,13 +15,20 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agora_client import AgoraClient, ServerError
 from storage import messages
 from storage.pools import ShardPools
 from storage.settings import Settings
-from tests.integration.helpers import collect, create_group, uid
+from tests.integration.helpers import (
+    collect,
+    create_group,
+    metric,
+    uid,
+    wait_close_counted,
+    wait_stored,
+)
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -139,11 +146,13 @@ async def test_retried_send_yields_one_message_and_the_same_id(
     # Concurrent duplicates too: all get the same id.
     acks = await asyncio.gather(*(ca.send(conv, "x", cid="retry-2") for _ in range(5)))
     assert len({x["id"] for x in acks}) == 1
-    await asyncio.sleep(1.0)
-    stored = await messages.after(pools, int(conv), 0, 100)
-    print(f"stored {len(stored)} messages for 2 distinct cids")
-    assert sorted(m.cid for m in stored) == ["retry-1", "retry-2"]
-    assert [m.seq for m in stored] == [1, 2]
+    # A fence: a conversation's messages are stored in send order, so once a message sent
+    # after all of them is stored, so is any duplicate of theirs.
+    await ca.send(conv, "fence", cid="fence")
+    stored = await wait_stored(pools, conv, 3, 20, fence="fence")
+    print(f"stored {len(stored)} messages for 2 distinct cids and the fence")
+    assert [m.cid for m in stored] == ["retry-1", "retry-2", "fence"]
+    assert [m.seq for m in stored] == [1, 2, 3]
     await ca.close()
     await cb.close()
 
@@ -198,7 +207,7 @@ async def test_gap_beyond_the_replay_limit_is_not_recovered(
     for start in range(0, limit + 5, 200):  # pipelined, within the in-flight window
         end = min(start + 200, limit + 5)
         await asyncio.gather(*(c.send(conv, f"m{i}", cid=f"c{i}") for i in range(start, end)))
-    await asyncio.sleep(1.5)
+    await wait_stored(pools, conv, limit + 5, 30)
     full = await AgoraClient.connect(g1.ws_url, stack.token(a))
     subbed = await full.sub(conv, since=5)  # exactly `limit` missed: all replayed
     msgs = await collect(full, conv, limit, 20)
@@ -404,7 +413,11 @@ async def test_fanout_worker_sigkill_mid_stream_loses_nothing(
     victim = workers[0]
 
     async def kill_soon() -> None:
-        await asyncio.sleep(0.5)
+        # Mid-stream: once a fair share is acked, with most of it still to come.
+        deadline = time.monotonic() + 60
+        while sum(map(len, acked.values())) < convs * per_conv // 5:
+            assert time.monotonic() < deadline, "nothing acked within 60 s"
+            await asyncio.sleep(0.01)
         victim.kill()
         print(f"killed {victim.name} (pid {victim.popen.pid})")
 
@@ -449,12 +462,14 @@ async def test_dead_connections_are_closed_after_two_heartbeats(settings: Settin
         # Stop answering: pause reading so pongs are never sent.
         ws.transport.pause_reading()
         started = time.monotonic()
-        await asyncio.sleep(3.5)
+        # Until the server has given up on it (two unanswered pings, then a 1011 close
+        # frame that waits, unread, in this client's socket).
+        await wait_close_counted(g, 1011, 30)
         ws.transport.resume_reading()
-        with pytest.raises(Exception):  # noqa: B017
-            await asyncio.wait_for(ws.recv(), 5)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
         print(f"closed after {time.monotonic() - started:.1f}s with {ws.close_code}")
-        assert ws.state.name == "CLOSED" and ws.close_code in (1011, 1006)
+        assert ws.state.name == "CLOSED" and ws.close_code == 1011
     finally:
         s.stop_all()
 
@@ -471,7 +486,11 @@ async def test_node_at_capacity_refuses_upgrades_with_503(settings: Settings) ->
         assert int(info.value.response.headers["Retry-After"]) >= 1
         assert (await a.ping())["t"] == "pong"  # existing connections keep working
         await a.close()
-        await asyncio.sleep(0.3)
+        # Until the node has let go of `a` (its slot frees when the socket is closed).
+        deadline = time.monotonic() + 10
+        while await metric(g, "agora_connections") > 1:
+            assert time.monotonic() < deadline, "a closed connection still counted"
+            await asyncio.sleep(0.05)
         c = await AgoraClient.connect(g.ws_url, s.token("cap3"))
         await b.close()
         await c.close()

@@ -322,6 +322,8 @@ async def test_broker_down_gives_unavailable_never_a_false_ack(
 
     broker = start_broker()
     s = Stack(settings, extra_env={"AGORA_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
+    # aiokafka logs at ERROR each failed attempt to reach the hung broker.
+    s.expect_log(r"^aiokafka: Unable (connect to node|to update metadata)")
     try:
         g = s.gateway("bk-g")
         s.fanout("bk-f")

@@ -12,8 +12,8 @@ import signal
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -21,10 +21,16 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from agora_client import AgoraClient, ServerError
-from storage import messages
 from storage.pools import ShardPools
 from storage.settings import Settings
-from tests.integration.helpers import collect, create_group, rss_kib, uid
+from tests.integration.helpers import (
+    collect,
+    create_group,
+    metric,
+    rss_kib,
+    uid,
+    wait_stored,
+)
 from tests.stack import Stack
 
 pytestmark = pytest.mark.engines
@@ -131,22 +137,46 @@ async def test_http_rate_limit_answers_429_with_retry_after(
         s.stop_all()
 
 
+HANDSHAKES = 20
+T = TypeVar("T")
+
+
+async def burst(n: int, open_one: Callable[[int], Awaitable[T]]) -> tuple[list[T], float]:
+    """`n` handshakes at once; their results and how long they all took."""
+    started = time.monotonic()
+    results = await asyncio.gather(*(open_one(i) for i in range(n)))
+    return list(results), time.monotonic() - started
+
+
+def allowed(elapsed: float) -> int:
+    """At most what a full bucket of 8 refilling at 2/s lets through in `elapsed` s (the
+    node's clock runs within ours), however slow a loaded machine makes the handshakes."""
+    return 8 + int(2 * elapsed) + 1
+
+
 async def test_handshakes_per_ip_are_limited_with_429(settings: Settings) -> None:
     s = Stack(settings, extra_env={"AGORA_HANDSHAKES_PER_IP_S": "2"})
     try:
         g = s.gateway("ip-rl")
-        ok, refused, retry = 0, 0, []
-        clients = []
-        for i in range(14):
+        retry: list[int] = []
+
+        async def open_one(i: int) -> AgoraClient | None:
             try:
-                clients.append(await AgoraClient.connect(g.ws_url, s.token(f"ip{i}")))
-                ok += 1
+                return await AgoraClient.connect(g.ws_url, s.token(f"ip{i}"))
             except InvalidStatus as exc:
                 assert exc.response.status_code == 429
                 retry.append(int(exc.response.headers["Retry-After"]))
-                refused += 1
-        print(f"14 quick handshakes from one IP at 2/s (burst 8): ok {ok}, refused {refused}")
-        assert 8 <= ok <= 10 and refused >= 4 and all(r >= 1 for r in retry)
+                return None
+
+        results, elapsed = await burst(HANDSHAKES, open_one)
+        clients = [c for c in results if c is not None]
+        ok, refused = len(clients), len(retry)
+        print(
+            f"{HANDSHAKES} concurrent handshakes from one IP at 2/s (burst 8) within "
+            f"{elapsed:.2f}s: ok {ok}, refused {refused}"
+        )
+        assert 8 <= ok <= allowed(elapsed) and refused >= HANDSHAKES - allowed(elapsed)
+        assert refused > 0 and all(r >= 1 for r in retry)
         async with httpx.AsyncClient() as http:
             text = (await http.get(f"{g.http_url}/metrics")).text
         assert 'reason="per-ip handshake rate"' in text
@@ -175,12 +205,15 @@ async def test_behind_a_trusted_proxy_the_limit_is_per_forwarded_client(
                 assert exc.response.status_code == 429
                 return None
 
-        many = [await open_as(i, f"203.0.113.{i}, 127.0.0.1") for i in range(14)]
-        assert all(c is not None for c in many)  # 14 clients, one handshake each
-        one = [await open_as(100 + i, "198.51.100.7") for i in range(14)]
+        many, _ = await burst(HANDSHAKES, lambda i: open_as(i, f"203.0.113.{i}, 127.0.0.1"))
+        assert all(c is not None for c in many)  # one handshake from each of 20 clients
+        one, elapsed = await burst(HANDSHAKES, lambda i: open_as(100 + i, "198.51.100.7"))
         refused = sum(c is None for c in one)
-        print(f"14 handshakes from one forwarded client at 2/s (burst 8): refused {refused}")
-        assert refused >= 4
+        print(
+            f"{HANDSHAKES} handshakes from one forwarded client at 2/s (burst 8) within "
+            f"{elapsed:.2f}s: refused {refused}"
+        )
+        assert refused > 0 and refused >= HANDSHAKES - allowed(elapsed)
         for c in many + one:
             if c is not None:
                 await c.close()
@@ -255,13 +288,12 @@ async def test_slow_readers_are_closed_4009_and_do_not_hurt_the_others(
                 await sender.send(conv, body, cid=f"blast-{i}")
 
         _, during = await asyncio.gather(blast(), latencies(100))
-        await asyncio.sleep(3)
+        # Until the node has closed the slow ones (4009); qa and sender remain.
+        deadline = time.monotonic() + 30
+        while (conns := int(await metric(g, "agora_connections"))) > 2:
+            assert time.monotonic() < deadline, f"{conns} connections left after 30 s"
+            await asyncio.sleep(0.1)
         rss_after = rss_kib(g.popen.pid)
-        async with httpx.AsyncClient() as h:
-            metrics = (await h.get(f"{g.http_url}/metrics")).text
-        conns = int(
-            next(x for x in metrics.splitlines() if x.startswith("agora_connections")).split()[-1]
-        )
         p50_before, p50_during = statistics.median(baseline), statistics.median(during)
         p99_during = sorted(during)[int(len(during) * 0.99) - 1]
         grew_mb = (rss_after - rss_before) / 1024
@@ -337,8 +369,11 @@ async def test_sigterm_drains_no_acked_message_lost_no_ack_lost(
                 i += 1
 
         task = asyncio.create_task(send_until_closed())
-        await asyncio.sleep(0.5)
-        g1.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while len(acked) < 50:  # SIGTERM mid-stream
+            assert time.monotonic() < deadline and not task.done(), f"{len(acked)} acked"
+            await asyncio.sleep(0.01)
+        g1.terminate()
         started = time.monotonic()
         reconnects = [await r.next_event("reconnect", timeout=5) for r in readers]
         afters = [f["after_ms"] for f in reconnects]
@@ -357,14 +392,14 @@ async def test_sigterm_drains_no_acked_message_lost_no_ack_lost(
         assert "Application shutdown complete" in g1.log_text()
         # Every acked message is stored and reaches a reader that moved to the other node;
         # every stored message was acked (a send in flight got its ack before the close).
-        deadline = time.monotonic() + 20  # the worker may still be joining its group
-        while True:
-            stored = await messages.after(pools, int(conv), 0, 5000)
-            if len(stored) >= len(acked) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # and nothing more arrives than what was acked
-        stored = await messages.after(pools, int(conv), 0, 5000)
+        # A fence through the other node: g1 is gone, so all it produced is in the
+        # conversation's partition before this, and stored before it.
+        fencer = await AgoraClient.connect(g2.ws_url, s.token(a))
+        await fencer.send(conv, "fence", cid="fence")
+        await fencer.close()
+        stored = await wait_stored(pools, conv, len(acked) + 1, 30, fence="fence")
+        assert stored[-1].cid == "fence"
+        stored = stored[:-1]
         assert {str(m.id) for m in stored} == set(acked)
         assert {m.cid for m in stored} == acked_cids
         back = await AgoraClient.connect(g2.ws_url, s.token(b))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -75,10 +76,13 @@ async def test_route_sync_batches_and_ends_equal_to_local_state(routes: Routes) 
             local[c] = 0
             sync.changed(convs=(c,))
         await sync.ensure(conv=5)
-        await asyncio.sleep(0.2)
-        assert await routes.redis.sismember(routes.keys.conv_routes(5), "n1")
+        # Until the later unsubscribes are flushed too: then conversation 5's fate is known.
+        deadline = time.monotonic() + 10
         for c in (100, 150, 199):
-            assert not await routes.redis.sismember(routes.keys.conv_routes(c), "n1")
+            while await routes.redis.sismember(routes.keys.conv_routes(c), "n1"):
+                assert time.monotonic() < deadline, f"conv {c} still routed after 10 s"
+                await asyncio.sleep(0.02)
+        assert await routes.redis.sismember(routes.keys.conv_routes(5), "n1")
     finally:
         runner.cancel()
 
@@ -92,7 +96,11 @@ async def test_a_node_late_to_renew_but_still_listening_is_not_pruned(routes: Ro
     assert by_conv == {7: {"busy"}}
     assert await routes.redis.sismember(routes.keys.conv_routes(7), "busy")
     await pubsub.aclose()  # now it is really gone
-    await asyncio.sleep(0.1)
+    channel = routes.keys.node_channel("busy")
+    deadline = time.monotonic() + 10
+    while sum(n for _, n in await routes.redis.pubsub_numsub(channel)):
+        assert time.monotonic() < deadline, "the listener is still subscribed after 10 s"
+        await asyncio.sleep(0.02)
     routes._alive.clear()
     by_conv, _ = await routes.nodes_for(convs=[7])
     assert by_conv == {7: set()}

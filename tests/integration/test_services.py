@@ -71,7 +71,6 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(
 
 
 async def test_gateway_workers_are_separate_nodes_on_one_port(settings: Settings) -> None:
-    import signal
 
     from agora_client import AgoraClient
     from tests.stack import Stack, wait_http
@@ -100,7 +99,7 @@ async def test_gateway_workers_are_separate_nodes_on_one_port(settings: Settings
             clients.append(c)
         print(f"24 connections landed on nodes {sorted(nodes)}")
         assert len(nodes) == 2  # SO_REUSEPORT spreads connections over both processes
-        proc.popen.send_signal(signal.SIGTERM)
+        proc.terminate()
         for c in clients:
             frame = await c.next_event("reconnect", timeout=10)
             assert frame["after_ms"] >= 0

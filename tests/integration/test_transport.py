@@ -6,14 +6,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 
+from gateway.transport import CLOSE_TIMEOUT_S
+from storage import conversations, messages
+from storage.ids import IdGenerator, now_ms
+from storage.models import NewMessage
+from storage.pools import ShardPools
 from storage.settings import Settings
-from tests.integration.helpers import rss_kib, uid
+from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -267,13 +274,126 @@ async def test_data_before_the_session_opens_waits_for_it(stack: Stack, g: Proc)
             answered.append(reply["rid"])
         else:
             assert reply["t"] == "err" and reply["code"] == "rate_limited", reply
+            # The in-flight limit's answer (the frame-rate limit is set far above 20,000).
+            assert reply["retry_after_ms"] == 100, reply
             refused.append(reply["rid"])
-    assert answered == sorted(answered) and len(answered) >= 256
+    print(f"{n} early pings: {len(answered)} answered, {len(refused)} refused")
+    # ~10,000 of them arrive in one read once the session opens: past the 256 in flight.
+    assert answered == sorted(answered) and len(answered) >= 256 and refused
     assert sorted(answered + refused) == list(range(n))
     client.send(frame(8, (1000).to_bytes(2, "big")))
     while (op := (await client.next_frame())[0]) != -1:
         assert op in (8, 9, 10), op
     client.close()
+
+
+async def test_a_half_closed_peer_ends_its_session_at_once(stack: Stack, g: Proc) -> None:
+    # The client shuts down its sending half (FIN) and says nothing more: the session ends
+    # and the server closes TCP promptly, not at the close timeout.
+    client, _ = await Raw.open(g, request(stack.token(uid("half"))))
+    assert (await client.next_json())["t"] == "hello"
+    opened = await metric(g, "agora_connections")
+    client.writer.write_eof()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (op := (await client.next_frame(timeout=CLOSE_TIMEOUT_S))[0]) != -1:
+        assert op in (9, 10), op
+    closed_in = loop.time() - started
+    print(f"half-closed peer: TCP closed by the server after {closed_in:.2f}s")
+    assert closed_in < CLOSE_TIMEOUT_S / 2
+    deadline = loop.time() + 10
+    while await metric(g, "agora_connections") > opened - 1:
+        assert loop.time() < deadline, "the half-closed connection is still counted"
+        await asyncio.sleep(0.05)
+    client.close()
+
+
+async def test_a_peer_that_never_answers_our_close_is_cut_off_after_the_close_timeout(
+    stack: Stack, g: Proc
+) -> None:
+    # Silent: no pong, so after two heartbeats the server sends its close frame (1011)
+    # and waits for ours, which never comes; then it drops the socket.
+    client, _ = await Raw.open(g, request(stack.token(uid("mute"))))
+    assert (await client.next_json())["t"] == "hello"
+    while (frame_ := await client.next_frame(timeout=15))[0] != 8:
+        assert frame_[0] == 9, frame_
+    assert int.from_bytes(frame_[1][:2], "big") == 1011
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        data = await asyncio.wait_for(client.reader.read(65536), CLOSE_TIMEOUT_S + 20)
+    except ConnectionResetError:
+        data = b""
+    cut_after = loop.time() - started
+    print(f"unanswered close: connection dropped after {cut_after:.1f}s")
+    assert data == b""  # nothing after the close frame, then the end of the connection
+    assert cut_after >= CLOSE_TIMEOUT_S - 1  # it waited for the peer's answer first
+    client.close()
+
+
+async def test_a_reader_that_catches_up_starts_its_slow_consumer_count_afresh(
+    settings: Settings, pools: ShardPools, ids: IdGenerator
+) -> None:
+    # A client that reads in bursts: each `sub ... since` replays 1000 stored messages of
+    # 3 KB while it is not reading, so the server's socket fills and it pauses writing;
+    # ~970 frames wait each time, under AGORA_OUTBOUND_MAX_FRAMES (1500). Once the client
+    # has read them all, the socket drains (resume_writing) and the count starts again:
+    # three bursts are not added up into a 4009 (they would be by the second).
+    s = Stack(
+        settings,
+        extra_env={
+            "AGORA_OUTBOUND_MAX_FRAMES": "1500",
+            "AGORA_SOCKET_SEND_BUFFER": "16384",
+            "AGORA_HEARTBEAT_MS": "60000",  # a client that does not read is not silent here
+        },
+    )
+    try:
+        node = s.gateway("transport-bursts")
+        user = uid("bursty")
+        conv = await conversations.create_group(pools, ids, user, [], "bursts")
+        shard = pools.for_id(conv.id)
+        body = "b" * 3000
+        batch = [
+            NewMessage(conv.id, ids.next_id(0), user, f"c{i}", body, now_ms(), "text")
+            for i in range(1000)
+        ]
+        async with pools.transaction(shard) as conn:
+            stored, _, _ = await messages.append_batch(conn, batch)
+        assert len(stored) == 1000
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # "not reading" felt at once
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port or 0))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(request(s.token(user)))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        client = Raw(reader, writer)
+        assert (await client.next_json())["t"] == "hello"
+        for burst in range(3):
+            out_before = await metric(node, "agora_frames_out_total")
+            client.send(frame(1, b'{"t":"sub","conv":"%d","since":0,"rid":%d}' % (conv.id, burst)))
+            # Until all of it is written to the paused socket (the subbed reply and 1000
+            # messages), without reading.
+            deadline = time.monotonic() + 30
+            while await metric(node, "agora_frames_out_total") < out_before + 1001:
+                assert time.monotonic() < deadline, "replay not written in 30 s (closed 4009?)"
+                await asyncio.sleep(0.1)
+            seqs: list[int] = []
+            subbed = False
+            while len(seqs) < 1000 or not subbed:
+                reply = await client.next_json()
+                assert reply["t"] in ("subbed", "msg"), reply  # not closed (no 4009)
+                if reply["t"] == "msg":
+                    seqs.append(reply["seq"])
+                else:
+                    subbed = True
+            assert seqs == list(range(1, 1001)), burst
+            client.send(frame(1, b'{"t":"unsub","conv":"%d","rid":%d}' % (conv.id, 100 + burst)))
+            assert (await client.next_json())["t"] == "ok"
+        assert await metric(node, "agora_ws_closes_total", code="4009") == 0
+        client.close()
+    finally:
+        s.stop_all()
 
 
 def test_the_gateway_logged_no_unhandled_error(g: Proc) -> None:

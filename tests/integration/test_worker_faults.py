@@ -282,6 +282,7 @@ async def test_poison_is_dead_lettered_the_partition_goes_on_and_replay_stores_i
 ) -> None:
     metrics_port = free_port()
     s = Stack(settings, extra_env={"AGORA_METRICS_PORT": str(metrics_port)})
+    s.expect_log(r"dead-lettered to ")  # the poison records, on purpose
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
     try:
@@ -358,6 +359,8 @@ async def test_supervisor_restarts_a_killed_worker_and_messages_keep_flowing(
 ) -> None:
     metrics_port = free_port()
     s = Stack(settings, extra_env={"AGORA_METRICS_PORT": str(metrics_port)})
+    # The worker it kills on purpose; the supervisor says so at ERROR.
+    s.expect_log(r"^agora\.supervisor: fanout worker \d+ \(pid \d+\) exited with -9")
     try:
         g = s.gateway("sv-g")
         worker_log = log_since_now("sv-f")

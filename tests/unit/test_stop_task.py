@@ -1,0 +1,44 @@
+"""gateway.ratelimit.stop_task: a background task ends at shutdown even if it swallows a
+cancellation (the gateway's lifespan waits on it before it can exit)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.ratelimit import stop_task
+
+
+async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # as a lost cancel looks: the loop just goes on
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await asyncio.wait_for(stop_task(task, recancel_s=0.05), 5)
+    assert task.cancelled() and swallowed == 1
+    assert time.monotonic() - started < 2
+
+
+async def test_a_task_that_failed_or_ended_is_waited_for_quietly() -> None:
+    async def fails() -> None:
+        raise RuntimeError("already broken")
+
+    failed = asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    await stop_task(failed)  # its exception was the task's business (logged by it)
+    await stop_task(None)
+    done = asyncio.create_task(asyncio.sleep(0))
+    await done
+    await stop_task(done)
+    assert failed.done() and done.done()
