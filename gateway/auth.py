@@ -1,14 +1,18 @@
 """JWT verification: who is this connection or request?
 
 Accepted algorithms come from settings; the key is chosen by the token's algorithm (a
-secret for HS*, the public key for RS256/ES256), so an RS256 public key can never be used
-as an HMAC secret. `alg: none` is never in the accepted list.
+secret for HS*; for RS256/ES256 the public key, or the key of the JWKS whose `kid` the
+token names, see gateway/jwks.py), so an RS256 public key can never be used as an HMAC
+secret. `alg: none` is never in the accepted list. When AGORA_JWT_AUDIENCE or
+AGORA_JWT_ISSUER is set, a token must carry that `aud` or `iss`; when not, neither is
+checked.
 
 A client sends the same token with every HTTP request, so verified tokens are remembered
 (by their exact text, whose signature was checked) until they expire: a repeat costs a
 dict lookup instead of a signature check. Only successes are remembered, each no longer
 than its own `exp` (plus the leeway decode allows, AGORA_JWT_LEEWAY_S), and at most
-VERIFIED_CACHE of them.
+VERIFIED_CACHE of them. They are all forgotten when a JWKS fetch drops a key, so a key
+taken out of the set stops verifying the tokens it signed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import jwt
 
+from gateway.jwks import JwksKeys
 from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 from storage.errors import ConfigError, Unauthorized
 from storage.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
@@ -33,7 +38,7 @@ class Identity:
 
 
 class TokenVerifier:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, prefetch: bool = True) -> None:
         self.algorithms = list(settings.jwt_algorithms)
         self._hmac = [a for a in self.algorithms if a.startswith("HS")]
         self._public = [a for a in self.algorithms if not a.startswith("HS")]
@@ -49,16 +54,45 @@ class TokenVerifier:
                 f"{MIN_HS_SECRET_BYTES} bytes: set a random one (openssl rand -hex 32); "
                 "weak secrets are accepted only in dev mode (AGORA_DEV_TOKENS=true, loopback)"
             )
-        if self._public and not settings.jwt_public_key:
-            raise ConfigError("AGORA_JWT_PUBLIC_KEY is required for RS256/ES256")
+        if settings.jwt_public_key and settings.jwt_jwks_url:
+            raise ConfigError("set AGORA_JWT_PUBLIC_KEY or AGORA_JWT_JWKS_URL, not both")
+        if self._public and not (settings.jwt_public_key or settings.jwt_jwks_url):
+            raise ConfigError(
+                "AGORA_JWT_PUBLIC_KEY or AGORA_JWT_JWKS_URL is required for RS256/ES256"
+            )
+        if settings.jwt_jwks_url and not self._public:
+            raise ConfigError("AGORA_JWT_JWKS_URL needs RS256 or ES256 in AGORA_JWT_ALGORITHMS")
         self.leeway_s = settings.jwt_leeway_s
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self._require = ["exp", "sub"] + [
+            claim for claim, want in (("aud", self.audience), ("iss", self.issuer)) if want
+        ]
         self._secret = settings.jwt_secret
         self._public_key = settings.jwt_public_key
+        self.jwks: JwksKeys | None = None
+        if settings.jwt_jwks_url:
+            self.jwks = JwksKeys(
+                settings.jwt_jwks_url,
+                self._public,
+                settings.jwt_jwks_lifespan_s,
+                settings.jwt_jwks_min_refetch_s,
+            )
+            if prefetch:
+                self.jwks.refresh()  # in a thread: the keys are there by the first token
+        self._jwks_generation = 0
         self._verified: dict[str, tuple[Identity, float]] = {}  # token -> (who, valid until)
 
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise Unauthorized("token missing")
+        jwks = self.jwks
+        if jwks is not None:
+            # Remembered tokens too keep the set fresh, so a withdrawn key is noticed.
+            jwks.check_age()
+            if jwks.generation != self._jwks_generation:
+                self._jwks_generation = jwks.generation
+                self._verified.clear()  # a key was withdrawn: check every token again
         known = self._verified.get(token)
         if known is not None:
             if time.time() < known[1]:
@@ -76,13 +110,15 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("token too long")
         try:
-            alg = jwt.get_unverified_header(token).get("alg")
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise Unauthorized("token is malformed") from None
+        alg = header.get("alg")
+        key: str | jwt.PyJWK
         if alg in self._hmac:
             key = self._secret
         elif alg in self._public:
-            key = self._public_key
+            key = self._public_key if self.jwks is None else self._jwks_key(header, alg)
         else:
             raise Unauthorized(f"token algorithm {str(alg)[:16]!r} is not accepted")
         try:
@@ -90,11 +126,19 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                options={"require": ["exp", "sub"]},
+                options={"require": self._require, "verify_aud": bool(self.audience)},
+                audience=self.audience or None,
+                issuer=self.issuer or None,
                 leeway=self.leeway_s,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token has no {exc.claim} claim") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("token aud is not this service's audience") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("token iss is not the accepted issuer") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"token invalid: {type(exc).__name__}") from None
         sub = claims.get("sub")
@@ -105,6 +149,20 @@ class TokenVerifier:
         exp = int(claims["exp"])
         until = float(claims["exp"]) + self.leeway_s
         return Identity(sub, name[:100] if isinstance(name, str) else sub, exp), until
+
+    def _jwks_key(self, header: dict[str, object], alg: str) -> jwt.PyJWK:
+        assert self.jwks is not None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthorized("token has no kid: RS256/ES256 keys come from a key set")
+        key = self.jwks.key(kid)
+        if key is None:
+            if not self.jwks.loaded:
+                raise Unauthorized("signing keys are not available yet")
+            raise Unauthorized(f"token kid {kid[:40]!r} is not a known signing key")
+        if key.algorithm_name != alg:
+            raise Unauthorized(f"token kid {kid[:40]!r} is a key for another algorithm")
+        return key
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -117,11 +175,22 @@ def bearer(authorization: str | None) -> str | None:
     return value.strip() or None
 
 
-def make_token(secret: str, user: str, name: str | None, ttl_s: int, alg: str = "HS256") -> str:
+def make_token(
+    secret: str,
+    user: str,
+    name: str | None,
+    ttl_s: int,
+    alg: str = "HS256",
+    *,
+    audience: str = "",
+    issuer: str = "",
+) -> str:
     """A signed token for development and tests (`agora token`)."""
-    import time
-
     claims: dict[str, object] = {"sub": user, "exp": int(time.time()) + ttl_s}
     if name:
         claims["name"] = name
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm=alg)

@@ -229,7 +229,16 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not settings.jwt_secret:
         print("agora: AGORA_JWT_SECRET is not set", file=sys.stderr)
         return 2
-    print(make_token(settings.jwt_secret, args.user, args.name, args.ttl))
+    print(
+        make_token(
+            settings.jwt_secret,
+            args.user,
+            args.name,
+            args.ttl,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
     return 0
 
 

@@ -84,7 +84,7 @@ def check(settings: Settings, host: str) -> None:
     mode on an address others can reach."""
     dev.check_bind(settings, host)
     dev.check_settings(settings)
-    TokenVerifier(settings)
+    TokenVerifier(settings, prefetch=False)  # a check: no JWKS fetch
 
 
 def serve(settings: Settings, host: str, port: int) -> None:

@@ -65,6 +65,25 @@ def _str(raw: str) -> str:
     return raw
 
 
+def _stripped(raw: str) -> str:
+    return raw.strip()
+
+
+_LOOPBACK_HTTP = re.compile(r"http://(127\.[0-9.]+|localhost|\[::1\])(:[0-9]{1,5})?(/.*)?")
+
+
+def _jwks_url(raw: str) -> str:
+    """https, or http to this machine: over plain http anyone on the path could serve
+    their own key and sign tokens for any user."""
+    url = raw.strip()
+    if url and not (
+        re.fullmatch(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/\S*)?", url)
+        or _LOOPBACK_HTTP.fullmatch(url)
+    ):
+        raise ValueError("must be an https:// URL (plain http only to a loopback address)")
+    return url
+
+
 def _nonempty(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
@@ -199,7 +218,47 @@ class Settings:
         "AGORA_JWT_SECRET", "", _str, "HMAC secret for HS* tokens. Required for HS*."
     )
     jwt_public_key: str = _setting(
-        "AGORA_JWT_PUBLIC_KEY", "", _str, "PEM public key for RS256/ES256 tokens."
+        "AGORA_JWT_PUBLIC_KEY",
+        "",
+        _str,
+        "PEM public key for RS256/ES256 tokens (or AGORA_JWT_JWKS_URL, not both).",
+    )
+    jwt_jwks_url: str = _setting(
+        "AGORA_JWT_JWKS_URL",
+        "",
+        _jwks_url,
+        "JWKS endpoint (https; http only on loopback) whose keys verify RS256/ES256 tokens, "
+        "chosen by the token's `kid`. Keys are fetched off the event loop; a key that "
+        "disappears from the set stops verifying at the next fetch.",
+    )
+    jwt_jwks_lifespan_s: int = _setting(
+        "AGORA_JWT_JWKS_LIFESPAN_S",
+        "300",
+        _int_range(5, 86_400),
+        "Age after which the JWKS is fetched again (in the background; the old keys verify "
+        "meanwhile and stay in use while the endpoint is down).",
+    )
+    jwt_jwks_min_refetch_s: int = _setting(
+        "AGORA_JWT_JWKS_MIN_REFETCH_S",
+        "30",
+        _int_range(1, 3600),
+        "At most one JWKS fetch per this many seconds per process, whatever triggers it "
+        "(a token with an unknown `kid`, an expired set, a failed fetch): a flood of bogus "
+        "`kid`s cannot make the gateway hammer the endpoint. A new key is seen at most this "
+        "long after its first token arrives.",
+    )
+    jwt_audience: str = _setting(
+        "AGORA_JWT_AUDIENCE",
+        "",
+        _stripped,
+        "When set, a token must carry this `aud` (or a list holding it); empty: `aud` is "
+        "not checked.",
+    )
+    jwt_issuer: str = _setting(
+        "AGORA_JWT_ISSUER",
+        "",
+        _stripped,
+        "When set, a token's `iss` must be exactly this; empty: `iss` is not checked.",
     )
     jwt_leeway_s: int = _setting(
         "AGORA_JWT_LEEWAY_S",

@@ -60,7 +60,15 @@ async def issue(request: Request) -> Response:
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME):
         raise Unprocessable(f"name must be a string of 1-{MAX_NAME} chars")
     alg = next(a for a in settings.jwt_algorithms if a.startswith("HS"))
-    token = make_token(settings.jwt_secret, user, name, TOKEN_TTL_S, alg)
+    token = make_token(
+        settings.jwt_secret,
+        user,
+        name,
+        TOKEN_TTL_S,
+        alg,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
     expires = int(time.time()) + TOKEN_TTL_S
     return JSONResponse({"token": token, "user": user, "expires_at": expires * 1000})
 

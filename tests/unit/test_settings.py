@@ -124,6 +124,9 @@ BAD_VALUES = [
     ("AGORA_MAX_FRAME_BYTES", "1023"),
     ("AGORA_MAX_FRAGMENTS", "0"),
     ("AGORA_JWT_LEEWAY_S", "-1"),
+    ("AGORA_JWT_JWKS_URL", "http://idp.example/jwks"),
+    ("AGORA_JWT_JWKS_LIFESPAN_S", "4"),
+    ("AGORA_JWT_JWKS_MIN_REFETCH_S", "0"),
     ("AGORA_REDIS_TIMEOUT_S", "1"),
     ("AGORA_REQUEST_HEAD_TIMEOUT_S", "0"),
     ("AGORA_MAX_CONNECTIONS_PER_USER", "-1"),
@@ -189,6 +192,8 @@ def test_every_setting_has_a_bad_value_case() -> None:
         "AGORA_SHARD_MAP",
         "AGORA_JWT_SECRET",
         "AGORA_JWT_PUBLIC_KEY",
+        "AGORA_JWT_AUDIENCE",
+        "AGORA_JWT_ISSUER",
         "AGORA_NODE_ID",
         "AGORA_OPS_TOKEN",
     }
