@@ -55,6 +55,8 @@ class JwksServer:
         self.keys: list[SigningKey] = []
         self.hits = 0
         self.down = False  # answer 503 instead of the keys
+        self.delay_s = 0.0  # wait this long before answering
+        self.answered = 0
         self._lock = threading.Lock()
         server = self
 
@@ -63,7 +65,11 @@ class JwksServer:
                 with server._lock:
                     server.hits += 1
                     down = server.down
+                    delay = server.delay_s
                     body = json.dumps({"keys": [k.jwk() for k in server.keys]}).encode()
+                time.sleep(delay)
+                with server._lock:
+                    server.answered += 1
                 if self.path != JWKS_PATH or down:
                     self.send_response(404 if self.path != JWKS_PATH else 503)
                     self.send_header("Content-Length", "0")
