@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import jwt
@@ -118,3 +121,22 @@ def test_jwks_urls_must_be_https_or_loopback(url: str) -> None:
 )
 def test_jwks_urls_accepted(url: str) -> None:
     assert Settings.from_env({"AGORA_JWT_JWKS_URL": url}).jwt_jwks_url == url
+
+
+def test_agora_token_carries_the_configured_audience_and_issuer() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AGORA_")},
+        "AGORA_JWT_SECRET": SECRET,
+        "AGORA_JWT_AUDIENCE": "agora",
+        "AGORA_JWT_ISSUER": "me",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "token", "carol"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    v = verifier(AGORA_JWT_AUDIENCE="agora", AGORA_JWT_ISSUER="me")
+    assert v.verify(out.stdout.strip()).user == "carol"
