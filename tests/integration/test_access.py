@@ -654,6 +654,8 @@ def test_a_gateway_refuses_the_example_secret_and_dev_mode_on_a_public_bind(
         proc.popen.wait(30)
         assert proc.popen.returncode != 0
         for p, setting in ((weak.procs[0], "AGORA_JWT_SECRET"), (proc, "AGORA_DEV_TOKENS")):
+            p.expect_exit()  # refusing to start is what this test asks of both
+            p.expect_log(setting)
             tail = p.log_text()[-2000:]
             print(f"{p.name}: {tail.strip().splitlines()[-1]}")
             assert setting in tail
