@@ -68,7 +68,7 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def unavailable_reason() -> str | None:
     """Why a namespace cluster cannot be built here, or None when it can."""
     if os.geteuid() != 0:
-        return "network namespaces need root (this runs as uid %d)" % os.geteuid()
+        return f"network namespaces need root (this runs as uid {os.geteuid()})"
     for tool in ("ip", "tc", "nft", "redis-server"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"
@@ -87,14 +87,8 @@ def netem_available() -> bool:
     name = f"agcnetem{os.getpid()}"
     _run("ip", "netns", "add", name)
     try:
-        ok = (
-            subprocess.run(
-                ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root"]
-                + ["netem", "delay", "1ms"],
-                capture_output=True,
-            ).returncode
-            == 0
-        )
+        argv = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root"]
+        ok = subprocess.run([*argv, "netem", "delay", "1ms"], capture_output=True).returncode == 0
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return ok
@@ -546,10 +540,9 @@ def _wait_http(url: str, proc: Process, seconds: float) -> None:
     while time.monotonic() < deadline:
         if not proc.alive():
             raise ClusterError(f"{proc.name} exited; see {proc.log}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.1)
     raise ClusterError(f"{proc.name} not ready at {url} in {seconds}s; see {proc.log}")
 

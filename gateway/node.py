@@ -18,9 +18,10 @@ import secrets
 import socket
 import time
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPubSub
 
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
@@ -66,7 +67,7 @@ class Node:
         self.id = node_id
         self.redis = redis
         self.pools = pools
-        self.keys = RedisKeys(settings.redis_prefix)
+        self.keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
         self.routes = Routes(redis, self.keys)
         self.sync = RouteSync(
             self.routes,
@@ -163,13 +164,18 @@ class Node:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                if self.keys.cluster:
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
                 if ready.is_set():
                     # A reconnect: anything registered may be gone (a Redis restart), and
                     # what was published meanwhile is lost: check every tail.
                     await self._register_all()
                     self.tails.request()
                 ready.set()
+                if self.keys.cluster:
+                    await self._sharded(cast(ClusterPubSub, pubsub))
                 async for item in pubsub.listen():
                     if item.get("type") == "message":
                         self._on_delivery(item["data"])
@@ -181,6 +187,13 @@ class Node:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _sharded(self, pubsub: ClusterPubSub) -> None:
+        """Read the node's sharded channel (Redis Cluster) until the connection fails."""
+        while True:
+            item = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+            if item is not None and item.get("type") == "smessage":
+                self._on_delivery(item["data"])
 
     # -- connections and subscriptions ------------------------------------------------------
     async def attach(self, conn: Connection) -> None:
