@@ -49,6 +49,7 @@ PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
 SETTLE_WAIT_S = 4.0  # longest a send waits for its copy to be stored (rare: see EpochWatch)
 SETTLE_POLL_S = 0.05
+REDIS_TIMEOUT_S = 5.0  # longest a send waits for one Redis command
 
 
 def _retrieve(task: asyncio.Future[Accepted]) -> None:
@@ -195,24 +196,29 @@ class SendPath:
         whether its id is new (not a failed attempt's taken over)."""
         ms = now_ms()
         try:
-            raw, produce, epoch = await self._claim(
-                keys=[
-                    key,
-                    self.keys.id_counter(shard_of_id(conv), bucket),
-                    self.keys.rate("send", user, ms // 1000),
-                    self.keys.epoch(bucket),
-                ],
-                args=[
-                    ms,
-                    conv,
-                    PENDING_TTL_S,
-                    self.sends_per_s,
-                    f"{ms}-{self._token}",
-                    self.keys.send_buckets,
-                    bucket,
-                ],
+            # Bounded: a Redis cut off by the network hangs instead of failing. A claim
+            # that did land leaves a pending record: a retry waits for it (PENDING_TTL_S).
+            raw, produce, epoch = await asyncio.wait_for(
+                self._claim(
+                    keys=[
+                        key,
+                        self.keys.id_counter(shard_of_id(conv), bucket),
+                        self.keys.rate("send", user, ms // 1000),
+                        self.keys.epoch(bucket),
+                    ],
+                    args=[
+                        ms,
+                        conv,
+                        PENDING_TTL_S,
+                        self.sends_per_s,
+                        f"{ms}-{self._token}",
+                        self.keys.send_buckets,
+                        bucket,
+                    ],
+                ),
+                REDIS_TIMEOUT_S,
             )
-        except aioredis.RedisError as exc:
+        except (aioredis.RedisError, TimeoutError) as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
         self.epochs[bucket].observe(_text(epoch), ms)
         if int(produce) == 2:
@@ -315,8 +321,8 @@ class SendPath:
 
     async def _mark(self, key: str, value: str) -> None:
         try:
-            await self.redis.set(key, value, ex=self.window_s)
-        except aioredis.RedisError:
+            await asyncio.wait_for(self.redis.set(key, value, ex=self.window_s), REDIS_TIMEOUT_S)
+        except (aioredis.RedisError, TimeoutError):
             pass  # the pending record expires; a retry then reads the shard
 
 
