@@ -120,6 +120,9 @@ class Layout:
     gateways: int = 3
     workers: int = 2
     pg_hosts: int = 2
+    # 0: one Redis host ("redis"); 6: a Redis Cluster of 3 masters + 3 replicas, one
+    # redis-server per host ("redis1".."redis6"), Agora with AGORA_REDIS_CLUSTER=true.
+    redis_cluster_nodes: int = 0
     delay_ms: float = 0.5
     prefix: str = DEFAULT_PREFIX
     subnet: str = DEFAULT_SUBNET
@@ -190,7 +193,9 @@ class Cluster:
         names = [f"gw{i + 1}" for i in range(lay.gateways)]
         names += [f"worker{i + 1}" for i in range(lay.workers)]
         names += [f"pg{i + 1}" for i in range(lay.pg_hosts)]
-        return [*names, "redis", "broker", "loadgen"]
+        n = self.layout.redis_cluster_nodes
+        redis = [f"redis{i + 1}" for i in range(n)] if n else ["redis"]
+        return [*names, *redis, "broker", "loadgen"]
 
     def ip(self, host: str) -> str:
         return self.hosts[host].ip
@@ -448,18 +453,63 @@ table inet agoraloss {{
         _wait_port(self.ip(host), PG_PORT, proc, 30)
         return proc
 
-    def _redis(self) -> None:
-        self.start_redis()
+    def redis_hosts(self) -> list[str]:
+        return [n for n in self.hosts if n == "redis" or n.startswith("redis")]
 
-    def start_redis(self) -> Process:
-        host = self.hosts["redis"]
-        data = self.workdir / "redis"
+    def _redis(self) -> None:
+        for host in self.redis_hosts():
+            self.start_redis(host)
+        if self.layout.redis_cluster_nodes:
+            nodes = [f"{self.ip(h)}:{REDIS_PORT}" for h in self.redis_hosts()]
+            _run("redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1",
+                 "--cluster-yes")  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not all("cluster_state:ok" in self.redis_cli(h, "cluster", "info")
+                          for h in self.redis_hosts()):  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise ClusterError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.2)
+
+    def redis_cli(self, host: str, *args: str) -> str:
+        return _run("redis-cli", "-h", self.ip(host), "-p", str(REDIS_PORT), *args,
+                    check=False).stdout  # fmt: skip
+
+    def redis_masters(self) -> list[str]:
+        """Hosts whose redis-server is a master now, per the first reachable node."""
+        by_ip = {h.ip: n for n, h in self.hosts.items()}
+        for host in self.redis_hosts():
+            lines = self.redis_cli(host, "cluster", "nodes").splitlines()
+            if lines:
+                return sorted(
+                    by_ip[line.split()[1].split(":")[0]]
+                    for line in lines
+                    if "master" in line.split()[2] and "fail" not in line.split()[2]
+                )
+        return []
+
+    def start_redis(self, host: str = "redis") -> Process:
+        h = self.hosts[host]
+        data = self.workdir / host
         data.mkdir(exist_ok=True)
-        argv = ["redis-server", "--bind", host.ip, "--port", str(REDIS_PORT)]
+        argv = ["redis-server", "--bind", h.ip, "--port", str(REDIS_PORT)]
         argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
-        proc = self.spawn("redis", "redis", [*argv, "--dir", str(data)])
-        _wait_port(host.ip, REDIS_PORT, proc, 15)
+        if self.layout.redis_cluster_nodes:
+            # nodes.conf survives a kill: the node rejoins the cluster (as a replica when
+            # its replica was promoted meanwhile).
+            argv += ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            argv += ["--cluster-config-file", str(data / "nodes.conf")]
+        proc = self.spawn(host, host, [*argv, "--dir", str(data)])
+        _wait_port(h.ip, REDIS_PORT, proc, 15)
         return proc
+
+    def partition_redis(self, host: str) -> None:
+        """Cut `host` off from every Redis host."""
+        for r in self.redis_hosts():
+            self.partition(host, r)
+
+    def heal_redis(self, host: str) -> None:
+        for r in self.redis_hosts():
+            self.heal(host, r)
 
     def _broker(self) -> None:
         from storage.services import tansu_binary
@@ -490,7 +540,8 @@ table inet agoraloss {{
         env = {
             "AGORA_SHARD_DSNS": ",".join(self.dsns()),
             "AGORA_LOGICAL_SHARDS": str(lay.logical_shards),
-            "AGORA_REDIS_URL": f"redis://{self.ip('redis')}:{REDIS_PORT}/0",
+            "AGORA_REDIS_URL": f"redis://{self.ip(self.redis_hosts()[0])}:{REDIS_PORT}/0",
+            "AGORA_REDIS_CLUSTER": "true" if lay.redis_cluster_nodes else "false",
             "AGORA_KAFKA_BOOTSTRAP": f"{self.ip('broker')}:{KAFKA_PORT}",
             "AGORA_KAFKA_PARTITIONS": str(lay.kafka_partitions),
             "AGORA_KAFKA_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
