@@ -228,6 +228,12 @@ class Cluster:
         if reason:
             raise ClusterError(reason)
         cleanup(self.prefix)  # a previous run killed before its teardown
+        routes = _run("ip", "route", "show", f"{self.layout.subnet}.0/24").stdout.strip()
+        if routes:
+            raise ClusterError(
+                f"{self.layout.subnet}.0/24 is already routed ({routes}): another cluster "
+                "runs; give this one another Layout.subnet"
+            )
         atexit.register(self.down)
         self._up = True
         LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -620,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--pg-hosts", type=int, default=2)
     up.add_argument("--delay-ms", type=float, default=0.5)
     up.add_argument("--prefix", default=DEFAULT_PREFIX)
+    up.add_argument("--subnet", default=DEFAULT_SUBNET, help="first three octets of a /24")
+    up.add_argument("--redis-cluster", action="store_true", help="3 masters + 3 replicas")
     clean = sub.add_parser("cleanup", help="remove every leftover of a prefix")
     clean.add_argument("--prefix", default=DEFAULT_PREFIX)
     args = parser.parse_args(argv)
@@ -627,15 +635,19 @@ def main(argv: list[str] | None = None) -> int:
         for line in cleanup(args.prefix):
             print(line)
         return 0
-    layout = Layout(args.gateways, args.workers, args.pg_hosts, args.delay_ms, args.prefix)
+    layout = Layout(
+        gateways=args.gateways,
+        workers=args.workers,
+        pg_hosts=args.pg_hosts,
+        redis_cluster_nodes=6 if args.redis_cluster else 0,
+        delay_ms=args.delay_ms,
+        prefix=args.prefix,
+        subnet=args.subnet,
+    )
     with Cluster(layout) as cluster:
         print(json.dumps(cluster.describe(), indent=2), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.new_event_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.run_until_complete(stop.wait())
-        loop.close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
     return 0
 
 

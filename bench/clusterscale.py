@@ -45,7 +45,7 @@ def role(host: str) -> str:
 
 
 def run_shape(gateways: int, workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    layout = Layout(gateways=gateways, workers=workers, prefix="agcs")
+    layout = Layout(gateways=gateways, workers=workers, prefix="agcs", subnet="10.77.2")
     with Cluster(layout) as cluster:
         traffic = start_traffic(cluster, f"s{gateways}{workers}", args.per_db, args.interval_ms)
         time.sleep(2)

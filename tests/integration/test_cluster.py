@@ -31,7 +31,9 @@ LEASE_S = 3  # a gateway cut off from Redis sheds its clients after one lease
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     env = {"AGORA_ROUTE_LEASE_S": str(LEASE_S)}
-    with Cluster(Layout(gateways=2, workers=1, pg_hosts=2, prefix="agct", env=env)) as c:
+    with Cluster(
+        Layout(gateways=2, workers=1, pg_hosts=2, prefix="agct", subnet="10.77.1", env=env)
+    ) as c:
         yield c
 
 
