@@ -128,8 +128,9 @@ class Layout:
     subnet: str = DEFAULT_SUBNET
     logical_shards: int = 4096
     kafka_partitions: int = 8
-    # Durability off: the cluster runs on a shared 2-core machine; the faults here are
-    # network and process faults, not power loss.
+    # fsync off: the cluster runs on a shared 2-core machine; the faults here are network
+    # and process faults, not power loss. (synchronous_commit stays on: without it a
+    # killed server loses commits it already confirmed, which is not a fault of Agora's.)
     pg_fsync: bool = False
     env: dict[str, str] = field(default_factory=dict)
 
@@ -147,6 +148,7 @@ class Process:
     host: Host
     popen: subprocess.Popen[bytes]
     log: Path
+    stop_signal: int = signal.SIGTERM
 
     @property
     def pid(self) -> int:
@@ -160,7 +162,7 @@ class Process:
 
     def stop(self, timeout: float = 15) -> None:
         if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(self.stop_signal)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -414,6 +416,20 @@ table inet agoraloss {{
         self.expected_exits.add(proc.pid)
         proc.kill() if kill else proc.stop()
 
+    def kill_host(self, host: str) -> None:
+        """SIGKILL every process in host's namespace (a host crash: PostgreSQL's backends
+        die with its postmaster), by their PIDs."""
+        for proc in self.procs:
+            if proc.host.name == host:
+                self.expected_exits.add(proc.pid)
+        pids = _run("ip", "netns", "pids", self.hosts[host].ns, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        for proc in self.procs:
+            if proc.host.name == host and proc.alive():
+                proc.popen.wait(10)
+
     def find(self, name: str) -> Process:
         live = [p for p in self.procs if p.name == name and p.alive()]
         if not live:
@@ -442,7 +458,6 @@ table inet agoraloss {{
                 "unix_socket_directories": f"'{data}'",
                 "max_connections": "200",
                 "fsync": "on" if self.layout.pg_fsync else "off",
-                "synchronous_commit": "on" if self.layout.pg_fsync else "off",
                 "full_page_writes": "on" if self.layout.pg_fsync else "off",
                 "shared_buffers": "64MB",
             }
@@ -456,6 +471,7 @@ table inet agoraloss {{
         data = self.workdir / host
         argv = [str(PG_BIN / "postgres"), "-D", str(data)]
         proc = self.spawn(host, f"{host}-postgres", argv, {"LANG": "C"}, user="postgres")
+        proc.stop_signal = signal.SIGINT  # fast shutdown (SIGTERM waits for every client)
         _wait_port(self.ip(host), PG_PORT, proc, 30)
         return proc
 

@@ -104,6 +104,8 @@ def check(cluster: Cluster, result: dict[str, Any]) -> dict[str, int]:
             for cid, a in c["acked"].items():
                 if stored.get((c["conv"], cid)) != [a["id"]]:
                     out["wrong_id"] += 1
+                    found = stored.get((c["conv"], cid))
+                    print(f"not stored as acked: db {db} {c['conv']}/{cid} {a} {found}")
     return out
 
 
@@ -194,6 +196,12 @@ FAULTS = [
         lambda c: c.heal("worker1", "pg2"),
     ),
     Fault("pg-restart", "PostgreSQL host pg2 stopped, then started", _stop_pg, _start_pg),
+    Fault(
+        "pg-kill",
+        "PostgreSQL host pg2 crashed (every process SIGKILLed), then started (crash recovery)",
+        lambda c: c.kill_host("pg2"),
+        _start_pg,
+    ),
     Fault("gw-kill", "gateway gw1 killed (SIGKILL), then started again", _kill_gw, _start_gw),
     Fault(
         "gw-loss",
@@ -222,6 +230,10 @@ def run_fault(cluster: Cluster, fault: Fault, hold_s: float, settle_s: float) ->
     time.sleep(settle_s)
     result = stop_traffic(cluster, traffic)
     counts = check(cluster, result)
+    if counts["wrong_id"] or counts["lost"]:
+        time.sleep(15)  # late, or lost? Look again.
+        late = check(cluster, result)
+        counts["still_missing_15s_later"] = late["wrong_id"]
     moved = sum(1 for n in result["connects"].values() if n > 1)
     return {
         "fault": fault.name,

@@ -47,6 +47,11 @@ DEFAULT_WINDOW_S = 300
 PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
+# An attempt runs at most ~15 s (claim, produce and its ack, the shard read, settling,
+# the mark, each bounded); a pending record older than this is taken over by a retry
+# instead of waiting out PENDING_TTL_S. If its attempt was in fact still running, both
+# produce the same id and the (conversation, sender, cid) key stores one.
+PENDING_TAKEOVER_MS = 20_000
 SETTLE_WAIT_S = 4.0  # longest a send waits for its copy to be stored (rare: see EpochWatch)
 SETTLE_POLL_S = 0.05
 REDIS_TIMEOUT_S = 5.0  # longest a send waits for one Redis command
@@ -62,9 +67,12 @@ def _retrieve(task: asyncio.Future[Accepted]) -> None:
 # the epoch (all under the user's send bucket's hash tag on a Redis Cluster: one slot).
 # ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch to create
 # if there is none, the number of send buckets and the user's (the bucket goes into the
-# sequence's low bits: counters of different buckets never make the same id).
+# sequence's low bits: counters of different buckets never make the same id), and the
+# time before which a pending record is stale: its attempt cannot still be running (its
+# gateway died or lost Redis before marking it), so it is taken over like a failed one.
 # Returns {record, produce, epoch}: a new pending record "p|ms|n|conv" (produce = 1), a
-# failed one taken over again as pending with its id unchanged (produce = 3), what exists
+# failed (or stale pending) one taken over again as pending with its id unchanged
+# (produce = 3), what exists
 # (produce = 0), or {"", 2, epoch} when the user is over the cluster-wide send limit. A
 # retry of a known cid is answered before the limit is counted: it is not a new message.
 _CLAIM = """
@@ -75,7 +83,9 @@ if not e then
 end
 local v = redis.call('GET', KEYS[1])
 if v then
-  if string.sub(v, 1, 2) == 'f|' then
+  local state = string.sub(v, 1, 2)
+  local stale = state == 'p|' and tonumber(string.match(v, '^p|(%d+)|')) < tonumber(ARGV[8])
+  if state == 'f|' or stale then
     v = 'p|' .. string.sub(v, 3)
     redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
     return {v, 3, e}
@@ -214,6 +224,7 @@ class SendPath:
                         f"{ms}-{self._token}",
                         self.keys.send_buckets,
                         bucket,
+                        ms - PENDING_TAKEOVER_MS,
                     ],
                 ),
                 REDIS_TIMEOUT_S,
