@@ -276,27 +276,33 @@ class Cluster:
         self._in(net, "ip", "link", "set", f"{p}-ctlb", "master", "br0", "up")
         _run("ip", "addr", "add", f"{lay.subnet}.1/24", "dev", f"{p}-ctl")
         _run("ip", "link", "set", f"{p}-ctl", "up")
-        netem = lay.delay_ms > 0 and netem_available()
-        for i, name in enumerate(self._host_names()):
-            ns = f"{p}-{name}"
-            host = Host(name, f"{lay.subnet}.{10 + i}", ns)
-            self.hosts[name] = host
-            _run("ip", "netns", "add", ns)
-            self._in(ns, "ip", "link", "set", "lo", "up")
-            outer, inner = f"{p}{i}b", f"{p}{i}h"
-            _run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
-            _run("ip", "link", "set", outer, "netns", net)
-            _run("ip", "link", "set", inner, "netns", ns)
-            self._in(ns, "ip", "link", "set", inner, "name", "eth0")
-            self._in(ns, "ip", "addr", "add", f"{host.ip}/24", "dev", "eth0")
-            self._in(ns, "ip", "link", "set", "eth0", "up")
-            self._in(net, "ip", "link", "set", outer, "master", "br0", "up")
-            if netem:
-                delay = f"{lay.delay_ms}ms"
-                self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", delay)
-                self._in(net, "tc", "qdisc", "add", "dev", outer, "root", "netem", "delay", delay)
-            self._nft_base(ns)
-        self.delay_applied = netem
+        self.delay_applied = lay.delay_ms > 0 and netem_available()
+        for name in self._host_names():
+            self.add_host(name)
+
+    def add_host(self, name: str) -> Host:
+        """A new namespace on the bridge (also after `up`: a host added to a running cluster)."""
+        p, lay = self.prefix, self.layout
+        i = len(self.hosts)
+        ns, net = f"{p}-{name}", f"{p}-net"
+        host = Host(name, f"{lay.subnet}.{10 + i}", ns)
+        self.hosts[name] = host
+        _run("ip", "netns", "add", ns)
+        self._in(ns, "ip", "link", "set", "lo", "up")
+        outer, inner = f"{p}{i}b", f"{p}{i}h"
+        _run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+        _run("ip", "link", "set", outer, "netns", net)
+        _run("ip", "link", "set", inner, "netns", ns)
+        self._in(ns, "ip", "link", "set", inner, "name", "eth0")
+        self._in(ns, "ip", "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        self._in(ns, "ip", "link", "set", "eth0", "up")
+        self._in(net, "ip", "link", "set", outer, "master", "br0", "up")
+        if self.delay_applied:
+            delay = f"{lay.delay_ms}ms"
+            self._in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", delay)
+            self._in(net, "tc", "qdisc", "add", "dev", outer, "root", "netem", "delay", delay)
+        self._nft_base(ns)
+        return host
 
     def _in(self, ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
         return _run("ip", "netns", "exec", ns, *argv)
@@ -442,30 +448,36 @@ table inet agoraloss {{
 
     def _postgres(self) -> None:
         for host in self.pg_hosts():
-            data = self.workdir / host.name
-            data.mkdir()
-            shutil.chown(self.workdir, "postgres")
-            shutil.chown(data, "postgres", "postgres")
-            os.chmod(self.workdir, 0o755)
-            _run(
-                "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
-                str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                "--auth=trust", "-E", "UTF8", "--no-sync",
-            )  # fmt: skip
-            conf = {
-                "listen_addresses": f"'{host.ip}'",
-                "port": str(PG_PORT),
-                "unix_socket_directories": f"'{data}'",
-                "max_connections": "200",
-                "fsync": "on" if self.layout.pg_fsync else "off",
-                "full_page_writes": "on" if self.layout.pg_fsync else "off",
-                "shared_buffers": "64MB",
-            }
-            with open(data / "postgresql.conf", "a") as f:
-                f.writelines(f"{k} = {v}\n" for k, v in conf.items())
-            with open(data / "pg_hba.conf", "a") as f:
-                f.write(f"host all all {self.layout.subnet}.0/24 trust\n")
-            self.start_postgres(host.name)
+            self.init_postgres(host.name)
+
+    def init_postgres(self, name: str) -> Process:
+        """initdb a PostgreSQL cluster on host `name` (as the postgres user) and start it."""
+        host = self.hosts[name]
+        data = self.workdir / name
+        data.mkdir()
+        shutil.chown(self.workdir, "postgres")
+        shutil.chown(data, "postgres", "postgres")
+        os.chmod(self.workdir, 0o755)
+        _run(
+            "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+            str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
+            "--auth=trust", "-E", "UTF8", "--no-sync",
+        )  # fmt: skip
+        conf = {
+            "listen_addresses": f"'{host.ip}'",
+            "port": str(PG_PORT),
+            "unix_socket_directories": f"'{data}'",
+            "max_connections": "200",
+            "fsync": "on" if self.layout.pg_fsync else "off",
+            "full_page_writes": "on" if self.layout.pg_fsync else "off",
+            "shared_buffers": "64MB",
+            "wal_level": "logical",  # a shard move copies with logical replication
+        }
+        with open(data / "postgresql.conf", "a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        with open(data / "pg_hba.conf", "a") as f:
+            f.write(f"host all all {self.layout.subnet}.0/24 trust\n")
+        return self.start_postgres(name)
 
     def start_postgres(self, host: str) -> Process:
         data = self.workdir / host

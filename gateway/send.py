@@ -47,11 +47,11 @@ DEFAULT_WINDOW_S = 300
 PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
-# An attempt runs at most ~15 s (claim, produce and its ack, the shard read, settling,
-# the mark, each bounded); a pending record older than this is taken over by a retry
-# instead of waiting out PENDING_TTL_S. If its attempt was in fact still running, both
+# An attempt usually ends within a few seconds (every step is bounded); a pending record
+# older than this is taken over by a retry instead of waiting out PENDING_TTL_S (a gateway
+# killed or cut off from Redis mid-send). If its attempt was in fact still running, both
 # produce the same id and the (conversation, sender, cid) key stores one.
-PENDING_TAKEOVER_MS = 20_000
+PENDING_TAKEOVER_MS = 10_000
 SETTLE_WAIT_S = 4.0  # longest a send waits for its copy to be stored (rare: see EpochWatch)
 SETTLE_POLL_S = 0.05
 REDIS_TIMEOUT_S = 5.0  # longest a send waits for one Redis command
