@@ -164,7 +164,10 @@ class Node:
                     await self._register_all()
                 elif time.monotonic() >= refresh_at:
                     # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
-                    await self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns))
+                    await asyncio.wait_for(
+                        self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns)),
+                        self.settings.route_lease_s,
+                    )
                     refresh_at = time.monotonic() + ROUTE_REFRESH_S
             except (aioredis.RedisError, OSError, TimeoutError) as exc:
                 log.warning("node %s: lease renewal failed: %r", self.id, exc)
