@@ -54,6 +54,9 @@ def run_shape(gateways: int, workers: int, args: argparse.Namespace) -> dict[str
         after, t1 = snapshot(cluster), time.monotonic()
         result = stop_traffic(cluster, traffic)
         counts = check(cluster, result)
+        if counts["wrong_id"] or counts["lost"]:
+            time.sleep(15)  # late, or lost? Look again.
+            counts["still_missing_15s_later"] = check(cluster, result)["wrong_id"]
         crashes = cluster.crashed()
     window = t1 - t0
     acked_in_window = sum(
@@ -87,9 +90,11 @@ def main() -> None:
     p.add_argument("--per-db", type=int, default=10, help="conversations per PG host")
     p.add_argument("--interval-ms", type=int, default=50)
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--shape", action="append", help="GATEWAYSxWORKERS, e.g. 3x2 (repeatable)")
     args = p.parse_args()
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shape] if args.shape else SHAPES
     runs = []
-    for gateways, workers in SHAPES:
+    for gateways, workers in shapes:
         run = run_shape(gateways, workers, args)
         print(orjson.dumps(run).decode(), flush=True)
         runs.append(run)
