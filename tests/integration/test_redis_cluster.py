@@ -33,6 +33,9 @@ pytestmark = [
 ]
 
 
+GRACE_S = 2
+
+
 @pytest.fixture(scope="module")
 def rc() -> Iterator[RedisClusterProcs]:
     with redis_cluster(STATE_DIR) as procs:
@@ -52,7 +55,7 @@ def cluster_settings(settings: Settings, rc: RedisClusterProcs) -> Settings:
 
 @pytest.fixture(scope="module")
 def stack(cluster_settings: Settings) -> Iterator[Stack]:
-    s = Stack(cluster_settings)
+    s = Stack(cluster_settings, extra_env={"AGORA_PRESENCE_GRACE_S": str(GRACE_S)})
     try:
         s.gateway("rc-g1")
         s.gateway("rc-g2")
@@ -200,3 +203,64 @@ async def test_feeds_work_on_the_cluster(stack: Stack, http: httpx.AsyncClient) 
             break
         await asyncio.sleep(0.1)
     assert first == made[0]
+
+
+async def presence_of(client: AgoraClient, user: str, timeout: float) -> dict[str, Any]:
+    while True:
+        frame = await client.next_event("presence", timeout=timeout)
+        if frame["user"] == user:
+            return frame
+
+
+async def test_presence_online_grace_and_offline_on_the_cluster(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """The presence scripts touch one slot each: online, a move to the other gateway
+    within the grace (no flap: the offline compare-and-set sees the new `seen`), offline."""
+    g1, g2 = stack.procs[0], stack.procs[1]
+    a, b = uid("a"), uid("b")
+    conv = await create_group(http, stack, g1, a, [b])
+    watcher = await AgoraClient.connect(g1.ws_url, stack.token(a))
+    try:
+        await watcher.sub(conv)
+        cb = await AgoraClient.connect(g2.ws_url, stack.token(b))
+        assert (await presence_of(watcher, b, 10))["online"] is True
+        await cb.close()
+        cb = await AgoraClient.connect(g1.ws_url, stack.token(b))
+        with pytest.raises(TimeoutError):
+            await presence_of(watcher, b, GRACE_S + 2)
+        await cb.close()
+        frame = await presence_of(watcher, b, GRACE_S + 10)
+        assert frame["online"] is False and frame["last_seen"]
+    finally:
+        await watcher.close()
+
+
+async def test_revocation_and_typing_on_the_cluster(stack: Stack, http: httpx.AsyncClient) -> None:
+    """The revocation stream (one key) and typing (a key, then SPUBLISH) on the cluster:
+    a removed member is refused and unsubscribed on the other gateway at once."""
+    g1, g2 = stack.procs[0], stack.procs[1]
+    a, b = uid("a"), uid("b")
+    conv = await create_group(http, stack, g1, a, [b])
+    ca = await AgoraClient.connect(g1.ws_url, stack.token(a))
+    cb = await AgoraClient.connect(g2.ws_url, stack.token(b))
+    try:
+        await ca.sub(conv)
+        await cb.sub(conv)
+        await ca.typing(conv)
+        typing = await cb.next_event("typing", timeout=10)
+        assert typing["conv"] == conv and typing["user"] == a
+        await cb.send(conv, "before", cid="before")  # b's access is cached on g2 now
+        r = await http.delete(
+            f"{g1.http_url}/v1/conversations/{conv}/members/{b}",
+            headers={"Authorization": f"Bearer {stack.token(a)}"},
+        )
+        assert r.status_code == 204
+        unsubbed = await cb.next_event("unsubbed", timeout=5)
+        assert unsubbed == {"t": "unsubbed", "conv": conv, "reason": "removed"}
+        with pytest.raises(ServerError) as info:
+            await cb.send(conv, "after", cid="after")
+        assert info.value.code == "not_found"
+    finally:
+        await ca.close()
+        await cb.close()
