@@ -12,6 +12,7 @@ no nft, no PostgreSQL 15 binaries).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,9 +32,10 @@ LEASE_S = 3  # a gateway cut off from Redis sheds its clients after one lease
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     env = {"AGORA_ROUTE_LEASE_S": str(LEASE_S)}
-    with Cluster(
-        Layout(gateways=2, workers=1, pg_hosts=2, prefix="agct", subnet="10.77.1", env=env)
-    ) as c:
+    # Per test process: two runs on one machine never share (or clean up) each other's.
+    pid = os.getpid()
+    prefix, subnet = f"agt{pid % 1000}", f"10.77.{100 + pid % 150}"
+    with Cluster(Layout(gateways=2, workers=1, prefix=prefix, subnet=subnet, env=env)) as c:
         yield c
 
 
