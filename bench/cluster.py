@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log: Path
     stop_signal: int = signal.SIGTERM
+    checked_to: int = 0  # log offset up to which `Cluster.log_problems` has looked
 
     @property
     def pid(self) -> int:
@@ -377,6 +379,7 @@ table inet agoraloss {{
         if user:
             prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
         log_path = LOG_DIR / f"{name}.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 [*prefix, *argv],
@@ -385,7 +388,7 @@ table inet agoraloss {{
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        proc = Process(name, h, popen, log_path)
+        proc = Process(name, h, popen, log_path, checked_to=start)
         self.procs.append(proc)
         return proc
 
@@ -417,6 +420,25 @@ table inet agoraloss {{
             for p in self.procs
             if not p.alive() and p.pid not in self.expected_exits
         ]
+
+    def log_problems(self, expected: tuple[str, ...] = ()) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks Agora's processes logged since the last call
+        (tests/stack.py's rule), except those matching an `expected` pattern."""
+        from tests.stack import bad_log_lines
+
+        patterns = [re.compile(p) for p in expected]
+        found: list[str] = []
+        for proc in self.procs:
+            if "gateway.cli" not in proc.popen.args:  # the engines log in their own ways
+                continue
+            with open(proc.log, "rb") as f:
+                f.seek(proc.checked_to)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            proc.checked_to += end
+            lines = data[:end].decode(errors="replace").splitlines()
+            found += [f"{proc.name}: {bad}" for bad in bad_log_lines(lines, patterns)]
+        return found
 
     def stop(self, proc: Process, kill: bool = False) -> None:
         self.expected_exits.add(proc.pid)
