@@ -280,9 +280,11 @@ class FeedCache:
                 args += [m, value]
             calls.append(([k.live, k.ready, k.lock, k.journal, k.version, k.touched], args))
         if self.keys.cluster:
-            # A cluster pipeline refuses scripts (each feed is its own slot): the calls go
-            # out concurrently instead, still one round trip of waiting.
-            await asyncio.gather(*(self._write(keys=ks, args=a) for ks, a in calls))
+            # A cluster pipeline refuses scripts (each feed is its own slot): one call per
+            # feed. In turn, not gathered: concurrent first calls on redis-py's cluster
+            # client (8.1) raced its connection set-up ("the handler is closed").
+            for ks, a in calls:
+                await self._write(keys=ks, args=a)
             return
         pipe = self.redis.pipeline(transaction=False)
         for ks, a in calls:
