@@ -272,17 +272,23 @@ class FeedCache:
         one round trip."""
         if not changes:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[str | int]]] = []
         for feed, entries in changes.items():
             k = self.feed_keys(feed)
             args: list[str | int] = [self.depth, JOURNAL_TTL_S, LIVE_TTL_S]
             for m, value in entries.items():
                 args += [m, value]
-            await self._write(
-                keys=[k.live, k.ready, k.lock, k.journal, k.version, k.touched],
-                args=args,
-                client=pipe,
-            )
+            calls.append(([k.live, k.ready, k.lock, k.journal, k.version, k.touched], args))
+        if self.keys.cluster:
+            # A cluster pipeline refuses scripts (each feed is its own slot): one call per
+            # feed. In turn, not gathered: concurrent first calls on redis-py's cluster
+            # client (8.1) raced its connection set-up ("the handler is closed").
+            for ks, a in calls:
+                await self._write(keys=ks, args=a)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for ks, a in calls:
+            await self._write(keys=ks, args=a, client=pipe)
         await pipe.execute()
 
     async def on_created(self, post: Post) -> None:
@@ -382,8 +388,12 @@ class FeedCache:
         pipe = self.redis.pipeline(transaction=False)
         for feed in feeds:
             k = self.feed_keys(feed)
-            pipe.mget(k.ready, k.version, k.touched)
-        return [(r, v, t) for r, v, t in await pipe.execute()]
+            # Three GETs, not an MGET: a Redis Cluster pipeline refuses MGET.
+            pipe.get(k.ready)
+            pipe.get(k.version)
+            pipe.get(k.touched)
+        got = await pipe.execute()
+        return [(got[i], got[i + 1], got[i + 2]) for i in range(0, len(got), 3)]
 
     async def page(
         self, feed: Feed, cursor: FeedCursor | None, limit: int, viewer: str | None

@@ -17,9 +17,10 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from fanout.envelope import Delivery, encode_delivery
 from storage.redis_keys import RedisKeys
@@ -114,7 +115,7 @@ class Routes:
         now = time.monotonic()
         unknown = [n for n in nodes if self._alive.get(n, (False, 0.0))[1] < now]
         if unknown:
-            flags = await self.redis.mget([self.keys.node_lease(n) for n in unknown])
+            flags = await self._get_many([self.keys.node_lease(n) for n in unknown])
             lapsed = [n for n, flag in zip(unknown, flags, strict=True) if flag is None]
             listening: set[str] = set()
             if lapsed:
@@ -123,7 +124,7 @@ class Routes:
                 # (Redis drops the subscription with the connection), so it keeps its
                 # routes and gets its messages; it renews (or re-registers) when it can.
                 by_channel = {self.keys.node_channel(n): n for n in lapsed}
-                counts = await self.redis.pubsub_numsub(*by_channel)
+                counts = await self._numsub(list(by_channel))
                 listening = {
                     by_channel[ch.decode() if isinstance(ch, bytes) else ch]
                     for ch, count in counts
@@ -133,6 +134,27 @@ class Routes:
                 alive = n not in lapsed or n in listening
                 self._alive[n] = (alive, now + _LIVENESS_CACHE_S)
         return {n for n in nodes if self._alive[n][0]}
+
+    async def _get_many(self, keys: list[str]) -> list[Any]:
+        if not self.keys.cluster:
+            return list(await self.redis.mget(keys))
+        # Leases of different nodes live in different slots: no MGET across them.
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        return list(await pipe.execute())
+
+    async def _numsub(self, channels: list[str]) -> list[tuple[Any, int]]:
+        if not self.keys.cluster:
+            return list(await self.redis.pubsub_numsub(*channels))
+        # A sharded channel's subscribers are known to its slot's shard only.
+        cluster = cast(RedisCluster, self.redis)
+        out: list[tuple[Any, int]] = []
+        for channel in channels:
+            node = cluster.get_node_from_key(channel)
+            found = await cluster.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node)
+            out.extend(found)
+        return out
 
     async def nodes_for(
         self, convs: Iterable[int] = (), users: Iterable[str] = ()
@@ -173,12 +195,16 @@ class Routes:
         await pipe.execute()
 
     async def publish(self, deliveries: dict[str, Delivery]) -> None:
-        """One PUBLISH per node, all in one round trip."""
+        """One PUBLISH (SPUBLISH on a cluster) per node, all in one round trip."""
         if not deliveries:
             return
         pipe = self.redis.pipeline(transaction=False)
         for node, delivery in deliveries.items():
-            pipe.publish(self.keys.node_channel(node), encode_delivery(delivery))
+            channel = self.keys.node_channel(node)
+            if self.keys.cluster:
+                pipe.spublish(channel, encode_delivery(delivery))
+            else:
+                pipe.publish(channel, encode_delivery(delivery))
         await pipe.execute()
 
 

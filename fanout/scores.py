@@ -78,7 +78,7 @@ class ScoresWorker(HoldingWorker[Pending]):
         super().__init__(settings, consumer, dead_letters)
         self.pools = pools
         self.topic = votes_topic(settings)
-        keys = RedisKeys(settings.redis_prefix)
+        keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
         self.routes = Routes(redis, keys)
         self.feeds = FeedCache(redis, keys, pools)
         self.max_held = MAX_HELD

@@ -102,12 +102,23 @@ async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage
     raise AssertionError("unreachable")
 
 
-async def sequence(pools: ShardPools, batch: list[NewMessage]) -> Sequenced:
+async def sequence(
+    pools: ShardPools,
+    batch: list[NewMessage],
+    budget_s: float | None = None,
+    slow: dict[int, asyncio.Future[Sequenced]] | None = None,
+) -> Sequenced:
     """Sequence and persist `batch`, one transaction per physical shard, in parallel.
 
     Never raises for a database error: a shard that fails transiently fails only its own
     messages (they come back in `held`, in their original order, for the caller to
     retry) while the other shards' messages are stored; poison comes back in `poison`.
+
+    With `budget_s`, a shard that has not answered within it (cut off by the network: its
+    queries hang until their timeout instead of failing) is not waited for: its messages
+    come back held, and its attempt, left running, goes into `slow` for the caller to
+    leave that shard alone until the attempt ends. Whatever the attempt stores is found
+    as already stored by the retry (and published then under its seq), never twice.
     """
     out = Sequenced()
     by_shard: dict[int, list[NewMessage]] = defaultdict(list)
@@ -117,7 +128,28 @@ async def sequence(pools: ShardPools, batch: list[NewMessage]) -> Sequenced:
         except NotFound:
             out.poison.append((m, f"conversation id {m.conv} names no shard"))
     shards = list(by_shard)
-    parts = await asyncio.gather(*(_one_shard(pools, p, by_shard[p]) for p in shards))
-    for part in parts:
-        out.add(part)
+    tasks = [asyncio.ensure_future(_one_shard(pools, p, by_shard[p])) for p in shards]
+    if tasks:
+        await asyncio.wait(tasks, timeout=budget_s)
+    for physical, task in zip(shards, tasks, strict=True):
+        if task.done():
+            out.add(task.result())
+            continue
+        task.add_done_callback(_retrieve)
+        if slow is not None:
+            slow[physical] = task
+        name = pools.names[physical]
+        out.add(
+            Sequenced(
+                held=list(by_shard[physical]),
+                errors={name: f"{name} did not answer within {budget_s} s"},
+            )
+        )
     return out
+
+
+def _retrieve(task: asyncio.Future[Sequenced]) -> None:
+    # Nobody awaits a slow attempt: its outcome only matters to the retry, which reads
+    # the shard again. (_one_shard returns held messages rather than raising.)
+    if not task.cancelled() and task.exception() is not None:
+        log.info("slow shard attempt ended: %r", task.exception())

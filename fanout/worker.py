@@ -16,6 +16,7 @@ dead-letter topic. The holding, backoff, offset checks and dead letters are
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import replace
@@ -30,7 +31,7 @@ from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
 from fanout.kafka import fanout_group, messages_topic
 from fanout.notify import notify
 from fanout.routing import Routes
-from fanout.sequencer import sequence
+from fanout.sequencer import Sequenced, sequence
 from storage.errors import NotFound
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
@@ -40,6 +41,10 @@ from storage.settings import Settings
 log = logging.getLogger("agora.fanout")
 
 MAX_HELD = 50_000  # beyond this, stop taking new records until the shard is back
+# A physical shard that has not answered a batch within this is treated as failing for
+# the round (a host cut off by the network hangs instead of failing): the other shards do
+# not wait for it, and it gets no new attempt until the one in flight ends.
+SLOW_SHARD_S = 1.0
 
 
 class FanoutWorker(HoldingWorker[NewMessage]):
@@ -55,8 +60,9 @@ class FanoutWorker(HoldingWorker[NewMessage]):
     ) -> None:
         super().__init__(settings, consumer, dead_letters)
         self.pools = pools
-        self.routes = Routes(redis, RedisKeys(settings.redis_prefix))
+        self.routes = Routes(redis, RedisKeys(settings.redis_prefix, settings.redis_cluster))
         self.max_held = MAX_HELD
+        self.slow: dict[int, asyncio.Future[Sequenced]] = {}  # physical -> attempt in flight
 
     def decode(self, raw: Raw) -> NewMessage:
         try:
@@ -71,12 +77,19 @@ class FanoutWorker(HoldingWorker[NewMessage]):
             raise PoisonRecord(f"conversation id {item.conv} names no shard") from None
 
     async def apply_batch(self, work: list[Record[NewMessage]]) -> Outcome[NewMessage]:
-        result = await sequence(self.pools, [r.item for r in work])
+        self.slow = {p: t for p, t in self.slow.items() if not t.done()}
+        # A shard with a slow attempt still in flight: its records stay held, untried.
+        busy = [r for r in work if self.pools.for_id(r.item.conv) in self.slow]
+        now = [r for r in work if self.pools.for_id(r.item.conv) not in self.slow]
+        result = await sequence(self.pools, [r.item for r in now], SLOW_SHARD_S, self.slow)
         by_message = {id(r.item): r for r in work}
         out: Outcome[NewMessage] = Outcome(failures=dict(result.errors))
         out.held = [
             replace(r, hold=self.hold_key(r.item)) for r in (by_message[id(m)] for m in result.held)
         ]
+        for r in busy:
+            out.held.append(replace(r, hold=self.hold_key(r.item)))
+            out.failures[r.hold] = "an earlier attempt on this shard is still running"
         out.poison = [(by_message[id(m)], why) for m, why in result.poison]
         try:
             await self.publish(result.in_order())

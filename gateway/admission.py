@@ -1,8 +1,8 @@
 """Admission control: refuse new WebSocket upgrades before doing any work for them.
 
-A node refuses (and counts why) when it is draining, at its connection limit, has too many
-handshakes in progress, or its event loop lags; it answers 429 to an IP opening
-connections too fast. Existing connections are never touched by any of this.
+A node refuses (and counts why) when it is draining, cut off from Redis, at its connection
+limit, has too many handshakes in progress, or its event loop lags; it answers 429 to an
+IP opening connections too fast. Existing connections are never touched by any of this.
 """
 
 from __future__ import annotations
@@ -35,15 +35,19 @@ class Admission:
         self.lag_ms = 0.0
         self.refused: Counter[str] = Counter()
 
-    def check(self, connections: int, draining: bool, ip: str) -> Refusal | None:
-        refusal = self._check(connections, draining, ip)
+    def check(
+        self, connections: int, draining: bool, ip: str, cut_off: bool = False
+    ) -> Refusal | None:
+        refusal = self._check(connections, draining, ip, cut_off)
         if refusal is not None:
             self.refused[refusal.reason] += 1
         return refusal
 
-    def _check(self, connections: int, draining: bool, ip: str) -> Refusal | None:
+    def _check(self, connections: int, draining: bool, ip: str, cut_off: bool) -> Refusal | None:
         if draining:
             return Refusal(503, 1, "draining")
+        if cut_off:
+            return Refusal(503, 2, "redis unreachable")
         if connections + self.handshakes >= self.max_connections:
             return Refusal(503, 5, "connection limit")
         if self.handshakes >= self.max_handshakes:

@@ -18,9 +18,10 @@ import secrets
 import socket
 import time
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPubSub
 
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
@@ -66,7 +67,7 @@ class Node:
         self.id = node_id
         self.redis = redis
         self.pools = pools
-        self.keys = RedisKeys(settings.redis_prefix)
+        self.keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
         self.routes = Routes(redis, self.keys)
         self.sync = RouteSync(
             self.routes,
@@ -82,6 +83,7 @@ class Node:
         # Catches subscribers up from storage after the pub/sub connection was down.
         self.tails = TailCheck(pools, self.conv_subs, self._push_messages)
         self.draining = False
+        self.cut_off = False  # Redis unreachable for a lease: clients shed, none admitted
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
@@ -144,32 +146,68 @@ class Node:
     async def _keep_lease(self) -> None:
         interval = max(self.settings.route_lease_s / 3, 0.5)
         refresh_at = time.monotonic() + ROUTE_REFRESH_S
+        redis_seen = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.routes.renew(self.id, self.settings.route_lease_s):
+                # Bounded: a Redis cut off by the network hangs instead of failing.
+                renewed = await asyncio.wait_for(
+                    self.routes.renew(self.id, self.settings.route_lease_s), interval
+                )
+                redis_seen = time.monotonic()
+                if self.cut_off:
+                    log.warning("node %s: Redis answers again; accepting connections", self.id)
+                    self.cut_off = False
+                if not renewed:
                     # The lease lapsed or Redis came back empty: register everything again.
                     log.warning("node %s: lease lost, registering again", self.id)
                     await self._register_all()
                 elif time.monotonic() >= refresh_at:
                     # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
-                    await self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns))
+                    await asyncio.wait_for(
+                        self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns)),
+                        self.settings.route_lease_s,
+                    )
                     refresh_at = time.monotonic() + ROUTE_REFRESH_S
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("node %s: lease renewal failed: %s", self.id, exc)
+            except (aioredis.RedisError, OSError, TimeoutError) as exc:
+                log.warning("node %s: lease renewal failed: %r", self.id, exc)
+                silent_s = time.monotonic() - redis_seen
+                if not self.cut_off and silent_s >= self.settings.route_lease_s:
+                    self._shed(silent_s)
+
+    def _shed(self, silent_s: float) -> None:
+        """Redis has not answered for a whole lease: publishers take this node for dead (or
+        publish into a connection that goes nowhere), so its clients would wait in silence.
+        Close them with 1013 (they resume on another node with `since`) and refuse new
+        ones until Redis answers again."""
+        self.cut_off = True
+        conns = list(self.connections)
+        log.error(
+            "node %s: Redis unreachable for %.1f s; closing %d connections with 1013",
+            self.id,
+            silent_s,
+            len(conns),
+        )
+        for conn in conns:
+            conn.close(frames.CloseCode.TRY_AGAIN_LATER, "this node lost Redis; reconnect")
 
     async def _listen(self, ready: asyncio.Event) -> None:
         channel = self.keys.node_channel(self.id)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                if self.keys.cluster:
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
                 if ready.is_set():
                     # A reconnect: anything registered may be gone (a Redis restart), and
                     # what was published meanwhile is lost: check every tail.
                     await self._register_all()
                     self.tails.request()
                 ready.set()
+                if self.keys.cluster:
+                    await self._sharded(cast(ClusterPubSub, pubsub))
                 async for item in pubsub.listen():
                     if item.get("type") == "message":
                         self._on_delivery(item["data"])
@@ -181,6 +219,13 @@ class Node:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _sharded(self, pubsub: ClusterPubSub) -> None:
+        """Read the node's sharded channel (Redis Cluster) until the connection fails."""
+        while True:
+            item = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+            if item is not None and item.get("type") == "smessage":
+                self._on_delivery(item["data"])
 
     # -- connections and subscriptions ------------------------------------------------------
     async def attach(self, conn: Connection) -> None:

@@ -66,6 +66,30 @@ return 1
 """
 
 
+# Redis Cluster: the presence hash, the node's set, the route set and the leases live in
+# different slots, so no script may touch more than one. Online: the hash's script and the
+# node-set commands go out together. Offline: the route set and the leases are read first,
+# then this compare-and-set turns the hash offline only if its `seen` is still the one read
+# (a gateway that took the user meanwhile rewrote it: then nothing changes).
+# KEYS: presence hash. ARGV: now ms, ttl, the `seen` read before.
+_OFFLINE_CAS = """
+if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+if redis.call('HGET', KEYS[1], 'seen') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: presence hash. ARGV: now ms, ttl. 1 when the user was not online before.
+_ONLINE_HASH = """
+local was = redis.call('HGET', KEYS[1], 'on')
+redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if was == '1' then return 0 end
+return 1
+"""
+
+
 class Presence:
     def __init__(self, node: Any, pools: ShardPools) -> None:
         self.node = node  # gateway.node.Node (not imported: node.py calls into this)
@@ -77,6 +101,8 @@ class Presence:
         self.lease_s = int(node.settings.route_lease_s)
         self._online = self.redis.register_script(_ONLINE)
         self._offline = self.redis.register_script(_OFFLINE)
+        self._online_hash = self.redis.register_script(_ONLINE_HASH)
+        self._offline_cas = self.redis.register_script(_OFFLINE_CAS)
         self._pending: dict[str, asyncio.Task[None]] = {}  # offline checks in their grace
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
@@ -106,10 +132,20 @@ class Presence:
 
     async def _went_online(self, user: str) -> None:
         try:
-            changed = await self._online(
-                keys=[self.keys.presence(user), self.keys.presence_node(self.node.id)],
-                args=[now_ms(), PRESENCE_TTL_S, user, self.lease_s * 3],
-            )
+            if self.keys.cluster:
+                node_set = self.keys.presence_node(self.node.id)
+                changed, _, _ = await asyncio.gather(
+                    self._online_hash(
+                        keys=[self.keys.presence(user)], args=[now_ms(), PRESENCE_TTL_S]
+                    ),
+                    self.redis.sadd(node_set, user),
+                    self.redis.expire(node_set, self.lease_s * 3),
+                )
+            else:
+                changed = await self._online(
+                    keys=[self.keys.presence(user), self.keys.presence_node(self.node.id)],
+                    args=[now_ms(), PRESENCE_TTL_S, user, self.lease_s * 3],
+                )
             if int(changed):
                 await self.announce(user, True, None)
         except Exception as exc:  # best effort: the state is fixed by the next change
@@ -134,14 +170,34 @@ class Presence:
     async def give_up(self, user: str, node: str) -> bool:
         """`node` no longer has `user`: offline unless another live gateway does."""
         seen = now_ms()
-        changed = await self._offline(
-            keys=[self.keys.presence(user), self.keys.user_routes(user)],
-            args=[seen, PRESENCE_TTL_S, node, self.keys.node_lease("")],
-        )
+        if self.keys.cluster:
+            changed = await self._give_up_on_cluster(user, node, seen)
+        else:
+            changed = await self._offline(
+                keys=[self.keys.presence(user), self.keys.user_routes(user)],
+                args=[seen, PRESENCE_TTL_S, node, self.keys.node_lease("")],
+            )
         if int(changed):
             await self.announce(user, False, seen)
             return True
         return False
+
+    async def _give_up_on_cluster(self, user: str, node: str, seen: int) -> int:
+        """_OFFLINE in steps that each touch one slot (see _OFFLINE_CAS)."""
+        state, members = await asyncio.gather(
+            self.redis.hmget(self.keys.presence(user), ["on", "seen"]),
+            self.redis.smembers(self.keys.user_routes(user)),
+        )
+        on, was_seen = (_text(v) if v is not None else None for v in state)
+        if on != "1" or was_seen is None:
+            return 0
+        others = {_text(m) for m in members} - {node}
+        if others and await self.node.routes.live_nodes(others):
+            return 0
+        changed: int = await self._offline_cas(
+            keys=[self.keys.presence(user)], args=[seen, PRESENCE_TTL_S, was_seen]
+        )
+        return changed
 
     async def announce(self, user: str, online: bool, last_seen: int | None) -> None:
         """One `presence` frame per gateway with subscribers of the user's small rooms."""
@@ -274,3 +330,7 @@ class Presence:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

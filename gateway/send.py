@@ -47,8 +47,14 @@ DEFAULT_WINDOW_S = 300
 PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
 PRODUCE_TIMEOUT_S = 5.0
 PENDING_WAIT_S = 3.0
+# An attempt usually ends within a few seconds (every step is bounded); a pending record
+# older than this is taken over by a retry instead of waiting out PENDING_TTL_S (a gateway
+# killed or cut off from Redis mid-send). If its attempt was in fact still running, both
+# produce the same id and the (conversation, sender, cid) key stores one.
+PENDING_TAKEOVER_MS = 10_000
 SETTLE_WAIT_S = 4.0  # longest a send waits for its copy to be stored (rare: see EpochWatch)
 SETTLE_POLL_S = 0.05
+REDIS_TIMEOUT_S = 5.0  # longest a send waits for one Redis command
 
 
 def _retrieve(task: asyncio.Future[Accepted]) -> None:
@@ -58,10 +64,15 @@ def _retrieve(task: asyncio.Future[Accepted]) -> None:
 
 
 # KEYS: idempotency key, id counter of the shard, the user's send counter for this second,
-# the epoch. ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch
-# to create if there is none.
+# the epoch (all under the user's send bucket's hash tag on a Redis Cluster: one slot).
+# ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch to create
+# if there is none, the number of send buckets and the user's (the bucket goes into the
+# sequence's low bits: counters of different buckets never make the same id), and the
+# time before which a pending record is stale: its attempt cannot still be running (its
+# gateway died or lost Redis before marking it), so it is taken over like a failed one.
 # Returns {record, produce, epoch}: a new pending record "p|ms|n|conv" (produce = 1), a
-# failed one taken over again as pending with its id unchanged (produce = 3), what exists
+# failed (or stale pending) one taken over again as pending with its id unchanged
+# (produce = 3), what exists
 # (produce = 0), or {"", 2, epoch} when the user is over the cluster-wide send limit. A
 # retry of a known cid is answered before the limit is counted: it is not a new message.
 _CLAIM = """
@@ -72,7 +83,9 @@ if not e then
 end
 local v = redis.call('GET', KEYS[1])
 if v then
-  if string.sub(v, 1, 2) == 'f|' then
+  local state = string.sub(v, 1, 2)
+  local stale = state == 'p|' and tonumber(string.match(v, '^p|(%d+)|')) < tonumber(ARGV[8])
+  if state == 'f|' or stale then
     v = 'p|' .. string.sub(v, 3)
     redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
     return {v, 3, e}
@@ -85,8 +98,9 @@ if limit > 0 then
   if c == 1 then redis.call('PEXPIRE', KEYS[3], 2000) end
   if c > limit then return {'', 2, e} end
 end
-local n = redis.call('INCR', KEYS[2])
-if n > 1000000000 then redis.call('SET', KEYS[2], 0) end
+local c = redis.call('INCR', KEYS[2])
+if c > 1000000000 then redis.call('SET', KEYS[2], 0) end
+local n = c * tonumber(ARGV[6]) + tonumber(ARGV[7])
 v = 'p|' .. ARGV[1] .. '|' .. n .. '|' .. ARGV[2]
 redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
 return {v, 1, e}
@@ -122,7 +136,9 @@ class SendPath:
         # cluster-wide count per second is kept by the claim script (no extra round trip).
         self.sends_per_s = sends_per_s
         self._local = BucketMap(sends_per_s, 2 * sends_per_s)
-        self.epochs = EpochWatch(window_s * 1000)
+        # One epoch per send bucket (one in all on a single Redis): each bucket's keys
+        # live on one cluster shard, whose failover loses that bucket's records only.
+        self.epochs = [EpochWatch(window_s * 1000) for _ in range(keys.send_buckets)]
         self._token = secrets.token_hex(4)  # tells apart epochs made in the same ms
         self.acked = 0
         self.from_shard = 0  # answered with a stored message's id that Redis had forgotten
@@ -166,9 +182,10 @@ class SendPath:
         elif kind == "comment":
             raise BadRequest("comments belong to a post's thread")
         key = self.keys.idempotency(user, cid)
+        bucket = self.keys.send_bucket(user)
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
-            record, produce, fresh = await self._claim_or_get(key, conv, user)
+            record, produce, fresh = await self._claim_or_get(key, conv, user, bucket)
             if record.conv != conv:
                 raise Conflict("this cid was already used for another conversation")
             msg_id = compose(record.ms, shard_of_id(conv), record.n & SEQ_MASK)
@@ -176,40 +193,56 @@ class SendPath:
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
-                return await self._produce(key, message, record, fresh)
+                return await self._produce(key, message, record, fresh, self.epochs[bucket])
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
             await asyncio.sleep(0.05)
 
-    async def _claim_or_get(self, key: str, conv: int, user: str) -> tuple[Record, bool, bool]:
+    async def _claim_or_get(
+        self, key: str, conv: int, user: str, bucket: int
+    ) -> tuple[Record, bool, bool]:
         """The cid's record, creating it if absent; whether this attempt must produce, and
         whether its id is new (not a failed attempt's taken over)."""
         ms = now_ms()
         try:
-            raw, produce, epoch = await self._claim(
-                keys=[
-                    key,
-                    self.keys.id_counter(shard_of_id(conv)),
-                    self.keys.rate("send", user, ms // 1000),
-                    self.keys.epoch(),
-                ],
-                args=[ms, conv, PENDING_TTL_S, self.sends_per_s, f"{ms}-{self._token}"],
+            # Bounded: a Redis cut off by the network hangs instead of failing. A claim
+            # that did land leaves a pending record: a retry waits for it (PENDING_TTL_S).
+            raw, produce, epoch = await asyncio.wait_for(
+                self._claim(
+                    keys=[
+                        key,
+                        self.keys.id_counter(shard_of_id(conv), bucket),
+                        self.keys.rate("send", user, ms // 1000),
+                        self.keys.epoch(bucket),
+                    ],
+                    args=[
+                        ms,
+                        conv,
+                        PENDING_TTL_S,
+                        self.sends_per_s,
+                        f"{ms}-{self._token}",
+                        self.keys.send_buckets,
+                        bucket,
+                        ms - PENDING_TAKEOVER_MS,
+                    ],
+                ),
+                REDIS_TIMEOUT_S,
             )
-        except aioredis.RedisError as exc:
+        except (aioredis.RedisError, TimeoutError) as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
-        self.epochs.observe(_text(epoch), ms)
+        self.epochs[bucket].observe(_text(epoch), ms)
         if int(produce) == 2:
             raise RateLimited("too many messages", retry_after_ms=max(1, 1000 - ms % 1000))
         return parse_record(_text(raw)), int(produce) in (1, 3), int(produce) == 1
 
     async def _produce(
-        self, key: str, message: NewMessage, record: Record, fresh: bool
+        self, key: str, message: NewMessage, record: Record, fresh: bool, watch: EpochWatch
     ) -> Accepted:
         """Produce the message and, meanwhile, read the shard for a copy stored earlier;
         answer with the id that is (or will be) stored."""
         ours = Accepted(message.id, message.ts)
-        epoch = self.epochs.epoch
+        epoch = watch.epoch
         lookup = asyncio.ensure_future(self._stored(message))
         lookup.add_done_callback(_consume)
         try:
@@ -225,14 +258,14 @@ class SendPath:
             return await self._answer(key, found, ours, record)
         try:
             found = await lookup
-            if found is None and self.epochs.suspect(
+            if found is None and watch.suspect(
                 partition, self.pools.for_id(message.conv), now_ms()
             ):
                 found = await self._settle(message)
                 # Proof only if the stored copy is the one just produced: a new id has
                 # no older copy (a failed attempt's taken-over id may have one).
                 if fresh and found == ours:
-                    self.epochs.clear(epoch, partition, self.pools.for_id(message.conv))
+                    watch.clear(epoch, partition, self.pools.for_id(message.conv))
         except Unavailable:
             # Produced, but whether an earlier copy holds the cid is unknown: the record
             # keeps this id and a retry produces it again and looks again.
@@ -299,8 +332,8 @@ class SendPath:
 
     async def _mark(self, key: str, value: str) -> None:
         try:
-            await self.redis.set(key, value, ex=self.window_s)
-        except aioredis.RedisError:
+            await asyncio.wait_for(self.redis.set(key, value, ex=self.window_s), REDIS_TIMEOUT_S)
+        except (aioredis.RedisError, TimeoutError):
             pass  # the pending record expires; a retry then reads the shard
 
 

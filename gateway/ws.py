@@ -117,7 +117,7 @@ class Endpoint:
         # lingers in its close handshake), except this one and those still handshaking,
         # which admission counts itself.
         sockets = max(len(self.node.connections), len(self.links) - 1 - admission.handshakes)
-        refusal = admission.check(sockets, self.node.draining, ip)
+        refusal = admission.check(sockets, self.node.draining, ip, self.node.cut_off)
         if refusal is not None:
             self.metrics.denials.labels(str(refusal.status)).inc()
             link.refuse(

@@ -11,27 +11,48 @@ stack and measures the bytes (docs/operations.md, "Redis memory").
 
 from __future__ import annotations
 
+import zlib
+
+# Redis Cluster: the send path's claim script touches the cid's record, the user's send
+# counter, an id counter and the epoch in one round trip, so all four share one hash tag:
+# the user's send bucket. Its number also goes into the low bits of the message id's
+# sequence (the counter is per bucket, not cluster-wide per shard), so ids of different
+# buckets never collide: 32 buckets leave 32 ids per ms per (logical shard, bucket).
+SEND_BUCKETS = 32
+
 
 class RedisKeys:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, cluster: bool = False) -> None:
         self.p = prefix
+        self.cluster = cluster
+        self.send_buckets = SEND_BUCKETS if cluster else 1
+
+    def send_bucket(self, user: str) -> int:
+        """The user's send bucket: 0 on a single Redis, 0..SEND_BUCKETS-1 on a cluster."""
+        return zlib.crc32(user.encode()) % SEND_BUCKETS if self.cluster else 0
+
+    def _tag(self, user: str) -> str:
+        return f"{{s{self.send_bucket(user)}}}:" if self.cluster else ""
 
     # -- send path -------------------------------------------------------------------------
     def idempotency(self, user: str, cid: str) -> str:
         """(user, cid) -> state of that send: pending, acked or failed, with its id's parts.
         Lives the idempotency window (AGORA_IDEMPOTENCY_WINDOW_S) after the answer."""
-        return f"{self.p}:idem:{len(user)}:{user}:{cid}"
+        return f"{self.p}:idem:{self._tag(user)}{len(user)}:{user}:{cid}"
 
-    def epoch(self) -> str:
+    def epoch(self, bucket: int = 0) -> str:
         """Made once (no TTL) by the first send: `<created ms>-<token>`. A new value means
         Redis lost its data (flush, restart without persistence): idempotency records made
         before it are gone, so the send path checks the shards until it has proof that no
-        older copy is still on its way (gateway/idempotency.py)."""
-        return f"{self.p}:epoch"
+        older copy is still on its way (gateway/idempotency.py). On a cluster, one per
+        send bucket (SEND_BUCKETS keys): a failover loses the data of its own slots only."""
+        return f"{self.p}:epoch:{{s{bucket}}}" if self.cluster else f"{self.p}:epoch"
 
-    def id_counter(self, logical_shard: int) -> str:
-        """Cluster-wide sequence for message ids of one logical shard. No TTL: one per
-        logical shard (AGORA_LOGICAL_SHARDS keys at most)."""
+    def id_counter(self, logical_shard: int, bucket: int = 0) -> str:
+        """Sequence for message ids of one logical shard (per send bucket on a cluster).
+        No TTL: AGORA_LOGICAL_SHARDS keys at most (times SEND_BUCKETS on a cluster)."""
+        if self.cluster:
+            return f"{self.p}:idseq:{{s{bucket}}}:{logical_shard}"
         return f"{self.p}:idseq:{logical_shard}"
 
     # -- routing ---------------------------------------------------------------------------
@@ -40,7 +61,9 @@ class RedisKeys:
         return f"{self.p}:node:{node}"
 
     def node_channel(self, node: str) -> str:
-        """Pub/sub channel a gateway node listens on for its deliveries (not a key)."""
+        """Pub/sub channel a gateway node listens on for its deliveries (not a key). On a
+        cluster a sharded channel (SSUBSCRIBE/SPUBLISH): it lives on its slot's shard only,
+        instead of every message being broadcast to every node of the cluster."""
         return f"{self.p}:to:{node}"
 
     def conv_routes(self, conv: int) -> str:
@@ -157,4 +180,4 @@ class RedisKeys:
     # -- limits ----------------------------------------------------------------------------
     def rate(self, scope: str, subject: str, window: int) -> str:
         """Count of a user's sends (TTL 2 s) or HTTP requests (TTL 5 s) in one second."""
-        return f"{self.p}:rate:{scope}:{len(subject)}:{subject}:{window}"
+        return f"{self.p}:rate:{scope}:{self._tag(subject)}{len(subject)}:{subject}:{window}"

@@ -172,6 +172,13 @@ class Settings:
     redis_url: str = _setting(
         "AGORA_REDIS_URL", "redis://127.0.0.1:6379/0", _nonempty, "Redis URL."
     )
+    redis_cluster: bool = _setting(
+        "AGORA_REDIS_CLUSTER",
+        "false",
+        _bool,
+        "Talk to a Redis Cluster (AGORA_REDIS_URL names any one of its nodes): slot-safe "
+        "keys for the send path and sharded pub/sub (SPUBLISH/SSUBSCRIBE) for deliveries.",
+    )
     redis_pool_max: int = _setting(
         "AGORA_REDIS_POOL_MAX",
         "64",

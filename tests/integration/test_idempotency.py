@@ -291,6 +291,28 @@ async def test_a_pending_record_is_waited_on_then_answered(
     await c2.close()
 
 
+async def test_a_stale_pending_record_is_taken_over_with_its_id(
+    env: Env, http: httpx.AsyncClient, r: aioredis.Redis, pools: ShardPools
+) -> None:
+    """A pending record older than PENDING_TAKEOVER_MS (its gateway died, or lost Redis,
+    before marking it): a retry produces the record's own id at once instead of waiting
+    for the record to expire."""
+    from gateway.send import PENDING_TAKEOVER_MS
+
+    user, conv, c1, c2 = await sender(env, http)
+    await retry_until_acked(c1, conv, "warm-up", "st-0")
+    ms = int(time.time() * 1000) - PENDING_TAKEOVER_MS - 1000
+    await r.set(env.keys.idempotency(user, "st-1"), f"p|{ms}|79|{conv}", ex=30)
+    started = time.monotonic()
+    ack = await c2.send(conv, "hello", cid="st-1")
+    assert ack["id"] == str(messages_id(ms, int(conv), 79))
+    assert time.monotonic() - started < 2.5  # not the pending wait
+    assert await wait_for("the stored row", lambda: rows(pools, conv, "st-1")) == [int(ack["id"])]
+    # A younger pending record is still waited on (the test above): only stale ones move.
+    await c1.close()
+    await c2.close()
+
+
 def messages_id(ms: int, conv: int, n: int) -> int:
     from storage.ids import SEQ_MASK, compose, shard_of_id
 
