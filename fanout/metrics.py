@@ -14,7 +14,6 @@ on `AGORA_METRICS_PORT` (`run_with_metrics`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -23,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
 
 from storage import logs
-from storage.metrics import Registry, serve
+from storage.metrics import MetricsServer, ProcessRegistry
 from storage.settings import Settings
 
 log = logging.getLogger("agora.metrics")
@@ -35,58 +35,74 @@ LAG_REFRESH_S = 1.0
 
 
 class ConsumerMetrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: ProcessRegistry) -> None:
         self.registry = registry
-        self.batches = registry.counter(
-            "agora_consumer_batches_total", "Non-empty batches taken from Kafka.", ["group"]
+        self.batches = Counter(
+            "agora_consumer_batches_total",
+            "Non-empty batches taken from Kafka.",
+            ["group"],
+            registry=registry,
         )
-        self.records = registry.counter(
-            "agora_consumer_records_total", "Records taken from Kafka.", ["group"]
+        self.records = Counter(
+            "agora_consumer_records_total",
+            "Records taken from Kafka.",
+            ["group"],
+            registry=registry,
         )
-        self.commits = registry.counter(
-            "agora_consumer_commits_total", "Offset commits (one per handled batch).", ["group"]
+        self.commits = Counter(
+            "agora_consumer_commits_total",
+            "Offset commits (one per handled batch).",
+            ["group"],
+            registry=registry,
         )
-        self.batch_seconds = registry.histogram(
+        self.batch_seconds = Histogram(
             "agora_consumer_batch_seconds",
             "Time from taking a batch to asking for the next: how long handling it took.",
             ["group"],
-            BATCH_BUCKETS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
-        self.lag = registry.gauge(
+        self.lag = Gauge(
             "agora_consumer_lag",
             "Records behind the high watermark, per partition this process owns.",
             ["group", "topic", "partition"],
+            registry=registry,
         )
-        self.held = registry.gauge(
+        self.held = Gauge(
             "agora_consumer_held_records",
             "Records held for retry because their shard, Redis or the dead-letter topic failed.",
             ["group"],
+            registry=registry,
         )
-        self.hold_faults = registry.counter(
+        self.hold_faults = Counter(
             "agora_consumer_hold_faults_total",
             "Attempts that failed transiently and held their records (per shard, Redis, DLQ).",
             ["group"],
+            registry=registry,
         )
-        self.dead_lettered = registry.counter(
+        self.dead_lettered = Counter(
             "agora_consumer_dead_lettered_total",
             "Poison records produced to the dead-letter topic (and committed past).",
             ["group"],
+            registry=registry,
         )
-        self.skips_healed = registry.counter(
+        self.skips_healed = Counter(
             "agora_consumer_skips_healed_total",
             "Fetches that skipped offsets; the consumer sought back and re-fetched them.",
             ["group"],
+            registry=registry,
         )
-        self.restarts = registry.counter(
+        self.restarts = Counter(
             "agora_worker_restarts_total",
             "Times the supervisor restarted this worker slot after an unexpected exit.",
+            registry=registry,
         )
 
 
 _installed: ConsumerMetrics | None = None
 
 
-def install(registry: Registry) -> ConsumerMetrics:
+def install(registry: ProcessRegistry) -> ConsumerMetrics:
     """Meter every consumer this process makes from now on (called by the process root)."""
     global _installed
     _installed = ConsumerMetrics(registry)
@@ -160,7 +176,7 @@ async def run_with_metrics(
     its counters at zero, so it carries the count over)."""
     node = worker_identity(role, index)
     logs.set_process(role=role, node=node)
-    registry = Registry({"role": role, "node": node})
+    registry = ProcessRegistry({"role": role, "node": node})
     metrics = install(registry)
     if restarts:
         metrics.restarts.inc(restarts)
@@ -168,7 +184,7 @@ async def run_with_metrics(
     if settings.metrics_port:
         port = settings.metrics_port + index
         try:
-            server = await serve(registry, settings.metrics_host, port)
+            server = MetricsServer(registry, settings.metrics_host, port)
         except OSError as exc:
             # Metrics are not worth a worker that does not run: say so loudly and go on.
             log.error("metrics port %d unavailable (%s); running without /metrics", port, exc)
@@ -176,6 +192,4 @@ async def run_with_metrics(
         await main(settings)
     finally:
         if server is not None:
-            server.close()
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+            await asyncio.to_thread(server.close)

@@ -47,7 +47,7 @@ from gateway.ws import Endpoint
 from storage import logs, users
 from storage.errors import AgoraError, Internal
 from storage.ids import IdGenerator
-from storage.metrics import Registry
+from storage.metrics import ProcessRegistry
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
 from storage.settings import Settings
@@ -128,7 +128,7 @@ def create_app(settings: Settings) -> Starlette:
     verifier = TokenVerifier(settings)  # fails fast on missing keys
     dev.check_settings(settings)
     # Built before the app so the ASGI middleware can hold it; node label set in lifespan.
-    registry = Registry({"role": "gateway"})
+    registry = ProcessRegistry({"role": "gateway"})
     wire_metrics = GatewayMetrics(registry)
     # The WebSocket side (gateway.transport hands it the upgrades of /v1/ws).
     expiry = TokenExpiry()  # sessions whose token ran out are closed (4001)
@@ -173,7 +173,7 @@ def create_app(settings: Settings) -> Starlette:
         state.votes = votes = VotePath(
             pools, producer, votes_topic(settings), settings.vote_sweep_s
         )
-        node.latency = wire_metrics.latency.labels()
+        node.latency = wire_metrics.latency
         endpoint.bind(node, state.handler, admission)
         endpoint.user_cap = UserConnectionCap(
             redis, node.keys, node.routes, node.id, settings.max_connections_per_user

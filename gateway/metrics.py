@@ -15,12 +15,13 @@ Messages replayed on `sub` with `since` are not observed: their age is not laten
 
 from __future__ import annotations
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.connection import WireCounters
 from gateway.protocol.frames import CloseCode
-from storage.metrics import Registry
+from storage.metrics import LabelValues, ProcessRegistry, ReadAtScrape, WeightedHistogram
 
 _WIRE = (
     ("agora_frames_in_total", "Frames received from clients.", "frames_in"),
@@ -31,25 +32,33 @@ _WIRE = (
 
 
 class GatewayMetrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: ProcessRegistry) -> None:
         r = self.registry = registry
-        self.ws_opened = r.counter("agora_ws_opened_total", "WebSocket connections accepted.")
-        self.closes = r.counter(
-            "agora_ws_closes_total", "Connections closed by the server, by close code.", ["code"]
+        self.ws_opened = Counter(
+            "agora_ws_opened_total", "WebSocket connections accepted.", registry=r
         )
-        self.slow_consumer = r.counter(
+        self.closes = Counter(
+            "agora_ws_closes_total",
+            "Connections closed by the server, by close code.",
+            ["code"],
+            registry=r,
+        )
+        self.slow_consumer = Counter(
             "agora_slow_consumer_closes_total",
             "Connections closed with 4009 because they did not read fast enough.",
+            registry=r,
         )
-        self.denials = r.counter(
+        self.denials = Counter(
             "agora_ws_denied_total",
             "Upgrades answered with an HTTP status instead (503/429 refusals).",
             ["status"],
+            registry=r,
         )
-        self.http = r.counter(
-            "agora_http_responses_total", "HTTP responses, by status class.", ["class"]
+        self.http = Counter(
+            "agora_http_responses_total", "HTTP responses, by status class.", ["class"], registry=r
         )
-        self.latency = r.histogram(
+        self.latency = WeightedHistogram(
+            r,
             "agora_delivery_latency_seconds",
             "Server-side end-to-end latency of a live message: accept ts to the socket write.",
         )
@@ -65,76 +74,86 @@ class GatewayMetrics:
         r = self.registry
         for name, doc, attr in _WIRE:
 
-            def by_encoding(attr: str = attr) -> dict[tuple[str, ...], float]:
+            def by_encoding(attr: str = attr) -> dict[LabelValues, float]:
                 return {
                     ("json",): float(getattr(wire[False], attr)),
                     ("msgpack",): float(getattr(wire[True], attr)),
                 }
 
-            r.callback(name, doc, "counter", by_encoding, ["encoding"])
+            ReadAtScrape(r, name, doc, "counter", by_encoding, ["encoding"])
 
     def bind(self, app: Starlette) -> None:
         """Read, at scrape time, the counters other modules keep on app.state."""
         state = app.state
         r = self.registry
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_connections",
             "Open WebSocket connections.",
             "gauge",
             lambda: len(state.node.connections),
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_acked_sends_total",
             "Sends acknowledged after Kafka accepted them.",
             "counter",
             lambda: state.send_path.acked,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_sends_from_shard_total",
             "Sends answered with the id of a copy stored earlier that Redis no longer knew "
             "(a retry after the idempotency window or after Redis lost records).",
             "counter",
             lambda: state.send_path.from_shard,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_sends_settled_total",
             "Sends that waited for their copy to be stored before answering (Redis lost "
             "its data recently: gateway/idempotency.py).",
             "counter",
             lambda: state.send_path.settled,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_deliveries_total",
             "Frames written to local subscribers' sockets.",
             "counter",
             lambda: state.node.deliveries,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_refused_upgrades_total",
             "Upgrades refused by admission control, by reason.",
             "counter",
             lambda: {(k,): float(v) for k, v in state.admission.refused.items()},
             ["reason"],
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_loop_lag_ms",
             "Event-loop lag as measured by admission control.",
             "gauge",
             lambda: state.admission.lag_ms,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_handshakes_in_progress",
             "WebSocket handshakes being processed.",
             "gauge",
             lambda: state.admission.handshakes,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_feed_page_hits_total",
             "Feed first pages served from this gateway's page cache.",
             "counter",
             lambda: state.feed_pages.hits,
         )
-        r.callback(
+        ReadAtScrape(
+            r,
             "agora_feed_page_fetches_total",
             "Feed first pages fetched (cache misses and stale pages).",
             "counter",

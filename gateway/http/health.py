@@ -14,8 +14,10 @@ import hmac
 import time
 from typing import Any
 
+from prometheus_client.exposition import choose_encoder
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
@@ -23,7 +25,7 @@ from gateway.auth import bearer
 from gateway.http.common import JSONResponse
 from gateway.send import SendPath
 from storage.errors import NotFound
-from storage.metrics import CONTENT_TYPE, Registry
+from storage.metrics import ProcessRegistry
 from storage.pools import ShardPools
 
 READY_CACHE_S = 1.0
@@ -103,9 +105,15 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    # Every family is declared in gateway/metrics.py (the registry of this process).
-    registry: Registry = request.app.state.registry
-    return PlainTextResponse(registry.render(), media_type=CONTENT_TYPE)
+    # Every Agora family is declared in gateway/metrics.py (the registry of this process),
+    # next to the library's process_*, python_gc_* and python_info.
+    # Text format 0.0.4 unless the scraper asks for OpenMetrics, as on the workers' port.
+    # Off the event loop: the process collector lists /proc/self/fd, one entry per
+    # connection (12 ms at 10,000). Collectors only read ints and copy small containers.
+    registry: ProcessRegistry = request.app.state.registry
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    body = await run_in_threadpool(encode, registry)
+    return Response(body, headers={"Content-Type": content_type})
 
 
 routes = [

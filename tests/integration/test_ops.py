@@ -140,12 +140,15 @@ async def test_every_process_serves_metrics_that_move_with_traffic(ops: Ops) -> 
     print({k: v for k, v in g2.items() if "bucket" not in k})
     assert total(g1, "agora_acked_sends_total") >= n
     assert total(g1, "agora_frames_in_total") >= n
-    assert g2[f'agora_connections{{role="gateway",node="{node2}"}}'] >= 1
+    assert g2[f'agora_connections{{node="{node2}",role="gateway"}}'] >= 1
     assert total(g2, "agora_deliveries_total") - total(before, "agora_deliveries_total") >= n
-    assert g2[f'agora_frames_out_total{{role="gateway",node="{node2}",encoding="msgpack"}}'] >= n
-    latency = f'agora_delivery_latency_seconds_count{{role="gateway",node="{node2}"}}'
+    assert g2[f'agora_frames_out_total{{encoding="msgpack",node="{node2}",role="gateway"}}'] >= n
+    latency = f'agora_delivery_latency_seconds_count{{node="{node2}",role="gateway"}}'
     assert g2[latency] - before.get(latency, 0) >= n
     assert total(g2, "agora_http_responses_total") >= 1
+    # The process's own runtime, under the same labels (prometheus_client's collectors).
+    assert g2[f'process_resident_memory_bytes{{node="{node2}",role="gateway"}}'] > 0
+    assert total(g2, "python_gc_collections_total") >= 1
 
     # The workers: batches, records and lag per partition, on their own ports.
     deadline = time.monotonic() + 10
@@ -161,6 +164,9 @@ async def test_every_process_serves_metrics_that_move_with_traffic(ops: Ops) -> 
     assert any(k.startswith("agora_consumer_lag{") for k in fan), "no lag gauge"
     assert all(v >= 0 for k, v in fan.items() if k.startswith("agora_consumer_lag{"))
     assert total(sco, "agora_consumer_records_total") >= 1
+    for worker in (fan, sco):
+        assert total(worker, "process_cpu_seconds_total") > 0
+        assert total(worker, "process_open_fds") >= 1
     assert any('role="scores"' in k for k in sco)
     await sender.close()
     await reader.close()

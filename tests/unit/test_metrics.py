@@ -1,4 +1,5 @@
-"""storage.metrics (the registry and worker endpoint) and the gateway's counters."""
+"""storage.metrics (the process registry, its collectors, the worker endpoint) and the
+gateway's counters."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import re
 import time
 
 import pytest
+from prometheus_client import Counter, Gauge
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from gateway.connection import Connection, WireCounters
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import codec, frames
-from storage.metrics import Registry, serve
+from storage.metrics import ProcessRegistry, ReadAtScrape, WeightedHistogram, serve
 
 
 def parse(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value}, checking every line is well-formed."""
+    """Prometheus text -> {'name{labels}': value}, checking every line is well-formed.
+    (prometheus_client writes a sample's labels sorted by name.)"""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#"):
@@ -28,77 +33,120 @@ def parse(text: str) -> dict[str, float]:
 
 
 def test_counters_gauges_and_const_labels_render() -> None:
-    r = Registry({"role": "test"})
-    c = r.counter("agora_things_total", "Things.", ["kind"])
+    r = ProcessRegistry({"role": "test"}, runtime=False)
+    c = Counter("agora_things_total", "Things.", ["kind"], registry=r)
     c.labels("a").inc()
     c.labels("a").inc(2)
     c.labels('we"ird\\').inc()
-    g = r.gauge("agora_level", "Level.")
+    g = Gauge("agora_level", "Level.", registry=r)
     g.set(7.5)
     g.dec(0.5)
     got = parse(r.render())
-    assert got['agora_things_total{role="test",kind="a"}'] == 3
-    assert got['agora_things_total{role="test",kind="we\\"ird\\\\"}'] == 1
+    assert got['agora_things_total{kind="a",role="test"}'] == 3
+    assert got['agora_things_total{kind="we\\"ird\\\\",role="test"}'] == 1
     assert got['agora_level{role="test"}'] == 7
+    assert not any("_created" in k for k in got)  # one series per counter, as before
     with pytest.raises(ValueError):
         c.labels("a").inc(-1)
     with pytest.raises(ValueError):
-        r.counter("agora_things_total", "again")
-    with pytest.raises(ValueError):
-        r.counter("agora_bad", "a counter must end in _total")
+        Counter("agora_things_total", "again", registry=r)
     with pytest.raises(ValueError):
         c.labels("a", "b")
 
 
-def test_histogram_buckets_are_cumulative() -> None:
-    r = Registry()
-    h = r.histogram("agora_wait_seconds", "Wait.", buckets=(0.1, 1.0))
+def test_every_process_reports_its_runtime_under_its_own_labels() -> None:
+    # Two registries in one process: each has its own process/GC collectors, nothing global.
+    a = parse(ProcessRegistry({"role": "fanout", "node": "n1"}).render())
+    b = parse(ProcessRegistry({"role": "scores"}).render())
+    assert a['process_cpu_seconds_total{node="n1",role="fanout"}'] >= 0
+    assert a['process_open_fds{node="n1",role="fanout"}'] >= 1
+    assert 'python_gc_collections_total{generation="2",node="n1",role="fanout"}' in a
+    assert any(k.startswith("python_info{") and 'node="n1",' in k for k in a)
+    assert b['process_resident_memory_bytes{role="scores"}'] > 0
+    assert not any("n1" in k for k in b)
+
+
+def test_weighted_histogram_buckets_are_cumulative_and_weighted() -> None:
+    r = ProcessRegistry(runtime=False)
+    h = WeightedHistogram(r, "agora_wait_seconds", "Wait.", buckets=(0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 3.0):
         h.observe(v)
+    h.observe(0.5, 10)  # one message written to ten sockets
     got = parse(r.render())
     assert got['agora_wait_seconds_bucket{le="0.1"}'] == 2  # le is inclusive
-    assert got['agora_wait_seconds_bucket{le="1"}'] == 3
-    assert got['agora_wait_seconds_bucket{le="+Inf"}'] == 4
-    assert got["agora_wait_seconds_count"] == 4
-    assert got["agora_wait_seconds_sum"] == pytest.approx(3.65)
+    assert got['agora_wait_seconds_bucket{le="1.0"}'] == 13
+    assert got['agora_wait_seconds_bucket{le="+Inf"}'] == 14
+    assert got["agora_wait_seconds_count"] == 14 == h.count
+    assert got["agora_wait_seconds_sum"] == pytest.approx(3.65 + 5.0)
+    with pytest.raises(ValueError):
+        WeightedHistogram(r, "agora_wait_seconds", "again")
+    with pytest.raises(ValueError):
+        WeightedHistogram(r, "agora_nothing_seconds", "No finite bucket.", buckets=())
 
 
-def test_callbacks_are_read_at_scrape_time_and_a_broken_one_is_skipped() -> None:
-    r = Registry()
+def test_values_read_at_scrape_time_and_a_broken_one_is_skipped() -> None:
+    r = ProcessRegistry(runtime=False)
     box = {"n": 1}
-    r.callback("agora_box_total", "Box.", "counter", lambda: box["n"])
-    r.callback("agora_by_total", "By.", "counter", lambda: {("x",): 2.0}, ["k"])
-    r.callback("agora_broken", "Broken.", "gauge", lambda: 1 / 0)
+    ReadAtScrape(r, "agora_box_total", "Box.", "counter", lambda: box["n"])
+    ReadAtScrape(r, "agora_by_total", "By.", "counter", lambda: {("x",): 2.0}, ["k"])
+    ReadAtScrape(r, "agora_broken", "Broken.", "gauge", lambda: 1 / 0)
     box["n"] = 5
     got = parse(r.render())
     assert got["agora_box_total"] == 5
     assert got['agora_by_total{k="x"}'] == 2
     assert not any(k.startswith("agora_broken") for k in got)
+    with pytest.raises(ValueError):
+        ReadAtScrape(r, "agora_box_total", "again", "counter", lambda: 1)
+    with pytest.raises(ValueError):
+        ReadAtScrape(r, "agora_bad", "a counter must end in _total", "counter", lambda: 1)
 
 
-async def test_worker_endpoint_serves_metrics_and_404s_the_rest() -> None:
-    r = Registry({"role": "fanout"})
-    r.counter("agora_batches_total", "Batches.").inc(3)
-    server = await serve(r, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+async def test_worker_endpoint_serves_metrics_and_healthz_and_404s_the_rest() -> None:
+    r = ProcessRegistry({"role": "fanout"})
+    Counter("agora_batches_total", "Batches.", registry=r).inc(3)
+    server = serve(r, "127.0.0.1", 0)
 
-    async def get(path: str, method: str = "GET") -> tuple[str, str]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def get(path: str, method: str = "GET") -> tuple[str, str, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        data = await reader.read()
+        data = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         head, _, body = data.decode().partition("\r\n\r\n")
-        return head.splitlines()[0], body
+        return head.splitlines()[0], head.lower(), body
 
     try:
-        status, body = await get("/metrics")
-        assert status == "HTTP/1.1 200 OK"
-        assert parse(body)['agora_batches_total{role="fanout"}'] == 3
-        assert (await get("/nope"))[0].startswith("HTTP/1.1 404")
-        assert (await get("/metrics", "POST"))[0].startswith("HTTP/1.1 405")
+        status, head, body = await get("/metrics")
+        assert status == "HTTP/1.0 200 OK"
+        assert "content-type: text/plain; version=0.0.4" in head
+        got = parse(body)
+        assert got['agora_batches_total{role="fanout"}'] == 3
+        assert got['process_cpu_seconds_total{role="fanout"}'] >= 0
+        status, _, body = await get("/healthz")
+        assert status == "HTTP/1.0 200 OK" and body == "ok\n"
+        assert (await get("/nope"))[0].startswith("HTTP/1.0 404")
+        assert (await get("/metrics", "POST"))[0].startswith("HTTP/1.0 405")
+        assert (await get("/healthz", "POST"))[0].startswith("HTTP/1.0 405")
     finally:
-        server.close()
-        await server.wait_closed()
+        await asyncio.to_thread(server.close)
+    with pytest.raises(OSError):  # closed: the port is free and nothing answers
+        await get("/healthz")
+
+
+def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    # Prometheus asks for OpenMetrics first; every collector must survive that encoder too.
+    r = ProcessRegistry({"role": "gateway", "node": "n1"})
+    m = GatewayMetrics(r)
+    m.latency.observe(0.02, 4)
+    m.count_close(4009)
+    encode, content_type = choose_encoder("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    families = {f.name: f for f in text_string_to_metric_families(encode(r).decode())}
+    latency = families["agora_delivery_latency_seconds"]
+    count = next(s for s in latency.samples if s.name.endswith("_count"))
+    assert count.value == 4 and count.labels == {"node": "n1", "role": "gateway"}
+    assert families["agora_slow_consumer_closes"].type == "counter"
+    assert "process_cpu_seconds" in families
+    assert choose_encoder("")[1] == "text/plain; version=0.0.4; charset=utf-8"
 
 
 # -- the gateway's counters ------------------------------------------------------------------
@@ -127,7 +175,7 @@ class _Socket:
 
 
 async def test_gateway_metrics_count_frames_closes_and_latency() -> None:
-    registry = Registry()
+    registry = ProcessRegistry(runtime=False)
     m = GatewayMetrics(registry)
     wire = {False: WireCounters(), True: WireCounters()}
     m.bind_wire(wire)
@@ -143,7 +191,7 @@ async def test_gateway_metrics_count_frames_closes_and_latency() -> None:
     wire[False].frames_in += 1
     m.count_close(4009)
     m.count_close(1000)
-    m.latency.labels().observe(0.25, 3)  # one message written to three sockets at once
+    m.latency.observe(0.25, 3)  # one message written to three sockets at once
     got = parse(registry.render())
     assert got['agora_frames_out_total{encoding="json"}'] == 3
     assert got['agora_frames_out_total{encoding="msgpack"}'] == 1
@@ -156,7 +204,7 @@ async def test_gateway_metrics_count_frames_closes_and_latency() -> None:
     assert got['agora_ws_closes_total{code="1000"}'] == 1
     assert got["agora_delivery_latency_seconds_count"] == 3
     assert got['agora_delivery_latency_seconds_bucket{le="0.1"}'] == 0
-    assert got['agora_delivery_latency_seconds_bucket{le="1"}'] == 3
+    assert got['agora_delivery_latency_seconds_bucket{le="1.0"}'] == 3
     assert abs(got["agora_delivery_latency_seconds_sum"] - 0.75) < 1e-9
 
 
