@@ -7,6 +7,7 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install -r requirements.lock
 COPY pyproject.toml README.md LICENSE ./
+COPY core core
 COPY storage storage
 COPY fanout fanout
 COPY gateway gateway

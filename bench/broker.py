@@ -42,7 +42,7 @@ from bench.common import (
     write_results,
 )
 from bench.stack import LOG_DIR
-from storage.services import start_tansu
+from devstack.services import start_tansu
 from tests.engines import free_port
 
 NAME = "broker"

@@ -568,7 +568,7 @@ table inet agoraloss {{
             self.heal(host, r)
 
     def _broker(self) -> None:
-        from storage.services import tansu_binary
+        from devstack.services import tansu_binary
 
         host = self.hosts["broker"]
         url = f"tcp://{host.ip}:{KAFKA_PORT}"
@@ -586,10 +586,10 @@ table inet agoraloss {{
         """Settings for every process, shard databases made and migrated, topics made."""
         import secrets
 
+        from core.settings import Settings
+        from devstack import services
         from fanout.kafka import ensure_topics
-        from storage import services
         from storage.migrate import migrate_all
-        from storage.settings import Settings
         from tests.engines import settings_env
 
         lay = self.layout
@@ -630,7 +630,7 @@ table inet agoraloss {{
 
 
 def _wait_port(host: str, port: int, proc: Process, seconds: float) -> None:
-    from storage.services import port_open
+    from devstack.services import port_open
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -29,9 +29,9 @@ import orjson
 
 from agora_client.resilient import ReconnectingClient
 from bench.common import wait_until
+from core.settings import Settings
 from gateway.auth import make_token
 from storage.ids import shard_of_id
-from storage.settings import Settings
 from storage.shards import ShardMap
 
 

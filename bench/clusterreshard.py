@@ -66,7 +66,7 @@ def wait_caught_up(dsn_from: str, dsn_to: str, seconds: float) -> None:
 
 def move(cluster: Cluster) -> dict[str, float]:
     """The procedure; returns how long each step took."""
-    from storage import services
+    from devstack import services
     from storage.migrate import migrate_all
 
     steps: dict[str, float] = {}

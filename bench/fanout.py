@@ -56,9 +56,9 @@ from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, http_json, unique_tag
 from bench.storm import failure_reason
 from bench.wsclient import HandshakeError, open_client
+from core.settings import Settings
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 
 NAME = "fanout"
 ROOM_NAME = "fanout-room"

@@ -56,8 +56,8 @@ from bench.common import (
 from bench.members import Member, Sender, SubClient, create_groups
 from bench.stack import LOG_DIR, BenchProc, BenchStack, bench_stack, unique_tag
 from bench.wsclient import open_client
+from core.settings import Settings
 from storage.pools import ShardPools
-from storage.settings import Settings
 from storage.shards import ShardMap
 from tests.faults import (
     OwnPostgres,

@@ -68,9 +68,9 @@ from bench.watch import (
     stored_total,
     watch_list,
 )
+from core.settings import Settings
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 
 NAME = "soak"
 MAX_SAMPLES = 100_000  # latency samples per worker per interval (a uniform sample beyond)

@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 
 from bench.common import child_pids, proc_cpu_s, proc_rss_kib, proc_sched_s
+from core.settings import Settings
 from gateway.auth import make_token
-from storage.settings import Settings
 from tests.engines import free_port, settings_env, test_engines
 from tests.stack import Proc, check_procs, wait_http
 

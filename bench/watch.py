@@ -23,10 +23,10 @@ from bench.common import (
     proc_sched_s,
 )
 from bench.stack import BenchStack
+from core.settings import Settings
 from fanout.kafka import messages_topic
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 

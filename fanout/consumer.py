@@ -19,11 +19,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from core.settings import Settings
 from fanout.deadletter import DeadLetters
 from fanout.kafka import dlq_topic, ensure_topics, make_consumer, make_producer, wait_for_broker
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
-from storage.settings import Settings
 
 log = logging.getLogger("agora.fanout")
 

@@ -26,9 +26,9 @@ from typing import Any
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from core.settings import Settings
 from fanout.envelope import EnvelopeError
 from fanout.kafka import dlq_topic
-from storage.settings import Settings
 
 VERSION = 1
 SEND_TIMEOUT_S = 10.0

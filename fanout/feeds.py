@@ -46,8 +46,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from core.errors import Unavailable
 from storage import posts
-from storage.errors import Unavailable
 from storage.ids import decompose, now_ms
 from storage.pools import ShardPools
 from storage.posts import Post, Totals

@@ -32,10 +32,10 @@ from typing import Any, Generic, Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
+from core.settings import Settings
 from fanout.consumer import commit
 from fanout.deadletter import DeadLetters
 from fanout.metrics import ConsumerMetrics, installed
-from storage.settings import Settings
 
 T = TypeVar("T")
 log = logging.getLogger("agora.fanout")

@@ -13,8 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from core.settings import Settings
 from fanout.metrics import MeteredConsumer, installed
-from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from storage import logs
-from storage.metrics import MetricsServer, ProcessRegistry
-from storage.settings import Settings
+from core import logs
+from core.metrics import MetricsServer, ProcessRegistry
+from core.settings import Settings
 
 log = logging.getLogger("agora.metrics")
 

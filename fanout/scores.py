@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.errors import NotFound, Unavailable
+from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, Score, Vote, decode_vote
@@ -40,12 +42,10 @@ from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
 from fanout.kafka import scores_group, votes_topic
 from fanout.routing import Routes
 from storage import posts
-from storage.errors import NotFound, Unavailable
 from storage.pgerrors import Fault, classify, describe
 from storage.pools import ShardPools
 from storage.posts import Totals
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 
 log = logging.getLogger("agora.scores")
 MAX_HELD = 100_000  # beyond this, stop taking new records until the shard is back

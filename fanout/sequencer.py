@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from storage.errors import NotFound, Unavailable
+from core.errors import NotFound, Unavailable
 from storage.messages import append_batch
 from storage.models import Message, NewMessage
 from storage.pgerrors import Fault, classify, describe

@@ -24,6 +24,8 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
+from core.errors import NotFound
+from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
@@ -32,11 +34,9 @@ from fanout.kafka import fanout_group, messages_topic
 from fanout.notify import notify
 from fanout.routing import Routes
 from fanout.sequencer import Sequenced, sequence
-from storage.errors import NotFound
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 
 log = logging.getLogger("agora.fanout")
 

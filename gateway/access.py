@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from core.errors import NotFound
 from storage import conversations
-from storage.errors import NotFound
 from storage.pools import ShardPools
 
 POSITIVE_TTL_S = 5.0

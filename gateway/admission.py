@@ -12,8 +12,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from core.settings import Settings
 from gateway.limits import BucketMap
-from storage.settings import Settings
 
 LAG_PROBE_S = 0.1
 

@@ -15,6 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core import logs
+from core.errors import AgoraError, Internal
+from core.metrics import ProcessRegistry
+from core.settings import Settings
 from fanout.feeds import FeedCache
 from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_topic, wait_for_broker
 from gateway.access import Access
@@ -44,13 +48,10 @@ from gateway.session import RequestHandler
 from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
 from gateway.ws import Endpoint
-from storage import logs, users
-from storage.errors import AgoraError, Internal
+from storage import users
 from storage.ids import IdGenerator
-from storage.metrics import ProcessRegistry
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
-from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
 

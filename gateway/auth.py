@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import jwt
 
+from core.errors import ConfigError, Unauthorized
+from core.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
 from gateway.jwks import JwksKeys
 from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
-from storage.errors import ConfigError, Unauthorized
-from storage.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
 
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
 

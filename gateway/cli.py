@@ -24,27 +24,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.settings import Settings, environ_with
 from gateway import __version__
-from storage.errors import ConfigError
-from storage.settings import Settings, environ_with
+from storage.shards import ShardMap
 
 
 def _settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
+        ShardMap.from_settings(settings)  # the map against the databases
+        return settings
     except ConfigError as exc:
         print(f"agora: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def _logging(settings: Settings) -> None:
-    from storage import logs
+    from core import logs
 
     logs.configure(settings.log_level, settings.log_format)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from storage import services
+    from devstack import services
 
     state_dir = Path(args.state_dir)
     if args.action == "down":
@@ -190,7 +193,7 @@ def cmd_posts(args: argparse.Namespace) -> int:
     """Repair vote counters from the vote rows (the truth), with the scores workers stopped:
     deltas in flight would otherwise be counted twice. Feeds pick the new scores up at
     their next rebuild; the next vote on the post sends its score to the thread."""
-    from storage.errors import NotFound
+    from core.errors import NotFound
     from storage.ids import parse_id
     from storage.pools import ShardPools
     from storage.posts import recount

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
+from core.errors import Forbidden, NotFound
 from gateway.access import Access
 from gateway.send import Accepted, SendPath
 from storage import events, messages
-from storage.errors import Forbidden, NotFound
 from storage.models import Message
 from storage.pools import ShardPools
 

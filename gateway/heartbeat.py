@@ -12,8 +12,8 @@ import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from core.settings import Settings
 from gateway.protocol.frames import CloseCode
-from storage.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.connection import Connection

@@ -19,9 +19,9 @@ from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.metrics import LabelValues, ProcessRegistry, ReadAtScrape, WeightedHistogram
 from gateway.connection import WireCounters
 from gateway.protocol.frames import CloseCode
-from storage.metrics import LabelValues, ProcessRegistry, ReadAtScrape, WeightedHistogram
 
 _WIRE = (
     ("agora_frames_in_total", "Frames received from clients.", "frames_in"),

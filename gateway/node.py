@@ -23,6 +23,8 @@ from typing import Any, Protocol, cast
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPubSub
 
+from core.errors import Unavailable
+from core.settings import Settings
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
 from gateway.connection import Connection
@@ -34,11 +36,9 @@ from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
 from gateway.tailcheck import TailCheck
 from storage import messages
-from storage.errors import Unavailable
 from storage.models import Message
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
 MAX_FILL_ROUNDS = 5

@@ -14,11 +14,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from core.errors import Forbidden
 from gateway.access import Access
 from gateway.node import Node
 from gateway.protocol import frames
 from storage import readstate
-from storage.errors import Forbidden
 
 log = logging.getLogger("agora.gateway")
 RECEIPT_KINDS = ("direct", "group")

@@ -15,8 +15,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from core.errors import Unavailable
 from fanout.routing import Routes
-from storage.errors import Unavailable
 
 log = logging.getLogger("agora.gateway")
 RETRY_S = 0.5

@@ -33,12 +33,12 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from core.errors import BadRequest, Conflict, RateLimited, Unavailable
 from fanout.envelope import encode_new_message
 from gateway.access import Access
 from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
 from storage import messages
-from storage.errors import BadRequest, Conflict, RateLimited, Unavailable
 from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys

@@ -22,12 +22,12 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
+from core.settings import Settings
 from gateway.app import create_app
 from gateway.auth import TokenVerifier
 from gateway.http import dev
 from gateway.transport import GatewayHttpProtocol
 from gateway.ws import Endpoint
-from storage.settings import Settings
 
 log = logging.getLogger("agora.gateway")
 # How long a stopping node waits for its clients' close handshakes: their close frames

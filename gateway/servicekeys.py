@@ -18,9 +18,9 @@ import secrets
 import sys
 from dataclasses import dataclass
 
+from core.errors import Forbidden, Unauthorized
+from core.settings import ServiceKey
 from gateway.protocol.frames import SERVICE_SENDER
-from storage.errors import Forbidden, Unauthorized
-from storage.settings import ServiceKey
 
 SENDER_PREFIX = SERVICE_SENDER
 

@@ -11,6 +11,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from core.errors import AgoraError, BadRequest, Internal, Unauthorized, Unavailable
 from gateway.access import Access
 from gateway.auth import TokenVerifier
 from gateway.connection import Connection
@@ -35,7 +36,6 @@ from gateway.protocol.frames import (
 )
 from gateway.readstate import ReadPath
 from gateway.send import Accepted, SendPath
-from storage.errors import AgoraError, BadRequest, Internal, Unauthorized, Unavailable
 
 log = logging.getLogger("agora.gateway")
 

@@ -32,9 +32,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from core.errors import Unavailable
 from fanout.envelope import Vote, encode_vote
 from storage import posts
-from storage.errors import Unavailable
 from storage.ids import now_ms
 from storage.pools import ShardPools
 from storage.posts import VoteResult

@@ -15,6 +15,9 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from core import logs
+from core.errors import RateLimited, Unauthorized, Unavailable
+from core.settings import Settings
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier, bearer
 from gateway.connection import Connection, WireCounters
@@ -24,9 +27,6 @@ from gateway.protocol import codec as codecs
 from gateway.protocol import frames
 from gateway.protocol.frames import CloseCode, FrameError, ProtocolViolation, parse_request
 from gateway.protocol.websocket import Upgrade
-from storage import logs
-from storage.errors import RateLimited, Unauthorized, Unavailable
-from storage.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics

@@ -1,4 +1,4 @@
-"""Storage: settings, errors, ids, shard routing, pools, migrations, data access, Redis keys.
+"""Storage: ids, shard routing, pools, migrations, data access, Redis keys.
 
-The lowest layer. Nothing here imports `fanout` or `gateway`.
+Below fanout and gateway, above core. Nothing here imports `fanout` or `gateway`.
 """

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from storage.errors import NotFound
+from core.errors import NotFound
 from storage.models import Message
 from storage.pools import ShardPools
 

@@ -15,7 +15,7 @@ import enum
 
 import asyncpg
 
-from storage.errors import Unavailable
+from core.errors import Unavailable
 
 # The messages' (conv_id, sender, cid) key: a race between two workers storing the same
 # message (the loser retries and finds it stored), never a property of the message.

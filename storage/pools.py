@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from storage.errors import NotFound, ShardUnavailable
-from storage.settings import Settings
+from core.errors import NotFound, ShardUnavailable
+from core.settings import Settings
 from storage.shards import ShardMap
 
 # Errors that mean "this database cannot serve us now", as opposed to a bad query.

@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
+from core.errors import Forbidden, NotFound, Unprocessable
 from storage import conversations
-from storage.errors import Forbidden, NotFound, Unprocessable
 from storage.ids import IdGenerator, compose, decompose
 from storage.pools import ShardPools
 from storage.ranking import Feed, FeedKind, Ranked, merge_ranked, rank

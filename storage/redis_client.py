@@ -21,7 +21,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from storage.settings import Settings
+from core.settings import Settings
 
 POOL_TIMEOUT_S = 5
 

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from storage.errors import ConfigError
+from core.errors import ConfigError
 from storage.ids import shard_of_id
 
 if TYPE_CHECKING:
-    from storage.settings import Settings
+    from core.settings import Settings
 
 
 def shard_for_user(user_id: str, logical_shards: int) -> int:

@@ -7,9 +7,9 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings as hypothesis_settings
 
+from core.settings import Settings
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.engines import test_engines
 from tests.stack import check_procs
 

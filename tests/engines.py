@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from storage import services
+from core.settings import Settings, describe
+from devstack import services
 from storage.migrate import migrate_all
-from storage.settings import Settings, describe
 
 PG = os.environ.get("AGORA_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("AGORA_TEST_REDIS", "redis://127.0.0.1:6379")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import asyncpg
 
-from storage import services
+from core.settings import Settings
+from devstack import services
+from devstack.services import wait_port
 from storage.migrate import migrate_all
-from storage.services import wait_port
-from storage.settings import Settings
 from tests.engines import free_port
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.services import port_open
+from devstack.services import port_open
 
 NODES = 6
 BUS_OFFSET = 10000  # Redis Cluster's bus port is the client port + 10000

@@ -14,7 +14,7 @@ the tail of its log, when one of its processes:
   `kill()` or `expect_exit()` on it (or `Stack.stop_all()`); or it exited after `stop()` /
   `terminate()` with a code other than 0 or -SIGTERM, or needed SIGKILL after `stop()`;
 - logged (since the previous check) a line at ERROR or CRITICAL, a line with a traceback
-  (the `exc` field of the JSON lines, storage/logs.py), or a raw traceback on stderr.
+  (the `exc` field of the JSON lines, core/logs.py), or a raw traceback on stderr.
 
 A test that provokes errors on purpose declares each one it expects, as a regular
 expression searched in the line's logger name, message and traceback:
@@ -47,8 +47,8 @@ from typing import Protocol
 
 import orjson
 
+from core.settings import Settings
 from gateway.auth import make_token
-from storage.settings import Settings
 from tests.engines import free_port, settings_env
 
 LOG_DIR = Path(".agora/test/logs")

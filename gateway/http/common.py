@@ -10,9 +10,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from core.errors import AgoraError, BadRequest, NotFound, RateLimited, TooLarge, Unprocessable
 from gateway.auth import Identity, TokenVerifier, bearer
 from gateway.ratelimit import ClusterLimiter
-from storage.errors import AgoraError, BadRequest, NotFound, RateLimited, TooLarge, Unprocessable
 from storage.ids import parse_id
 
 MAX_BODY_BYTES = 64 * 1024

@@ -8,6 +8,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+)
 from gateway import revocation
 from gateway.access import NOT_FOUND, Access
 from gateway.events import EventPath
@@ -28,14 +36,6 @@ from gateway.protocol.messages import message_frame
 from gateway.readstate import ReadPath
 from gateway.send import SendPath
 from storage import conversations, events, presence, readstate
-from storage.errors import (
-    BadRequest,
-    Forbidden,
-    NotFound,
-    TooLarge,
-    Unavailable,
-    Unprocessable,
-)
 from storage.ids import IdGenerator, parse_id
 from storage.models import Conversation, Message
 from storage.pools import ShardPools

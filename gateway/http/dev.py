@@ -16,11 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import ConfigError, NotFound, Unprocessable
+from core.settings import Settings
 from gateway.auth import make_token
 from gateway.http.common import JSONResponse, json_body
 from gateway.protocol.frames import USER_ID
-from storage.errors import ConfigError, NotFound, Unprocessable
-from storage.settings import Settings
 
 TOKEN_TTL_S = 24 * 3600
 MAX_NAME = 100

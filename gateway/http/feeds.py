@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import BadRequest
 from fanout.feeds import FeedCache, FeedCursor
 from gateway.feedpages import FeedPages, cursor_text
 from gateway.http.common import JSONResponse, decode_cursor, identity, page_limit
 from gateway.http.posts import post_json
-from storage.errors import BadRequest
 from storage.ids import parse_id
 from storage.posts import is_community
 from storage.ranking import DEFAULT_WINDOW, Feed, FeedKind, Window

@@ -20,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import NotFound
+from core.metrics import ProcessRegistry
 from gateway import __version__
 from gateway.auth import bearer
 from gateway.http.common import JSONResponse
 from gateway.send import SendPath
-from storage.errors import NotFound
-from storage.metrics import ProcessRegistry
 from storage.pools import ShardPools
 
 READY_CACHE_S = 1.0

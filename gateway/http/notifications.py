@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import BadRequest, Unprocessable
 from fanout.notify import notification_json
 from gateway.http.common import (
     JSONResponse,
@@ -17,7 +18,6 @@ from gateway.http.common import (
     page_limit,
 )
 from storage import notifications
-from storage.errors import BadRequest, Unprocessable
 from storage.ids import now_ms, parse_id
 
 MAX_MARK = 1000

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.settings import Settings
 from gateway.http.common import MAX_LIMIT, JSONResponse
 from gateway.protocol.frames import MAX_BODY_CHARS, MAX_CID_CHARS, MAX_EMOJI_CHARS
-from storage.settings import Settings
 
 Schema = dict[str, Any]
 

@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import NotFound
 from fanout.feeds import FeedCache
 from gateway import revocation
 from gateway.http.common import JSONResponse, identity, json_body, path_id
 from gateway.votes import VotePath
 from storage import posts
-from storage.errors import NotFound
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
 from storage.posts import Post

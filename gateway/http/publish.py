@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import NotFound, TooLarge, Unprocessable
 from gateway.access import Access
 from gateway.http.common import JSONResponse, json_body, path_id
 from gateway.http.conversations import _announce, _cid_of
@@ -23,7 +24,6 @@ from gateway.protocol.frames import USER_ID
 from gateway.send import Accepted, SendPath
 from gateway.servicekeys import Service, ServiceKeys
 from storage import conversations
-from storage.errors import NotFound, TooLarge, Unprocessable
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
 

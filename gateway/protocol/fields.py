@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.errors import AgoraError, BadRequest, TooLarge
+from core.errors import AgoraError, BadRequest, TooLarge
 
 MAX_BODY_CHARS = 4000
 MAX_CID_CHARS = 64

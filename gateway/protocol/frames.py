@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from core.errors import AgoraError, BadRequest
 from gateway.protocol import fields
 from gateway.protocol.fields import check_body, check_cid, check_emoji
-from storage.errors import AgoraError, BadRequest
 from storage.ids import parse_id
 
 MAX_BODY_CHARS = fields.MAX_BODY_CHARS

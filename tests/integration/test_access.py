@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from agora_client import AgoraClient, ReconnectingClient, ServerError
+from core.settings import EXAMPLE_JWT_SECRET, Settings
 from storage import conversations
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import EXAMPLE_JWT_SECRET, Settings
 from tests.integration.helpers import collect, create_group, rss_kib, uid
 from tests.integration.test_transport import Raw, frame, request
 from tests.stack import LOG_DIR, Proc, Stack

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agora_client import AgoraClient
-from storage.settings import Settings
+from core.settings import Settings
 from tests.integration.helpers import create_group, uid
 from tests.stack import Proc, Stack
 

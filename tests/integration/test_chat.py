@@ -18,9 +18,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import (
     collect,
     create_group,

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
+from core.settings import Settings
 from storage import posts
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.engines import settings_env
 from tests.integration.helpers import uid
 

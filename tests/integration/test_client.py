@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from agora_client import AgoraClient, Backoff, ReconnectingClient
+from core.settings import Settings
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import create_group, uid, wait_stored
 from tests.stack import Stack
 

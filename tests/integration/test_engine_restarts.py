@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
+from core.settings import Settings
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.faults import OwnPostgres, OwnRedis, private_shard
 from tests.integration.helpers import create_group, uid
 from tests.integration.test_faults import Follower, report, send_steadily, user_on

@@ -14,8 +14,8 @@ import pytest
 
 from agora_client import AgoraClient, ServerError
 from agora_client.timeline import Timeline
+from core.settings import Settings
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 

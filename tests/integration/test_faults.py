@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from agora_client import AgoraClient, ServerError
-from storage import messages, services
+from core.settings import Settings
+from devstack import services
+from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.engines import free_port
 from tests.faults import OwnPostgres, OwnRedis, private_shard
 from tests.integration.helpers import collect, create_group, uid

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from core.settings import Settings
 from fanout.feeds import FeedCache
 from gateway.feedpages import FeedPages, cursor_text
 from gateway.http.feeds import parse_cursor
@@ -28,7 +29,6 @@ from storage.pools import ShardPools
 from storage.posts import Post
 from storage.ranking import Feed, FeedKind, Window
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 
 pytestmark = pytest.mark.engines
 

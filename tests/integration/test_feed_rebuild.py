@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from core.errors import Unavailable
 from fanout import feeds as feeds_module
 from fanout.feeds import FeedCache
 from storage import posts
-from storage.errors import Unavailable
 from storage.pools import ShardPools
 from storage.ranking import Feed, FeedKind
 from storage.redis_keys import RedisKeys

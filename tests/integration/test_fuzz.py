@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agora_client import AgoraClient, ServerError
-from storage.settings import Settings
+from core.settings import Settings
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines

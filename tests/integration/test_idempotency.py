@@ -24,10 +24,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from agora_client import AgoraClient, ServerError
-from storage import messages, services
+from core.settings import Settings
+from devstack import services
+from storage import messages
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 from tests.engines import free_port
 from tests.faults import OwnRedis
 from tests.integration.helpers import create_group, uid

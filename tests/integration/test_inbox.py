@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from agora_client import AgoraClient
+from core.settings import Settings
 from storage import messages
 from storage.ids import IdGenerator, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from core.settings import Settings
 from gateway import __version__
-from storage.settings import Settings
 from tests.integration.helpers import create_group, uid
 from tests.stack import Stack
 from tests.unit.test_js_client import JS, need, node_test

@@ -18,7 +18,7 @@ import pytest
 
 from agora_client import AgoraClient
 from agora_client.client import Closed
-from storage.settings import Settings
+from core.settings import Settings
 from tests.integration.helpers import uid
 from tests.jwks_server import JwksServer, SigningKey
 from tests.stack import Proc, Stack

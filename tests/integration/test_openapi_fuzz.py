@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck
 from hypothesis import settings as hyp_settings
 
+from core.settings import Settings
 from gateway.http.openapi import document
-from storage.settings import Settings
 from tests.integration.helpers import uid
 from tests.stack import Proc, Stack
 

@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from agora_client import AgoraClient
-from storage.settings import Settings
+from core.settings import Settings
 from tests.engines import free_port
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import LOG_DIR, Proc, Stack

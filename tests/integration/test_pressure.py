@@ -21,8 +21,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import (
     collect,
     create_group,

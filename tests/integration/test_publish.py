@@ -12,10 +12,10 @@ import pytest
 
 from agora_client import AgoraClient
 from agora_client.publisher import Publisher, PublishError
+from core.settings import Settings
 from gateway.servicekeys import new_key
 from storage import messages
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import collect, create_group, uid
 from tests.stack import Proc, Stack
 

@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from agora_client import AgoraClient
+from core.settings import Settings
 from fanout.routing import ROUTE_TTL_S
-from storage.settings import Settings
 from tests.faults import OwnRedis
 from tests.integration.helpers import create_group, uid
 from tests.stack import Stack

@@ -19,8 +19,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 from tests.engines import STATE_DIR
 from tests.integration.helpers import collect, create_group, uid
 from tests.redis_cluster import RedisClusterProcs, redis_cluster, unavailable_reason

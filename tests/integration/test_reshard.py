@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from storage import services
+from core.settings import Settings
+from devstack import services
 from storage.ids import EPOCH_MS, compose
 from storage.migrate import migrate_all
 from storage.pools import ShardPools
 from storage.reshard import prune
-from storage.settings import Settings
 from storage.shards import shard_for_user
 from tests.engines import PG
 

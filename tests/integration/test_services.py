@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.services import port_open
-from storage.settings import Settings
+from core.settings import Settings
+from devstack.services import port_open
 from tests.engines import free_port, settings_env
 
 pytestmark = pytest.mark.engines
@@ -65,7 +65,7 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(
     finally:
         import asyncio
 
-        from storage.services import drop_databases
+        from devstack.services import drop_databases
 
         asyncio.run(drop_databases(dsns))
 

@@ -10,11 +10,11 @@ import secrets
 import asyncpg
 import pytest
 
+from core.settings import Settings
 from fanout.sequencer import Sequenced, sequence
 from storage import conversations
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.test_storage import new_message, users_on
 
 pytestmark = pytest.mark.engines

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
 from fanout.envelope import Vote
 from fanout.feeds import FeedCache
 from fanout.scores import Pending, ScoresWorker
@@ -30,7 +31,6 @@ from storage.pools import ShardPools
 from storage.posts import Post
 from storage.ranking import Feed, FeedKind, Window, hot, member
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines

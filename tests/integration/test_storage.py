@@ -15,14 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from core.errors import ShardUnavailable
+from core.settings import Settings
+from devstack.services import drop_databases, ensure_databases
 from storage import conversations, messages
-from storage.errors import ShardUnavailable
 from storage.ids import EPOCH_MS, IdGenerator, compose, shard_of_id
 from storage.migrate import load_migrations, migrate_all, migrate_database
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
-from storage.services import drop_databases, ensure_databases
-from storage.settings import Settings
 
 pytestmark = pytest.mark.engines
 

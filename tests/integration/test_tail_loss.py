@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agora_client import AgoraClient
+from core.settings import Settings
 from gateway.protocol.subscription import State, Subscription
 from gateway.tailcheck import TailCheck
 from storage import conversations, messages
@@ -25,7 +26,6 @@ from storage.ids import IdGenerator, shard_of_id
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from storage.settings import Settings
 from tests.faults import OwnRedis
 from tests.integration.helpers import create_group, uid
 from tests.stack import Stack

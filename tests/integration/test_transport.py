@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 import pytest
 
+from core.settings import Settings
 from gateway.transport import CLOSE_TIMEOUT_S
 from storage import conversations, messages
 from storage.ids import IdGenerator, now_ms
 from storage.models import NewMessage
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 

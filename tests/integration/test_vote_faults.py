@@ -21,12 +21,13 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import Settings
+from devstack import services
 from fanout.kafka import ensure_topics, votes_topic
 from gateway.votes import PRODUCE_TIMEOUT_S
-from storage import posts, services
+from storage import posts
 from storage.migrate import load_migrations, migrate_database
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.engines import free_port
 from tests.integration.helpers import uid
 from tests.stack import Proc, Stack

@@ -31,6 +31,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agora_client import AgoraClient, ServerError
+from core.settings import Settings
+from devstack import services
 from fanout import deadletter
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Vote, encode_new_message, encode_vote
@@ -45,11 +47,10 @@ from fanout.kafka import (
 )
 from fanout.scores import ScoresWorker
 from fanout.worker import FanoutWorker
-from storage import messages, services
+from storage import messages
 from storage.ids import IdGenerator
 from storage.models import NewMessage
 from storage.pools import ShardPools
-from storage.settings import Settings
 from tests.engines import free_port, settings_env
 from tests.faults import (
     Fault,

@@ -19,12 +19,12 @@ import jsonschema_rs
 import pytest
 import yaml
 
+from core.errors import BadRequest, RateLimited
 from fanout.notify import _frames as notify_frames
 from gateway.http import asyncapi
 from gateway.http.asyncapi import client_frames, document, server_frames
 from gateway.protocol import frames
 from gateway.protocol.frames import FrameError, ProtocolViolation, parse_request
-from storage.errors import BadRequest, RateLimited
 from storage.models import Message
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from core.settings import Settings, describe
 from gateway.cli import build_parser
-from storage.settings import Settings, describe
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from core.settings import Settings
 from gateway.app import create_app
-from storage.settings import Settings
 
 APP_ORIGIN = "https://app.example"
 

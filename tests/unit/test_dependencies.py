@@ -17,7 +17,7 @@ import pytest
 from scripts.lowest import floors, project_floors
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("storage", "fanout", "gateway", "agora_client")
+PACKAGES = ("core", "storage", "fanout", "gateway", "devstack", "agora_client")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -73,7 +73,7 @@ def distributions_of(modules: set[str]) -> set[str]:
 
 def test_every_server_import_is_a_declared_dependency() -> None:
     imported: set[str] = set()
-    for package in ("storage", "fanout", "gateway"):
+    for package in ("core", "storage", "fanout", "gateway", "devstack"):
         imported |= third_party_imports(package)
     missing = distributions_of(imported) - declared(PYPROJECT["project"]["dependencies"])
     assert missing == set(), f"imported but not declared in pyproject.toml: {missing}"

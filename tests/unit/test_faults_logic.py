@@ -9,11 +9,11 @@ import asyncpg
 import pytest
 from aiokafka import TopicPartition
 
+from core.errors import ShardUnavailable
 from fanout.deadletter import DeadLetter, decode, encode, preview
 from fanout.envelope import EnvelopeError
 from fanout.holding import Backoff, Continuity
 from fanout.supervisor import FIRST_RESTART_S, HEALTHY_AFTER_S, restart_delay
-from storage.errors import ShardUnavailable
 from storage.pgerrors import IDEMPOTENCY_KEY, Fault, classify, describe, sqlstate
 
 

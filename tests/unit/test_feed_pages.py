@@ -11,14 +11,14 @@ import jwt
 import orjson
 import pytest
 
+from core.errors import Unauthorized
+from core.settings import Settings
 from fanout.feeds import FeedCursor
 from gateway import auth
 from gateway.auth import TokenVerifier, make_token
 from gateway.feedpages import CachedPage, NextFlight, cursor_text
 from gateway.http.posts import post_json
-from storage.errors import Unauthorized
 from storage.posts import Post
-from storage.settings import Settings
 
 # -- NextFlight ---------------------------------------------------------------------------------
 

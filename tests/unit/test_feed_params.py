@@ -7,10 +7,10 @@ import base64
 import orjson
 import pytest
 
+from core.errors import BadRequest
 from fanout.feeds import FEED_DEPTH, FeedCursor
 from gateway.http.common import encode_cursor
 from gateway.http.feeds import cursor_text, parse_cursor, parse_feed
-from storage.errors import BadRequest
 from storage.ranking import DEFAULT_WINDOW, Feed, FeedKind, Window
 
 

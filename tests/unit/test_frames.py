@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.errors import AgoraError
 from gateway.protocol import codec, frames
 from gateway.protocol.frames import (
     CloseCode,
@@ -22,7 +23,6 @@ from gateway.protocol.frames import (
     Unsub,
     parse_request,
 )
-from storage.errors import AgoraError
 
 CONV = "766161606192800768"
 

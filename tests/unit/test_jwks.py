@@ -7,10 +7,10 @@ from collections.abc import Callable
 import jwt
 import pytest
 
+from core.errors import Unauthorized
+from core.settings import Settings
 from gateway.auth import TokenVerifier
 from gateway.jwks import JwksKeys
-from storage.errors import Unauthorized
-from storage.settings import Settings
 from tests.jwks_server import SigningKey
 
 A = SigningKey.new("a")

@@ -10,9 +10,9 @@ import time
 import jwt
 import pytest
 
+from core.errors import ConfigError, Unauthorized
+from core.settings import Settings
 from gateway.auth import TokenVerifier, make_token
-from storage.errors import ConfigError, Unauthorized
-from storage.settings import Settings
 
 SECRET = "s" * 32
 

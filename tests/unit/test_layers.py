@@ -1,4 +1,5 @@
-"""Imports flow gateway -> fanout -> storage; the protocol core never touches asyncio."""
+"""Imports flow gateway -> fanout -> storage -> core; no runtime module imports the dev
+stack; the protocol core never touches asyncio."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = {"storage": 0, "fanout": 1, "gateway": 2}
+# core: what every layer uses (settings, metrics, logs, errors); it imports none of them.
+LAYERS = {"core": 0, "storage": 1, "fanout": 2, "gateway": 3}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -25,7 +27,7 @@ def modules(package: str) -> list[Path]:
 
 
 def test_every_package_has_modules() -> None:
-    for package in [*LAYERS, "agora_client"]:
+    for package in [*LAYERS, "agora_client", "devstack"]:
         assert modules(package), package
 
 
@@ -38,6 +40,25 @@ def test_no_upward_import() -> None:
                 if top in LAYERS and LAYERS[top] > level:
                     violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert violations == []
+
+
+def test_no_runtime_module_imports_the_dev_stack() -> None:
+    # devstack starts engines for development and tests. `agora services` (gateway/cli.py)
+    # imports it inside that command only, so no process that serves imports it.
+    offenders = []
+    for package in LAYERS:
+        for path in modules(package):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            nodes = tree.body if path.name == "cli.py" else list(ast.walk(tree))
+            for node in nodes:
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                if any(n.split(".")[0] == "devstack" for n in names):
+                    offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
 
 
 def test_protocol_core_is_sans_io() -> None:
@@ -61,9 +82,6 @@ def test_only_settings_reads_the_environment() -> None:
     for package in LAYERS:
         for path in modules(package):
             text = path.read_text()
-            if ("os.environ" in text or "os.getenv" in text) and path.name not in (
-                "settings.py",
-                "services.py",  # passes the environment through to apt-get
-            ):
+            if ("os.environ" in text or "os.getenv" in text) and path.name != "settings.py":
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []

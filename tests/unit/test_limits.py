@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from core.settings import Settings
 from gateway.admission import Admission
 from gateway.limits import AbusePolicy, BucketMap, TokenBucket
-from storage.settings import Settings
 
 
 def test_bucket_allows_a_burst_then_refuses_with_the_wait() -> None:

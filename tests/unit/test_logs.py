@@ -1,4 +1,4 @@
-"""storage.logs: one JSON object per line, with node, role and connection ids."""
+"""core.logs: one JSON object per line, with node, role and connection ids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import orjson
 import pytest
 
-from storage import logs
+from core import logs
 
 
 def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:

@@ -1,4 +1,4 @@
-"""storage.metrics (the process registry, its collectors, the worker endpoint) and the
+"""core.metrics (the process registry, its collectors, the worker endpoint) and the
 gateway's counters."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from core.metrics import ProcessRegistry, ReadAtScrape, WeightedHistogram, serve
 from gateway.connection import Connection, WireCounters
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import codec, frames
-from storage.metrics import ProcessRegistry, ReadAtScrape, WeightedHistogram, serve
 
 
 def parse(text: str) -> dict[str, float]:

@@ -8,9 +8,9 @@ import pytest
 import schemathesis
 from starlette.routing import Mount, Route
 
+from core.settings import Settings
 from gateway.app import create_app
 from gateway.http.openapi import document
-from storage.settings import Settings
 
 # Served, but not part of the API: the demo app and its files.
 NOT_API = {("GET", "/"), ("HEAD", "/")}

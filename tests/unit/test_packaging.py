@@ -44,7 +44,9 @@ def test_license_is_the_declared_one() -> None:
     assert CLIENT["project"]["license"] == "MIT"
 
 
-@pytest.mark.parametrize("package", ["gateway", "fanout", "storage", "agora_client"])
+@pytest.mark.parametrize(
+    "package", ["core", "devstack", "gateway", "fanout", "storage", "agora_client"]
+)
 def test_every_package_is_typed(package: str) -> None:
     assert (ROOT / package / "py.typed").exists()
     project = PYPROJECT if package != "agora_client" else CLIENT

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import ConfigError
+from core.settings import EXAMPLE_JWT_SECRET, Settings
 from gateway.auth import TokenVerifier
 from gateway.http import dev
-from storage.errors import ConfigError
-from storage.settings import EXAMPLE_JWT_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

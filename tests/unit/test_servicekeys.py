@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import Forbidden, Unauthorized
+from core.settings import _service_keys
 from gateway.servicekeys import ServiceKeys, digest, new_key
-from storage.errors import Forbidden, Unauthorized
-from storage.settings import _service_keys
 
 
 def test_a_made_key_verifies_with_its_entry_and_scopes() -> None:

@@ -1,4 +1,4 @@
-"""storage.settings: one Settings object from AGORA_* variables, failing loudly on bad ones."""
+"""core.settings: one Settings object from AGORA_* variables, failing loudly on bad ones."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import ConfigError
-from storage.settings import MAX_LOGICAL_SHARDS, Settings, describe
+from core.errors import ConfigError
+from core.settings import MAX_LOGICAL_SHARDS, Settings, describe
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -109,9 +109,6 @@ BAD_VALUES = [
     ("AGORA_JWT_ALGORITHMS", " , "),
     ("AGORA_SHARD_DSNS", ""),
     ("AGORA_SHARD_DSNS", " , ,"),
-    ("AGORA_SHARD_MAP", "0-2047=0"),
-    ("AGORA_SHARD_MAP", "0-4095=2"),
-    ("AGORA_SHARD_MAP", "junk"),
     ("AGORA_PG_POOL_MAX", "0"),
     ("AGORA_PG_TIMEOUT_S", "121"),
     ("AGORA_REDIS_URL", "  "),
@@ -177,13 +174,6 @@ def test_bad_value_raises_config_error_naming_the_setting(env: str, value: str) 
     with pytest.raises(ConfigError) as err:
         Settings.from_env({env: value})
     assert env in str(err.value)
-
-
-def test_more_databases_than_logical_shards_names_both_settings() -> None:
-    with pytest.raises(ConfigError) as err:
-        Settings.from_env({"AGORA_LOGICAL_SHARDS": "1"})  # the default names 2 databases
-    assert "AGORA_SHARD_DSNS" in str(err.value)
-    assert "AGORA_LOGICAL_SHARDS" in str(err.value)
 
 
 def test_every_setting_has_a_bad_value_case() -> None:

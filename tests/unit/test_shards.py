@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import subprocess
 import sys
@@ -14,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage.errors import ConfigError
+from core.errors import ConfigError
+from core.settings import MAX_LOGICAL_SHARDS, Settings
 from storage.ids import EPOCH_MS, SEQ_MASK, SHARD_MASK, compose
-from storage.settings import MAX_LOGICAL_SHARDS, Settings
 from storage.shards import ShardMap, shard_for_user
 
 N_USERS = 100_000
@@ -243,7 +244,44 @@ def test_from_settings_uses_the_map_or_equal_ranges() -> None:
     assert table[:100] == [1] * 100
     assert table[100:] == [0] * 3996
     with pytest.raises(ConfigError, match="AGORA_SHARD_MAP"):
-        Settings.from_env({"AGORA_SHARD_DSNS": ",".join(two), "AGORA_SHARD_MAP": "0-99=1"})
+        ShardMap.from_settings(
+            Settings.from_env({"AGORA_SHARD_DSNS": ",".join(two), "AGORA_SHARD_MAP": "0-99=1"})
+        )
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"AGORA_SHARD_MAP": "0-2047=0"}, ["AGORA_SHARD_MAP"]),
+        ({"AGORA_SHARD_MAP": "0-4095=2"}, ["AGORA_SHARD_MAP"]),
+        ({"AGORA_SHARD_MAP": "junk"}, ["AGORA_SHARD_MAP"]),
+        # the default names 2 databases
+        ({"AGORA_LOGICAL_SHARDS": "1"}, ["AGORA_SHARD_DSNS", "AGORA_LOGICAL_SHARDS"]),
+    ],
+)
+def test_a_map_that_does_not_fit_the_databases_is_a_config_error(
+    env: dict[str, str], names: list[str]
+) -> None:
+    settings = Settings.from_env(env)  # each value is well-formed on its own
+    with pytest.raises(ConfigError) as err:
+        ShardMap.from_settings(settings)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_every_command_refuses_a_map_that_does_not_fit() -> None:
+    # gateway/cli.py checks the map when it loads the settings, before any command runs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
+    env["AGORA_SHARD_MAP"] = "0-2047=0"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "token", "alice"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "configuration error" in done.stderr and "AGORA_SHARD_MAP" in done.stderr
 
 
 # -- routing ------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from core import logs
+from core.settings import Settings
 from fanout import metrics as fanout_metrics
 from fanout.metrics import run_with_metrics
-from storage import logs
-from storage.settings import Settings
 
 
 def free_port() -> int:

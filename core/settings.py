@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from storage.errors import ConfigError
+from core.errors import ConfigError
 
 MAX_LOGICAL_SHARDS = 1 << 13  # the id layout has 13 bits for the logical shard
 # The secret .env.example ships for the dev stack: published, so never a real one.
@@ -561,10 +561,9 @@ class Settings:
         # `agora migrate` and the workers do not need them.
         if not self.shard_dsns:
             raise ConfigError("AGORA_SHARD_DSNS must name at least one database")
-        # Parsing the map validates it (ranges cover every logical shard exactly once).
-        from storage.shards import ShardMap
-
-        ShardMap.from_settings(self)
+        # The shard map against the databases (every logical shard covered once) is
+        # checked by its owner, storage.shards.ShardMap.from_settings, which every
+        # process runs at start (gateway/cli.py; ShardPools): core imports no layer.
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and CLI flags)."""

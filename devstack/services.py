@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from storage.settings import Settings
+from core.settings import Settings
 
 
 @dataclass
