@@ -570,16 +570,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lost = sum(r["lost"] for r in rows)
     dup = sum(r["duplicated"] for r in rows)
     targets = {
-        "lost": {"value": lost, "target": 0, "reached": lost == 0},
-        "duplicated": {"value": dup, "target": 0, "reached": dup == 0},
+        "lost": {"value": lost, "target": "0 acked messages lost", "reached": lost == 0},
+        "duplicated": {"value": dup, "target": "0 messages duplicated", "reached": dup == 0},
         "stored_once": {
             "value": all(r["stored_matches_acked"] for r in rows),
-            "target": True,
+            "target": "every acked message stored once, under its acked id",
             "reached": all(r["stored_matches_acked"] for r in rows),
         },
         "processes_alive": {
             "value": all(r["worker_alive"] and r["gateways_alive"] for r in rows),
-            "target": True,
+            "target": "no worker or gateway exits",
             "reached": all(r["worker_alive"] and r["gateways_alive"] for r in rows),
         },
     }
