@@ -98,3 +98,7 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def auth(stack: Stack, user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.token(user)}"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,12 +19,6 @@ from tests.stack import Stack
 pytestmark = pytest.mark.engines
 
 FAST = Backoff(base_s=0.1, cap_s=1.0)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def drain_msgs(c: ReconnectingClient, conv: str, count: int, timeout: float) -> list[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -25,12 +25,6 @@ from tests.integration.test_faults import Follower, report, send_steadily, user_
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:

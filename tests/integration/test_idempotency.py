@@ -92,12 +92,6 @@ async def r(env: Env) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
-
-
 async def wait_for(what: str, check: Any, seconds: float = 15) -> Any:
     """Poll `check()` (async) until it returns something truthy."""
     deadline = time.monotonic() + seconds

@@ -5,7 +5,7 @@ frame; a direct message to someone offline waits in their inbox."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,7 +17,7 @@ from storage import messages
 from storage.ids import IdGenerator, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
-from tests.integration.helpers import collect, create_group, uid
+from tests.integration.helpers import auth, collect, create_group, uid
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -34,26 +34,6 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
-
-
-@pytest.fixture(scope="module")
-def g1(stack: Stack) -> Proc:
-    return stack.procs[0]
-
-
-@pytest.fixture(scope="module")
-def g2(stack: Stack) -> Proc:
-    return stack.procs[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
-
-
-def auth(stack: Stack, user: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {stack.token(user)}"}
 
 
 async def inbox(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -20,12 +19,6 @@ from tests.stack import Stack
 from tests.unit.test_js_client import JS, need, node_test
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def test_js_client_against_a_gateway(settings: Settings, http: httpx.AsyncClient) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -56,12 +56,6 @@ def gateway(settings: Settings, jwks: JwksServer) -> Iterator[Proc]:
         yield s.gateway("jwks-g1")
     finally:
         s.stop_all()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def token(key: SigningKey, user: str, kid: str | None = None, **claims: object) -> str:

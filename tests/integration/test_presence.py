@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -37,22 +37,6 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
-
-
-@pytest.fixture(scope="module")
-def g1(stack: Stack) -> Proc:
-    return stack.procs[0]
-
-
-@pytest.fixture(scope="module")
-def g2(stack: Stack) -> Proc:
-    return stack.procs[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def presence_of(

@@ -12,7 +12,7 @@ import signal
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -34,12 +34,6 @@ from tests.integration.helpers import (
 from tests.stack import Stack
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def test_send_rate_limit_is_per_user_across_nodes(

@@ -5,7 +5,7 @@ out-of-scope keys are refused and nothing is stored."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -36,22 +36,6 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
-
-
-@pytest.fixture(scope="module")
-def g1(stack: Stack) -> Proc:
-    return stack.procs[0]
-
-
-@pytest.fixture(scope="module")
-def g2(stack: Stack) -> Proc:
-    return stack.procs[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def key(k: str) -> dict[str, str]:

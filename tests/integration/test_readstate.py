@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,7 +14,7 @@ import pytest
 from agora_client import AgoraClient, ServerError
 from core.settings import Settings
 from storage.pools import ShardPools
-from tests.integration.helpers import collect, create_group, uid
+from tests.integration.helpers import auth, collect, create_group, uid
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -31,26 +31,6 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
-
-
-@pytest.fixture(scope="module")
-def g1(stack: Stack) -> Proc:
-    return stack.procs[0]
-
-
-@pytest.fixture(scope="module")
-def g2(stack: Stack) -> Proc:
-    return stack.procs[1]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
-
-
-def auth(stack: Stack, user: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {stack.token(user)}"}
 
 
 async def pointer(pools: ShardPools, conv: str, user: str) -> int:

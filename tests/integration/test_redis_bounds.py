@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -49,12 +49,6 @@ def own_redis() -> Iterator[OwnRedis]:
         yield redis
     finally:
         redis.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def family(key: str, prefix: str) -> str:

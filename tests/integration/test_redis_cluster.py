@@ -67,12 +67,6 @@ def stack(cluster_settings: Settings) -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
-
-
-@pytest.fixture
 async def rcli(rc: RedisClusterProcs) -> AsyncIterator[RedisCluster]:
     client = RedisCluster.from_url(rc.url)
     yield client

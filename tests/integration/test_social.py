@@ -60,16 +60,6 @@ def stack(settings: Settings) -> Iterator[Stack]:
         s.stop_all()
 
 
-@pytest.fixture(scope="module")
-def g1(stack: Stack) -> Proc:
-    return stack.procs[0]
-
-
-@pytest.fixture(scope="module")
-def g2(stack: Stack) -> Proc:
-    return stack.procs[1]
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -41,12 +41,6 @@ def own_redis() -> Iterator[OwnRedis]:
         yield r
     finally:
         r.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:

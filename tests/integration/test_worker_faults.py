@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -66,12 +66,6 @@ from tests.integration.test_faults import Follower, report, send_steadily
 from tests.stack import LOG_DIR, Proc, Stack
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def child_pid(proc: Proc) -> int:
