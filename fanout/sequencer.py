@@ -150,6 +150,18 @@ async def sequence(
 
 def _retrieve(task: asyncio.Future[Sequenced]) -> None:
     # Nobody awaits a slow attempt: its outcome only matters to the retry, which reads
-    # the shard again. (_one_shard returns held messages rather than raising.)
-    if not task.cancelled() and task.exception() is not None:
+    # the shard again. (_one_shard returns held messages rather than raising.) What made
+    # it fail is still said, with its SQLSTATE, as the worker says it for any other
+    # attempt: an operator (and a fault test) must see a deadlock or a timeout here too.
+    if task.cancelled():
+        return
+    if task.exception() is not None:
         log.info("slow shard attempt ended: %r", task.exception())
+        return
+    late = task.result()
+    if late.errors:
+        log.warning(
+            "slow shard attempt ended with %d messages held: %s",
+            len(late.held),
+            "; ".join(f"{name}: {why}" for name, why in late.errors.items()),
+        )
