@@ -69,7 +69,7 @@ async def usage(r: aioredis.Redis, prefix: str) -> dict[str, list[tuple[str, int
         key = raw.decode()
         size = await r.memory_usage(key, samples=0)
         ttl = await r.ttl(key)
-        if size is None:  # expired between SCAN and MEMORY USAGE
+        if size is None or ttl == -2:  # expired between SCAN and MEMORY USAGE or TTL
             continue
         out[family(key, prefix)].append((key, int(size), int(ttl)))
     return out
