@@ -212,26 +212,52 @@ async def terminate_repeatedly(t: Target) -> None:
 
 
 async def deadlock(t: Target) -> None:
-    """Lock the highest conversation row, wait until the worker (which locks rows in id
-    order) waits on it, then take the lower ones, one of which it may hold: PostgreSQL
-    breaks the cycle by aborting the worker's transaction (40P01), whose deadlock timer
-    started first. Retried until the worker's batch held a lower row."""
-    *lower, high = sorted(t.convs)
-    for _ in range(20):
-        async with row_locked(t.dsn, high) as conn:
-            deadline = time.monotonic() + 3
-            waiting = 0
-            while time.monotonic() < deadline and not waiting:
-                waiting = await t.admin.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity WHERE datname = $1
-                       AND wait_event_type = 'Lock' AND query LIKE 'UPDATE conversations%'""",
-                    t.db,
-                )
-                await asyncio.sleep(0.02)
-            with contextlib.suppress(asyncpg.DeadlockDetectedError):
-                await conn.execute(
-                    "UPDATE conversations SET title = title WHERE id = ANY($1::bigint[])", lower
-                )
-        if "40P01" in t.worker_log():
+    """Force a deadlock the worker must lose, whatever its batches hold.
+
+    The worker's transaction updates its conversation rows first and copies into
+    `messages` second. We take `messages` in SHARE mode (it blocks the copy, not the
+    worker's reads), wait until a worker COPY waits on it (that transaction then holds its
+    conversation rows) and update every conversation row: each side waits on the other.
+    The worker began waiting first and runs with the server's deadlock timer, ours is set
+    far longer, so PostgreSQL aborts the worker's transaction (40P01), never ours."""
+    conn = await asyncpg.connect(t.dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL deadlock_timeout = '60s'")
+            await conn.execute("LOCK TABLE messages IN SHARE MODE")
+            await _wait_for_lock_wait(t, "COPY %messages%", timeout=10)
+            await conn.execute(
+                "UPDATE conversations SET title = title WHERE id = ANY($1::bigint[])", t.convs
+            )
+            # Rolled back: the worker retries its batch against the rows as they were.
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await conn.close()
+    # The worker logs the failed attempt after its rollback: give the line a moment.
+    deadline = time.monotonic() + 10
+    while "40P01" not in t.worker_log():
+        if time.monotonic() > deadline:
+            raise AssertionError("the worker's transaction was not the deadlock's victim")
+        await asyncio.sleep(0.05)
+
+
+class _Rollback(Exception):
+    """Leaves the injector's transaction without committing anything."""
+
+
+async def _wait_for_lock_wait(t: Target, query_like: str, timeout: float) -> None:
+    """Poll until a session on the shard waits on a lock in a statement like `query_like`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = await t.admin.fetchval(
+            """SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+               AND wait_event_type = 'Lock' AND query LIKE $2""",
+            t.db,
+            query_like,
+        )
+        if waiting:
             return
-    raise AssertionError("no deadlock was forced in 20 attempts")
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no worker statement like {query_like!r} waited in {timeout} s")

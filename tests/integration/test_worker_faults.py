@@ -145,20 +145,7 @@ def shard_dsn(settings: Settings, pools: ShardPools, conv: int) -> tuple[str, st
         ("read-only", read_only_3s, "25006"),
         ("statement-timeout", timeout_fault("statement_timeout"), "57014"),
         ("lock-timeout", timeout_fault("lock_timeout"), "55P03"),
-        pytest.param(
-            "deadlock",
-            deadlock,
-            "40P01",
-            # A known bug of the test, not of the worker: tests/faults.py's deadlock() needs
-            # a batch of the worker to hold a lower row while it waits on the higher one,
-            # and in two full-suite runs (not in isolation: 3 of 3 there) 20 attempts forced
-            # none. Until the injection is deterministic, a miss is reported, not failed.
-            marks=pytest.mark.xfail(
-                reason="deadlock injection depends on batch timing (see tests/faults.py)",
-                raises=AssertionError,
-                strict=False,
-            ),
-        ),
+        ("deadlock", deadlock, "40P01"),
         ("terminated", terminate_repeatedly, None),
     ],
 )
