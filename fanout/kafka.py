@@ -66,11 +66,16 @@ async def ensure_topics(settings: Settings) -> list[str]:
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     # acks=all: `ack` to a client only after every in-sync replica has the record.
+    # linger_ms=0: a lone record goes out at once instead of waiting on a timer. Records
+    # still share requests under load: the producer keeps one request in flight per
+    # broker, and what is sent meanwhile goes out together in the next one. Measured
+    # (bench/RESULTS.md, issue 14): ack p50 1.4-2.3 ms instead of 3.1-5.6 ms at 50-250
+    # records/s, with the same number of requests.
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
-        linger_ms=1,
+        linger_ms=0,
         request_timeout_ms=5000,
         retry_backoff_ms=100,
         max_batch_size=256 * 1024,
