@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 
@@ -196,6 +197,31 @@ async def test_bad_token_is_accepted_then_closed_4001(stack: Stack, g: Proc) -> 
     assert op == 8 and int.from_bytes(payload[:2], "big") == 4001
     client.send(frame(8, payload[:2]))  # the answer: then the server closes TCP
     assert (await client.next_frame())[0] == -1
+    client.close()
+
+
+async def test_a_token_whose_exp_broke_the_upgrade_is_closed_4001_and_the_node_goes_on(
+    stack: Stack, g: Proc, settings: Settings
+) -> None:
+    # Signed with the real secret, so verification passes up to `exp`: 10^400 raised
+    # OverflowError in the token check and 10^20 in the hello frame's encoding (after the
+    # 101), inside the upgrade's task; the client then waited forever with nothing sent.
+    for exp, binary in ((10**400, False), (10**20, False), (10**20, True)):
+        tok = jwt.encode({"sub": uid("exp"), "exp": exp}, settings.jwt_secret, "HS256")
+        proto = "Sec-WebSocket-Protocol: chat.v1.msgpack\r\n" if binary else ""
+        client, head = await Raw.open(g, request(tok, extra=proto))
+        assert head.startswith("HTTP/1.1 101 "), head
+        op, payload = await client.next_frame()
+        assert op == 8 and int.from_bytes(payload[:2], "big") == 4001, (exp, op, payload)
+        assert payload[2:] == b"token exp is out of range"
+        client.send(frame(8, payload[:2]))
+        assert (await client.next_frame())[0] == -1
+        client.close()
+    # The node goes on: a good token opens a session that answers.
+    client, head = await Raw.open(g, request(stack.token(uid("ok"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(1, b'{"t":"ping","rid":7}'))
+    assert await client.next_json() == {"t": "pong", "rid": 7}
     client.close()
 
 
