@@ -47,7 +47,7 @@ from fanout.kafka import (
     votes_topic,
 )
 from fanout.routing import Routes
-from fanout.scores import ScoresWorker
+from fanout.scores import Pending, ScoresWorker
 from fanout.worker import FanoutWorker
 from storage import messages
 from storage.ids import IdGenerator, compose, shard_of_id
@@ -940,3 +940,66 @@ async def test_a_worker_holding_its_limit_takes_no_new_records_until_they_go(
         await _wait_stored(pools, conv, [(f"h{i}", i + 1) for i in range(5)])
     finally:
         await w.stop()
+
+
+async def test_a_transient_failure_while_isolating_poison_votes_holds_the_rest(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    ids = IdGenerator()
+    full, fine = ids.next_id(29), ids.next_id(29)  # one physical shard: one transaction
+    physical = pools.for_id(full)
+    async with pools.transaction(physical) as conn:
+        for post, up in ((full, 2_147_483_647), (fine, 0)):
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id, up)
+                   VALUES ($1, 'x', 'c_iso', 't', $1, $2)""",
+                post,
+                up,
+            )
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
+            )
+    worker = ScoresWorker(
+        settings,
+        pools,
+        redis_client,
+        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
+    )
+    tp = TopicPartition("votes", 0)
+    bad = Pending(tp, 0, Vote(full, "u0", 1))
+    good = Pending(tp, 1, Vote(fine, "u0", 1))
+    # The batch overflows `full`'s counter (poison); counting `fine` alone then meets a
+    # serialization failure: a statement trigger that fires only for an UPDATE of `fine`
+    # alone, so the batch's own failure stays the overflow whatever the row order.
+    name = f"t_fault_{secrets.token_hex(4)}"
+    async with pools.connection(physical) as conn:
+        await conn.execute(
+            f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF (SELECT array_agg(id) FROM n) = ARRAY[{fine}::bigint] THEN
+                    RAISE EXCEPTION 'forced by the test' USING ERRCODE = '40001';
+                  END IF;
+                  RETURN NULL;
+                END $$"""
+        )
+        await conn.execute(
+            f"""CREATE TRIGGER {name} AFTER UPDATE ON posts REFERENCING NEW TABLE AS n
+                FOR EACH STATEMENT EXECUTE FUNCTION {name}()"""
+        )
+    try:
+        totals, held, errors, poison = await worker.apply([bad, good])
+    finally:
+        async with pools.connection(physical) as conn:
+            await conn.execute(f"DROP TRIGGER {name} ON posts")
+            await conn.execute(f"DROP FUNCTION {name}()")
+    assert [(p.vote.post, why[:5]) for p, why in poison] == [(full, "22003")]
+    assert held == [good] and totals == []
+    assert [shard for shard, _ in errors] == [pools.names[physical]]
+    assert "40001" in errors[0][1].message
+    # The shard works again: the held vote is counted, once.
+    totals, held, errors, poison = await worker.apply([good])
+    assert [(t.id, t.up) for t in totals] == [(fine, 1)] and not (held or errors or poison)
+    assert await _counters(pools, fine) == (1, 0) and await _counters(pools, full) == (
+        2_147_483_647,
+        0,
+    )
