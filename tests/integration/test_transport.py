@@ -225,6 +225,60 @@ async def test_a_token_whose_exp_broke_the_upgrade_is_closed_4001_and_the_node_g
     client.close()
 
 
+async def _close_code(client: Raw) -> int:
+    while True:
+        op, payload = await client.next_frame()
+        if op == 8:
+            return int.from_bytes(payload[:2], "big")
+        assert op in (9, 10), (op, payload)
+
+
+async def test_what_a_peer_sends_around_a_close_gets_the_answer_rfc6455_asks_for(
+    stack: Stack, g: Proc
+) -> None:
+    # A close frame whose payload is one byte (no room for a code) is a protocol error.
+    client, _ = await Raw.open(g, request(stack.token(uid("c1"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(8, b"\x03"))
+    assert await _close_code(client) == 1002
+    assert (await client.next_frame())[0] == -1
+    client.close()
+    # A whole request, then a broken frame, in one packet: the request is taken (its
+    # answer may lose the race with the close), then the connection closes 1002; what the
+    # peer sends after that is not parsed.
+    client, _ = await Raw.open(g, request(stack.token(uid("c2"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(1, b'{"t":"ping","rid":5}') + frame(1, b"x", mask=False))
+    while (reply := await client.next_frame())[0] != 8:
+        assert reply[0] in (1, 9, 10) and (reply[0] != 1 or b'"pong"' in reply[1]), reply
+    assert int.from_bytes(reply[1][:2], "big") == 1002
+    client.send(frame(1, b'{"t":"ping","rid":6}'))
+    assert (await client.next_frame())[0] == -1  # no pong: closed
+    client.close()
+    # Refused (4001) with a broken frame and a ping already behind the upgrade: the close
+    # frame is the answer; the rest is read only to find the peer's close in it.
+    client, head = await Raw.open(g, request("not-a-token") + frame(9, b"p") + frame(0, b"x"))
+    assert head.startswith("HTTP/1.1 101 ")
+    assert await _close_code(client) == 4001
+    assert (await client.next_frame())[0] == -1
+    client.close()
+    # Refused (4001); the peer pings before it answers our close: no pong, and its close
+    # is not answered again (ours was the close handshake's first half).
+    client, _ = await Raw.open(g, request("not-a-token"))
+    assert await _close_code(client) == 4001
+    client.send(frame(9, b"late") + frame(8, (1000).to_bytes(2, "big")))
+    assert (await client.next_frame())[0] == -1
+    client.close()
+
+
+async def test_an_upgrade_to_another_protocol_is_served_as_plain_http(g: Proc) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    writer.close()
+
+
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(
     stack: Stack, g: Proc
 ) -> None:
