@@ -14,13 +14,16 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from core.settings import Settings
+from fanout.envelope import Delivery, encode_delivery
 from gateway.transport import CLOSE_TIMEOUT_S
 from storage import conversations, messages
 from storage.ids import IdGenerator, now_ms
 from storage.models import NewMessage
 from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
 from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 
@@ -277,6 +280,25 @@ async def test_an_upgrade_to_another_protocol_is_served_as_plain_http(g: Proc) -
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 200 "), head
     writer.close()
+
+
+async def test_a_malformed_delivery_is_dropped_and_the_node_goes_on_delivering(
+    stack: Stack, g: Proc, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    g.expect_log(r"bad delivery dropped")  # on purpose, below
+    user = uid("d")
+    client, _ = await Raw.open(g, request(stack.token(user)))
+    hello = await client.next_json()
+    channel = RedisKeys(settings.redis_prefix).node_channel(hello["node"])
+    # What a broken or foreign publisher could put on the node's channel.
+    for garbage in (b"\xc1", b"\x93\x01\x02\x03", b"not msgpack at all"):
+        assert await redis_client.publish(channel, garbage) == 1
+    frame_for_user = {"t": "notify", "n": {"id": "1", "kind": "dm"}}
+    good = encode_delivery(Delivery(user_frames=[(user, frame_for_user)]))
+    assert await redis_client.publish(channel, good) == 1
+    assert await client.next_json() == frame_for_user  # the listener is still there
+    assert g.log_text().count("bad delivery dropped") >= 3
+    client.close()
 
 
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(
