@@ -24,6 +24,7 @@ from storage.ids import IdGenerator, now_ms
 from storage.models import NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
+from tests.faults import OwnRedis
 from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 
@@ -299,6 +300,44 @@ async def test_a_malformed_delivery_is_dropped_and_the_node_goes_on_delivering(
     assert await client.next_json() == frame_for_user  # the listener is still there
     assert g.log_text().count("bad delivery dropped") >= 3
     client.close()
+
+
+async def test_an_upgrade_whose_routing_registration_redis_refuses_is_closed_1013(
+    settings: Settings,
+) -> None:
+    # The gateway's own Redis, made to refuse every write (maxmemory 1 byte, noeviction:
+    # "OOM command not allowed") while a client connects: registering the session's user
+    # raises inside the upgrade. The client gets hello, then 1013; the node goes on.
+    redis = OwnRedis()
+    redis.start()
+    s = Stack(settings, extra_env={"AGORA_REDIS_URL": redis.url})
+    admin = aioredis.Redis.from_url(redis.url)
+    try:
+        node = s.gateway("transport-oom")
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")
+        try:
+            client, head = await Raw.open(node, request(s.token(uid("oom"))))
+            assert head.startswith("HTTP/1.1 101 ")
+            assert (await client.next_json())["t"] == "hello"
+            op, payload = await client.next_frame()
+            assert op == 8 and payload == (1013).to_bytes(2, "big") + b"routing unavailable"
+            client.send(frame(8, payload[:2]))
+            assert (await client.next_frame())[0] == -1
+            client.close()
+        finally:
+            await admin.config_set("maxmemory", "0")
+        assert "routing registration failed" in node.log_text()
+        # Redis takes writes again: the next session opens and answers.
+        client, _ = await Raw.open(node, request(s.token(uid("ok"))))
+        assert (await client.next_json())["t"] == "hello"
+        client.send(frame(1, b'{"t":"ping","rid":1}'))
+        assert await client.next_json() == {"t": "pong", "rid": 1}
+        client.close()
+    finally:
+        await admin.aclose()
+        s.stop_all()
+        redis.kill()
 
 
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(
