@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from core.settings import Settings
 from fanout.metrics import MeteredConsumer, installed
@@ -55,13 +55,25 @@ async def ensure_topics(settings: Settings) -> list[str]:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if missing:
-            try:
-                await admin.create_topics([NewTopic(t, wanted[t], 1) for t in missing])
-            except TopicAlreadyExistsError:
-                pass  # another process won the race; the topic is what we wanted
+            response = await admin.create_topics([NewTopic(t, wanted[t], 1) for t in missing])
+            failed = creation_errors(response.topic_errors)
+            if failed:
+                raise KafkaError(f"topics not created: {'; '.join(failed)}")
         return missing
     finally:
         await admin.close()
+
+
+def creation_errors(topic_errors: list[tuple[Any, ...]]) -> list[str]:
+    """What went wrong per topic in a CreateTopics answer. aiokafka does not raise for
+    them: each topic's error code is in the answer. "Already exists" is no error here
+    (another process won the race; the topic is what we wanted)."""
+    failed: list[str] = []
+    for topic, code, *rest in topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            message = rest[0] if rest else None  # CreateTopics v0 has no message
+            failed.append(f"{topic}: error {code} ({message or 'no message'})")
+    return failed
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
