@@ -381,6 +381,24 @@ async def test_a_message_missing_from_pub_sub_is_filled_from_storage_in_order(
     client.close()
 
 
+async def test_a_comment_sent_to_a_conversation_that_is_not_a_thread_is_refused(
+    stack: Stack, g: Proc, pools: ShardPools, ids: IdGenerator
+) -> None:
+    a, b = uid("ca"), uid("cb")
+    conv = (await conversations.create_group(pools, ids, a, [b], "not a thread")).id
+    client, _ = await Raw.open(g, request(stack.token(a)))
+    assert (await client.next_json())["t"] == "hello"
+    send = b'{"t":"send","conv":"%d","cid":"c1","body":"x","kind":"comment","rid":3}' % conv
+    client.send(frame(1, send))
+    assert await client.next_json() == {
+        "t": "err",
+        "code": "bad_request",
+        "msg": "comments belong to a post's thread",
+        "rid": 3,
+    }
+    client.close()
+
+
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(
     stack: Stack, g: Proc
 ) -> None:
