@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -18,9 +19,10 @@ import redis.asyncio as aioredis
 
 from core.settings import Settings
 from fanout.envelope import Delivery, encode_delivery
+from fanout.sequencer import sequence
 from gateway.transport import CLOSE_TIMEOUT_S
 from storage import conversations, messages
-from storage.ids import IdGenerator, now_ms
+from storage.ids import IdGenerator, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -338,6 +340,63 @@ async def test_an_upgrade_whose_routing_registration_redis_refuses_is_closed_101
         await admin.aclose()
         s.stop_all()
         redis.kill()
+
+
+async def test_a_message_missing_from_pub_sub_is_filled_from_storage_in_order(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pools: ShardPools,
+    ids: IdGenerator,
+) -> None:
+    a, b = uid("fa"), uid("fb")
+    conv = (await conversations.create_group(pools, ids, a, [b], "gap")).id
+    client, _ = await Raw.open(g, request(stack.token(a)))
+    hello = await client.next_json()
+    client.send(frame(1, b'{"t":"sub","conv":"%d","rid":1}' % conv))
+    assert (await client.next_json())["t"] == "subbed"
+    # Two messages stored, only the second published (the first's publish was lost):
+    # the node sees seq 2 after 0 and reads seq 1 from storage before it.
+    stored = (
+        await sequence(
+            pools,
+            [
+                NewMessage(
+                    conv, ids.next_id(shard_of_id(conv)), a, f"g{i}", f"m{i}", now_ms(), "text"
+                )
+                for i in (1, 2)
+            ],
+        )
+    ).stored
+    channel = RedisKeys(settings.redis_prefix).node_channel(hello["node"])
+    await redis_client.publish(channel, encode_delivery(Delivery(messages=[stored[1]])))
+    assert [(await client.next_json())["seq"] for _ in range(2)] == [1, 2]
+    # A jump that storage cannot fill either (seq 5, storage ends at 2) is accepted
+    # rather than waited on forever.
+    ghost = replace(stored[1], seq=5, id=ids.next_id(shard_of_id(conv)), cid="ghost")
+    await redis_client.publish(channel, encode_delivery(Delivery(messages=[ghost])))
+    got = await client.next_json()
+    assert (got["t"], got["seq"]) == ("msg", 5), got
+    client.close()
+
+
+async def test_a_comment_sent_to_a_conversation_that_is_not_a_thread_is_refused(
+    stack: Stack, g: Proc, pools: ShardPools, ids: IdGenerator
+) -> None:
+    a, b = uid("ca"), uid("cb")
+    conv = (await conversations.create_group(pools, ids, a, [b], "not a thread")).id
+    client, _ = await Raw.open(g, request(stack.token(a)))
+    assert (await client.next_json())["t"] == "hello"
+    send = b'{"t":"send","conv":"%d","cid":"c1","body":"x","kind":"comment","rid":3}' % conv
+    client.send(frame(1, send))
+    assert await client.next_json() == {
+        "t": "err",
+        "code": "bad_request",
+        "msg": "comments belong to a post's thread",
+        "rid": 3,
+    }
+    client.close()
 
 
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(

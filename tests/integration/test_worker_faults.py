@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -49,7 +50,7 @@ from fanout.kafka import (
 from fanout.routing import Routes
 from fanout.scores import Pending, ScoresWorker
 from fanout.worker import FanoutWorker
-from storage import messages
+from storage import conversations, messages, notifications
 from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
@@ -57,6 +58,7 @@ from storage.redis_keys import RedisKeys
 from tests.engines import free_port, settings_env
 from tests.faults import (
     Fault,
+    OwnRedis,
     Target,
     deadlock,
     read_only_3s,
@@ -990,3 +992,43 @@ async def test_a_transient_failure_while_isolating_poison_votes_holds_the_rest(
         2_147_483_647,
         0,
     )
+
+
+async def test_a_direct_message_stays_in_the_inbox_when_redis_refuses_the_recipients_routes(
+    settings: Settings, pools: ShardPools
+) -> None:
+    # A private Redis whose ACL lets the worker read conversation routes but not user
+    # routes: the batch is stored and published, then finding the recipient's nodes
+    # fails (NOPERM). The direct message is kept in the recipient's inbox before the batch
+    # is held, since its retry finds it stored and notifies no one again.
+    redis = OwnRedis()
+    redis.start()
+    admin = aioredis.Redis.from_url(redis.url)
+    p = settings.redis_prefix
+    await admin.execute_command(
+        "ACL", "SETUSER", "w", "on", ">pw", "+@all", f"~{p}:route:c:*", f"~{p}:node:*"
+    )
+    worker_redis = aioredis.Redis.from_url(redis.url, username="w", password="pw")
+    ids = IdGenerator()
+    a, b = uid("dma"), uid("dmb")
+    conv, _ = await conversations.create_direct(pools, ids, a, b)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, worker_redis)
+    try:
+        m = _message(conv.id, ids, "d1")
+        m = replace(m, sender=a)
+        await w.send(encode_new_message(m), conv.id)
+        await wait_for(lambda: worker.backoff.failing("redis"), 20, "the user routes refused")
+        assert await _stored(pools, conv.id) == [("d1", 1)]
+        inbox = await notifications.page(pools, b, None, 10, False)
+        assert [(n.kind, n.sender, n.message) for n in inbox] == [("dm", a, m.id)]
+        # Redis lets the worker read everything again: the held batch goes through, the
+        # inbox entry is not doubled.
+        await admin.execute_command("ACL", "SETUSER", "w", "allkeys")
+        await wait_for(lambda: not worker.held, 20, "the batch done")
+        assert len(await notifications.page(pools, b, None, 10, False)) == 1
+    finally:
+        await w.stop()
+        await worker_redis.aclose()
+        await admin.aclose()
+        redis.kill()

@@ -3,9 +3,11 @@ children only exit). The restart backoff's pure logic is in test_faults_logic.py
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 
 def test_a_child_that_fails_is_restarted_and_one_that_stops_on_purpose_is_not() -> None:
@@ -33,3 +35,44 @@ def test_a_child_that_fails_is_restarted_and_one_that_stops_on_purpose_is_not() 
     assert out.count("t worker 0 started") == 2 and out.count("t worker 1 started") == 1
     assert "t worker 0 (pid" in out and "exited with 3" in out and "(restart 1)" in out
     assert out.count("stopped") == 2, out
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+    # The grace is shortened for the test (it is 20 s); the child ignores SIGTERM and
+    # hangs, as a worker stuck in a call would.
+    script = textwrap.dedent(
+        """
+        import logging, signal, sys, time
+        from fanout import supervisor
+
+        def target(index: int, restarts: int) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print("child ready", flush=True)
+            time.sleep(60)
+
+        supervisor.STOP_GRACE_S = 0.5
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        sys.exit(supervisor.supervise(target, 1, "t", restart_max_s=5))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    watchdog = threading.Timer(30, proc.kill)  # a child that never gets ready ends the read
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "child ready" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "t worker 0 did not stop; killing it" in out
