@@ -8,6 +8,7 @@ idempotent, so a batch handled again writes nothing twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,9 +43,17 @@ def _frames(messages: list[Message]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-async def notify(routes: Routes, pools: ShardPools, messages: list[Message]) -> None:
+async def notify(
+    routes: Routes,
+    pools: ShardPools,
+    messages: list[Message],
+    redelivered: Sequence[Message] = (),
+) -> None:
+    """Live `notify` frames for what was stored now; inbox entries for the direct messages
+    of offline recipients, also of `redelivered` ones: their first attempt may have failed
+    or died after the commit, before writing the entry (a second write is a no-op)."""
     frames = _frames(messages)
-    dms = [n for n in (dm_of(m) for m in messages) if n is not None]
+    dms = [n for n in (dm_of(m) for m in [*messages, *redelivered]) if n is not None]
     users = {u for u, _ in frames} | {n.user for n in dms}
     if not users:
         return

@@ -93,7 +93,7 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         out.poison = [(by_message[id(m)], why) for m, why in result.poison]
         try:
             await self.publish(result.in_order())
-            await notify(self.routes, self.pools, result.stored)
+            await notify(self.routes, self.pools, result.stored, result.redelivered)
         except (OSError, aioredis.RedisError) as exc:
             # Stored but not published: hold it all; the retry finds the messages stored
             # (redelivered) and publishes them under their seq.

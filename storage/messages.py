@@ -44,7 +44,10 @@ async def append_batch(
         [m.sender for m in items],
         [m.cid for m in items],
     )
-    already = [_row_to_message(r) for r in existing_rows]
+    # A redelivered direct message gets its recipient again: its inbox entry is written
+    # after the commit (fanout/notify.py), so a worker that failed or died in between must
+    # be able to write it on the retry.
+    already = await notifications.mark_direct(conn, [_row_to_message(r) for r in existing_rows])
     seen = {(m.conv, m.sender, m.cid) for m in already}
     fresh = [m for m in items if (m.conv, m.sender, m.cid) not in seen]
     if not fresh:

@@ -111,6 +111,28 @@ async def derive(conn: Any, stored: list[Message], kinds: dict[int, str]) -> lis
     return [marked.get(m.id, m) for m in stored]
 
 
+async def mark_direct(conn: Any, messages: list[Message]) -> list[Message]:
+    """`messages` (stored earlier) with `dm_to` set on those of direct conversations, as
+    `derive` set it when they were stored. One query, only when there are texts."""
+    texts = {m.conv for m in messages if m.kind in ("text", "comment")}
+    if not texts:
+        return messages
+    members: dict[int, set[str]] = defaultdict(set)
+    for r in await conn.fetch(
+        """SELECT m.conv_id, m.user_id FROM members m JOIN conversations c ON c.id = m.conv_id
+           WHERE c.kind = 'direct' AND c.id = ANY($1::bigint[])""",
+        sorted(texts),
+    ):
+        members[r["conv_id"]].add(r["user_id"])
+    out = []
+    for m in messages:
+        others = members.get(m.conv, set()) - {m.sender}
+        if m.kind in ("text", "comment") and not m.deleted and len(others) == 1:
+            m = dataclasses.replace(m, dm_to=next(iter(others)))
+        out.append(m)
+    return out
+
+
 async def _insert(conn: Any, rows: list[Notification]) -> None:
     await conn.execute(
         """INSERT INTO notifications

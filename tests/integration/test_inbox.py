@@ -195,3 +195,47 @@ async def test_when_redis_cannot_say_who_is_online_every_dm_is_kept(
         await dead.aclose()
     page = await inbox(http, stack, g1, b)
     assert [(n["kind"], n["message"]) for n in page["items"]] == [("dm", str(m.id))]
+
+
+async def test_a_dm_stored_by_a_worker_that_died_before_its_inbox_entry_gets_it_on_redelivery(
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    http: httpx.AsyncClient,
+    stack: Stack,
+    g1: Proc,
+) -> None:
+    """A worker commits a direct message, then dies (or its Redis fails) before writing the
+    offline recipient's inbox entry, which comes after the commit. The record is delivered
+    again (Kafka redelivery) to the stack's real workers: they find the message stored and
+    must still write the entry."""
+    from aiokafka import AIOKafkaProducer
+
+    from fanout.envelope import encode_new_message
+    from fanout.kafka import messages_topic
+
+    a, b = uid("a"), uid("b")
+    r = await http.post(
+        f"{g1.http_url}/v1/conversations",
+        json={"kind": "direct", "members": [b]},
+        headers=auth(stack, a),
+    )
+    conv = int(r.json()["id"])
+    m = NewMessage(conv, ids.next_id(shard_of_id(conv)), a, "died", "are you there", 1, "text")
+    async with pools.transaction(pools.for_id(conv)) as conn:  # the first attempt's commit
+        stored, _, _ = await messages.append_batch(conn, [m])
+    assert [s.dm_to for s in stored] == [b]
+    assert (await inbox(http, stack, g1, b))["items"] == []  # ... and then it died
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            messages_topic(settings), encode_new_message(m), key=str(conv).encode()
+        )
+    finally:
+        await producer.stop()
+    page = await inbox_until(http, stack, g1, b, 1)
+    assert [(n["kind"], n["message"]) for n in page["items"]] == [("dm", str(m.id))]
+    history = await messages.after(pools, conv, 0, 10)
+    assert [x.id for x in history] == [m.id]  # stored once, under its first seq
