@@ -33,11 +33,12 @@ from bench.cluster import PG_PORT, Cluster, Layout, Process
 from bench.clusterfaults import delivery_gap_s, start_traffic, stop_traffic
 from bench.common import conditions, machine, machine_line, md_table, write_results
 from storage.ids import shard_of_id
+from storage.reshard import MOVED_TABLES
 from storage.shards import ShardMap
 
 OLD_MAP = "0-2047=0,2048-4095=1"
 NEW_MAP = "0-1023=2,1024-2047=0,2048-4095=1"
-TABLES = "users, conversations, members, user_conversations, messages, posts, votes"
+TABLES = ", ".join(MOVED_TABLES)
 
 
 async def _sql(dsn: str, sql: str) -> list[asyncpg.Record]:
