@@ -433,3 +433,51 @@ def read_timing(out_dir: Path, pids: dict[int, str]) -> dict[str, Any]:
 def timing_env(out_dir: Path) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return {"BENCH_TIMING_OUT": str(out_dir.resolve() / "timing")}
+
+
+def pin_threads(pid: int, cpus: set[int]) -> int:
+    """Pin every thread a running process has now (threads it starts later inherit the
+    affinity of the thread that starts them); how many were pinned."""
+    n = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            n += 1
+        except OSError:
+            continue
+    return n
+
+
+def descendants(snapshot_pids: Iterable[int], root: int) -> set[int]:
+    """`root` and every process below it, among `snapshot_pids` (one /proc read each)."""
+    parents = {pid: parent_pid(pid) for pid in snapshot_pids}
+    out = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in out and pid not in out:
+                out.add(pid)
+                grew = True
+    return out
+
+
+def cpu_seconds_by(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    groups: dict[str, set[int]],
+) -> dict[str, float]:
+    """CPU-seconds (user + system) each named group of pids used between two snapshots
+    (`cpu_snapshot`); a process started in between counts from zero."""
+    out: dict[str, float] = {}
+    for name, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            if pid in after:
+                total += max(0.0, after[pid][1] - before.get(pid, ("", 0.0))[1])
+        out[name] = round(total, 2)
+    return out

@@ -8,6 +8,15 @@ CPU-second. Reported: the highest rate held with p99 under 100 ms and nothing lo
 
     .venv/bin/python -m bench.fanout --convs 50 --members 20 --rates 250,500,1000,2000
     .venv/bin/python -m bench.fanout --room 5000 --rates 2,5,10,20   # large-room broadcast
+    .venv/bin/python -m bench.fanout --pin-server-core 0 --profile-all   # issue 14
+
+`--pin-server-core N` puts the whole server side but PostgreSQL on core N (both gateways,
+the fan-out worker, the Tansu broker, and a Redis started for the run) and the load
+generator on the other core(s); its defaults are issue 14's scenario (rates 100 and 500
+msgs/s, 20 s each, 64-byte bodies). Every step then reports the CPU-seconds of each
+component read from /proc (utime + stime), PostgreSQL's as the sum over its postmaster and
+every process under it (backends, WAL writer, checkpointer). `--profile-all` runs py-spy
+on every Agora process (both gateways and the fan-out worker) during the profiled step.
 
 Members alternate between the two gateways (conversations mode); in room mode every
 member is on gateway A and the senders on gateway B, so A's CPU is delivery only. The room
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -33,8 +43,10 @@ from bench.common import (
     command_line,
     conditions,
     cpu_by_process,
+    cpu_seconds_by,
     cpu_sets,
     cpu_snapshot,
+    descendants,
     experiment_note,
     machine,
     machine_line,
@@ -50,7 +62,7 @@ from bench.common import (
     write_results,
 )
 from bench.loadgen import WorkerPool, split
-from bench.members import Member, Sender, SubClient, create_groups, seq_report
+from bench.members import Member, Sender, SubClient, SubRefused, create_groups, seq_report
 from bench.profile import Profiler
 from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, http_json, unique_tag
@@ -62,6 +74,7 @@ from storage.pools import ShardPools
 
 NAME = "fanout"
 ROOM_NAME = "fanout-room"
+PINNED_NAME = "fanout-pinned"
 MAX_LATENCY_SAMPLES = 300_000  # per worker per step (a uniform sample beyond it)
 
 
@@ -116,6 +129,14 @@ class FanoutWorker:
                             failures[f"member:{failure_reason(exc)}"] += 1
                             return
                         retry_after = float(exc.retry_after or 1)
+                    except SubRefused as exc:
+                        # `unavailable` (a shard busy while 1,000 connect at once on one
+                        # core) is retryable (docs/protocol.md): close, retry later.
+                        c.abort()
+                        if exc.code not in ("unavailable", "rate_limited") or attempt == 5:
+                            failures[f"member:sub_{exc.code}"] += 1
+                            return
+                        retry_after = 1.0
                     except Exception as exc:
                         failures[f"member:{failure_reason(exc)}"] += 1
                         return
@@ -221,11 +242,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     raise_nofile()
     gw_cpus, lg_cpus = cpu_sets()
+    server_cpus = None
+    if args.pin_server_core >= 0:
+        server_cpus = {args.pin_server_core}
+        lg_cpus = (set(os.sched_getaffinity(0)) - server_cpus) or None
     room = args.room > 0
     clients = args.room if room else args.convs * args.members
     procs = args.procs or max(1, min(4, math.ceil(clients / 4000)))
     env = timing_env(Path(args.out))
-    with bench_stack(gw_cpus, env, experiment=args.experiment) as stack:
+    if server_cpus:
+        # Production's pool size and wait (tests/engines.py has 4 and 3 s for a PostgreSQL
+        # shared by every test process): 1,000 subscribes on one core must not time out.
+        env.update({"AGORA_PG_POOL_MAX": "10", "AGORA_PG_TIMEOUT_S": "5"})
+    with bench_stack(gw_cpus, env, experiment=args.experiment, server_cpus=server_cpus) as stack:
         tag = unique_tag()
         a = stack.gateway(f"fo-a-{tag}")
         b = stack.gateway(f"fo-b-{tag}")
@@ -334,20 +363,28 @@ async def _measure(
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     cond = conditions()
     profile: dict[str, Any] | None = None
+    profiles: dict[str, Any] = {}
     warmup_rate = args.warmup_rate or (1.0 if room else 50.0)
     for step, rate in enumerate([warmup_rate, *rates]):
         warm = step == 0
         duration = args.warmup_duration if warm else args.duration
         per_worker = [rate * len(sp) / max(1, len(senders)) for sp in sender_parts]
         cpu_a, cpu_b = a.cpu_s(), b.cpu_s()
+        consumer0 = _consumer_counts(stack)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
         profiler = None
-        if args.profile and not warm and rate == (args.profile_rate or rates[-1]):
+        profilers: dict[str, Profiler] = {}
+        profiled = not warm and rate == (args.profile_rate or rates[-1])
+        if args.profile and profiled:
             profiler = Profiler(
                 a.pid, Path(args.out) / f"{_name(args)}-{int(rate)}-profile.txt", native=args.native
             )
             profiler.start()
+        if args.profile_all and profiled:
+            for label, proc in _agora_procs(stack, a, b).items():
+                path = Path(args.out) / f"{_name(args)}-{int(rate)}-{label}-profile.txt"
+                profilers[label] = Profiler(proc.pid, path, native=args.native).start()
         t_start = time.monotonic()
         await pool.call(
             "start_step",
@@ -361,6 +398,13 @@ async def _measure(
         t_end = time.monotonic()
         if profiler is not None:
             profile = profiler.stop()
+        if profilers:
+            profiles = {label: p.stop() for label, p in profilers.items()}
+        snap_end = cpu_snapshot()
+        consumer = {
+            k.removeprefix("agora_consumer_"): v - consumer0.get(k, 0.0)
+            for k, v in _consumer_counts(stack).items()
+        }
         cpu_a, cpu_b = a.cpu_s() - cpu_a, b.cpu_s() - cpu_b
         elapsed = t_end - t_start
         wait_a = a.sched_s()[1] - sched_a[1]
@@ -369,7 +413,7 @@ async def _measure(
         delivery_window = max(duration, t_last - t_start)
         machine_cpu = cpu_by_process(
             snap,
-            cpu_snapshot(),
+            snap_end,
             elapsed,
             {
                 a.pid: "gateway A",
@@ -421,6 +465,10 @@ async def _measure(
             ),
             "closed_members": sum(g["closed"] for g in got),
             "cpu": machine_cpu,
+            "cpu_s": _component_cpu_s(stack, a, b, pool, snap, snap_end),
+            # The fan-out workers' batches over the step: records per batch says how much
+            # each transaction, publish and offset commit is shared.
+            "consumer": {k: round(v, 3) for k, v in consumer.items()},
         }
         prev_sent = sum(s["sent"] for s in sends)
         steps_out.append(out)
@@ -480,8 +528,17 @@ async def _measure(
         "steps": steps_out,
         "targets": targets,
         "profile": profile,
+        "profiles": profiles,
+        "pinned": args.pin_server_core >= 0,
         "conversation_sizes": dict(Counter(conv_members.values())),
-        "timing": read_timing(Path(args.out), {a.pid: "gateway A", b.pid: "gateway B"}),
+        "timing": read_timing(
+            Path(args.out),
+            {
+                a.pid: "gateway A",
+                b.pid: "gateway B",
+                **{p.pid: p.name for p in stack.procs if p.name.startswith("fo-f")},
+            },
+        ),
     }
 
 
@@ -514,8 +571,55 @@ def _targets(args: argparse.Namespace, steps: list[dict[str, Any]], room: bool) 
     }
 
 
+def _consumer_counts(stack: BenchStack) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in stack.procs:
+        for k, v in p.consumer_counts().items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _agora_procs(stack: BenchStack, a: BenchProc, b: BenchProc) -> dict[str, BenchProc]:
+    """The Agora processes doing the work, by label (a worker's supervisor idles)."""
+    out = {"gateway-a": a, "gateway-b": b}
+    workers = [p for p in stack.procs if p.name.startswith("fo-f")]
+    for i, p in enumerate(workers):
+        out[f"fanout-{i}"] = p
+    return out
+
+
+def _component_cpu_s(
+    stack: BenchStack,
+    a: BenchProc,
+    b: BenchProc,
+    pool: WorkerPool,
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+) -> dict[str, float]:
+    """CPU-seconds per part of the system over one step (from /proc/<pid>/stat), and the
+    server side's total (everything but the load generator)."""
+    workers: set[int] = set()
+    for p in stack.procs:
+        if p.name.startswith("fo-f"):
+            workers |= {p.popen.pid, p.pid}  # the supervisor and its worker
+    groups = {
+        "gateway A": {a.pid},
+        "gateway B": {b.pid},
+        "fan-out worker": workers,
+        "broker (Tansu)": {stack.broker.pid} if stack.broker else set(),
+        "Redis": {stack.redis.pid} if stack.redis else set(),
+        "PostgreSQL": descendants(after, stack.postgres_pid) if stack.postgres_pid else set(),
+    }
+    out = cpu_seconds_by(before, after, groups)
+    out["server total"] = round(sum(out.values()), 2)
+    out["load generator"] = cpu_seconds_by(before, after, {"lg": set(pool.pids)})["lg"]
+    return out
+
+
 def _name(args: argparse.Namespace) -> str:
-    return ROOM_NAME if args.room > 0 else NAME
+    if args.room > 0:
+        return ROOM_NAME
+    return PINNED_NAME if args.pin_server_core >= 0 else NAME
 
 
 STEP_HEADERS = ["rate/s", "acked", "delivered", "expected", "lost", "dup", "reord"]
@@ -577,9 +681,59 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {t['target']}: {verdict(t['reached'])}")
         else:
             lines.append(f"- {t['target']}: n/a for these parameters ({key})")
+    if data.get("pinned"):
+        lines += ["", *_render_pinned(data)]
     if data.get("profile"):
         lines += ["", "Gateway A profile (one step):", "", render_profile(data["profile"])]
+    for label, prof in (data.get("profiles") or {}).items():
+        lines += ["", f"Profile of {label} (one step):", "", render_profile(prof, top=10)]
     return "\n".join(lines)
+
+
+CPU_PARTS = ["gateway A", "gateway B", "fan-out worker", "broker (Tansu)", "Redis", "PostgreSQL"]
+
+
+def _per_batch(c: dict[str, float]) -> str:
+    batches = c.get("batches_total", 0.0)
+    if not batches:
+        return ""
+    return (
+        f"{batches:,.0f} x {c.get('records_total', 0.0) / batches:.1f} rec, "
+        f"{1000 * c.get('batch_seconds_sum', 0.0) / batches:.1f} ms"
+    )
+
+
+def _render_pinned(data: dict[str, Any]) -> list[str]:
+    """Issue 14's table: latency, ack, loss and CPU-seconds per component, per step."""
+    rows = []
+    for st in data["steps"]:
+        lat, ack, cpu = st["latency_ms"], st["ack_ms"], st.get("cpu_s", {})
+        rows.append(
+            [
+                f"{st['rate']:g}" + (" (warm-up)" if st["warmup"] else ""),
+                st["elapsed_s"],
+                lat["p50"],
+                lat["p99"],
+                ack["p50"],
+                ack["p99"],
+                f"{st['lost_total']}/{st['duplicated']}/{st['reordered']}",
+                *[cpu.get(k, 0.0) for k in CPU_PARTS],
+                cpu.get("server total", 0.0),
+                cpu.get("load generator", 0.0),
+                _per_batch(st.get("consumer", {})),
+            ]
+        )
+    headers = ["rate/s", "step s", "deliv p50", "deliv p99", "ack p50", "ack p99"]
+    headers += ["lost/dup/reord", *CPU_PARTS, "server total", "load gen", "worker batches"]
+    return [
+        f"Pinned: the server side but PostgreSQL on core {data['params']['pin_server_core']} "
+        "(gateways, fan-out worker, Tansu, a private Redis), the load generator on the other; "
+        "latencies in ms; CPU-seconds over each step (from its first send until the last "
+        "delivery), read from /proc/<pid>/stat; PostgreSQL unpinned, its postmaster and every "
+        "process under it.",
+        "",
+        md_table(headers, rows),
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -588,14 +742,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--members", type=int, default=20)
     p.add_argument("--senders", type=int, default=50)
     p.add_argument("--room", type=int, default=0, help="large-room mode: subscribers on A")
-    p.add_argument("--rates", default="250,500,1000,2000", help="total msgs/s per step")
+    p.add_argument(
+        "--rates", default=None, help="total msgs/s per step (250,500,1000,2000; pinned: 100,500)"
+    )
     p.add_argument(
         "--warmup-rate", type=float, default=0.0, help="0: 50/s (conversations), 1/s (room)"
     )
     p.add_argument("--warmup-duration", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per step")
+    p.add_argument("--duration", type=float, default=None, help="seconds per step (10; pinned: 20)")
     p.add_argument("--drain", type=float, default=30.0, help="most seconds to wait per step")
-    p.add_argument("--body-bytes", type=int, default=100)
+    p.add_argument("--body-bytes", type=int, default=None, help="100; pinned: 64")
     p.add_argument(
         "--keep-going", action="store_true", help="step on after a step left messages undelivered"
     )
@@ -603,12 +759,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fanout-workers", type=int, default=1)
     p.add_argument("--source-ips", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="py-spy gateway A during one step")
+    p.add_argument(
+        "--profile-all", action="store_true", help="py-spy every Agora process during that step"
+    )
+    p.add_argument(
+        "--pin-server-core",
+        type=int,
+        default=-1,
+        help="the whole server side but PostgreSQL on this core (issue 14's scenario)",
+    )
     p.add_argument("--profile-rate", type=float, default=0.0, help="that step (0: the last)")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. timing")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    pinned = args.pin_server_core >= 0
+    if args.rates is None:
+        args.rates = "100,500" if pinned else "250,500,1000,2000"
+    if args.duration is None:
+        args.duration = 20.0 if pinned else 10.0
+    if args.body_bytes is None:
+        args.body_bytes = 64 if pinned else 100
+    return args
 
 
 async def _stored_vs_acked(settings: Settings, acked: Counter[str]) -> dict[str, list[int]]:

@@ -85,6 +85,14 @@ class Member:
                 self.latencies.append((now_ns - int(sent)) // 1000)
 
 
+class SubRefused(RuntimeError):
+    """The gateway answered `sub` with an error frame (its code says if a retry may help)."""
+
+    def __init__(self, code: str, frame: dict[str, Any]) -> None:
+        super().__init__(f"sub refused: {frame}")
+        self.code = code
+
+
 class SubClient(WsClient):
     """The connection of a Member: routes msg/subbed/err frames to it."""
 
@@ -124,7 +132,7 @@ class SubClient(WsClient):
         elif t == "err":
             m.errors[str(f.get("code"))] += 1
             if f.get("rid") == 1 and self.subbed_fut is not None and not self.subbed_fut.done():
-                self.subbed_fut.set_exception(RuntimeError(f"sub refused: {f}"))
+                self.subbed_fut.set_exception(SubRefused(str(f.get("code")), f))
 
     def on_closed(self) -> None:
         self.member.subbed = False

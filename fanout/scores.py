@@ -135,6 +135,8 @@ class ScoresWorker(HoldingWorker[Pending]):
         for p in work:
             by_shard[self.pools.for_id(p.vote.post)].append(p)
         shards = list(by_shard)
+        # Nothing cancels one shard's part alone: cancelling the batch cancels the gather
+        # itself (it raises here), so every part is totals or an Exception.
         parts = await asyncio.gather(
             *(self._apply_shard(s, by_shard[s]) for s in shards), return_exceptions=True
         )
@@ -146,8 +148,6 @@ class ScoresWorker(HoldingWorker[Pending]):
             name = self.pools.names[physical]
             if not isinstance(part, BaseException):
                 totals.extend(part)
-            elif not isinstance(part, Exception):
-                raise part  # cancellation
             elif classify(part) is Fault.POISON:
                 got, held, bad, why = await self._isolate(physical, by_shard[physical])
                 totals += got

@@ -83,7 +83,8 @@ async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) 
 
 
 async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
-    for attempt in range(_ATTEMPTS):
+    attempt = 1
+    while True:
         try:
             async with pools.transaction(physical) as conn:
                 stored, already, orphans = await append_batch(conn, batch)
@@ -95,11 +96,11 @@ async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage
             # the check now finds them.
             if classify(exc) is not Fault.RACE:
                 raise
-            if attempt == _ATTEMPTS - 1:
+            if attempt == _ATTEMPTS:
                 # Retried later like a shard that is down.
                 raise Unavailable(f"sequencing race persisted: {describe(exc)}") from None
+            attempt += 1
             log.info("sequencing race on shard %s, retrying", pools.names[physical])
-    raise AssertionError("unreachable")
 
 
 async def sequence(
@@ -150,13 +151,11 @@ async def sequence(
 
 def _retrieve(task: asyncio.Future[Sequenced]) -> None:
     # Nobody awaits a slow attempt: its outcome only matters to the retry, which reads
-    # the shard again. (_one_shard returns held messages rather than raising.) What made
-    # it fail is still said, with its SQLSTATE, as the worker says it for any other
-    # attempt: an operator (and a fault test) must see a deadlock or a timeout here too.
+    # the shard again. (_one_shard never raises: it returns what failed as held messages;
+    # only a worker's exit cancels it.) What made it fail is still said, with its SQLSTATE,
+    # as the worker says it for any other attempt: an operator (and a fault test) must see
+    # a deadlock or a timeout here too.
     if task.cancelled():
-        return
-    if task.exception() is not None:
-        log.info("slow shard attempt ended: %r", task.exception())
         return
     late = task.result()
     if late.errors:

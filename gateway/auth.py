@@ -28,6 +28,11 @@ from gateway.jwks import JwksKeys
 from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
+# The largest `exp` accepted: 2^53 - 1 s, the largest integer a JavaScript client reads
+# exactly (in `hello.exp`). Larger ones (10^20, 10^400: JSON has no bound) made the float
+# conversion below, or the hello frame's encoders (orjson and msgpack stop at 64 bits),
+# raise during the WebSocket upgrade, after which the client waited forever.
+MAX_EXP = 2**53 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,8 @@ class TokenVerifier:
         name = claims.get("name")
         # `exp` is a number once decode accepted it (it checks the type and the time).
         exp = int(claims["exp"])
+        if exp > MAX_EXP:
+            raise Unauthorized("token exp is out of range")
         until = float(claims["exp"]) + self.leeway_s
         return Identity(sub, name[:100] if isinstance(name, str) else sub, exp), until
 

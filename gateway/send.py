@@ -15,7 +15,8 @@ for the outcome.
 Redis keeps a record for the idempotency window only (AGORA_IDEMPOTENCY_WINDOW_S), and
 may lose records (flush, restart without persistence, a gateway that died before marking
 its record). So every attempt that produces also reads the shard's (conv, sender, cid)
-row, concurrently with the produce (no extra latency, no extra Redis trip): a stored row
+row, concurrently with the produce (no extra latency, no extra Redis trip; the reads of
+concurrent sends share one query, gateway/lookups.py): a stored row
 is the answer, whatever id this attempt minted. A row that is not there yet but may be
 on its way (Redis lost its data recently: gateway/idempotency.py) is waited for. So the
 client is never told an id other than the stored one, and never acked falsely.
@@ -38,7 +39,7 @@ from fanout.envelope import encode_new_message
 from gateway.access import Access
 from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
-from storage import messages
+from gateway.lookups import StoredLookups
 from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys
@@ -130,6 +131,8 @@ class SendPath:
         self.topic = topic
         self.access = access
         self.pools = access.pools
+        # The shard reads beside each produce: coalesced while one is in flight.
+        self.lookups = StoredLookups(self.pools)
         self.window_s = window_s
         self._claim = redis.register_script(_CLAIM)
         # The fast path: a flood is refused here without touching Redis; the exact,
@@ -310,7 +313,7 @@ class SendPath:
 
     async def _stored(self, message: NewMessage) -> Accepted | None:
         try:
-            found = await messages.stored_id(self.pools, message.conv, message.sender, message.cid)
+            found = await self.lookups.stored_id(message.conv, message.sender, message.cid)
         except Unavailable:
             raise
         except Exception as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from storage import events, notifications
@@ -217,6 +217,36 @@ async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tupl
             cid,
         )
     return None if row is None else (row["id"], row["ts"])
+
+
+async def stored_ids(
+    pools: ShardPools, physical: int, keys: Sequence[tuple[int, str, str]]
+) -> list[tuple[int, int] | None]:
+    """`stored_id` for several (conv, sender, cid) of one physical shard in one query, in
+    the order asked: the send path's reads made while one was in flight (gateway/lookups.py)."""
+    if len(keys) == 1:
+        conv, sender, cid = keys[0]
+        return [await stored_id(pools, conv, sender, cid)]
+    async with pools.connection(physical) as conn:
+        rows = await conn.fetch(
+            """SELECT k.i, m.id, m.ts
+               FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
+                    AS k(conv, sender, cid, i)
+               CROSS JOIN LATERAL (
+                   SELECT id, ts FROM messages
+                   WHERE conv_id = k.conv AND sender = k.sender AND cid = k.cid
+                   UNION ALL
+                   SELECT id, ts FROM refused_events
+                   WHERE conv_id = k.conv AND sender = k.sender AND cid = k.cid
+                   LIMIT 1) AS m""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+    out: list[tuple[int, int] | None] = [None] * len(keys)
+    for row in rows:
+        out[row["i"] - 1] = (row["id"], row["ts"])
+    return out
 
 
 async def latest_seq(pools: ShardPools, conv: int) -> int:

@@ -50,7 +50,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def test_engines() -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
+def test_engines(
+    redis: str | None = None,
+) -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
+    """`redis`: a Redis URL to use instead of REDIS (a benchmark's own, pinned one)."""
     tag = secrets.token_hex(3)
     dsns = (f"{PG}/agora_test_{tag}_0", f"{PG}/agora_test_{tag}_1")
     kafka_port = free_port()
@@ -58,7 +61,7 @@ def test_engines() -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
         {
             "AGORA_SHARD_DSNS": ",".join(dsns),
             "AGORA_LOGICAL_SHARDS": "4096",
-            "AGORA_REDIS_URL": f"{REDIS}/{REDIS_DB}",
+            "AGORA_REDIS_URL": f"{redis or REDIS}/{REDIS_DB}",
             "AGORA_REDIS_PREFIX": f"t{tag}",
             "AGORA_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
             "AGORA_KAFKA_TOPIC_PREFIX": f"t{tag}",

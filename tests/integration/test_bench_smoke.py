@@ -101,6 +101,37 @@ def test_fanout_smoke(tmp_path: Path) -> None:
     assert s["max_deliveries_per_s"] == max(x["deliveries_per_s"] for x in steps)
 
 
+def test_fanout_pinned_smoke(tmp_path: Path) -> None:
+    """Issue 14's mode: the server side on one core, CPU-seconds per component, py-spy on
+    every Agora process."""
+    data = run_bench(
+        "bench.fanout",
+        "fanout-pinned",
+        tmp_path,
+        *("--pin-server-core", "0", "--convs", "4", "--members", "4", "--senders", "4"),
+        *("--rates", "20", "--duration", "2", "--warmup-rate", "20", "--warmup-duration", "1"),
+        "--profile-all",
+    )
+    s = data["summary"]
+    assert data["pinned"] is True and data["params"]["body_bytes"] == 64
+    assert s["subscribed"] == 16
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["reordered"] == 0
+    (step,) = [x for x in data["steps"] if not x["warmup"]]
+    assert step["delivered"] == step["expected"] > 0
+    check_distribution(step["ack_ms"])
+    cpu = step["cpu_s"]
+    # Every component did work, PostgreSQL's backends included; the total is their sum.
+    for part in ("gateway A", "gateway B", "fan-out worker", "broker (Tansu)", "PostgreSQL"):
+        assert cpu[part] > 0, (part, cpu)
+    assert cpu["Redis"] >= 0
+    parts = sum(v for k, v in cpu.items() if k not in ("server total", "load generator"))
+    assert abs(cpu["server total"] - parts) < 0.05
+    assert step["consumer"]["records_total"] >= step["acked"]
+    assert set(data["profiles"]) == {"gateway-a", "gateway-b", "fanout-0"}
+    for prof in data["profiles"].values():
+        assert prof.get("samples", 0) > 0 or "error" in prof, prof
+
+
 def test_fanout_room_smoke(tmp_path: Path) -> None:
     data = run_bench(
         "bench.fanout",

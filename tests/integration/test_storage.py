@@ -435,3 +435,42 @@ async def test_dead_shard_fails_only_what_needs_it(
         assert await pools.ping() == dict.fromkeys(pools.names)
     finally:
         await broken.close()
+
+
+@pytest.mark.parametrize("physical", [0, 1])
+async def test_coalesced_stored_id_reads_answer_like_one_read_each(
+    pools: ShardPools, ids: IdGenerator, physical: int
+) -> None:
+    """The send path's shard reads (gateway/lookups.py): reads made while one is in flight
+    share one query, and each gets what `stored_id` alone answers (a stored message, a
+    refused event, nothing); a lone read goes out alone."""
+    from gateway.lookups import StoredLookups
+
+    alice, bob = users_on(pools, physical, 2, tag())
+    conv = await conversations.create_group(pools, ids, alice, [bob], "chat")
+    batch = [new_message(conv.id, ids, alice if i % 2 else bob, f"c{i}") for i in range(6)]
+    async with pools.transaction(physical) as conn:
+        await messages.append_batch(conn, batch)
+        await conn.execute(
+            "INSERT INTO refused_events (conv_id, sender, cid, id, ts) VALUES ($1, $2, $3, $4, $5)",
+            conv.id,
+            alice,
+            "refused",
+            ids.next_id(shard_of_id(conv.id)),
+            123,
+        )
+    asked = [(conv.id, m.sender, m.cid) for m in batch]
+    asked += [(conv.id, alice, "refused"), (conv.id, alice, "never"), (conv.id, bob, "c1")]
+    expected = [await messages.stored_id(pools, *k) for k in asked]
+    assert expected[-3] is not None and expected[-3][1] == 123
+    assert expected[-2] is None and expected[-1] is None  # c1 is alice's, not bob's
+
+    lookups = StoredLookups(pools)
+    assert await asyncio.gather(*(lookups.stored_id(*k) for k in asked)) == expected
+    assert lookups.reads == len(asked)
+    assert lookups.queries == 1  # all asked before the loop ran the first: one query
+
+    alone = StoredLookups(pools)
+    for k, want in zip(asked, expected, strict=True):
+        assert await alone.stored_id(*k) == want
+    assert alone.queries == alone.reads == len(asked)

@@ -11,15 +11,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from core.settings import Settings
+from fanout.envelope import Delivery, encode_delivery
 from gateway.transport import CLOSE_TIMEOUT_S
 from storage import conversations, messages
 from storage.ids import IdGenerator, now_ms
 from storage.models import NewMessage
 from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
+from tests.faults import OwnRedis
 from tests.integration.helpers import metric, rss_kib, uid
 from tests.stack import Proc, Stack
 
@@ -197,6 +202,142 @@ async def test_bad_token_is_accepted_then_closed_4001(stack: Stack, g: Proc) -> 
     client.send(frame(8, payload[:2]))  # the answer: then the server closes TCP
     assert (await client.next_frame())[0] == -1
     client.close()
+
+
+async def test_a_token_whose_exp_broke_the_upgrade_is_closed_4001_and_the_node_goes_on(
+    stack: Stack, g: Proc, settings: Settings
+) -> None:
+    # Signed with the real secret, so verification passes up to `exp`: 10^400 raised
+    # OverflowError in the token check and 10^20 in the hello frame's encoding (after the
+    # 101), inside the upgrade's task; the client then waited forever with nothing sent.
+    for exp, binary in ((10**400, False), (10**20, False), (10**20, True)):
+        tok = jwt.encode({"sub": uid("exp"), "exp": exp}, settings.jwt_secret, "HS256")
+        proto = "Sec-WebSocket-Protocol: chat.v1.msgpack\r\n" if binary else ""
+        client, head = await Raw.open(g, request(tok, extra=proto))
+        assert head.startswith("HTTP/1.1 101 "), head
+        op, payload = await client.next_frame()
+        assert op == 8 and int.from_bytes(payload[:2], "big") == 4001, (exp, op, payload)
+        assert payload[2:] == b"token exp is out of range"
+        client.send(frame(8, payload[:2]))
+        assert (await client.next_frame())[0] == -1
+        client.close()
+    # The node goes on: a good token opens a session that answers.
+    client, head = await Raw.open(g, request(stack.token(uid("ok"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(1, b'{"t":"ping","rid":7}'))
+    assert await client.next_json() == {"t": "pong", "rid": 7}
+    client.close()
+
+
+async def _close_code(client: Raw) -> int:
+    while True:
+        op, payload = await client.next_frame()
+        if op == 8:
+            return int.from_bytes(payload[:2], "big")
+        assert op in (9, 10), (op, payload)
+
+
+async def test_what_a_peer_sends_around_a_close_gets_the_answer_rfc6455_asks_for(
+    stack: Stack, g: Proc
+) -> None:
+    # A close frame whose payload is one byte (no room for a code) is a protocol error.
+    client, _ = await Raw.open(g, request(stack.token(uid("c1"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(8, b"\x03"))
+    assert await _close_code(client) == 1002
+    assert (await client.next_frame())[0] == -1
+    client.close()
+    # A whole request, then a broken frame, in one packet: the request is taken (its
+    # answer may lose the race with the close), then the connection closes 1002; what the
+    # peer sends after that is not parsed.
+    client, _ = await Raw.open(g, request(stack.token(uid("c2"))))
+    assert (await client.next_json())["t"] == "hello"
+    client.send(frame(1, b'{"t":"ping","rid":5}') + frame(1, b"x", mask=False))
+    while (reply := await client.next_frame())[0] != 8:
+        assert reply[0] in (1, 9, 10) and (reply[0] != 1 or b'"pong"' in reply[1]), reply
+    assert int.from_bytes(reply[1][:2], "big") == 1002
+    client.send(frame(1, b'{"t":"ping","rid":6}'))
+    assert (await client.next_frame())[0] == -1  # no pong: closed
+    client.close()
+    # Refused (4001) with a broken frame and a ping already behind the upgrade: the close
+    # frame is the answer; the rest is read only to find the peer's close in it.
+    client, head = await Raw.open(g, request("not-a-token") + frame(9, b"p") + frame(0, b"x"))
+    assert head.startswith("HTTP/1.1 101 ")
+    assert await _close_code(client) == 4001
+    assert (await client.next_frame())[0] == -1
+    client.close()
+    # Refused (4001); the peer pings before it answers our close: no pong, and its close
+    # is not answered again (ours was the close handshake's first half).
+    client, _ = await Raw.open(g, request("not-a-token"))
+    assert await _close_code(client) == 4001
+    client.send(frame(9, b"late") + frame(8, (1000).to_bytes(2, "big")))
+    assert (await client.next_frame())[0] == -1
+    client.close()
+
+
+async def test_an_upgrade_to_another_protocol_is_served_as_plain_http(g: Proc) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    writer.close()
+
+
+async def test_a_malformed_delivery_is_dropped_and_the_node_goes_on_delivering(
+    stack: Stack, g: Proc, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    g.expect_log(r"bad delivery dropped")  # on purpose, below
+    user = uid("d")
+    client, _ = await Raw.open(g, request(stack.token(user)))
+    hello = await client.next_json()
+    channel = RedisKeys(settings.redis_prefix).node_channel(hello["node"])
+    # What a broken or foreign publisher could put on the node's channel.
+    for garbage in (b"\xc1", b"\x93\x01\x02\x03", b"not msgpack at all"):
+        assert await redis_client.publish(channel, garbage) == 1
+    frame_for_user = {"t": "notify", "n": {"id": "1", "kind": "dm"}}
+    good = encode_delivery(Delivery(user_frames=[(user, frame_for_user)]))
+    assert await redis_client.publish(channel, good) == 1
+    assert await client.next_json() == frame_for_user  # the listener is still there
+    assert g.log_text().count("bad delivery dropped") >= 3
+    client.close()
+
+
+async def test_an_upgrade_whose_routing_registration_redis_refuses_is_closed_1013(
+    settings: Settings,
+) -> None:
+    # The gateway's own Redis, made to refuse every write (maxmemory 1 byte, noeviction:
+    # "OOM command not allowed") while a client connects: registering the session's user
+    # raises inside the upgrade. The client gets hello, then 1013; the node goes on.
+    redis = OwnRedis()
+    redis.start()
+    s = Stack(settings, extra_env={"AGORA_REDIS_URL": redis.url})
+    admin = aioredis.Redis.from_url(redis.url)
+    try:
+        node = s.gateway("transport-oom")
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")
+        try:
+            client, head = await Raw.open(node, request(s.token(uid("oom"))))
+            assert head.startswith("HTTP/1.1 101 ")
+            assert (await client.next_json())["t"] == "hello"
+            op, payload = await client.next_frame()
+            assert op == 8 and payload == (1013).to_bytes(2, "big") + b"routing unavailable"
+            client.send(frame(8, payload[:2]))
+            assert (await client.next_frame())[0] == -1
+            client.close()
+        finally:
+            await admin.config_set("maxmemory", "0")
+        assert "routing registration failed" in node.log_text()
+        # Redis takes writes again: the next session opens and answers.
+        client, _ = await Raw.open(node, request(s.token(uid("ok"))))
+        assert (await client.next_json())["t"] == "hello"
+        client.send(frame(1, b'{"t":"ping","rid":1}'))
+        assert await client.next_json() == {"t": "pong", "rid": 1}
+        client.close()
+    finally:
+        await admin.aclose()
+        s.stop_all()
+        redis.kill()
 
 
 async def test_silent_client_is_closed_after_two_heartbeats_an_answering_one_is_not(

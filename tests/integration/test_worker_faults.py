@@ -36,6 +36,7 @@ from devstack import services
 from fanout import deadletter
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Vote, encode_new_message, encode_vote
+from fanout.feeds import FeedCache
 from fanout.kafka import (
     dlq_topic,
     ensure_topics,
@@ -45,24 +46,28 @@ from fanout.kafka import (
     scores_group,
     votes_topic,
 )
-from fanout.scores import ScoresWorker
+from fanout.routing import Routes
+from fanout.scores import Pending, ScoresWorker
 from fanout.worker import FanoutWorker
 from storage import messages
-from storage.ids import IdGenerator
+from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
 from tests.engines import free_port, settings_env
 from tests.faults import (
     Fault,
     Target,
     deadlock,
     read_only_3s,
+    row_locked,
     terminate_others,
     terminate_repeatedly,
     timeout_fault,
 )
 from tests.integration.helpers import collect, create_group, uid
 from tests.integration.test_faults import Follower, report, send_steadily
+from tests.integration.test_sequencer import raising_on_insert
 from tests.stack import LOG_DIR, Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -779,3 +784,277 @@ async def test_a_poison_record_the_dead_letter_topic_refuses_is_held_not_committ
         await task
         await consumer.stop()
         await producer.stop()
+
+
+# -- in-process workers: what the loop does with records it cannot apply yet ---------------
+
+
+class InProcess:
+    """A fan-out or scores worker on its own topics, run as a task of the test (real
+    broker, shards and Redis), with a producer for its topic and its dead letters."""
+
+    def __init__(self, settings: Settings, kind: str) -> None:
+        self.settings = settings.with_overrides(kafka_topic_prefix=f"{kind}{secrets.token_hex(3)}")
+        self.kind = kind
+        self.topic = (messages_topic if kind == "msg" else votes_topic)(self.settings)
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, pools: ShardPools, redis: aioredis.Redis) -> FanoutWorker | ScoresWorker:
+        await ensure_topics(self.settings)
+        await self.producer.start()
+        s = self.settings
+        letters = DeadLetters(
+            self.producer, dlq_topic(s, "messages" if self.kind == "msg" else "votes")
+        )
+        if self.kind == "msg":
+            consumer = make_consumer(s, self.topic, fanout_group(s))
+            worker: FanoutWorker | ScoresWorker = FanoutWorker(s, pools, redis, consumer, letters)
+        else:
+            consumer = make_consumer(s, self.topic, scores_group(s))
+            worker = ScoresWorker(s, pools, redis, consumer, letters)
+        consumer.subscribe([self.topic], listener=worker.listener())
+        await consumer.start()
+        self.worker = worker
+        self.task = asyncio.create_task(worker.run())
+        return worker
+
+    async def send(self, value: bytes, key: int) -> tuple[TopicPartition, int]:
+        meta = await self.producer.send_and_wait(self.topic, value, key=str(key).encode())
+        return TopicPartition(self.topic, meta.partition), meta.offset
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.worker.stopping.set()
+            await self.task
+            await self.worker.consumer.stop()
+        await self.producer.stop()
+
+
+def _message(conv: int, ids: IdGenerator, cid: str) -> NewMessage:
+    return NewMessage(
+        conv=conv,
+        id=ids.next_id(shard_of_id(conv)),
+        sender="x",
+        cid=cid,
+        body=f"body {cid}",
+        ts=int(time.time() * 1000),
+        kind="text",
+    )
+
+
+async def _conversation(pools: ShardPools, ids: IdGenerator, logical: int) -> int:
+    conv = ids.next_id(logical)
+    async with pools.transaction(pools.for_id(conv)) as conn:
+        await conn.execute(
+            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", conv
+        )
+    return conv
+
+
+async def _stored(pools: ShardPools, conv: int) -> list[tuple[str, int]]:
+    return [(m.cid, m.seq) for m in await messages.after(pools, conv, 0, 100)]
+
+
+async def _wait_stored(pools: ShardPools, conv: int, want: list[tuple[str, int]]) -> None:
+    deadline = time.monotonic() + 20
+    while (got := await _stored(pools, conv)) != want:
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.05)
+
+
+async def test_ids_that_name_no_shard_are_dead_lettered_by_both_workers(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    nowhere = compose(int(time.time() * 1000), 5000, 1)  # a logical shard nobody has
+    for kind, value in (
+        ("msg", encode_new_message(_message(nowhere, IdGenerator(), "n1"))),
+        ("vot", encode_vote(Vote(nowhere, "u1", int(time.time() * 1000)))),
+    ):
+        w = InProcess(settings, kind)
+        worker = await w.start(pools, redis_client)
+        try:
+            tp, offset = await w.send(value, nowhere)
+            await wait_for(lambda w=w: w.worker.dead_lettered == 1, 20, "the dead letter")
+            which = "messages" if kind == "msg" else "votes"
+            letters = await deadletter.read_all(w.settings, which)
+            assert [(d.offset, d.error) for _, _, d in letters if d is not None] == [
+                (
+                    offset,
+                    f"{'conversation' if kind == 'msg' else 'post'} id {nowhere} names no shard",
+                )
+            ]
+            deadline = time.monotonic() + 10
+            while await worker.consumer.committed(tp) != offset + 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await w.stop()
+
+
+async def test_messages_stored_while_redis_is_down_are_held_then_published_once(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    ids = IdGenerator()
+    conv = await _conversation(pools, ids, 21)
+    # Redis down for this worker: a client of a port nothing listens on (connection refused).
+    down = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, down)
+    assert isinstance(worker, FanoutWorker)
+    try:
+        tp, offset = await w.send(encode_new_message(_message(conv, ids, "r1")), conv)
+        await wait_for(lambda: worker.backoff.failing("redis"), 20, "publish failing")
+        # Stored (persist before publish) but held, and not committed past.
+        assert await _stored(pools, conv) == [("r1", 1)]
+        assert [r.hold for r in worker.held] == ["redis"]
+        assert await worker.consumer.committed(tp) in (None, offset)
+        # Redis is back: the retry finds it stored and publishes it under its seq.
+        worker.routes = Routes(redis_client, RedisKeys(w.settings.redis_prefix))
+        await wait_for(lambda: not worker.held and not worker.backoff.failing("redis"), 20, "sent")
+        assert await _stored(pools, conv) == [("r1", 1)]
+    finally:
+        await w.stop()
+        await down.aclose()
+
+
+async def test_votes_counted_while_redis_is_down_are_held_then_sent_once(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    post = IdGenerator().next_id(23)
+    async with pools.transaction(pools.for_id(post)) as conn:
+        await conn.execute(
+            """INSERT INTO posts (id, author, community, title, thread_id)
+               VALUES ($1, 'x', 'c_rd', 't', $1)""",
+            post,
+        )
+        await conn.execute("INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post)
+    down = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
+    w = InProcess(settings, "vot")
+    worker = await w.start(pools, down)
+    assert isinstance(worker, ScoresWorker)
+    try:
+        await w.send(encode_vote(Vote(post, "u0", int(time.time() * 1000))), post)
+        await wait_for(lambda: worker.backoff.failing("redis"), 20, "the feeds failing")
+        assert await _counters(pools, post) == (1, 0)  # counted, then held for Redis
+        keys = RedisKeys(w.settings.redis_prefix)
+        worker.routes = Routes(redis_client, keys)
+        worker.feeds = FeedCache(redis_client, keys, pools)
+        await wait_for(lambda: not worker.held, 20, "the totals sent")
+        assert await _counters(pools, post) == (1, 0)  # counted once
+    finally:
+        await w.stop()
+        await down.aclose()
+
+
+async def test_a_shard_with_an_attempt_still_running_gets_no_new_one_until_it_ends(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    ids = IdGenerator()
+    conv = await _conversation(pools, ids, 25)
+    shard = pools.names[pools.for_id(conv)]
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    assert isinstance(worker, FanoutWorker)
+    try:
+        async with row_locked(settings.shard_dsns[pools.for_id(conv)], conv):
+            await w.send(encode_new_message(_message(conv, ids, "b1")), conv)
+            await wait_for(lambda: bool(worker.slow), 20, "an attempt left running")
+            await w.send(encode_new_message(_message(conv, ids, "b2")), conv)
+            # The next rounds hold the shard's records untried while the attempt runs.
+            rounds = worker.batches
+            await wait_for(lambda: worker.batches >= rounds + 2, 20, "rounds")
+            assert {r.hold for r in worker.held} == {shard}
+            assert len(worker.slow) == 1  # one attempt in flight, not one per round
+        await _wait_stored(pools, conv, [("b1", 1), ("b2", 2)])
+        await wait_for(lambda: not worker.held, 20, "nothing held")
+    finally:
+        await w.stop()
+
+
+async def test_a_worker_holding_its_limit_takes_no_new_records_until_they_go(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    ids = IdGenerator()
+    conv = await _conversation(pools, ids, 27)
+    physical = pools.for_id(conv)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    worker.max_held = 2
+    try:
+        async with raising_on_insert(pools, physical, conv, "40001", once=False):
+            for i in range(2):
+                await w.send(encode_new_message(_message(conv, ids, f"h{i}")), conv)
+            await wait_for(lambda: len(worker.held) == 2, 20, "two held")
+            for i in range(2, 5):
+                await w.send(encode_new_message(_message(conv, ids, f"h{i}")), conv)
+            # Retried on their backoff, while the three new records wait in the broker.
+            rounds = worker.batches
+            await wait_for(lambda: worker.batches >= rounds + 3, 20, "retry rounds")
+            assert [r.item.cid for r in worker.held] == ["h0", "h1"]
+        await _wait_stored(pools, conv, [(f"h{i}", i + 1) for i in range(5)])
+    finally:
+        await w.stop()
+
+
+async def test_a_transient_failure_while_isolating_poison_votes_holds_the_rest(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    ids = IdGenerator()
+    full, fine = ids.next_id(29), ids.next_id(29)  # one physical shard: one transaction
+    physical = pools.for_id(full)
+    async with pools.transaction(physical) as conn:
+        for post, up in ((full, 2_147_483_647), (fine, 0)):
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id, up)
+                   VALUES ($1, 'x', 'c_iso', 't', $1, $2)""",
+                post,
+                up,
+            )
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
+            )
+    worker = ScoresWorker(
+        settings,
+        pools,
+        redis_client,
+        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
+    )
+    tp = TopicPartition("votes", 0)
+    bad = Pending(tp, 0, Vote(full, "u0", 1))
+    good = Pending(tp, 1, Vote(fine, "u0", 1))
+    # The batch overflows `full`'s counter (poison); counting `fine` alone then meets a
+    # serialization failure: a statement trigger that fires only for an UPDATE of `fine`
+    # alone, so the batch's own failure stays the overflow whatever the row order.
+    name = f"t_fault_{secrets.token_hex(4)}"
+    async with pools.connection(physical) as conn:
+        await conn.execute(
+            f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF (SELECT array_agg(id) FROM n) = ARRAY[{fine}::bigint] THEN
+                    RAISE EXCEPTION 'forced by the test' USING ERRCODE = '40001';
+                  END IF;
+                  RETURN NULL;
+                END $$"""
+        )
+        await conn.execute(
+            f"""CREATE TRIGGER {name} AFTER UPDATE ON posts REFERENCING NEW TABLE AS n
+                FOR EACH STATEMENT EXECUTE FUNCTION {name}()"""
+        )
+    try:
+        totals, held, errors, poison = await worker.apply([bad, good])
+    finally:
+        async with pools.connection(physical) as conn:
+            await conn.execute(f"DROP TRIGGER {name} ON posts")
+            await conn.execute(f"DROP FUNCTION {name}()")
+    assert [(p.vote.post, why[:5]) for p, why in poison] == [(full, "22003")]
+    assert held == [good] and totals == []
+    assert [shard for shard, _ in errors] == [pools.names[physical]]
+    assert "40001" in errors[0][1].message
+    # The shard works again: the held vote is counted, once.
+    totals, held, errors, poison = await worker.apply([good])
+    assert [(t.id, t.up) for t in totals] == [(fine, 1)] and not (held or errors or poison)
+    assert await _counters(pools, fine) == (1, 0) and await _counters(pools, full) == (
+        2_147_483_647,
+        0,
+    )

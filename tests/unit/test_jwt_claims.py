@@ -140,3 +140,13 @@ def test_agora_token_carries_the_configured_audience_and_issuer() -> None:
     )
     v = verifier(AGORA_JWT_AUDIENCE="agora", AGORA_JWT_ISSUER="me")
     assert v.verify(out.stdout.strip()).user == "carol"
+
+
+def test_an_exp_past_what_clients_and_encoders_hold_is_refused_not_raised() -> None:
+    # JSON bounds no number: 10^400 made the float conversion raise OverflowError, and
+    # 10^20 passed only to break the hello frame's encoders (64-bit) mid-upgrade.
+    v = verifier()
+    for exp in (10**400, 10**20, 2**64, 2**53):
+        assert refusal(v, token(exp=exp)) == "token exp is out of range", exp
+    far = 2**53 - 1  # the largest a JavaScript client reads exactly: still a valid token
+    assert v.verify(token(exp=far)).exp == far
