@@ -121,6 +121,16 @@ def delivery_gap_s(result: dict[str, Any], after: float) -> float:
     return worst
 
 
+def longest_ack_s(result: dict[str, Any]) -> float:
+    """The longest a send waited for its ack (its retries on other gateways included): a
+    send in flight on a gateway that died waits for its pending record to be taken over
+    (gateway/send.py: PENDING_TAKEOVER_MS), and its conversation's next sends wait on it."""
+    return max(
+        (a["acked"] - a["sent"] for c in result["convs"] for a in c["acked"].values()),
+        default=0.0,
+    )
+
+
 @dataclass
 class Fault:
     name: str
@@ -243,6 +253,7 @@ def run_fault(cluster: Cluster, fault: Fault, hold_s: float, settle_s: float) ->
         "clients_reconnected": moved,
         **recovery,
         "longest_delivery_gap_s": round(delivery_gap_s(result, traffic.started), 2),
+        "longest_ack_s": round(longest_ack_s(result), 2),
         "crashes": cluster.crashed(),
         "ok": not any(counts[k] for k in counts if k != "acked") and not cluster.crashed(),
     }
@@ -283,13 +294,14 @@ def main() -> None:
             r["stored_twice"] + r["wrong_id"],
             r["clients_reconnected"],
             r["longest_delivery_gap_s"],
+            r["longest_ack_s"],
             r.get("redis_failover_s", "-"),
             "ok" if r["ok"] else "FAIL " + "; ".join(r["crashes"]),
         ]
         for r in runs
     ]
     headers = ["fault", "held s", "acked", "lost", "delivered twice", "stored wrong"]
-    headers += ["clients moved", "longest gap s", "failover s", "verdict"]
+    headers += ["clients moved", "longest gap s", "longest ack s", "failover s", "verdict"]
     block = "\n".join(
         [
             f"### Faults on the namespace cluster (`python -m bench.clusterfaults{flag}`)",
@@ -300,6 +312,9 @@ def main() -> None:
             f"link delay: {topology['delay_ms_each_way']} ms each way"
             + (f" ({topology['delay_note']})" if topology["delay_note"] else "")
             + ".",
+            "",
+            "'longest gap': the longest any receiver went without a message; 'longest ack': "
+            "the longest a send waited for its ack, retries on other gateways included.",
             "",
             md_table(headers, rows),
         ]

@@ -1,6 +1,6 @@
 """Moving logical shards to a new PostgreSQL host on the namespace cluster, under traffic.
 
-    python -m bench.clusterreshard
+    python -m bench.clusterreshard [--switch fast|serial] [--drain-window-ms 2000]
 
 docs/operations.md's procedure, step by step, while the load generator sends: pin the map
 (`0-2047=0,2048-4095=1`, what the equal ranges are), add a host pg3 with a new database
@@ -8,31 +8,37 @@ docs/operations.md's procedure, step by step, while the load generator sends: pi
 (sends go on: they wait in Kafka), wait until the copy has caught up, drop the
 subscription, roll every gateway (SIGTERM: its clients move with `since`) and start the
 workers with `0-1023=2,1024-2047=0,2048-4095=1`, then `agora shards prune --apply` on
-databases 0 and 2. Checked at the end: every acked message stored exactly once across the
-three databases, on the one the new map names, under its acked id; every member got every
-acked message exactly once.
+databases 0 and 2. `--switch fast` (the default) overlaps what can overlap safely
+(`_switch_fast`); `serial` is the first version, for comparison. Checked at the end: every
+acked message stored exactly once across the three databases, on the one the new map
+names, under its acked id; every member got every acked message exactly once.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import asyncpg
 import orjson
 
-from bench.cluster import PG_PORT, Cluster, Layout
-from bench.clusterfaults import start_traffic, stop_traffic
+from bench.cluster import PG_PORT, Cluster, Layout, Process
+from bench.clusterfaults import delivery_gap_s, start_traffic, stop_traffic
 from bench.common import conditions, machine, machine_line, md_table, write_results
 from storage.ids import shard_of_id
+from storage.reshard import MOVED_TABLES
 from storage.shards import ShardMap
 
 OLD_MAP = "0-2047=0,2048-4095=1"
 NEW_MAP = "0-1023=2,1024-2047=0,2048-4095=1"
-TABLES = "users, conversations, members, user_conversations, messages, posts, votes"
+TABLES = ", ".join(MOVED_TABLES)
 
 
 async def _sql(dsn: str, sql: str) -> list[asyncpg.Record]:
@@ -64,8 +70,84 @@ def wait_caught_up(dsn_from: str, dsn_to: str, seconds: float) -> None:
         time.sleep(0.1)
 
 
-def move(cluster: Cluster) -> dict[str, float]:
-    """The procedure; returns how long each step took."""
+def _parallel(calls: Sequence[Callable[[], object]]) -> None:
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for future in [pool.submit(c) for c in calls]:
+            future.result()
+
+
+def _new_map(cluster: Cluster, dsn0: str, dsn2: str) -> None:
+    """Once nothing writes to database 0: the copy caught up, the subscription dropped, the
+    new map in the environment of every process started from now on."""
+    wait_caught_up(dsn0, dsn2, 60)
+    sql(dsn2, "DROP SUBSCRIPTION agora_move")
+    sql(dsn0, "DROP PUBLICATION agora_move")
+    cluster.settings_env["AGORA_SHARD_DSNS"] = ",".join(cluster.dsns())
+    cluster.settings_env["AGORA_SHARD_MAP"] = NEW_MAP
+
+
+def _live(cluster: Cluster, prefix: str) -> list[Process]:
+    return [p for p in cluster.procs if p.alive() and p.host.name.startswith(prefix)]
+
+
+def _start_worker(cluster: Cluster, proc: Process) -> None:
+    cluster.start_worker(proc.host.name, proc.name.rsplit("-", 1)[1])
+
+
+def _switch_serial(cluster: Cluster, dsn0: str, dsn2: str, steps: dict[str, float]) -> None:
+    """The first version: every step after the other."""
+    workers, gateways = _live(cluster, "worker"), _live(cluster, "gw")
+    t = time.monotonic()
+    for proc in workers:
+        cluster.stop(proc)
+    steps["  workers stopped"] = time.monotonic() - t
+    t = time.monotonic()
+    _new_map(cluster, dsn0, dsn2)
+    steps["  caught up, subscription dropped"] = time.monotonic() - t
+    t = time.monotonic()
+    for gw in gateways:
+        cluster.stop(gw)  # drains: its clients move to the other gateway with `since`
+        cluster.start_gateway(gw.host.name)
+    steps[f"  {len(gateways)} gateways rolled (one by one, each drained)"] = time.monotonic() - t
+    t = time.monotonic()
+    for proc in workers:
+        _start_worker(cluster, proc)
+    steps["  workers started"] = time.monotonic() - t
+
+
+def _switch_fast(cluster: Cluster, dsn0: str, dsn2: str, steps: dict[str, float]) -> None:
+    """The same switch with every step that can overlap overlapped, and nothing more: no
+    process with the new map starts before the copy is frozen and dropped, and no worker
+    with the new map starts while a gateway with the old one still serves (it would read
+    the moved conversations from the frozen copy on database 0). Gateways are rolled one
+    at a time, so clients always have one to move to."""
+    workers, gateways = _live(cluster, "worker"), _live(cluster, "gw")
+    first, rest = gateways[0], gateways[1:]
+    t = time.monotonic()
+    # The first gateway drains (with the old map everywhere that is harmless) while the
+    # workers stop.
+    _parallel([partial(cluster.stop, first), *(partial(cluster.stop, p) for p in workers)])
+    steps["  workers stopped, first gateway drained"] = time.monotonic() - t
+    t = time.monotonic()
+    _new_map(cluster, dsn0, dsn2)
+    steps["  caught up, subscription dropped"] = time.monotonic() - t
+    t = time.monotonic()
+    cluster.start_gateway(first.host.name)
+    for gw in rest[:-1]:
+        cluster.stop(gw)
+        cluster.start_gateway(gw.host.name)
+    if rest:
+        cluster.stop(rest[-1])  # the last old-map process: its clients move to new ones
+    steps[f"  {len(gateways)} gateways rolled (one by one, each drained)"] = time.monotonic() - t
+    t = time.monotonic()
+    last = [partial(cluster.start_gateway, rest[-1].host.name)] if rest else []
+    _parallel([*last, *(partial(_start_worker, cluster, p) for p in workers)])
+    steps["  workers (and the last gateway) started"] = time.monotonic() - t
+
+
+def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, float]:
+    """The procedure; returns how long each step took (and puts the wall-clock start and
+    end of the switch in `marks`). `fast`: `_switch_fast`, else `_switch_serial`."""
     from devstack import services
     from storage.migrate import migrate_all
 
@@ -86,20 +168,10 @@ def move(cluster: Cluster) -> dict[str, float]:
     wait_caught_up(dsn0, dsn2, 120)  # with writes going on: equal at some instant
     steps["copy (initial sync)"] = time.monotonic() - t
     t = time.monotonic()
-    workers = [p for p in cluster.procs if p.alive() and p.host.name.startswith("worker")]
-    for proc in workers:  # 4. switch: no writes to the shards while the map changes
-        cluster.stop(proc)
-    wait_caught_up(dsn0, dsn2, 60)
-    sql(dsn2, "DROP SUBSCRIPTION agora_move")
-    sql(dsn0, "DROP PUBLICATION agora_move")
-    cluster.settings_env["AGORA_SHARD_DSNS"] = ",".join(cluster.dsns())
-    cluster.settings_env["AGORA_SHARD_MAP"] = NEW_MAP
-    for gw in [p for p in cluster.procs if p.alive() and p.host.name.startswith("gw")]:
-        cluster.stop(gw)  # drains: its clients move to the other gateway with `since`
-        cluster.start_gateway(gw.host.name)
-    for proc in workers:
-        cluster.start_worker(proc.host.name, proc.name.rsplit("-", 1)[1])
-    steps["switch (workers stopped)"] = time.monotonic() - t
+    marks["switch_start"] = time.time()
+    (_switch_fast if fast else _switch_serial)(cluster, dsn0, dsn2, steps)
+    marks["switch_end"] = time.time()
+    steps["switch in all (no deliveries)"] = time.monotonic() - t
     t = time.monotonic()
     for physical in (0, 2):  # 5. prune
         prune = [sys.executable, "-m", "gateway.cli", "shards", "prune"]
@@ -136,30 +208,65 @@ def check_moved(cluster: Cluster, result: dict[str, Any]) -> dict[str, int]:
 
 
 def main() -> None:
-    layout = Layout(gateways=2, workers=1, prefix="agcm", subnet="10.77.4")
+    p = argparse.ArgumentParser(prog="python -m bench.clusterreshard", description=__doc__)
+    p.add_argument(
+        "--switch",
+        choices=("fast", "serial"),
+        default="fast",
+        help="fast: steps overlapped where that is safe; serial: one after another",
+    )
+    p.add_argument(
+        "--drain-window-ms",
+        type=int,
+        default=2000,
+        help="AGORA_DRAIN_WINDOW_MS of the gateways (the roll drains each within it)",
+    )
+    args = p.parse_args()
+    env = {"AGORA_DRAIN_WINDOW_MS": str(args.drain_window_ms)}
+    layout = Layout(gateways=2, workers=1, prefix="agcm", subnet="10.77.4", env=env)
+    marks: dict[str, float] = {}
     with Cluster(layout) as cluster:
         traffic = start_traffic(cluster, "move", per_db=6, interval_ms=100)
         time.sleep(3)
-        steps = move(cluster)
+        steps = move(cluster, marks, args.switch == "fast")
         time.sleep(3)
         result = stop_traffic(cluster, traffic)
         counts = check_moved(cluster, result)
         crashes = cluster.crashed()
     ok = not (counts["lost"] or counts["delivered_twice"] or counts["stored_wrong"] or crashes)
-    run = {"steps_s": {k: round(v, 1) for k, v in steps.items()}, **counts, "crashes": crashes}
+    gap = delivery_gap_s(result, traffic.started)
+    resumed = first_delivery_after(result, marks["switch_end"])
+    run = {
+        "switch": args.switch,
+        "drain_window_ms": args.drain_window_ms,
+        "steps_s": {k: round(v, 1) for k, v in steps.items()},
+        "longest_delivery_gap_s": round(gap, 2),
+        "first_delivery_after_switch_s": round(resumed, 2),
+        **counts,
+        "crashes": crashes,
+    }
     print(orjson.dumps(run).decode())
     m, cond = machine(), conditions()
+    how = "steps overlapped where safe" if args.switch == "fast" else "step after step"
     block = "\n".join(
         [
             "### Moving logical shards to a new PostgreSQL host (`python -m bench.clusterreshard`)",
             "",
             machine_line(m, cond),
             "",
-            f"Logical shards 0-1023 moved from pg1 to a new host pg3 under traffic; "
-            f"{counts['moved_convs']} of the load's conversations moved. "
-            f"Verdict: {'ok' if ok else 'FAIL'}.",
+            f"`{' '.join(['python -m bench.clusterreshard', *sys.argv[1:]])}`: logical shards "
+            f"0-1023 moved from pg1 to a new host pg3 under traffic (2 gateway hosts, 1 worker "
+            f"host, gateways' drain window {args.drain_window_ms} ms, switch {how}); "
+            f"{counts['moved_convs']} of the load's conversations moved. Sends are acked "
+            "throughout (one gateway is always up); deliveries wait in Kafka while the "
+            f"workers are stopped. Longest time any receiver went without a message: "
+            f"**{gap:.1f} s**; the first delivery came {resumed:.1f} s after the last worker "
+            f"logged its start (its consumer joining the group). Verdict: "
+            f"{'ok' if ok else 'FAIL'}. Link delay: none (this kernel has no sch_netem).",
             "",
-            md_table(["step", "seconds"], list(run["steps_s"].items())),
+            md_table(
+                ["step", "seconds"], [[k.replace("  ", "- "), v] for k, v in run["steps_s"].items()]
+            ),
             "",
             md_table(
                 ["acked", "lost", "delivered twice", "stored wrong (not once, on the new map)"],
@@ -172,6 +279,19 @@ def main() -> None:
         {"command": " ".join(sys.argv), "machine": m, "conditions": cond, "run": run},
         block,
     )
+
+
+def first_delivery_after(result: dict[str, Any], when: float) -> float:
+    """Seconds from `when` to the first message any receiver got after it."""
+    times = [
+        t
+        for c in result["convs"]
+        for got in c["received"].values()
+        for ts in got.values()
+        for t in ts
+        if t >= when
+    ]
+    return min(times) - when if times else float("nan")
 
 
 if __name__ == "__main__":

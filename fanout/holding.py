@@ -3,9 +3,10 @@ cannot be applied yet, dead-letter what never can be, commit only what is done.
 
 - **Continuity.** The topics are neither compacted nor transactional, so a partition's
   offsets are contiguous. The worker knows the next offset it expects per partition (from
-  the committed offset when the partition is assigned); a fetched record past it means the
-  fetch skipped records (a broker bug seen in the dev broker), so the worker seeks back and
-  fetches them again, and never commits past them.
+  the committed offset when the partition is assigned); a fetched record past it, or a
+  consumer position past it with no record (a skip at the end of a fetch), means the
+  fetch skipped records (a broker bug seen in the dev broker), so the worker seeks back
+  and fetches them again, and never commits past them.
 - **Holding.** A record whose shard (or Redis, or the dead-letter topic) fails transiently
   is held and retried with capped exponential backoff per shard, while the other shards go
   on; records of a shard waiting out its backoff are held without being tried. A
@@ -219,6 +220,7 @@ class HoldingWorker(Generic[T]):
             # Held records whose backoff has not ended are left alone (no empty rounds).
             if records or self._until_due(loop.time()) == 0:
                 await self.handle(records)
+            await self._check_positions()
 
     def _until_due(self, now: float) -> float | None:
         keys = {r.hold for r in self.held} | ({DEAD_LETTER_KEY} if self.letters else set())
@@ -308,6 +310,23 @@ class HoldingWorker(Generic[T]):
         if skipped is not None:
             await self._heal(tp, skipped, recs[-1].offset)
         return taken
+
+    async def _check_positions(self) -> None:
+        """A fetch whose skip is at its end (a batch that claims offsets past the records it
+        carries, or carries none) moves the consumer's position past those offsets with no
+        later record to show the gap: if nothing follows on that partition, its records
+        would wait for the next one, or for ever. So the position is compared with what
+        was taken, after every round (an in-memory read for an owned partition)."""
+        owned = self.consumer.assignment()
+        for tp, expected in list(self.continuity.expected.items()):
+            if tp not in owned:
+                continue
+            try:
+                position = await asyncio.wait_for(self.consumer.position(tp), 1)
+            except (IllegalStateError, KafkaError, TimeoutError):
+                continue  # revoked meanwhile, or no position yet: nothing fetched to check
+            if position > expected and self.continuity.expected.get(tp) == expected:
+                await self._heal(tp, expected, position - 1)
 
     async def _heal(self, tp: TopicPartition, expected: int, seen: int) -> None:
         try:

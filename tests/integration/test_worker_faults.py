@@ -467,6 +467,74 @@ async def test_a_fetch_that_skips_offsets_is_sought_back_and_nothing_is_lost(
         await producer.stop()
 
 
+async def test_a_fetch_that_skips_its_last_offsets_is_sought_back_with_nothing_after(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """The skip at the end of a fetch: the consumer's position moves past records and no
+    later record comes to show the gap (the last messages of a quiet partition). The
+    worker sees its position past what it took and fetches them again."""
+    isolated = settings.with_overrides(kafka_topic_prefix=f"tail{secrets.token_hex(3)}")
+    await ensure_topics(isolated)
+    topic = messages_topic(isolated)
+    consumer = make_consumer(isolated, topic, fanout_group(isolated))
+    worker = FanoutWorker(isolated, pools, redis_client, consumer)
+    consumer.subscribe([topic], listener=worker.listener())
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    await consumer.start()
+    ids = IdGenerator()
+    conv = ids.next_id(7)
+    async with pools.transaction(pools.for_id(conv)) as conn:
+        await conn.execute(
+            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", conv
+        )
+
+    async def send(i: int) -> tuple[int, int]:
+        m = NewMessage(
+            conv=conv,
+            id=ids.next_id(7),
+            sender="x",
+            cid=f"c{i}",
+            body=f"m{i}",
+            ts=int(time.time() * 1000),
+            kind="text",
+        )
+        meta = await producer.send_and_wait(topic, encode_new_message(m), key=str(conv).encode())
+        return meta.partition, meta.offset
+
+    async def stored() -> int:
+        return len(await messages.after(pools, conv, 0, 100))
+
+    task = asyncio.create_task(worker.run())
+    try:
+        part, first = await send(0)
+        tp = TopicPartition(topic, part)
+        deadline = time.monotonic() + 30
+        while await stored() < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        # The position moves past offsets 1-3, and nothing is ever produced after them.
+        consumer.seek(tp, first + 4)
+        for i in range(1, 4):
+            await send(i)
+        deadline = time.monotonic() + 15
+        while await stored() < 4:
+            assert time.monotonic() < deadline, f"stored {await stored()} of 4"
+            await asyncio.sleep(0.05)
+        got = await messages.after(pools, conv, 0, 100)
+        assert [m.cid for m in got] == [f"c{i}" for i in range(4)]
+        assert worker.skips_healed >= 1
+        deadline = time.monotonic() + 10
+        while await consumer.committed(tp) != first + 4:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        worker.stopping.set()
+        await task
+        await consumer.stop()
+        await producer.stop()
+
+
 # -- the scores worker: poison votes to their dead-letter topic ------------------------------
 
 
