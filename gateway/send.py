@@ -304,6 +304,7 @@ class SendPath:
     async def _publish(self, message: NewMessage, turn: Turn | None = None) -> int:
         """Produce (after the previous send of the connection, given its `turn`) and wait
         for the broker's ack; its partition. Unavailable otherwise."""
+        turn_came = False
         try:
             # One bound for the turn and the append: the time from the claim to the
             # record being in the producer stays what it was when a connection's sends
@@ -311,10 +312,13 @@ class SendPath:
             async with asyncio.timeout(PRODUCE_TIMEOUT_S):
                 if turn is not None:
                     await turn.wait()
+                turn_came = True
                 fut = await self.producer.send(
                     self.topic, encode_new_message(message), key=str(message.conv).encode()
                 )
         except (KafkaError, TimeoutError) as exc:
+            if not turn_came:
+                raise Unavailable("an earlier send of this connection is still in flight") from None
             raise Unavailable(f"message broker unavailable: {type(exc).__name__}") from None
         finally:
             if turn is not None:
