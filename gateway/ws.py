@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -60,6 +61,16 @@ log = logging.getLogger("agora.gateway")
 MAX_PENDING_REQUESTS = 256
 
 
+# A connection's first send in flight is always handled at once (as when requests were
+# handled one at a time); the further ones it pipelines share this node-wide number of
+# slots, a share of the Redis pool (each send holds a pooled connection for its claim and
+# again for its record). Unbounded, 25 pipelining senders on an overloaded node kept every
+# pooled connection busy long enough that the node's own lease renewal timed out for 9 s,
+# and it shed all its connections (bench/RESULTS.md, issue 14, run A3).
+def pipeline_slots(settings: Settings) -> int:
+    return max(1, settings.redis_pool_max // 4)
+
+
 class _ReadLimits:
     __slots__ = ("abuse", "bucket")
 
@@ -89,6 +100,7 @@ class Endpoint:
         self.links: set[WebSocketLink] = set()  # every upgraded socket until it is gone
         self._none_left: asyncio.Event | None = None
         self._opening: set[asyncio.Task[None]] = set()
+        self.send_slots = asyncio.Semaphore(pipeline_slots(settings))
         self.user_cap: UserConnectionCap | None = None
         self.node: Node
         self.handler: RequestHandler
@@ -272,7 +284,8 @@ class Endpoint:
         else:
             conn.requests.append(req)
             if conn.handler_task is None:
-                conn.handler_task = asyncio.create_task(_handle_requests(conn, self.handler))
+                handling = _handle_requests(conn, self.handler, self.send_slots)
+                conn.handler_task = asyncio.create_task(handling)
             elif conn.wake is not None and not conn.wake.done():
                 conn.wake.set_result(None)  # the handler waits for sends in flight: take it
 
@@ -304,7 +317,10 @@ def _pipelined(req: Request) -> bool:
     return isinstance(req, Send) and req.reply_to is None
 
 
-def _start_send(conn: Connection, handler: RequestHandler, req: Send) -> None:
+def _start_send(
+    conn: Connection, handler: RequestHandler, req: Send, slots: asyncio.Semaphore | None
+) -> None:
+    """Handle `req` in a task of its own; `slots`: the node-wide slot it holds, if any."""
     turn = Turn(conn.turn)
     conn.turn = turn
     task = asyncio.create_task(handler.handle(conn, req, turn))
@@ -317,11 +333,15 @@ def _start_send(conn: Connection, handler: RequestHandler, req: Send) -> None:
         if conn.flight.get(cid) is t:
             del conn.flight[cid]
         turn.abandon()  # a task cancelled before the send path took its turn
+        if slots is not None:
+            slots.release()
 
     task.add_done_callback(done)
 
 
-async def _handle_requests(conn: Connection, handler: RequestHandler) -> None:
+async def _handle_requests(
+    conn: Connection, handler: RequestHandler, slots: asyncio.Semaphore
+) -> None:
     """Take a connection's requests in order: plain sends are started at once (pipelined,
     produced in order), any other request after every earlier one has been answered; exists
     only while there are requests waiting or sends in flight."""
@@ -337,7 +357,7 @@ async def _handle_requests(conn: Connection, handler: RequestHandler) -> None:
                 wake = conn.wake = asyncio.get_running_loop().create_future()
                 try:
                     waits = (wake, *flight.values())
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waits, return_when=FIRST_COMPLETED)
                 finally:
                     conn.wake = None
                 continue
@@ -348,8 +368,16 @@ async def _handle_requests(conn: Connection, handler: RequestHandler) -> None:
                 await asyncio.wait((flight[req.cid],))
                 continue
             if _pipelined(req):
+                slot = None
+                if flight:  # a further send in flight: it needs one of the node's slots
+                    if slots.locked():
+                        # Until one of its own sends ends (then a slot, or none needed).
+                        await asyncio.wait(tuple(flight.values()), return_when=FIRST_COMPLETED)
+                        continue
+                    await slots.acquire()  # free: does not wait
+                    slot = slots
                 conn.requests.popleft()
-                _start_send(conn, handler, req)
+                _start_send(conn, handler, req, slot)
                 continue
             if flight:
                 await asyncio.wait(tuple(flight.values()))  # the sends before it answered first
