@@ -185,6 +185,14 @@ class Settings:
         _int_range(1, 10_000),
         "Redis connections per process; callers wait for a free one beyond it.",
     )
+    pipeline_sends: bool = _setting(
+        "AGORA_PIPELINE_SENDS",
+        "false",
+        _bool,
+        "Handle a connection's plain sends concurrently (produced in the order sent, acks "
+        "matched by rid) instead of one request at a time. Off by default until it has run "
+        "as long as the serial path (bench/RESULTS.md, issue 14).",
+    )
     redis_timeout_s: int = _setting(
         "AGORA_REDIS_TIMEOUT_S",
         "5",

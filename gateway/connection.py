@@ -64,6 +64,7 @@ class Connection:
         "close_code",
         "close_reason",
         "codec",
+        "flight",
         "handler_task",
         "id",
         "limits",
@@ -72,7 +73,9 @@ class Connection:
         "requests",
         "subs",
         "token_deadline",
+        "turn",
         "user",
+        "wake",
         "wire",
     )
 
@@ -93,10 +96,16 @@ class Connection:
         self.subs: dict[int, Subscription] = {}
         self.close_code: int | None = None
         self.close_reason = ""
-        self.busy = False  # a request is being handled: a drain closes after its reply
+        self.busy = False  # requests are being handled: a drain closes after their replies
         self.pending_close: int | None = None
         self.requests: deque[Any] = deque()  # parsed requests waiting to be handled
         self.handler_task: asyncio.Task[None] | None = None
+        # Pipelined sends being handled, by cid (gateway/ws.py), the last one's produce
+        # turn (gateway/sendorder.py), and what wakes the handler when a request arrives
+        # while it waits for them.
+        self.flight: dict[str, asyncio.Task[None]] = {}
+        self.turn: Any = None
+        self.wake: asyncio.Future[None] | None = None
         self.limits: Any = None  # the read side's per-connection rate limits (gateway.ws)
         # Wall-clock second at which the session's token runs out (gateway.expiry).
         self.token_deadline = float("inf")
@@ -135,7 +144,7 @@ class Connection:
         self._paused_frames = 0
 
     def close_when_idle(self, code: int) -> None:
-        """Close now, or right after the request in flight has been answered."""
+        """Close now, or right after the requests in flight have been answered."""
         if self.busy:
             self.pending_close = code
         else:

@@ -40,6 +40,7 @@ from gateway.access import Access
 from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
 from gateway.lookups import StoredLookups
+from gateway.sendorder import Turn
 from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys
@@ -156,13 +157,19 @@ class SendPath:
         kind: str,
         ref: int | None = None,
         reply_to: int | None = None,
+        turn: Turn | None = None,
     ) -> Accepted:
         """Accept one message (or an event of gateway/events.py: `ref` is its target);
         runs to its end even when the caller is cancelled (its client went away): a
         claimed cid must end acked or failed, or the client's retry would find it pending
-        with nobody left to finish it."""
-        task = asyncio.ensure_future(self._send(user, conv, cid, body, kind, ref, reply_to))
+        with nobody left to finish it. With a `turn` (gateway/sendorder.py) the message is
+        handed to the producer only after the previous send of its connection was; the
+        turn is released once this one's record is appended or it ends without one."""
+        task = asyncio.ensure_future(self._send(user, conv, cid, body, kind, ref, reply_to, turn))
         task.add_done_callback(_retrieve)
+        if turn is not None:
+            turn.held = True
+            task.add_done_callback(lambda _: turn.release())
         return await asyncio.shield(task)
 
     async def _send(
@@ -174,6 +181,7 @@ class SendPath:
         kind: str,
         ref: int | None = None,
         reply_to: int | None = None,
+        turn: Turn | None = None,
     ) -> Accepted:
         wait_ms = self._local.take(user, time.monotonic())
         if wait_ms:
@@ -196,7 +204,7 @@ class SendPath:
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
-                return await self._produce(key, message, record, fresh, self.epochs[bucket])
+                return await self._produce(key, message, record, fresh, self.epochs[bucket], turn)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
@@ -240,7 +248,13 @@ class SendPath:
         return parse_record(_text(raw)), int(produce) in (1, 3), int(produce) == 1
 
     async def _produce(
-        self, key: str, message: NewMessage, record: Record, fresh: bool, watch: EpochWatch
+        self,
+        key: str,
+        message: NewMessage,
+        record: Record,
+        fresh: bool,
+        watch: EpochWatch,
+        turn: Turn | None = None,
     ) -> Accepted:
         """Produce the message and, meanwhile, read the shard for a copy stored earlier;
         answer with the id that is (or will be) stored."""
@@ -249,7 +263,7 @@ class SendPath:
         lookup = asyncio.ensure_future(self._stored(message))
         lookup.add_done_callback(_consume)
         try:
-            partition = await self._publish(message)
+            partition = await self._publish(message, turn)
         except Unavailable:
             try:
                 found = await lookup
@@ -287,17 +301,28 @@ class SendPath:
         self.acked += 1
         return stored
 
-    async def _publish(self, message: NewMessage) -> int:
-        """Produce and wait for the broker's ack; its partition. Unavailable otherwise."""
+    async def _publish(self, message: NewMessage, turn: Turn | None = None) -> int:
+        """Produce (after the previous send of the connection, given its `turn`) and wait
+        for the broker's ack; its partition. Unavailable otherwise."""
+        turn_came = False
         try:
-            fut = await asyncio.wait_for(
-                self.producer.send(
+            # One bound for the turn and the append: the time from the claim to the
+            # record being in the producer stays what it was when a connection's sends
+            # were handled one at a time (a pending record must not outlive its attempt).
+            async with asyncio.timeout(PRODUCE_TIMEOUT_S):
+                if turn is not None:
+                    await turn.wait()
+                turn_came = True
+                fut = await self.producer.send(
                     self.topic, encode_new_message(message), key=str(message.conv).encode()
-                ),
-                PRODUCE_TIMEOUT_S,
-            )
+                )
         except (KafkaError, TimeoutError) as exc:
+            if not turn_came:
+                raise Unavailable("an earlier send of this connection is still in flight") from None
             raise Unavailable(f"message broker unavailable: {type(exc).__name__}") from None
+        finally:
+            if turn is not None:
+                turn.release()  # appended (or never will be): the next send may produce
         # Not wait_for: cancelling the delivery future would not take the record back. A
         # copy acknowledged after this gives up is stored under this record's id, which
         # the failed record keeps: the retry produces it again and finds it on the shard.

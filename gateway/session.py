@@ -1,7 +1,8 @@
 """Handling one client request on a connection: the glue between frames and the node.
 
-Requests of one connection are handled in order (a client's sends reach Kafka in the order
-it made them); errors become `err` frames and the connection stays open.
+gateway/ws.py decides what runs when: a connection's plain sends are pipelined (each with
+a `Turn` that keeps their produce order, gateway/sendorder.py), every other request is
+handled alone. Errors become `err` frames and the connection stays open.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gateway.protocol.frames import (
 )
 from gateway.readstate import ReadPath
 from gateway.send import Accepted, SendPath
+from gateway.sendorder import Turn
 
 log = logging.getLogger("agora.gateway")
 
@@ -64,9 +66,10 @@ class RequestHandler:
         self.events = EventPath(access.pools, access, send_path)
         self.reads = ReadPath(node, access)
 
-    async def handle(self, conn: Connection, req: Request) -> None:
+    async def handle(self, conn: Connection, req: Request, turn: Turn | None = None) -> None:
+        """Handle `req` and answer it; `turn`: a pipelined plain send's produce order."""
         try:
-            await self._handle(conn, req)
+            await self._handle(conn, req, turn)
         except AgoraError as exc:
             conn.push_frame(frames.err(req.rid, exc))
         except (OSError, aioredis.RedisError) as exc:
@@ -75,7 +78,7 @@ class RequestHandler:
             log.exception("conn %d: %s failed", conn.id, type(req).__name__)
             conn.push_frame(frames.err(req.rid, Internal("internal error")))
 
-    async def _handle(self, conn: Connection, req: Request) -> None:
+    async def _handle(self, conn: Connection, req: Request, turn: Turn | None) -> None:
         if isinstance(req, Ping):
             conn.push_frame(frames.pong(req.rid))
         elif isinstance(req, Send) and req.reply_to is not None:
@@ -84,7 +87,9 @@ class RequestHandler:
             )
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Send):
-            accepted = await self.send_path.send(conn.user, req.conv, req.cid, req.body, req.kind)
+            accepted = await self.send_path.send(
+                conn.user, req.conv, req.cid, req.body, req.kind, turn=turn
+            )
             conn.push_frame(frames.ack(req.rid, req.cid, accepted.id, accepted.ts))
         elif isinstance(req, Read):
             await self.reads.read(conn.user, req.conv, req.seq)

@@ -3,8 +3,17 @@
 `gateway.transport` hands every checked upgrade to `Endpoint.upgrade` and every whole data
 message to `Endpoint.message`. Reading never waits for handling: a message is decoded,
 rate-limited and queued synchronously as it arrives, and one task per connection, alive
-only while requests wait, handles them in order. So a pipelining client's pongs and close
-frames are still read while its sends are being handled.
+only while requests wait or are being handled, takes them in order. So a pipelining
+client's pongs and close frames are still read while its sends are being handled.
+
+With AGORA_PIPELINE_SENDS (off by default), plain sends (no `reply_to`) are pipelined:
+each is handled in a task of its own as soon as it is taken, so one slow ack does not hold
+up the sends behind it, and their produce order is kept by a `Turn` each
+(gateway/sendorder.py): a client's messages reach Kafka in the order it sent them. Every
+other request (and a send repeating the cid of one still in flight) waits until the sends
+before it have been answered, and is handled alone; the requests behind it wait for it.
+Acks may therefore come back out of order; every reply carries its request's `rid`
+(docs/protocol.md). Without the setting every request is handled alone, in order.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -25,8 +35,16 @@ from gateway.expiry import TokenExpiry
 from gateway.limits import AbusePolicy, TokenBucket
 from gateway.protocol import codec as codecs
 from gateway.protocol import frames
-from gateway.protocol.frames import CloseCode, FrameError, ProtocolViolation, parse_request
+from gateway.protocol.frames import (
+    CloseCode,
+    FrameError,
+    ProtocolViolation,
+    Request,
+    Send,
+    parse_request,
+)
 from gateway.protocol.websocket import Upgrade
+from gateway.sendorder import Turn
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
@@ -37,10 +55,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agora.gateway")
 
-# Requests a connection may have waiting behind the one being handled. Reading never waits
-# for handling: the server keeps reading (and so sees the client's pongs) while a pipelining
-# client's sends queue up; past this many, further requests are refused, not buffered.
+# Requests a connection may have waiting or in flight (pipelined sends being handled),
+# besides a request handled alone. Reading never waits for handling: the server keeps
+# reading (and so sees the client's pongs) while a pipelining client's sends queue up;
+# past this many, further requests are refused, not buffered.
 MAX_PENDING_REQUESTS = 256
+
+
+# A connection's first send in flight is always handled at once (as when requests were
+# handled one at a time); the further ones it pipelines share this node-wide number of
+# slots, a share of the Redis pool (each send holds a pooled connection for its claim and
+# again for its record). Unbounded, 25 pipelining senders on an overloaded node kept every
+# pooled connection busy long enough that the node's own lease renewal timed out for 9 s,
+# and it shed all its connections (bench/RESULTS.md, issue 14, run A3).
+def pipeline_slots(settings: Settings) -> int:
+    return max(1, settings.redis_pool_max // 4)
 
 
 class _ReadLimits:
@@ -72,6 +101,7 @@ class Endpoint:
         self.links: set[WebSocketLink] = set()  # every upgraded socket until it is gone
         self._none_left: asyncio.Event | None = None
         self._opening: set[asyncio.Task[None]] = set()
+        self.send_slots = asyncio.Semaphore(pipeline_slots(settings))
         self.user_cap: UserConnectionCap | None = None
         self.node: Node
         self.handler: RequestHandler
@@ -248,14 +278,19 @@ class Endpoint:
             return
         if conn.pending_close is not None:
             conn.push_frame(frames.err(req.rid, Unavailable("server shutting down")))
-        elif len(conn.requests) >= MAX_PENDING_REQUESTS:
+        elif len(conn.requests) + len(conn.flight) >= MAX_PENDING_REQUESTS:
             conn.push_frame(
                 frames.err(req.rid, RateLimited("too many requests in flight", retry_after_ms=100))
             )
         else:
             conn.requests.append(req)
             if conn.handler_task is None:
-                conn.handler_task = asyncio.create_task(_handle_requests(conn, self.handler))
+                handling = _handle_requests(
+                    conn, self.handler, self.send_slots, self.settings.pipeline_sends
+                )
+                conn.handler_task = asyncio.create_task(handling)
+            elif conn.wake is not None and not conn.wake.done():
+                conn.wake.set_result(None)  # the handler waits for sends in flight: take it
 
 
 def _rid_of(frame: object) -> int | None:
@@ -274,19 +309,90 @@ def _query_token(query: bytes) -> str | None:
     return values[0] if values else None
 
 
-async def _handle_requests(conn: Connection, handler: RequestHandler) -> None:
-    """Handle a connection's requests one at a time, in order (a client's sends reach Kafka
-    in the order it made them); exists only while there are requests."""
+# The pipelined sends' tasks (the loop holds tasks weakly). They are not cancelled when
+# their connection goes: a send runs to its end anyway (gateway/send.py), and the turns of
+# the sends after it must be released in order.
+_sends: set[asyncio.Task[None]] = set()
+
+
+def _pipelined(req: Request) -> bool:
+    """A send handled beside the others: a plain one (a reply checks its target first)."""
+    return isinstance(req, Send) and req.reply_to is None
+
+
+def _start_send(
+    conn: Connection, handler: RequestHandler, req: Send, slots: asyncio.Semaphore | None
+) -> None:
+    """Handle `req` in a task of its own; `slots`: the node-wide slot it holds, if any."""
+    turn = Turn(conn.turn)
+    conn.turn = turn
+    task = asyncio.create_task(handler.handle(conn, req, turn))
+    _sends.add(task)
+    conn.flight[req.cid] = task
+    cid = req.cid
+
+    def done(t: asyncio.Task[None]) -> None:
+        _sends.discard(t)
+        if conn.flight.get(cid) is t:
+            del conn.flight[cid]
+        turn.abandon()  # a task cancelled before the send path took its turn
+        if slots is not None:
+            slots.release()
+
+    task.add_done_callback(done)
+
+
+async def _handle_requests(
+    conn: Connection, handler: RequestHandler, slots: asyncio.Semaphore, pipeline: bool
+) -> None:
+    """Take a connection's requests in order: with `pipeline` (AGORA_PIPELINE_SENDS) plain
+    sends are started at once (pipelined, produced in order), any other request after every
+    earlier one has been answered; without it every request is handled alone, one at a
+    time. Exists only while there are requests waiting or sends in flight."""
     logs.bind_connection(conn.id)  # this task's log lines carry the connection's id
+    conn.busy = True
+    flight = conn.flight
     try:
-        while conn.requests and conn.close_code is None and conn.pending_close is None:
-            conn.busy = True
-            try:
-                await handler.handle(conn, conn.requests.popleft())
-            finally:
-                conn.busy = False
+        while conn.close_code is None and conn.pending_close is None:
+            if not conn.requests:
+                if not flight:
+                    break
+                # Wait for a send to end or a request to arrive (Endpoint.message wakes us).
+                wake = conn.wake = asyncio.get_running_loop().create_future()
+                try:
+                    waits = (wake, *flight.values())
+                    await asyncio.wait(waits, return_when=FIRST_COMPLETED)
+                finally:
+                    conn.wake = None
+                continue
+            req = conn.requests[0]
+            if isinstance(req, Send) and req.cid in flight:
+                # The same cid again while its first send is in flight: after it, so it gets
+                # that send's id (its record is acked or failed by then, never pending).
+                await asyncio.wait((flight[req.cid],))
+                continue
+            if pipeline and _pipelined(req):
+                slot = None
+                if flight:  # a further send in flight: it needs one of the node's slots
+                    if slots.locked():
+                        # Until one of its own sends ends (then a slot, or none needed).
+                        await asyncio.wait(tuple(flight.values()), return_when=FIRST_COMPLETED)
+                        continue
+                    await slots.acquire()  # free: does not wait
+                    slot = slots
+                conn.requests.popleft()
+                _start_send(conn, handler, req, slot)
+                continue
+            if flight:
+                await asyncio.wait(tuple(flight.values()))  # the sends before it answered first
+                continue
+            conn.requests.popleft()
+            await handler.handle(conn, req)
         if conn.pending_close is not None and conn.close_code is None:
+            if flight:  # their replies go out before the close
+                await asyncio.wait(tuple(flight.values()))
             conn.requests.clear()  # never accepted: the client retries them elsewhere
-            conn.close(conn.pending_close, "server shutting down")  # after the reply
+            conn.close(conn.pending_close, "server shutting down")  # after the replies
     finally:
+        conn.busy = False
         conn.handler_task = None

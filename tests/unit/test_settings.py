@@ -100,6 +100,7 @@ BAD_VALUES = [
     ("AGORA_LOGICAL_SHARDS", "4096.0"),
     ("AGORA_KAFKA_IDEMPOTENCE", "maybe"),
     ("AGORA_REDIS_CLUSTER", "sometimes"),
+    ("AGORA_PIPELINE_SENDS", "maybe"),
     ("AGORA_KAFKA_IDEMPOTENCE", ""),
     ("AGORA_DEV_TOKENS", "2"),
     ("AGORA_JWT_ALGORITHMS", "none"),
