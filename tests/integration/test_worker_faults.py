@@ -11,6 +11,7 @@ databases on the private PostgreSQL of AGORA_TEST_PG are touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -399,72 +400,96 @@ def _restarts(port: int) -> float:
 # -- a fetch that skips offsets is healed ----------------------------------------------------
 
 
-async def test_a_fetch_that_skips_offsets_is_sought_back_and_nothing_is_lost(
-    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
-) -> None:
-    isolated = settings.with_overrides(kafka_topic_prefix=f"skip{secrets.token_hex(3)}")
-    await ensure_topics(isolated)
-    topic = messages_topic(isolated)
-    consumer = make_consumer(isolated, topic, fanout_group(isolated))
-    worker = FanoutWorker(isolated, pools, redis_client, consumer)
-    consumer.subscribe([topic], listener=worker.listener())
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    await consumer.start()
-    ids = IdGenerator()
-    conv = ids.next_id(7)
-    async with pools.transaction(pools.for_id(conv)) as conn:
-        await conn.execute(
-            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", conv
-        )
+class IsolatedWorker:
+    """A fan-out worker run in this process on a topic of its own, one conversation, and a
+    producer writing that conversation's records straight to the topic."""
 
-    async def send(i: int) -> tuple[int, int]:
+    def __init__(
+        self, settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, tag: str
+    ) -> None:
+        isolated = settings.with_overrides(kafka_topic_prefix=f"{tag}{secrets.token_hex(3)}")
+        self.settings = isolated
+        self.pools = pools
+        self.topic = messages_topic(isolated)
+        self.consumer = make_consumer(isolated, self.topic, fanout_group(isolated))
+        self.worker = FanoutWorker(isolated, pools, redis_client, self.consumer)
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        self.ids = IdGenerator()
+        self.conv = self.ids.next_id(7)
+
+    async def send(self, i: int) -> tuple[int, int]:
+        """Produce message `c{i}`; its (partition, offset)."""
         m = NewMessage(
-            conv=conv,
-            id=ids.next_id(7),
+            conv=self.conv,
+            id=self.ids.next_id(7),
             sender="x",
             cid=f"c{i}",
             body=f"m{i}",
             ts=int(time.time() * 1000),
             kind="text",
         )
-        meta = await producer.send_and_wait(topic, encode_new_message(m), key=str(conv).encode())
+        meta = await self.producer.send_and_wait(
+            self.topic, encode_new_message(m), key=str(self.conv).encode()
+        )
         return meta.partition, meta.offset
 
-    task = asyncio.create_task(worker.run())
+    async def stored(self) -> int:
+        return len(await messages.after(self.pools, self.conv, 0, 100))
+
+    async def until_stored(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.stored() < count:
+            assert time.monotonic() < deadline, f"stored {await self.stored()} of {count}"
+            await asyncio.sleep(0.05)
+
+    async def until_committed(self, tp: TopicPartition, offset: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.consumer.committed(tp) != offset:
+            assert time.monotonic() < deadline, f"committed {await self.consumer.committed(tp)}"
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def isolated_worker(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, tag: str
+) -> AsyncIterator[IsolatedWorker]:
+    w = IsolatedWorker(settings, pools, redis_client, tag)
+    await ensure_topics(w.settings)
+    w.consumer.subscribe([w.topic], listener=w.worker.listener())
+    await w.producer.start()
+    await w.consumer.start()
+    async with pools.transaction(pools.for_id(w.conv)) as conn:
+        await conn.execute(
+            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", w.conv
+        )
+    task = asyncio.create_task(w.worker.run())
     try:
-        part, first = await send(0)
-        tp = TopicPartition(topic, part)
+        yield w
+    finally:
+        w.worker.stopping.set()
+        await task
+        await w.consumer.stop()
+        await w.producer.stop()
 
-        async def stored() -> int:
-            return len(await messages.after(pools, conv, 0, 100))
 
-        deadline = time.monotonic() + 30
-        while await stored() < 1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+async def test_a_fetch_that_skips_offsets_is_sought_back_and_nothing_is_lost(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    async with isolated_worker(settings, pools, redis_client, "skip") as w:
+        part, first = await w.send(0)
+        tp = TopicPartition(w.topic, part)
+        await w.until_stored(1, 30)
         # What the broker did in issue 18: the next fetch starts past records it has.
-        consumer.seek(tp, first + 4)
+        w.consumer.seek(tp, first + 4)
         for i in range(1, 8):
-            await send(i)
-        deadline = time.monotonic() + 30
-        while await stored() < 8:
-            assert time.monotonic() < deadline, f"stored {await stored()} of 8"
-            await asyncio.sleep(0.05)
-        got = await messages.after(pools, conv, 0, 100)
+            await w.send(i)
+        await w.until_stored(8, 30)
+        got = await messages.after(pools, w.conv, 0, 100)
         assert [m.cid for m in got] == [f"c{i}" for i in range(8)]
         assert [m.seq for m in got] == list(range(1, 9))
-        assert worker.skips_healed >= 1
+        assert w.worker.skips_healed >= 1
         # Nothing was committed past the skip: the group's offset is the end.
-        deadline = time.monotonic() + 10
-        while await consumer.committed(tp) != first + 8:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-    finally:
-        worker.stopping.set()
-        await task
-        await consumer.stop()
-        await producer.stop()
+        await w.until_committed(tp, first + 8, 10)
 
 
 async def test_a_fetch_that_skips_its_last_offsets_is_sought_back_with_nothing_after(
@@ -473,66 +498,19 @@ async def test_a_fetch_that_skips_its_last_offsets_is_sought_back_with_nothing_a
     """The skip at the end of a fetch: the consumer's position moves past records and no
     later record comes to show the gap (the last messages of a quiet partition). The
     worker sees its position past what it took and fetches them again."""
-    isolated = settings.with_overrides(kafka_topic_prefix=f"tail{secrets.token_hex(3)}")
-    await ensure_topics(isolated)
-    topic = messages_topic(isolated)
-    consumer = make_consumer(isolated, topic, fanout_group(isolated))
-    worker = FanoutWorker(isolated, pools, redis_client, consumer)
-    consumer.subscribe([topic], listener=worker.listener())
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    await consumer.start()
-    ids = IdGenerator()
-    conv = ids.next_id(7)
-    async with pools.transaction(pools.for_id(conv)) as conn:
-        await conn.execute(
-            "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'x')", conv
-        )
-
-    async def send(i: int) -> tuple[int, int]:
-        m = NewMessage(
-            conv=conv,
-            id=ids.next_id(7),
-            sender="x",
-            cid=f"c{i}",
-            body=f"m{i}",
-            ts=int(time.time() * 1000),
-            kind="text",
-        )
-        meta = await producer.send_and_wait(topic, encode_new_message(m), key=str(conv).encode())
-        return meta.partition, meta.offset
-
-    async def stored() -> int:
-        return len(await messages.after(pools, conv, 0, 100))
-
-    task = asyncio.create_task(worker.run())
-    try:
-        part, first = await send(0)
-        tp = TopicPartition(topic, part)
-        deadline = time.monotonic() + 30
-        while await stored() < 1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+    async with isolated_worker(settings, pools, redis_client, "tail") as w:
+        part, first = await w.send(0)
+        tp = TopicPartition(w.topic, part)
+        await w.until_stored(1, 30)
         # The position moves past offsets 1-3, and nothing is ever produced after them.
-        consumer.seek(tp, first + 4)
+        w.consumer.seek(tp, first + 4)
         for i in range(1, 4):
-            await send(i)
-        deadline = time.monotonic() + 15
-        while await stored() < 4:
-            assert time.monotonic() < deadline, f"stored {await stored()} of 4"
-            await asyncio.sleep(0.05)
-        got = await messages.after(pools, conv, 0, 100)
+            await w.send(i)
+        await w.until_stored(4, 15)
+        got = await messages.after(pools, w.conv, 0, 100)
         assert [m.cid for m in got] == [f"c{i}" for i in range(4)]
-        assert worker.skips_healed >= 1
-        deadline = time.monotonic() + 10
-        while await consumer.committed(tp) != first + 4:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-    finally:
-        worker.stopping.set()
-        await task
-        await consumer.stop()
-        await producer.stop()
+        assert w.worker.skips_healed >= 1
+        await w.until_committed(tp, first + 4, 10)
 
 
 # -- the scores worker: poison votes to their dead-letter topic ------------------------------
