@@ -33,6 +33,19 @@ async def create_group(
     return conv
 
 
+async def create_direct(
+    http: httpx.AsyncClient, stack: Stack, node: Proc, owner: str, other: str
+) -> str:
+    r = await http.post(
+        f"{node.http_url}/v1/conversations",
+        json={"kind": "direct", "members": [other]},
+        headers={"Authorization": f"Bearer {stack.token(owner)}"},
+    )
+    assert r.status_code in (200, 201), r.text
+    conv: str = r.json()["id"]
+    return conv
+
+
 async def collect(
     client: AgoraClient, conv: str, count: int, timeout: float
 ) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from storage import messages
 from storage.ids import IdGenerator, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
-from tests.integration.helpers import auth, collect, create_group, uid
+from tests.integration.helpers import auth, collect, create_direct, create_group, uid
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -92,12 +92,7 @@ async def test_a_dm_or_mention_to_an_offline_user_waits_in_the_inbox(
     stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient
 ) -> None:
     a, away = uid("a"), uid("away")
-    r = await http.post(
-        f"{g1.http_url}/v1/conversations",
-        json={"kind": "direct", "members": [away]},
-        headers=auth(stack, a),
-    )
-    dm = r.json()["id"]
+    dm = await create_direct(http, stack, g1, a, away)
     group = await create_group(http, stack, g1, a, [away])
     ca = await AgoraClient.connect(g1.ws_url, stack.token(a))
     await ca.sub(dm)
@@ -179,12 +174,7 @@ async def test_when_redis_cannot_say_who_is_online_every_dm_is_kept(
     from storage.redis_keys import RedisKeys
 
     a, b = uid("a"), uid("b")
-    r = await http.post(
-        f"{g1.http_url}/v1/conversations",
-        json={"kind": "direct", "members": [b]},
-        headers=auth(stack, a),
-    )
-    conv = int(r.json()["id"])
+    conv = int(await create_direct(http, stack, g1, a, b))
     m = Message(conv, ids.next_id(shard_of_id(conv)), 1, a, "hello", 1, "c", "text", dm_to=b)
     dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
     try:
@@ -215,12 +205,7 @@ async def test_a_dm_stored_by_a_worker_that_died_before_its_inbox_entry_gets_it_
     from fanout.kafka import messages_topic
 
     a, b = uid("a"), uid("b")
-    r = await http.post(
-        f"{g1.http_url}/v1/conversations",
-        json={"kind": "direct", "members": [b]},
-        headers=auth(stack, a),
-    )
-    conv = int(r.json()["id"])
+    conv = int(await create_direct(http, stack, g1, a, b))
     m = NewMessage(conv, ids.next_id(shard_of_id(conv)), a, "died", "are you there", 1, "text")
     async with pools.transaction(pools.for_id(conv)) as conn:  # the first attempt's commit
         stored, _, _ = await messages.append_batch(conn, [m])
