@@ -4,10 +4,12 @@
 
 docs/operations.md's procedure, step by step, while the load generator sends: pin the map
 (`0-2047=0,2048-4095=1`, what the equal ranges are), add a host pg3 with a new database
-(migrated), copy database 0 into it with PostgreSQL logical replication, stop the workers
-(sends go on: they wait in Kafka), wait until the copy has caught up, drop the
+(migrated), copy database 0 into it with PostgreSQL logical replication, fence the moving
+range on database 0 (`agora shards fence`), stop the workers (sends go on: they wait in
+Kafka), wait until the copy has caught up, drop the
 subscription, roll every gateway (SIGTERM: its clients move with `since`) and start the
-workers with `0-1023=2,1024-2047=0,2048-4095=1`, then `agora shards prune --apply` on
+workers with `0-1023=2,1024-2047=0,2048-4095=1`, take the fence down, then
+`agora shards prune --apply` on
 databases 0 and 2. `--switch fast` (the default) overlaps what can overlap safely
 (`_switch_fast`); `serial` is the first version, for comparison. Checked at the end: every
 acked message stored exactly once across the three databases, on the one the new map
@@ -145,6 +147,16 @@ def _switch_fast(cluster: Cluster, dsn0: str, dsn2: str, steps: dict[str, float]
     steps["  workers (and the last gateway) started"] = time.monotonic() - t
 
 
+def _agora(cluster: Cluster, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env=cluster.agora_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, float]:
     """The procedure; returns how long each step took (and puts the wall-clock start and
     end of the switch in `marks`). `fast`: `_switch_fast`, else `_switch_serial`."""
@@ -169,19 +181,15 @@ def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, flo
     steps["copy (initial sync)"] = time.monotonic() - t
     t = time.monotonic()
     marks["switch_start"] = time.time()
+    # 4. The fence first: nothing an old-map process writes to 0-1023 may land on pg1's copy.
+    _agora(cluster, "shards", "fence", "--physical", "0", "--range", "0-1023")
     (_switch_fast if fast else _switch_serial)(cluster, dsn0, dsn2, steps)
+    _agora(cluster, "shards", "unfence", "--physical", "0")
     marks["switch_end"] = time.time()
     steps["switch in all (no deliveries)"] = time.monotonic() - t
     t = time.monotonic()
     for physical in (0, 2):  # 5. prune
-        prune = [sys.executable, "-m", "gateway.cli", "shards", "prune"]
-        subprocess.run(
-            [*prune, "--physical", str(physical), "--apply"],
-            env=cluster.agora_env(),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        _agora(cluster, "shards", "prune", "--physical", str(physical), "--apply")
     steps["prune 0 and 2"] = time.monotonic() - t
     return steps
 

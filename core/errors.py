@@ -77,8 +77,10 @@ class Unavailable(AgoraError):
 class ShardUnavailable(Unavailable):
     """One physical shard database cannot be reached; other shards keep working."""
 
-    def __init__(self, shard_name: str, cause: BaseException | None = None) -> None:
-        detail = f": {type(cause).__name__}" if cause is not None else ""
+    def __init__(
+        self, shard_name: str, cause: BaseException | None = None, *, reason: str = ""
+    ) -> None:
+        detail = f": {reason or type(cause).__name__}" if cause is not None or reason else ""
         super().__init__(f"shard {shard_name} is unavailable{detail}")
         self.shard_name = shard_name
 

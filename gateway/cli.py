@@ -8,6 +8,8 @@ agora scores [--workers N]      the scores workers (vote counters, feeds, score 
 agora dlq list|replay           what the workers dead-lettered; re-submit it once fixed
 agora dev                       services + migrate + a gateway, a fan-out and a scores worker
 agora token USER                a signed dev token (HS256, AGORA_JWT_SECRET)
+agora shards fence --physical N --range LO-HI   during a shard move: refuse its writes there
+agora shards unfence|status --physical N        take the fence down; show it
 agora shards prune --physical N  after a shard move: drop rows mapped elsewhere (--apply)
 agora posts recount POST_ID...  repair: set posts' vote counters from their vote rows
 agora --version                 the version (also in GET /healthz)
@@ -165,12 +167,54 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_ranges(text: str) -> list[int]:
+    """`0-1023,2000-2047,4000` -> the logical shards it names."""
+    shards: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a shard range: {part.strip()!r}") from None
+        if first > last:
+            raise argparse.ArgumentTypeError(f"empty shard range: {part.strip()!r}")
+        shards.extend(range(first, last + 1))
+    return shards
+
+
 def cmd_shards(args: argparse.Namespace) -> int:
-    """After a logical shard move: rows a physical database holds for shards mapped away."""
+    """A logical shard move's steps on one physical database: the write fence for the
+    switch (fence, unfence, status), then the rows it holds for shards mapped away (prune)."""
+    from storage import fence
     from storage.pools import ShardPools
     from storage.reshard import prune
 
     settings = _settings()
+
+    async def act(pools: ShardPools) -> int:
+        n = args.physical
+        if args.action == "fence":
+            if not args.range:
+                print("agora: shards fence needs --range LO-HI", file=sys.stderr)
+                return 2
+            try:
+                await fence.fence(pools, n, args.range)
+            except ValueError as exc:
+                print(f"agora: {exc}", file=sys.stderr)
+                return 2
+            print(f"physical {n}: fenced {_ranges_text(args.range)} and user-keyed writes")
+        elif args.action == "unfence":
+            was = await fence.unfence(pools, n)
+            print(f"physical {n}: " + ("fence taken down" if was else "no fence stood"))
+        elif args.action == "status":
+            shards = await fence.fenced(pools, n)
+            print(f"physical {n}: " + (f"fenced {_ranges_text(shards)}" if shards else "no fence"))
+        else:
+            result = await prune(pools, n, dry_run=not args.apply)
+            verb = "deleted" if args.apply else "would delete (dry run; --apply deletes)"
+            for table, rows in result.rows.items():
+                print(f"physical {n} {table}: {verb} {rows} rows")
+        return 0
 
     async def run() -> int:
         pools = ShardPools(settings)
@@ -178,15 +222,22 @@ def cmd_shards(args: argparse.Namespace) -> int:
             if not 0 <= args.physical < pools.physical_count:
                 print(f"agora: no physical shard {args.physical}", file=sys.stderr)
                 return 2
-            result = await prune(pools, args.physical, dry_run=not args.apply)
+            return await act(pools)
         finally:
             await pools.close()
-        verb = "deleted" if args.apply else "would delete (dry run; --apply deletes)"
-        for table, n in result.rows.items():
-            print(f"physical {args.physical} {table}: {verb} {n} rows")
-        return 0
 
     return asyncio.run(run())
+
+
+def _ranges_text(shards: list[int]) -> str:
+    """[0, 1, 2, 7] -> '0-2,7'."""
+    parts: list[str] = []
+    for s in sorted(set(shards)):
+        if parts and int(parts[-1].rpartition("-")[2]) == s - 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{s}"
+        else:
+            parts.append(str(s))
+    return ",".join(parts)
 
 
 def cmd_posts(args: argparse.Namespace) -> int:
@@ -322,10 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_dlq)
 
-    p = sub.add_parser("shards", help="shard maintenance (after moving logical shards)")
-    p.add_argument("action", choices=["prune"])
+    p = sub.add_parser("shards", help="moving logical shards (docs/operations.md)")
+    p.add_argument("action", choices=["fence", "unfence", "status", "prune"])
     p.add_argument("--physical", type=int, required=True, help="index in AGORA_SHARD_DSNS")
-    p.add_argument("--apply", action="store_true", help="delete (default: count only)")
+    p.add_argument(
+        "--range", type=_shard_ranges, help="fence: the logical shards, LO-HI[,LO-HI...]"
+    )
+    p.add_argument("--apply", action="store_true", help="prune: delete (default: count only)")
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("posts", help="post maintenance (repair vote counters)")

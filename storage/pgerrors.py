@@ -21,6 +21,11 @@ from core.errors import Unavailable
 # message (the loser retries and finds it stored), never a property of the message.
 IDEMPOTENCY_KEY = "messages_conv_id_sender_cid_key"
 
+# What a shard move's fence raises for a row of a moving logical shard (storage/fence.py):
+# a user-defined SQLSTATE. To a worker it is transient like any unknown code: the record
+# waits for the switch.
+FENCED = "AGF01"
+
 # SQLSTATE classes (first two characters) and codes that are worth waiting out.
 TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 TRANSIENT_CODES = frozenset({"25006", "55P03"})  # read-only transaction, lock timeout

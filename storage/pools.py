@@ -16,6 +16,7 @@ import asyncpg
 
 from core.errors import NotFound, ShardUnavailable
 from core.settings import Settings
+from storage.pgerrors import FENCED
 from storage.shards import ShardMap
 
 # Errors that mean "this database cannot serve us now", as opposed to a bad query.
@@ -90,6 +91,14 @@ class ShardPools:
                 yield conn
         except _UNAVAILABLE as exc:
             raise ShardUnavailable(self.names[physical], exc) from exc
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != FENCED:
+                raise
+            # A shard move fenced this row's shard here (storage/fence.py): the caller's
+            # retry, once its process took the new map, goes to the new database.
+            raise ShardUnavailable(
+                self.names[physical], exc, reason="its rows are being moved"
+            ) from exc
 
     @contextlib.asynccontextmanager
     async def transaction(self, physical: int) -> AsyncIterator[Any]:

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 from typing import Any
 
 import httpx
 
 from agora_client import AgoraClient
+from core.settings import Settings
 from storage import messages
 from storage.models import Message
 from storage.pools import ShardPools
+from tests.engines import settings_env
 from tests.stack import Proc, Stack
+
+
+def agora(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `agora` command line (gateway/cli.py) with `settings` and nothing else of
+    the test process's AGORA_* environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
+    env.update(settings_env(settings))
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def uid(prefix: str) -> str:

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from core.settings import Settings
 from storage import posts
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
-from tests.engines import settings_env
-from tests.integration.helpers import uid
-
-
-def agora(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
-    env.update(settings_env(settings))
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.integration.helpers import agora, uid
 
 
 async def test_recount_sets_counters_from_the_vote_rows(

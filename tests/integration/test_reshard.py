@@ -1,21 +1,32 @@
-"""Moving logical shards to another physical database: after the copy and the map switch,
-`agora shards prune` removes exactly the rows each database no longer owns."""
+"""Moving logical shards to another physical database: during the switch the fence keeps
+the old database from taking the moving range's writes (what users see meanwhile: retry,
+or an acked message that waits); after the copy and the map switch, `agora shards prune`
+removes exactly the rows each database no longer owns."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
+import httpx
 import pytest
 
+from agora_client import AgoraClient
+from core.errors import ShardUnavailable
 from core.settings import Settings
 from devstack import services
+from storage.fence import fence, fenced, unfence
 from storage.ids import EPOCH_MS, compose
 from storage.migrate import migrate_all
+from storage.pgerrors import Fault, classify
 from storage.pools import ShardPools
 from storage.reshard import MOVED_TABLES, prune
 from storage.shards import shard_for_user
 from tests.engines import PG
+from tests.integration.helpers import agora, auth, collect, create_group, uid
+from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
 
@@ -124,3 +135,168 @@ async def test_a_move_copies_and_prunes_every_table_of_a_shard(dsns: tuple[str, 
     finally:
         await pools.close()
     assert {r[0] for r in rows} - {"schema_migrations"} == set(MOVED_TABLES)
+
+
+NEW_CONV = "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'op')"
+
+
+async def _write(pools: ShardPools, physical: int, sql: str, *args: object) -> None:
+    async with pools.connection(physical) as conn:
+        await conn.execute(sql, *args)
+
+
+async def test_a_fence_refuses_writes_to_the_moving_range_until_taken_down(
+    dsns: tuple[str, str],
+) -> None:
+    """During the switch a process still on the old map must not write the moving range to
+    the old database, where prune would delete it: the fence refuses it there (the client
+    is told `unavailable`, a worker holds the record), and nothing else of that range."""
+    moving = compose(EPOCH_MS + 1000, 5, 1)
+    staying = compose(EPOCH_MS + 1000, 1500, 1)
+    pools = _pools(dsns, BEFORE)
+    try:
+        await _insert(pools, 0, moving, _user_on(range(0, 1024)))
+        await _insert(pools, 0, staying, _user_on(range(1024, 2048)))
+        await fence(pools, 0, range(0, 1024))
+        assert await fenced(pools, 0) == list(range(1024))
+        assert await fenced(pools, 1) is None
+
+        new_moving = compose(EPOCH_MS + 2000, 1023, 7)
+        refused = [
+            (
+                NEW_CONV,
+                new_moving,
+            ),
+            ("UPDATE posts SET title = 'x' WHERE id = $1", moving),
+            ("DELETE FROM votes WHERE post_id = $1", moving),
+            # User-keyed rows: PostgreSQL cannot compute the user's shard (blake2b), so
+            # every one is refused while the fence stands.
+            ("INSERT INTO users (id) VALUES ($1)", _user_on(range(1024, 2048))),
+        ]
+        for sql, arg in refused:
+            with pytest.raises(ShardUnavailable, match="being moved") as caught:
+                await _write(pools, 0, sql, arg)
+            assert classify(caught.value) is Fault.TRANSIENT  # a worker holds, never drops
+        async with pools.connection(0) as conn:
+            assert await conn.fetchval("SELECT title FROM posts WHERE id = $1", moving) == "t"
+            assert await conn.fetchval("SELECT count(*) FROM votes WHERE post_id = $1", moving)
+            # A refused row inside a transaction rolls the whole transaction back.
+            with pytest.raises(asyncpg.PostgresError):
+                async with conn.transaction():
+                    await conn.execute("UPDATE posts SET title = 'y' WHERE id = $1", staying)
+                    await conn.execute("UPDATE posts SET title = 'y' WHERE id = $1", moving)
+            assert await conn.fetchval("SELECT title FROM posts WHERE id = $1", staying) == "t"
+
+        # The rest of the old database, and the new one, take writes as before.
+        await _write(pools, 0, "UPDATE posts SET title = 'kept' WHERE id = $1", staying)
+        await _write(pools, 0, "DELETE FROM votes WHERE post_id = $1", staying)
+        await _write(pools, 0, NEW_CONV, compose(EPOCH_MS + 2000, 1024, 7))
+        await _write(
+            pools,
+            1,
+            NEW_CONV,
+            new_moving,
+        )
+
+        # Fencing again replaces the range; taking it down ends it.
+        await fence(pools, 0, [5])
+        assert await fenced(pools, 0) == [5]
+        await _write(pools, 0, NEW_CONV, new_moving)
+        assert await unfence(pools, 0) is True
+        assert await unfence(pools, 0) is False
+        assert await fenced(pools, 0) is None
+        await _write(pools, 0, "UPDATE posts SET title = 'moved' WHERE id = $1", moving)
+        await _write(pools, 0, "INSERT INTO users (id) VALUES ('after-the-fence')")
+        with pytest.raises(ValueError, match="outside"):
+            await fence(pools, 0, [4096])
+        assert await fenced(pools, 0) is None
+    finally:
+        await pools.close()
+
+
+async def test_the_fence_from_the_command_line(dsns: tuple[str, str]) -> None:
+    settings = Settings.from_env({"AGORA_SHARD_DSNS": ",".join(dsns), "AGORA_SHARD_MAP": BEFORE})
+    done = agora(settings, "shards", "fence", "--physical", "0", "--range", "0-1023,2000")
+    assert done.returncode == 0, done.stderr
+    assert "fenced 0-1023,2000" in done.stdout
+    status = agora(settings, "shards", "status", "--physical", "0")
+    assert "fenced 0-1023,2000" in status.stdout
+    assert "no fence" in agora(settings, "shards", "status", "--physical", "1").stdout
+    for bad, says in (
+        (["fence", "--physical", "0"], "needs --range"),
+        (["fence", "--physical", "0", "--range", "9-3"], "empty shard range"),
+        (["fence", "--physical", "0", "--range", "a-b"], "not a shard range"),
+        (["fence", "--physical", "0", "--range", "4000-4096"], "outside"),
+        (["fence", "--physical", "7", "--range", "1"], "no physical shard 7"),
+    ):
+        refused = agora(settings, "shards", *bad)
+        assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr)
+    # A refused command left the standing fence as it was.
+    assert "fenced 0-1023,2000" in agora(settings, "shards", "status", "--physical", "0").stdout
+    down = agora(settings, "shards", "unfence", "--physical", "0")
+    assert "fence taken down" in down.stdout
+    assert "no fence stood" in agora(settings, "shards", "unfence", "--physical", "0").stdout
+
+
+@pytest.fixture(scope="module")
+def stack(settings: Settings) -> Iterator[Stack]:
+    s = Stack(settings)
+    try:
+        s.gateway("rs-g1")
+        s.fanout("rs-f1")
+        yield s
+    finally:
+        s.stop_all()
+
+
+async def test_behind_a_fence_a_client_is_told_to_retry_and_an_acked_message_waits(
+    stack: Stack, g1: Proc, http: httpx.AsyncClient, pools: ShardPools
+) -> None:
+    """What users see while their shard is fenced: a write the gateway makes itself is
+    refused with `unavailable` (retryable), a message is acked (it waits in the broker) and
+    delivered once the fence is down, exactly once; another shard of the same database
+    takes writes as before."""
+    author, member = uid("fa"), uid("fm")
+    shard = pools.map.logical_for_user(author)
+    physical = pools.map.physical(shard)
+    other = next(
+        u
+        for u in (uid("fo") for _ in range(10_000))
+        if pools.map.logical_for_user(u) != shard and pools.for_user(u) == physical
+    )
+    conv = await create_group(http, stack, g1, author, [member])  # on the author's shard
+    reader = await AgoraClient.connect(g1.ws_url, stack.token(member))
+    writer = await AgoraClient.connect(g1.ws_url, stack.token(author))
+    post = {"title": "behind the fence", "body": "", "community": "moves"}
+    try:
+        await reader.sub(conv)
+        # A gateway's first send to a shard waits for its copy to be stored (send.py:
+        # EpochWatch), which the fence would refuse: this one proves the way first.
+        first = await writer.send(conv, "before the switch")
+        assert [m["id"] for m in await collect(reader, conv, 1, 30)] == [first["id"]]
+        await fence(pools, physical, [shard])
+        try:
+            r = await http.post(f"{g1.http_url}/v1/posts", json=post, headers=auth(stack, author))
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "unavailable", r.text
+            assert "being moved" in r.json()["error"]["message"]
+            r = await http.post(f"{g1.http_url}/v1/posts", json=post, headers=auth(stack, other))
+            assert r.status_code == 201, r.text  # same database, another shard
+            acked = await writer.send(conv, "sent during the switch")
+            worker = stack.procs[1]
+            for _ in range(600):  # the worker holds it: its shard refuses the write
+                if "being moved" in worker.log_text():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the fan-out worker never met the fence")
+        finally:
+            await unfence(pools, physical)
+        got = await collect(reader, conv, 1, 30)
+        assert [m["id"] for m in got] == [acked["id"]]
+        assert await collect(reader, conv, 1, 1) == []  # once
+        r = await http.post(f"{g1.http_url}/v1/posts", json=post, headers=auth(stack, author))
+        assert r.status_code == 201, r.text  # the client's retry, once the fence is down
+    finally:
+        await reader.close()
+        await writer.close()

@@ -17,8 +17,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -56,7 +54,7 @@ from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from tests.engines import free_port, settings_env
+from tests.engines import free_port
 from tests.faults import (
     Fault,
     OwnRedis,
@@ -68,6 +66,7 @@ from tests.faults import (
     terminate_repeatedly,
     timeout_fault,
 )
+from tests.integration.helpers import agora as agora_cli
 from tests.integration.helpers import collect, create_group, uid
 from tests.integration.test_faults import Follower, report, send_steadily
 from tests.integration.test_sequencer import raising_on_insert
@@ -126,15 +125,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def agora(settings: Settings, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGORA_")}
-    env.update(settings_env(settings))
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = agora_cli(settings, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
