@@ -68,10 +68,21 @@ async def create_direct(
 async def collect(
     client: AgoraClient, conv: str, count: int, timeout: float
 ) -> list[dict[str, Any]]:
-    """The next `count` msg frames of `conv` (other frames are skipped)."""
-    got: list[dict[str, Any]] = []
+    """The next `count` msg frames of `conv` (frames of other conversations are skipped:
+    to wait on several conversations of one client, use `collect_each`)."""
+    return (await collect_each(client, {conv: count}, timeout))[conv]
+
+
+async def collect_each(
+    client: AgoraClient, counts: dict[str, int], timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    """The next msg frames of several conversations at once, at least `counts[conv]` of
+    each (frames of others are skipped). Only the order within one conversation is
+    promised (docs/protocol.md), so collecting one conversation after another would skip,
+    and lose, a frame of the next one that came first."""
+    got: dict[str, list[dict[str, Any]]] = {conv: [] for conv in counts}
     deadline = time.monotonic() + timeout
-    while len(got) < count:
+    while any(len(got[conv]) < n for conv, n in counts.items()):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -79,8 +90,8 @@ async def collect(
             frame = await client.next_event("msg", timeout=remaining)
         except TimeoutError:
             break
-        if frame["conv"] == conv:
-            got.append(frame)
+        if frame["conv"] in got:
+            got[frame["conv"]].append(frame)
     return got
 
 
