@@ -264,7 +264,8 @@ def main() -> None:
             "",
             f"`{' '.join(['python -m bench.clusterreshard', *sys.argv[1:]])}`: logical shards "
             f"0-1023 moved from pg1 to a new host pg3 under traffic (2 gateway hosts, 1 worker "
-            f"host, gateways' drain window {args.drain_window_ms} ms, switch {how}); "
+            f"host, gateways' drain window {args.drain_window_ms} ms, switch {how}, the range "
+            "fenced on pg1 for the switch: `agora shards fence`); "
             f"{counts['moved_convs']} of the load's conversations moved. Sends are acked "
             "throughout (one gateway is always up); deliveries wait in Kafka while the "
             f"workers are stopped. Longest time any receiver went without a message: "
