@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from fanout.consumer import commit_offsets
+from fanout.consumer import commit, commit_offsets
 
 A, B, C = (TopicPartition("t", i) for i in range(3))
 
@@ -20,3 +21,16 @@ def test_a_held_record_stops_its_partition_only() -> None:
 def test_held_records_of_a_partition_without_new_records_keep_it_where_it_was() -> None:
     assert commit_offsets({}, [(C, 12)]) == {C: 12}
     assert commit_offsets({}, []) == {}
+
+
+async def test_nothing_to_commit_asks_the_broker_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # A consumer never started: any commit request fails (no group, no coordinator), and
+    # `commit` logs that it failed.
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", group_id="g")
+    try:
+        await commit(consumer, {}, [])
+        assert "commit failed" not in caplog.text
+        await commit(consumer, {A: 9}, [])
+        assert "commit failed" in caplog.text
+    finally:
+        await consumer.stop()
