@@ -1,0 +1,192 @@
+"""A gateway node filling a gap from storage (gateway.node._fill) while that storage read
+is held up: the read failing, and a subscriber unsubscribing while it waits. Messages are
+stored by the sequencer and published straight to the node's channel (one of them left
+out: the gap); the read is held by a lock on the shard's `messages` table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from agora_client import AgoraClient
+from core.settings import Settings
+from fanout.envelope import Delivery, encode_delivery
+from fanout.sequencer import sequence
+from storage import conversations
+from storage.ids import IdGenerator, now_ms, shard_of_id
+from storage.models import Message, NewMessage
+from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
+from tests.integration.helpers import uid
+from tests.stack import Proc, Stack
+
+pytestmark = pytest.mark.engines
+
+FILL_QUERY = "%FROM messages%seq > $2 AND seq < $3%"  # storage.messages.between
+
+
+@pytest.fixture(scope="module")
+def stack(settings: Settings) -> Iterator[Stack]:
+    s = Stack(settings)
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def g(stack: Stack) -> Proc:
+    return stack.gateway("fill-g")
+
+
+@dataclass
+class Group:
+    conv: int
+    members: list[str]
+    clients: list[AgoraClient]  # one per member, each subscribed to conv
+    dsn: str  # conv's shard database
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+async def group(
+    stack: Stack, g: Proc, settings: Settings, pools: ShardPools, ids: IdGenerator, n: int
+) -> Group:
+    members = [uid("m") for _ in range(n)]
+    conv = (await conversations.create_group(pools, ids, members[0], members[1:], "fill")).id
+    clients = []
+    for user in members:
+        client = await AgoraClient.connect(g.ws_url, stack.token(user))
+        clients.append(client)
+        assert (await client.sub(str(conv)))["seq"] == 0
+    return Group(conv, members, clients, settings.shard_dsns[pools.for_id(conv)])
+
+
+async def store(pools: ShardPools, ids: IdGenerator, grp: Group, n: int) -> list[Message]:
+    batch = [
+        NewMessage(
+            grp.conv,
+            ids.next_id(shard_of_id(grp.conv)),
+            grp.members[0],
+            uid("c"),
+            f"m{i}",
+            now_ms(),
+            "text",
+        )
+        for i in range(n)
+    ]
+    return (await sequence(pools, batch)).stored
+
+
+async def publish(redis: aioredis.Redis, settings: Settings, node: str, m: Message) -> None:
+    channel = RedisKeys(settings.redis_prefix).node_channel(node)
+    assert await redis.publish(channel, encode_delivery(Delivery(messages=[m]))) == 1
+
+
+@contextlib.asynccontextmanager
+async def messages_locked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """`messages` locked ACCESS EXCLUSIVE (every read of it waits) until the block ends."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def waiting_fill(locker: asyncpg.Connection, timeout: float = 10) -> int:
+    """The pid of the gap fill's read once it waits on the lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = await locker.fetchval(
+            """SELECT pid FROM pg_stat_activity
+               WHERE wait_event_type = 'Lock' AND query LIKE $1 LIMIT 1""",
+            FILL_QUERY,
+        )
+        if pid is not None:
+            return int(pid)
+        assert time.monotonic() < deadline, "no gap fill waited on the lock"
+        await asyncio.sleep(0.02)
+
+
+async def wait_log(node: Proc, text: str, after: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.log_text()[after:]:
+        assert time.monotonic() < deadline, f"{node.name} did not log {text!r}"
+        await asyncio.sleep(0.02)
+
+
+def queued_msgs(client: AgoraClient) -> list[int]:
+    """Seqs of the msg frames received and not read yet (other frames are dropped)."""
+    seqs = []
+    while not client.events.empty():
+        frame = client.events.get_nowait()
+        if frame.get("t") == "msg":
+            seqs.append(frame["seq"])
+    return seqs
+
+
+async def test_a_failed_gap_fill_holds_what_came_after_and_the_next_message_fills_it(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    redis_client: aioredis.Redis,
+) -> None:
+    stack.expect_log(r"gap fill of conversation \d+ failed")
+    grp = await group(stack, g, settings, pools, ids, 1)
+    (client,) = grp.clients
+    node = client.hello["node"]
+    try:
+        stored = await store(pools, ids, grp, 3)
+        offset = len(g.log_text())
+        async with messages_locked(grp.dsn) as locker:
+            await publish(redis_client, settings, node, stored[1])  # seq 1 left out
+            # The fill's read waits on the lock; its session is ended: the read fails.
+            await locker.fetchval("SELECT pg_terminate_backend($1)", await waiting_fill(locker))
+            await wait_log(g, f"gap fill of conversation {grp.conv} failed", offset)
+        # Seq 2 is held, not delivered ahead of seq 1 (the pong comes after any frame
+        # pushed before it).
+        await client.ping()
+        assert queued_msgs(client) == []
+        # The next message finds the gap still open and fills it: all three, in order.
+        await publish(redis_client, settings, node, stored[2])
+        assert [(await client.next_event("msg"))["seq"] for _ in range(3)] == [1, 2, 3]
+    finally:
+        await grp.close()
+
+
+async def test_a_subscriber_gone_while_its_gap_is_read_gets_nothing_of_it(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    redis_client: aioredis.Redis,
+) -> None:
+    # Both subscribers see seq 2 without seq 1: one storage read fills both. The first
+    # unsubscribes while that read waits; when it returns, only the second gets 1 and 2.
+    grp = await group(stack, g, settings, pools, ids, 2)
+    gone, stays = grp.clients
+    try:
+        stored = await store(pools, ids, grp, 2)
+        async with messages_locked(grp.dsn) as locker:
+            await publish(redis_client, settings, gone.hello["node"], stored[1])
+            await waiting_fill(locker)
+            await gone.unsub(str(grp.conv))
+        assert [(await stays.next_event("msg"))["seq"] for _ in range(2)] == [1, 2]
+        # Both were served in that one pass (no await between them): `gone` was passed
+        # over, and nothing of the conversation is on its way to it.
+        await gone.ping()
+        assert queued_msgs(gone) == []
+    finally:
+        await grp.close()
