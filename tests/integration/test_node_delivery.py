@@ -1,7 +1,10 @@
-"""A gateway node filling a gap from storage (gateway.node._fill) while that storage read
-is held up: the read failing, and a subscriber unsubscribing while it waits. Messages are
-stored by the sequencer and published straight to the node's channel (one of them left
-out: the gap); the read is held by a lock on the shard's `messages` table."""
+"""What a gateway node delivers when its storage reads are held up or its deliveries find
+no one: a gap fill whose read fails, a subscriber that leaves while the fill reads, a
+`sub` whose storage read fails, and deliveries for conversations and users with nobody on
+the node (stale routes). Messages are stored by the sequencer and published straight to
+the node's channel; reads are held by a lock on the shard's `messages` table.
+
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from agora_client import AgoraClient
+from agora_client import AgoraClient, ServerError
 from core.settings import Settings
-from fanout.envelope import Delivery, encode_delivery
+from fanout.envelope import Delivery, Score, encode_delivery
 from fanout.sequencer import sequence
 from storage import conversations
 from storage.ids import IdGenerator, now_ms, shard_of_id
@@ -30,6 +33,7 @@ from tests.stack import Proc, Stack
 pytestmark = pytest.mark.engines
 
 FILL_QUERY = "%FROM messages%seq > $2 AND seq < $3%"  # storage.messages.between
+RECOVER_QUERY = "%LEFT JOIN LATERAL%FROM messages%"  # storage.messages.recover
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,13 @@ async def group(
     return Group(conv, members, clients, settings.shard_dsns[pools.for_id(conv)])
 
 
+async def publish_delivery(
+    redis: aioredis.Redis, settings: Settings, node: str, delivery: Delivery
+) -> None:
+    channel = RedisKeys(settings.redis_prefix).node_channel(node)
+    assert await redis.publish(channel, encode_delivery(delivery)) == 1
+
+
 async def store(pools: ShardPools, ids: IdGenerator, grp: Group, n: int) -> list[Message]:
     batch = [
         NewMessage(
@@ -86,8 +97,7 @@ async def store(pools: ShardPools, ids: IdGenerator, grp: Group, n: int) -> list
 
 
 async def publish(redis: aioredis.Redis, settings: Settings, node: str, m: Message) -> None:
-    channel = RedisKeys(settings.redis_prefix).node_channel(node)
-    assert await redis.publish(channel, encode_delivery(Delivery(messages=[m]))) == 1
+    await publish_delivery(redis, settings, node, Delivery(messages=[m]))
 
 
 @contextlib.asynccontextmanager
@@ -102,18 +112,18 @@ async def messages_locked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def waiting_fill(locker: asyncpg.Connection, timeout: float = 10) -> int:
-    """The pid of the gap fill's read once it waits on the lock."""
+async def waiting_read(locker: asyncpg.Connection, query: str, timeout: float = 10) -> int:
+    """The pid of the session running `query` (LIKE) once it waits on the lock."""
     deadline = time.monotonic() + timeout
     while True:
         pid = await locker.fetchval(
             """SELECT pid FROM pg_stat_activity
                WHERE wait_event_type = 'Lock' AND query LIKE $1 LIMIT 1""",
-            FILL_QUERY,
+            query,
         )
         if pid is not None:
             return int(pid)
-        assert time.monotonic() < deadline, "no gap fill waited on the lock"
+        assert time.monotonic() < deadline, f"nothing like {query!r} waited on the lock"
         await asyncio.sleep(0.02)
 
 
@@ -152,7 +162,9 @@ async def test_a_failed_gap_fill_holds_what_came_after_and_the_next_message_fill
         async with messages_locked(grp.dsn) as locker:
             await publish(redis_client, settings, node, stored[1])  # seq 1 left out
             # The fill's read waits on the lock; its session is ended: the read fails.
-            await locker.fetchval("SELECT pg_terminate_backend($1)", await waiting_fill(locker))
+            await locker.fetchval(
+                "SELECT pg_terminate_backend($1)", await waiting_read(locker, FILL_QUERY)
+            )
             await wait_log(g, f"gap fill of conversation {grp.conv} failed", offset)
         # Seq 2 is held, not delivered ahead of seq 1 (the pong comes after any frame
         # pushed before it).
@@ -181,7 +193,7 @@ async def test_a_subscriber_gone_while_its_gap_is_read_gets_nothing_of_it(
         stored = await store(pools, ids, grp, 2)
         async with messages_locked(grp.dsn) as locker:
             await publish(redis_client, settings, gone.hello["node"], stored[1])
-            await waiting_fill(locker)
+            await waiting_read(locker, FILL_QUERY)
             await gone.unsub(str(grp.conv))
         assert [(await stays.next_event("msg"))["seq"] for _ in range(2)] == [1, 2]
         # Both were served in that one pass (no await between them): `gone` was passed
@@ -189,4 +201,89 @@ async def test_a_subscriber_gone_while_its_gap_is_read_gets_nothing_of_it(
         await gone.ping()
         assert queued_msgs(gone) == []
     finally:
+        await grp.close()
+
+
+async def test_a_sub_whose_storage_read_fails_is_refused_and_leaves_no_subscription(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    redis_client: aioredis.Redis,
+) -> None:
+    # The second member's `sub` reads the conversation's missed messages; that read's
+    # session is ended while it waits on the lock. The sub is answered `unavailable`
+    # (safe to retry) and the half-made subscription is gone: a message for the
+    # conversation reaches the first member (subscribed before) but not the second.
+    grp = await group(stack, g, settings, pools, ids, 1)
+    (first,) = grp.clients
+    second = await AgoraClient.connect(g.ws_url, stack.token(grp.members[0]))
+    try:
+        async with messages_locked(grp.dsn) as locker:
+            sub = asyncio.create_task(second.sub(str(grp.conv), since=0))
+            pid = await waiting_read(locker, RECOVER_QUERY)
+            await locker.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(ServerError) as refused:
+                await sub
+        assert refused.value.code == "unavailable"
+        (stored,) = await store(pools, ids, grp, 1)
+        await publish(redis_client, settings, first.hello["node"], stored)
+        assert (await first.next_event("msg"))["seq"] == 1  # dispatched to the node's subs
+        await second.ping()
+        assert queued_msgs(second) == []
+        # The connection is fine: subscribing again works and reads the message.
+        assert (await second.sub(str(grp.conv), since=0))["seq"] == 1
+        assert (await second.next_event("msg"))["seq"] == 1
+    finally:
+        await second.close()
+        await grp.close()
+
+
+async def test_deliveries_for_nobody_on_the_node_are_dropped_and_the_rest_delivered(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pools: ShardPools,
+    ids: IdGenerator,
+) -> None:
+    # A publisher's routes can be stale: they name this node for a conversation or user
+    # whose last subscriber here has just gone. Such parts reach no one; the node goes on.
+    grp = await group(stack, g, settings, pools, ids, 1)
+    (client,) = grp.clients
+    other = await AgoraClient.connect(g.ws_url, stack.token(grp.members[0]))
+    node = client.hello["node"]
+    nobody_conv = grp.conv + 1  # no subscriber of it on this node
+    try:
+        assert (await other.sub(str(grp.conv)))["seq"] == 0
+        (stored,) = await store(pools, ids, grp, 1)
+        stale = replace(stored, conv=nobody_conv)
+        await publish_delivery(
+            redis_client,
+            settings,
+            node,
+            Delivery(
+                messages=[stale],
+                typing=[(nobody_conv, "x")],
+                scores=[Score(post=1, thread=nobody_conv, score=1, up=1, down=0)],
+                user_frames=[(uid("nobody"), {"t": "notify", "n": {"id": "1"}})],
+                presence=[([nobody_conv], {"t": "presence", "user": "x", "online": True})],
+            ),
+        )
+        score = Score(post=stored.id, thread=grp.conv, score=2, up=2, down=0)
+        await publish_delivery(redis_client, settings, node, Delivery(scores=[score]))
+        # Both connections get the score (one encoding for both) and nothing before it.
+        for c in (client, other):
+            assert await c.next_event(timeout=10) == {
+                "t": "score",
+                "post": str(stored.id),
+                "score": 2,
+                "up": 2,
+                "down": 0,
+            }
+            await c.ping()
+            assert queued_msgs(c) == []
+    finally:
+        await other.close()
         await grp.close()
