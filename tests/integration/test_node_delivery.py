@@ -287,3 +287,30 @@ async def test_deliveries_for_nobody_on_the_node_are_dropped_and_the_rest_delive
     finally:
         await other.close()
         await grp.close()
+
+
+async def test_a_gap_closed_live_while_its_fill_reads_is_delivered_in_order_at_once(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    redis_client: aioredis.Redis,
+) -> None:
+    # Seq 2 arrives before seq 1 (published out of order): 2 is held and a fill starts.
+    # Seq 1 arrives live while the fill's read waits: 1 and 2 go out together at once,
+    # in order, without waiting for storage; the fill, when it returns, adds nothing.
+    grp = await group(stack, g, settings, pools, ids, 1)
+    (client,) = grp.clients
+    node = client.hello["node"]
+    try:
+        stored = await store(pools, ids, grp, 3)
+        async with messages_locked(grp.dsn) as locker:
+            await publish(redis_client, settings, node, stored[1])
+            await waiting_read(locker, FILL_QUERY)
+            await publish(redis_client, settings, node, stored[0])
+            assert [(await client.next_event("msg"))["seq"] for _ in range(2)] == [1, 2]
+        await publish(redis_client, settings, node, stored[2])
+        assert (await client.next_event("msg"))["seq"] == 3
+    finally:
+        await grp.close()
