@@ -116,6 +116,9 @@ async def waiting_read(locker: asyncpg.Connection, query: str, timeout: float = 
     """The pid of the session running `query` (LIKE) once it waits on the lock."""
     deadline = time.monotonic() + timeout
     while True:
+        # Inside the locker's transaction pg_stat_activity is read once and kept: drop
+        # that snapshot, or a read that starts waiting after the first poll is never seen.
+        await locker.execute("SELECT pg_stat_clear_snapshot()")
         pid = await locker.fetchval(
             """SELECT pid FROM pg_stat_activity
                WHERE wait_event_type = 'Lock' AND query LIKE $1 LIMIT 1""",
