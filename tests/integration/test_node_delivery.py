@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -317,3 +318,39 @@ async def test_a_gap_closed_live_while_its_fill_reads_is_delivered_in_order_at_o
         assert (await client.next_event("msg"))["seq"] == 3
     finally:
         await grp.close()
+
+
+async def test_a_member_removed_while_its_sub_reads_storage_is_told_and_refused(
+    stack: Stack,
+    g: Proc,
+    settings: Settings,
+    pools: ShardPools,
+    ids: IdGenerator,
+    http: httpx.AsyncClient,
+) -> None:
+    # The member's `sub` reads the missed messages (held by the lock) when the owner
+    # removes it: the removal ends the subscription being made (`unsubbed`), the `sub`
+    # then returns without releasing anything it read, and is refused.
+    owner, removed = uid("o"), uid("x")
+    conv = (await conversations.create_group(pools, ids, owner, [removed], "fill")).id
+    grp = Group(conv, [owner, removed], [], settings.shard_dsns[pools.for_id(conv)])
+    await store(pools, ids, grp, 2)
+    client = await AgoraClient.connect(g.ws_url, stack.token(removed))
+    try:
+        async with messages_locked(grp.dsn) as locker:
+            sub = asyncio.create_task(client.sub(str(conv), since=0))
+            await waiting_read(locker, RECOVER_QUERY)
+            r = await http.delete(
+                f"{g.http_url}/v1/conversations/{conv}/members/{removed}",
+                headers={"Authorization": f"Bearer {stack.token(owner)}"},
+            )
+            assert r.status_code == 204, r.text
+            unsubbed = await client.next_event("unsubbed", timeout=10)
+            assert unsubbed == {"t": "unsubbed", "conv": str(conv), "reason": "removed"}
+        with pytest.raises(ServerError) as refused:
+            await sub
+        assert refused.value.code == "not_found"
+        await client.ping()
+        assert queued_msgs(client) == []  # seqs 1 and 2 were read, none was delivered
+    finally:
+        await client.close()
