@@ -1,9 +1,9 @@
 """What a gateway node delivers when its storage reads are held up or its deliveries find
-no one: a gap fill whose read fails, a subscriber that leaves while the fill reads, a
-`sub` whose storage read fails, and deliveries for conversations and users with nobody on
-the node (stale routes). Messages are stored by the sequencer and published straight to
-the node's channel; reads are held by a lock on the shard's `messages` table.
-
+no one: a gap fill whose read fails, a subscriber that leaves while the fill reads, a gap
+closed live while the fill reads, a `sub` whose storage read fails, a member removed while
+its `sub` reads, and deliveries for conversations and users with nobody on the node (stale
+routes). Messages are stored by the sequencer and published straight to the node's
+channel; reads are held by a lock on the shard's `messages` table.
 """
 
 from __future__ import annotations
