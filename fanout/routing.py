@@ -15,7 +15,6 @@ the TTL; a node cut off from Redis longer than its lease registers everything ag
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -211,14 +210,3 @@ class Routes:
 def _add(pipe: Any, key: str, node: str) -> None:
     pipe.sadd(key, node)
     pipe.expire(key, ROUTE_TTL_S)
-
-
-def group_by_node(
-    items: Iterable[tuple[Any, set[str]]],
-) -> dict[str, list[Any]]:
-    """Invert (item, nodes) pairs into node -> items, keeping the items' order."""
-    out: dict[str, list[Any]] = defaultdict(list)
-    for item, nodes in items:
-        for node in nodes:
-            out[node].append(item)
-    return out

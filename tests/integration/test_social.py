@@ -240,14 +240,18 @@ async def test_post_lifecycle_with_comments_and_votes(
         await client.send(created["thread"], "first!")  # no kind given: a thread makes it one
         frame = await client.next_event("msg")
         assert (frame["kind"], frame["body"], frame["seq"]) == ("comment", "first!", 1)
+        # An explicit kind comment is accepted as is (only text is turned into a comment).
+        await client.send(created["thread"], "second", kind="comment")
+        frame = await client.next_event("msg")
+        assert (frame["kind"], frame["body"], frame["seq"]) == ("comment", "second", 2)
     finally:
         await client.close()
 
-    async def one_comment() -> bool:
+    async def both_comments() -> bool:
         r = await bob.call("GET", f"/v1/posts/{post_id}")
-        return bool(r.json()["comments"] == 1)
+        return bool(r.json()["comments"] == 2)
 
-    await wait_until(one_comment, what="comment count")
+    await wait_until(both_comments, what="comment count")
 
     # Votes: the answer includes the caller's own vote; repeating changes nothing.
     assert await bob.vote(created["id"], 1) == {
