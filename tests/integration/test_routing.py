@@ -35,6 +35,24 @@ async def test_live_nodes_are_found_and_dead_ones_pruned(routes: Routes) -> None
     assert await routes.redis.smembers(routes.keys.conv_routes(2)) == {b"n1"}  # pruned
 
 
+async def test_a_dead_node_is_pruned_from_user_routes_and_only_where_it_was(
+    routes: Routes,
+) -> None:
+    await routes.register("n1", 30, [1], ["alice", "bob"])
+    await routes.register("n2", 30, [2], ["alice"])
+    await routes.redis.delete(routes.keys.node_lease("n2"))  # n2 died
+    routes._alive.clear()
+    by_conv, by_user = await routes.nodes_for(convs=[1, 2], users=["alice", "bob"])
+    assert by_conv == {1: {"n1"}, 2: set()}
+    assert by_user == {"alice": {"n1"}, "bob": {"n1"}}
+    r = routes.redis
+    assert await r.smembers(routes.keys.conv_routes(1)) == {b"n1"}  # had no dead node
+    assert await r.smembers(routes.keys.conv_routes(2)) == set()  # pruned
+    assert await r.smembers(routes.keys.user_routes("alice")) == {b"n1"}  # pruned
+    assert await r.smembers(routes.keys.user_routes("bob")) == {b"n1"}
+    assert await routes.nodes_for() == ({}, {})  # nothing asked: nothing to look up
+
+
 async def test_renew_reports_a_lost_lease(routes: Routes) -> None:
     await routes.register("n1", 30, [], [])
     assert await routes.renew("n1", 30) is True
