@@ -215,6 +215,46 @@ async def test_behind_a_trusted_proxy_the_limit_is_per_forwarded_client(
         s.stop_all()
 
 
+@pytest.mark.parametrize(
+    ("proxies", "forwarded"),
+    [
+        # The peer (127.0.0.1) is not a trusted proxy: its X-Forwarded-For is ignored.
+        ("10.9.9.9", lambda i: f"203.0.113.{i}"),
+        # A trusted proxy's header that names no client: the peer's address counts.
+        ("127.0.0.1", lambda i: ""),
+    ],
+    ids=["untrusted-peer", "empty-header"],
+)
+async def test_a_forwarded_for_header_that_cannot_be_trusted_is_not_a_way_around_the_limit(
+    settings: Settings, proxies: str, forwarded: Callable[[int], str]
+) -> None:
+    s = Stack(
+        settings,
+        extra_env={"AGORA_HANDSHAKES_PER_IP_S": "2", "FORWARDED_ALLOW_IPS": proxies},
+    )
+    try:
+        g = s.gateway("ip-xff-no")
+
+        async def open_as(i: int) -> Any:
+            headers = {"Authorization": f"Bearer {s.token(f'xn{i}')}"}
+            headers["X-Forwarded-For"] = forwarded(i)
+            try:
+                return await connect(g.ws_url, additional_headers=headers, open_timeout=10)
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 429
+                return None
+
+        many, elapsed = await burst(HANDSHAKES, open_as)
+        refused = sum(c is None for c in many)
+        print(f"{HANDSHAKES} handshakes in {elapsed:.2f}s, one peer address: refused {refused}")
+        assert refused > 0 and refused >= HANDSHAKES - allowed(elapsed)
+        for c in many:
+            if c is not None:
+                await c.close()
+    finally:
+        s.stop_all()
+
+
 async def test_slow_readers_are_closed_4009_and_do_not_hurt_the_others(
     settings: Settings, http: httpx.AsyncClient
 ) -> None:

@@ -531,6 +531,23 @@ async def test_a_peer_that_never_answers_our_close_is_cut_off_after_the_close_ti
     client.close()
 
 
+async def test_a_peer_that_answers_our_close_is_let_go_at_once(stack: Stack, g: Proc) -> None:
+    # Silent, so the server closes (1011 after two heartbeats); the peer answers with its
+    # close frame, which ends the handshake: the server closes TCP then, not after the
+    # close timeout.
+    client, _ = await Raw.open(g, request(stack.token(uid("answers"))))
+    assert (await client.next_json())["t"] == "hello"
+    assert await _close_code(client) == 1011
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    client.send(frame(8, (1011).to_bytes(2, "big")))
+    assert (await client.next_frame(timeout=CLOSE_TIMEOUT_S))[0] == -1
+    closed_in = loop.time() - started
+    print(f"answered close: connection closed after {closed_in:.2f}s")
+    assert closed_in < CLOSE_TIMEOUT_S / 2
+    client.close()
+
+
 async def test_a_reader_that_catches_up_starts_its_slow_consumer_count_afresh(
     settings: Settings, pools: ShardPools, ids: IdGenerator
 ) -> None:
