@@ -26,8 +26,8 @@ from gateway.http.posts import post_json
 from storage import posts
 from storage.ids import IdGenerator
 from storage.pools import ShardPools
-from storage.posts import Post
-from storage.ranking import Feed, FeedKind, Window
+from storage.posts import Post, Totals
+from storage.ranking import Feed, FeedKind, Window, member
 from storage.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.engines
@@ -354,3 +354,35 @@ async def test_an_uncached_first_page_right_after_a_change_shows_it(
     after = await feeds.page(feed, None, 10, "v")
     assert [p.id for p in after.items][:2] == [made[0].id, made[1].id]
     assert before.next is None and after.next is None
+
+
+async def test_a_scores_batch_for_a_post_deleted_meanwhile_removes_it_from_every_feed(
+    pools: ShardPools, feeds: FeedCache, redis_client: aioredis.Redis
+) -> None:
+    comm = community()
+    made = await seed(pools, feeds, comm, 3)
+    doomed, voted = made[0], made[1]
+    every = [
+        Feed(FeedKind.NEW, comm),
+        Feed(FeedKind.TRENDING, comm),
+        Feed(FeedKind.TOP, comm, Window.DAY),
+    ]
+    for feed in every:
+        await feeds.ensure_ready(feed)
+    # Deleted where no on_deleted reaches this node: only the scores batch (which reads the
+    # post's row, deleted flag included) tells it, together with another post's new counters.
+    await posts.delete(pools, doomed.id, doomed.author)
+    await feeds.on_totals(
+        [
+            Totals(doomed.id, doomed.thread, comm, 5, 0, True),
+            Totals(voted.id, voted.thread, comm, 4, 0, False),
+        ]
+    )
+    for feed in every:
+        live = await redis_client.zrange(feeds.feed_keys(feed).live, 0, -1)
+        assert member(doomed.id).encode() not in live and member(voted.id).encode() in live
+        page = await feeds.page(feed, None, 10, None)
+        ids = [p.id for p in page.items]
+        assert doomed.id not in ids and voted.id in ids, feed
+    top = await feeds.page(Feed(FeedKind.TOP, comm, Window.DAY), None, 10, None)
+    assert top.items[0].id == voted.id  # its votes rank it first

@@ -125,3 +125,75 @@ async def test_a_rebuild_held_up_by_a_shard_gives_up_in_time_and_frees_its_lock(
     await asyncio.wait_for(feeds.ensure_ready(feed), 10)
     live = await redis_client.zrange(k.live, 0, -1)
     assert sorted(int(m) for m in live) == sorted(p.id for p in made)
+
+
+async def test_a_reader_whose_rebuilder_dies_takes_over_and_serves_the_feed(
+    pools: ShardPools,
+    feeds: FeedCache,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    comm = community()
+    made = await seed(pools, feeds, comm, 3)
+    feed = Feed(FeedKind.NEW, comm)
+    k = feeds.feed_keys(feed)
+    await redis_client.set(k.lock, "dying", px=60_000)
+    real_acquire = feeds._acquire
+    seen_held = asyncio.Event()
+
+    async def acquire(**kwargs: Any) -> Any:
+        state = await real_acquire(**kwargs)
+        if state == 0:
+            seen_held.set()
+        return state
+
+    monkeypatch.setattr(feeds, "_acquire", acquire)
+    reader = asyncio.create_task(feeds.page(feed, None, 10, "reader"))
+    try:
+        await asyncio.wait_for(seen_held.wait(), 10)
+        assert not reader.done()  # waiting on the other process's rebuild
+        # The other process dies: its lock goes (as its TTL would make it go).
+        await redis_client.delete(k.lock)
+        page = await asyncio.wait_for(reader, 10)
+    finally:
+        reader.cancel()
+        await redis_client.delete(k.lock)
+    assert [p.id for p in page.items] == [p.id for p in reversed(made)]
+    assert feeds.rebuilds == 1  # the reader rebuilt it itself
+    assert await redis_client.exists(k.ready) == 1
+
+
+async def test_a_reader_whose_rebuilder_dies_after_the_deadline_gets_unavailable(
+    pools: ShardPools,
+    feeds: FeedCache,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    comm = community()
+    await seed(pools, feeds, comm, 2)
+    feed = Feed(FeedKind.NEW, comm)
+    k = feeds.feed_keys(feed)
+    # No time to wait at all: the first look after the lock is seen is past the deadline.
+    monkeypatch.setattr(feeds_module, "WAIT_TIMEOUT_S", 0.0)
+    await redis_client.set(k.lock, "dying", px=60_000)
+    real_acquire = feeds._acquire
+
+    async def acquire(**kwargs: Any) -> Any:
+        state = await real_acquire(**kwargs)
+        if state == 0:  # the holder dies right after the reader saw its lock
+            await redis_client.delete(k.lock)
+        return state
+
+    monkeypatch.setattr(feeds, "_acquire", acquire)
+    try:
+        with pytest.raises(Unavailable, match="could not be rebuilt") as info:
+            await feeds.page(feed, None, 10, "reader")
+    finally:
+        await redis_client.delete(k.lock)
+    assert info.value.status == 503 and info.value.retriable
+    assert feeds.rebuilds == 0
+    assert await redis_client.exists(k.ready, k.lock) == 0
+    # The next reader rebuilds it.
+    monkeypatch.setattr(feeds_module, "WAIT_TIMEOUT_S", 25.0)
+    page = await asyncio.wait_for(feeds.page(feed, None, 10, "reader"), 10)
+    assert len(page.items) == 2
