@@ -59,12 +59,6 @@ SETTLE_POLL_S = 0.05
 REDIS_TIMEOUT_S = 5.0  # longest a send waits for one Redis command
 
 
-def _retrieve(task: asyncio.Future[Accepted]) -> None:
-    # A send whose caller left: its outcome is in Redis; nobody awaits the exception.
-    if not task.cancelled():
-        task.exception()
-
-
 # KEYS: idempotency key, id counter of the shard, the user's send counter for this second,
 # the epoch (all under the user's send bucket's hash tag on a Redis Cluster: one slot).
 # ARGV: ms, conv, pending ttl, sends allowed per second (0: no limit), the epoch to create
@@ -166,7 +160,7 @@ class SendPath:
         handed to the producer only after the previous send of its connection was; the
         turn is released once this one's record is appended or it ends without one."""
         task = asyncio.ensure_future(self._send(user, conv, cid, body, kind, ref, reply_to, turn))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(_consume)  # a caller that left: its outcome is in Redis
         if turn is not None:
             turn.held = True
             task.add_done_callback(lambda _: turn.release())
@@ -370,5 +364,7 @@ def _text(raw: object) -> str:
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
+    """For a future nobody awaits (a send whose caller left, a lookup or delivery report no
+    longer needed): its exception is retrieved, so asyncio logs no "never retrieved"."""
     if not fut.cancelled():
-        fut.exception()  # retrieved: no "never retrieved" warning
+        fut.exception()
