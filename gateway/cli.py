@@ -202,9 +202,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 print(f"agora: {exc}", file=sys.stderr)
                 return 2
+            except fence.FenceBusy as exc:
+                print(f"agora: not fenced: {exc}", file=sys.stderr)
+                return 1
             print(f"physical {n}: fenced {_ranges_text(args.range)} and user-keyed writes")
         elif args.action == "unfence":
-            was = await fence.unfence(pools, n)
+            try:
+                was = await fence.unfence(pools, n)
+            except fence.FenceBusy as exc:
+                print(f"agora: {exc}", file=sys.stderr)
+                return 1
             print(f"physical {n}: " + ("fence taken down" if was else "no fence stood"))
         elif args.action == "status":
             shards = await fence.fenced(pools, n)

@@ -19,8 +19,12 @@ read), for the few seconds of the switch. Outside a move there is no trigger and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import asyncpg
 
 from storage.ids import SEQ_BITS, SHARD_MASK
 from storage.pgerrors import FENCED
@@ -29,6 +33,7 @@ from storage.reshard import ID_KEYED, USER_KEYED
 
 _FUNCTION = "agora_shard_fence"
 _TRIGGER = "agora_shard_fence"
+ATTEMPTS = 40  # times the tables are tried (each waits at most half a deadlock_timeout)
 
 
 def _function_sql(shards: Sequence[int]) -> str:
@@ -36,6 +41,18 @@ def _function_sql(shards: Sequence[int]) -> str:
     # `fenced`): the fence is the function and its triggers, with no table of its own for
     # a move to copy or prune to sweep.
     fenced = "{" + ",".join(str(s) for s in sorted(set(shards))) + "}"
+    if not shards:  # lifted: the triggers (until dropped) let everything pass
+        return f"""
+CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    RETURN OLD;
+  END IF;
+  RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION {_FUNCTION}() IS '{fenced}';
+"""
     shard_of = f"((to_jsonb(%s) ->> TG_ARGV[0])::bigint >> {SEQ_BITS}) & {SHARD_MASK}"
     return f"""
 CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -58,39 +75,106 @@ COMMENT ON FUNCTION {_FUNCTION}() IS '{fenced}';
 """
 
 
-async def fence(pools: ShardPools, physical: int, shards: Sequence[int]) -> None:
+class FenceBusy(Exception):
+    """The tables could not be locked in time (a long transaction holds one of them)."""
+
+
+async def _locking(
+    pools: ShardPools, physical: int, attempts: int, work: Callable[[Any], Awaitable[None]]
+) -> None:
+    """Run `work` in a transaction that waits for each table lock at most half of the
+    server's deadlock_timeout, and again (up to `attempts`) when it had to give up.
+
+    Adding or dropping a trigger locks its table, one table after another, while live
+    writers lock them in their own orders (the fan-out worker: conversations, then
+    messages): waiting as long as a deadlock check takes could make PostgreSQL abort a
+    writer (a client's 500, a worker's retry). Giving up first makes the fence the one
+    that waits, and never for longer than this per attempt."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with pools.transaction(physical) as conn:
+                deadlock_ms = await conn.fetchval(
+                    "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"
+                )
+                await conn.execute(f"SET LOCAL lock_timeout = {max(10, deadlock_ms // 2)}")
+                await work(conn)
+            return
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+            if attempt == attempts:
+                break
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+    raise FenceBusy(
+        f"could not lock the moved tables of physical {physical} in {attempts} attempts:"
+        " a long transaction holds one of them (pg_stat_activity shows it); try again"
+    )
+
+
+async def fence(
+    pools: ShardPools, physical: int, shards: Sequence[int], attempts: int = ATTEMPTS
+) -> None:
     """Refuse writes for logical `shards` on database `physical` (and every user-keyed
     write there) until `unfence`. Fencing again replaces the range. One transaction: the
-    fence stands on every table or on none."""
+    fence stands on every table or on none. FenceBusy if the tables stay locked."""
     if not shards:
         raise ValueError("no logical shards to fence")
     bad = [s for s in shards if not 0 <= s < pools.map.logical_shards]
     if bad:
         raise ValueError(f"logical shard {bad[0]} is outside 0..{pools.map.logical_shards - 1}")
-    async with pools.transaction(physical) as conn:
+
+    async def work(conn: Any) -> None:
+        # Replacing the function takes no table lock: a fence that stands is changed at once.
         await conn.execute(_function_sql(shards))
+        have = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                " WHERE t.tgname = $1 AND c.relnamespace = current_schema()::regnamespace",
+                _TRIGGER,
+            )
+        }
         for tables, kind in ((ID_KEYED, "id"), (USER_KEYED, "user")):
             for table, column in tables:
-                await conn.execute(f"DROP TRIGGER IF EXISTS {_TRIGGER} ON {table}")
-                await conn.execute(
-                    f"CREATE TRIGGER {_TRIGGER} BEFORE INSERT OR UPDATE OR DELETE ON {table}"
-                    f" FOR EACH ROW EXECUTE FUNCTION {_FUNCTION}('{column}', '{kind}')"
-                )
+                if table not in have:
+                    await conn.execute(
+                        f"CREATE TRIGGER {_TRIGGER} BEFORE INSERT OR UPDATE OR DELETE"
+                        f" ON {table} FOR EACH ROW"
+                        f" EXECUTE FUNCTION {_FUNCTION}('{column}', '{kind}')"
+                    )
+
+    await _locking(pools, physical, attempts, work)
 
 
-async def unfence(pools: ShardPools, physical: int) -> bool:
-    """Take the fence down; False when there was none. Safe to repeat."""
-    async with pools.transaction(physical) as conn:
-        was = await _range(conn) is not None
+async def unfence(pools: ShardPools, physical: int, attempts: int = ATTEMPTS) -> bool:
+    """Take the fence down; False when there was none. Safe to repeat.
+
+    First the function becomes a pass-through (no table lock: writes pass at once), then
+    the triggers are dropped, which locks each table exclusively (reads too) and so waits
+    as `_locking` does. FenceBusy when they could not be dropped: the fence is lifted all
+    the same, and running unfence again removes them."""
+    async with pools.connection(physical) as conn:
+        exists = await _range(conn) is not None
+        if not exists:
+            return False
+        await conn.execute(_function_sql(()))
+
+    async def work(conn: Any) -> None:
         # CASCADE drops the triggers with the function.
         await conn.execute(f"DROP FUNCTION IF EXISTS {_FUNCTION}() CASCADE")
-    return was
+
+    try:
+        await _locking(pools, physical, attempts, work)
+    except FenceBusy as exc:
+        raise FenceBusy(
+            f"the fence is lifted (writes pass), but its triggers stay: {exc}"
+        ) from None
+    return True
 
 
 async def fenced(pools: ShardPools, physical: int) -> list[int] | None:
-    """The logical shards fenced on `physical`, or None when no fence stands."""
+    """The logical shards fenced on `physical`, or None when no fence stands (a lifted
+    fence whose triggers are still there is none)."""
     async with pools.connection(physical) as conn:
-        return await _range(conn)
+        return await _range(conn) or None
 
 
 async def _range(conn: Any) -> list[int] | None:

@@ -17,7 +17,8 @@ from agora_client import AgoraClient
 from core.errors import ShardUnavailable
 from core.settings import Settings
 from devstack import services
-from storage.fence import fence, fenced, unfence
+from storage import fence as fence_module
+from storage.fence import FenceBusy, fence, fenced, unfence
 from storage.ids import EPOCH_MS, compose
 from storage.migrate import migrate_all
 from storage.pgerrors import Fault, classify
@@ -211,6 +212,85 @@ async def test_a_fence_refuses_writes_to_the_moving_range_until_taken_down(
             await fence(pools, 0, [4096])
         assert await fenced(pools, 0) is None
     finally:
+        await pools.close()
+
+
+async def _waiting_on(probe: asyncpg.Connection, table: str) -> None:
+    """Until some session waits for a lock on `table`."""
+    for _ in range(500):
+        if await probe.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass", table
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"nobody waited for a lock on {table}")
+
+
+async def test_taking_the_fence_gives_way_to_live_writers_instead_of_deadlocking_them(
+    dsns: tuple[str, str],
+) -> None:
+    """A writer holding `conversations` that then writes `members` (a worker's order) while
+    the fence, which locks `members` before `conversations`, waits for it: a deadlock if the
+    fence waited as long as PostgreSQL's deadlock check. The fence gives way; the writer
+    goes on untouched; the fence stands once the writer is done, or says it could not."""
+    conv = compose(EPOCH_MS + 3000, 1500, 1)  # a shard that stays
+    pools = _pools(dsns, BEFORE)
+    writer = await asyncpg.connect(dsns[0])
+    probe = await asyncpg.connect(dsns[0])
+    try:
+        await _write(pools, 0, NEW_CONV, conv)
+        for attempts, writer_done_first in ((2, False), (fence_module.ATTEMPTS, True)):
+            tx = writer.transaction()
+            await tx.start()
+            await writer.execute("UPDATE conversations SET title = 'w' WHERE id = $1", conv)
+            taking = asyncio.ensure_future(fence(pools, 0, [5], attempts=attempts))
+            await _waiting_on(probe, "conversations")
+            # The fence may hold `members` now: the writer waits at most its lock timeout.
+            await writer.execute(
+                "INSERT INTO members (conv_id, user_id) VALUES ($1, $2)", conv, f"w{attempts}"
+            )
+            if writer_done_first:
+                await tx.commit()
+                await taking
+                assert await fenced(pools, 0) == [5]
+            else:
+                with pytest.raises(FenceBusy, match="2 attempts"):
+                    await taking
+                await tx.commit()
+                assert await fenced(pools, 0) is None  # all or nothing: no half fence
+        async with pools.connection(0) as conn:
+            members = await conn.fetch("SELECT user_id FROM members WHERE conv_id = $1", conv)
+        assert sorted(r[0] for r in members) == ["w2", f"w{fence_module.ATTEMPTS}"]
+    finally:
+        await writer.close()
+        await probe.close()
+        await pools.close()
+
+
+async def test_unfence_lifts_at_once_even_while_a_reader_keeps_the_triggers(
+    dsns: tuple[str, str],
+) -> None:
+    pools = _pools(dsns, BEFORE)
+    reader = await asyncpg.connect(dsns[0])
+    moving = compose(EPOCH_MS + 4000, 5, 1)
+    try:
+        await fence(pools, 0, [5])
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetch("SELECT * FROM posts LIMIT 1")  # a long read holds `posts`
+        with pytest.raises(FenceBusy, match="lifted"):
+            await unfence(pools, 0, attempts=2)
+        assert await fenced(pools, 0) is None
+        await _write(pools, 0, NEW_CONV, moving)  # writes pass already
+        await tx.commit()
+        assert await unfence(pools, 0) is True  # now the triggers go
+        assert await unfence(pools, 0) is False
+        async with pools.connection(0) as conn:
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'agora_shard_fence'"
+            )
+    finally:
+        await reader.close()
         await pools.close()
 
 
