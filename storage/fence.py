@@ -15,6 +15,10 @@ moving range. User-keyed rows live on the shard of a blake2b hash of the user id
 PostgreSQL cannot compute: while a fence stands, every user-keyed write on the source
 database is refused (a user signing up, a conversation's membership index, an inbox entry
 read), for the few seconds of the switch. Outside a move there is no trigger and no cost.
+
+Row triggers do not see TRUNCATE (nothing in Agora truncates). The function and triggers
+are schema objects: a `pg_dump` taken while a fence stands carries it, and `agora shards
+status` on a restored database shows it.
 """
 
 from __future__ import annotations

@@ -163,20 +163,24 @@ async def test_a_fence_refuses_writes_to_the_moving_range_until_taken_down(
         assert await fenced(pools, 1) is None
 
         new_moving = compose(EPOCH_MS + 2000, 1023, 7)
-        refused = [
+        refused: list[tuple[str, tuple[object, ...]]] = [
+            (NEW_CONV, (new_moving,)),
+            ("UPDATE posts SET title = 'x' WHERE id = $1", (moving,)),
+            ("DELETE FROM votes WHERE post_id = $1", (moving,)),
+            # A row moved into the range by its key, and an upsert into it.
+            ("UPDATE posts SET id = $1 WHERE id = $2", (new_moving, staying)),
             (
-                NEW_CONV,
-                new_moving,
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'v', 1)"
+                " ON CONFLICT (post_id, user_id) DO UPDATE SET value = -1",
+                (moving,),
             ),
-            ("UPDATE posts SET title = 'x' WHERE id = $1", moving),
-            ("DELETE FROM votes WHERE post_id = $1", moving),
             # User-keyed rows: PostgreSQL cannot compute the user's shard (blake2b), so
             # every one is refused while the fence stands.
-            ("INSERT INTO users (id) VALUES ($1)", _user_on(range(1024, 2048))),
+            ("INSERT INTO users (id) VALUES ($1)", (_user_on(range(1024, 2048)),)),
         ]
-        for sql, arg in refused:
+        for sql, args in refused:
             with pytest.raises(ShardUnavailable, match="being moved") as caught:
-                await _write(pools, 0, sql, arg)
+                await _write(pools, 0, sql, *args)
             assert classify(caught.value) is Fault.TRANSIENT  # a worker holds, never drops
         async with pools.connection(0) as conn:
             assert await conn.fetchval("SELECT title FROM posts WHERE id = $1", moving) == "t"
