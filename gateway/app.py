@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -50,6 +51,7 @@ from gateway.votes import VotePath
 from gateway.ws import Endpoint
 from storage import users
 from storage.ids import IdGenerator
+from storage.pgerrors import describe, retryable
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
 
@@ -101,6 +103,17 @@ def _allowed_methods(request: Request) -> str:
         if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
             methods |= route.methods
     return ", ".join(sorted(methods))
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """A conflict the client's retry gets past is `unavailable`; any other database error
+    is ours (500, logged). A handler of its own, not `_unexpected`'s: Starlette re-raises
+    what reaches the catch-all after answering, and uvicorn logs it as a crash."""
+    conflict = retryable(exc)
+    if conflict is not None:
+        log.warning("%s %s: %s", request.method, request.url.path, describe(exc))
+        return error_response(conflict)
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -220,6 +233,7 @@ def create_app(settings: Settings) -> Starlette:
         middleware=[*_cors(settings), Middleware(WireMetrics, metrics=wire_metrics)],
         exception_handlers={
             AgoraError: _agora_error,
+            asyncpg.PostgresError: _database_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

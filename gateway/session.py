@@ -38,6 +38,7 @@ from gateway.protocol.frames import (
 from gateway.readstate import ReadPath
 from gateway.send import Accepted, SendPath
 from gateway.sendorder import Turn
+from storage.pgerrors import describe, retryable
 
 log = logging.getLogger("agora.gateway")
 
@@ -74,7 +75,12 @@ class RequestHandler:
             conn.push_frame(frames.err(req.rid, exc))
         except (OSError, aioredis.RedisError) as exc:
             conn.push_frame(frames.err(req.rid, Unavailable(f"dependency unavailable: {exc}")))
-        except Exception:
+        except Exception as exc:
+            conflict = retryable(exc)
+            if conflict is not None:
+                log.warning("conn %d: %s: %s", conn.id, type(req).__name__, describe(exc))
+                conn.push_frame(frames.err(req.rid, conflict))
+                return
             log.exception("conn %d: %s failed", conn.id, type(req).__name__)
             conn.push_frame(frames.err(req.rid, Internal("internal error")))
 

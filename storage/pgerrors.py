@@ -71,6 +71,22 @@ def classify(exc: BaseException) -> Fault:
     return Fault.TRANSIENT
 
 
+# What a client may simply retry: its transaction lost a conflict (class 40: serialization
+# failure, deadlock), waited too long for a lock (55P03) or met a database that is read-only
+# for now (25006: a standby during a failover). Nothing of it was committed.
+_RETRYABLE_CLASSES = frozenset({"40"})
+_RETRYABLE_CODES = frozenset({"55P03", "25006"})
+
+
+def retryable(exc: BaseException) -> Unavailable | None:
+    """The `unavailable` answer for a database conflict a client's retry gets past, or
+    None for any other error (a bug: the caller answers 500 and logs it)."""
+    code = sqlstate(exc)
+    if code is None or not (code[:2] in _RETRYABLE_CLASSES or code in _RETRYABLE_CODES):
+        return None
+    return Unavailable(f"the database refused this for now ({code}); retry")
+
+
 def describe(exc: BaseException) -> str:
     """A one-line description for logs and dead-letter records: SQLSTATE, type, message."""
     code = sqlstate(exc)

@@ -14,7 +14,7 @@ from fanout.deadletter import DeadLetter, decode, encode, preview
 from fanout.envelope import EnvelopeError
 from fanout.holding import Backoff, Continuity
 from fanout.supervisor import FIRST_RESTART_S, HEALTHY_AFTER_S, restart_delay
-from storage.pgerrors import IDEMPOTENCY_KEY, Fault, classify, describe, sqlstate
+from storage.pgerrors import IDEMPOTENCY_KEY, Fault, classify, describe, retryable, sqlstate
 
 
 def pg(code: str, constraint: str | None = None) -> asyncpg.PostgresError:
@@ -52,6 +52,19 @@ def test_data_and_integrity_errors_are_poison(code: str) -> None:
 def test_the_idempotency_key_is_a_race_other_unique_keys_are_poison() -> None:
     assert classify(pg("23505", IDEMPOTENCY_KEY)) is Fault.RACE
     assert classify(pg("23505", "messages_pkey")) is Fault.POISON
+
+
+@pytest.mark.parametrize("code", ["40001", "40P01", "40003", "55P03", "25006"])
+def test_a_conflict_a_retry_gets_past_is_unavailable_to_the_client(code: str) -> None:
+    answer = retryable(pg(code))
+    assert answer is not None and answer.code == "unavailable" and answer.retriable
+    assert code in answer.message
+
+
+@pytest.mark.parametrize("code", ["22003", "23505", "42P01", "XX000", "08006"])
+def test_other_database_errors_are_not_a_clients_retry(code: str) -> None:
+    assert retryable(pg(code)) is None
+    assert retryable(ValueError("no sqlstate")) is None
 
 
 def test_the_exception_types_asyncpg_raises_map_by_their_sqlstate() -> None:
