@@ -2,8 +2,11 @@
 
 A conversation and its members live on the shard inside the conversation id. Each member's
 list of conversations (`user_conversations`) lives on the member's own shard and is written
-after the membership, so a crash in between leaves an index row missing, never a phantom
-one; `repair_user_index` re-derives it from the conversation's side.
+after the membership, so a crash in between leaves an index row missing;
+`repair_user_index` re-derives it from the conversation's side. A removal deletes the
+membership first, then the index row: a failure in between (a crash, the member's shard
+down or fenced for a move) leaves an index row without a membership, which lists skip
+(they keep only memberships that hold on the conversation's side).
 """
 
 from __future__ import annotations
