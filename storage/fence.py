@@ -41,31 +41,26 @@ ATTEMPTS = 40  # times the tables are tried (each waits at most half a deadlock_
 
 
 def _function_sql(shards: Sequence[int]) -> str:
+    """The trigger function refusing rows of `shards` (and every user-keyed row); with no
+    shards, a lifted fence: it lets every write pass until its triggers are dropped."""
     # The fenced range is written into the function's body (and its comment, for
     # `fenced`): the fence is the function and its triggers, with no table of its own for
     # a move to copy or prune to sweep.
     fenced = "{" + ",".join(str(s) for s in sorted(set(shards))) + "}"
-    if not shards:  # lifted: the triggers (until dropped) let everything pass
-        return f"""
-CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-  IF TG_OP = 'DELETE' THEN
-    RETURN OLD;
-  END IF;
-  RETURN NEW;
-END
-$fn$;
-COMMENT ON FUNCTION {_FUNCTION}() IS '{fenced}';
-"""
     shard_of = f"((to_jsonb(%s) ->> TG_ARGV[0])::bigint >> {SEQ_BITS}) & {SHARD_MASK}"
+    refused = (
+        f"TG_ARGV[1] = 'user'"
+        f" OR (TG_OP <> 'DELETE' AND ({shard_of % 'NEW'}) = ANY(fenced))"
+        f" OR (TG_OP <> 'INSERT' AND ({shard_of % 'OLD'}) = ANY(fenced))"
+        if shards
+        else "false"
+    )
     return f"""
 CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
   fenced CONSTANT int[] := '{fenced}';
 BEGIN
-  IF TG_ARGV[1] = 'user'
-     OR (TG_OP <> 'DELETE' AND ({shard_of % "NEW"}) = ANY(fenced))
-     OR (TG_OP <> 'INSERT' AND ({shard_of % "OLD"}) = ANY(fenced)) THEN
+  IF {refused} THEN
     RAISE EXCEPTION 'a row of table % is on a fenced shard: a shard move is switching',
       TG_TABLE_NAME USING ERRCODE = '{FENCED}';
   END IF;
