@@ -76,3 +76,50 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace() -> None:
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + out
     assert "t worker 0 did not stop; killing it" in out
+
+
+def test_a_stop_while_a_failed_child_waits_for_its_restart_stops_the_rest_and_no_restart() -> None:
+    # Child 0 fails at once and waits (30 s, set long for the test) for its restart; child
+    # 1 runs. SIGTERM then: child 1 is stopped, child 0 is not signalled (it is gone) nor
+    # restarted, and the supervisor returns 0 without waiting out the restart.
+    script = textwrap.dedent(
+        """
+        import logging, sys, time
+        from fanout import supervisor
+
+        def target(index: int, restarts: int) -> None:
+            if index == 0:
+                sys.exit(3)
+            print("child 1 ready", flush=True)
+            time.sleep(60)
+
+        supervisor.FIRST_RESTART_S = 30
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        sys.exit(supervisor.supervise(target, 2, "t", restart_max_s=60))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    watchdog = threading.Timer(30, proc.kill)  # what never shows up ends the read
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            seen = "".join(lines)
+            if "child 1 ready" in seen and "restarting in 30.0s" in seen:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    everything = "".join(lines) + out
+    assert proc.returncode == 0, everything
+    assert "restarting in 30.0s" in everything
+    assert everything.count("t worker 0 started") == 1  # never restarted
+    assert "did not stop" not in everything
