@@ -238,13 +238,13 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def _ranges_text(shards: list[int]) -> str:
     """[0, 1, 2, 7] -> '0-2,7'."""
-    parts: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive shards
     for s in sorted(set(shards)):
-        if parts and int(parts[-1].rpartition("-")[2]) == s - 1:
-            parts[-1] = f"{parts[-1].partition('-')[0]}-{s}"
+        if runs and runs[-1][1] == s - 1:
+            runs[-1][1] = s
         else:
-            parts.append(str(s))
-    return ",".join(parts)
+            runs.append([s, s])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def cmd_posts(args: argparse.Namespace) -> int:

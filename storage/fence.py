@@ -92,10 +92,11 @@ async def _locking(
     for attempt in range(1, attempts + 1):
         try:
             async with pools.transaction(physical) as conn:
-                deadlock_ms = await conn.fetchval(
-                    "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"
+                # One round trip: half the server's deadlock_timeout, for this transaction.
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', greatest(10, setting::int / 2)::text, true)"
+                    " FROM pg_settings WHERE name = 'deadlock_timeout'"
                 )
-                await conn.execute(f"SET LOCAL lock_timeout = {max(10, deadlock_ms // 2)}")
                 await work(conn)
             return
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):

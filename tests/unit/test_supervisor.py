@@ -8,6 +8,32 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
+
+
+def _signalled_when(script: str, ready: Callable[[str], bool]) -> tuple[int, str]:
+    """Run `script`, send it SIGTERM once its output so far satisfies `ready`; its exit
+    code and whole output. A watchdog ends the read if `ready` never comes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    watchdog = threading.Timer(30, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            if ready("".join(lines)):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(lines) + out
 
 
 def test_a_child_that_fails_is_restarted_and_one_that_stops_on_purpose_is_not() -> None:
@@ -55,26 +81,8 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace() -> None:
         sys.exit(supervisor.supervise(target, 1, "t", restart_max_s=5))
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    watchdog = threading.Timer(30, proc.kill)  # a child that never gets ready ends the read
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "child ready" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, "".join(lines) + out
+    code, out = _signalled_when(script, lambda seen: "child ready" in seen)
+    assert code == 0, out
     assert "t worker 0 did not stop; killing it" in out
 
 
@@ -98,28 +106,10 @@ def test_a_stop_while_a_failed_child_waits_for_its_restart_stops_the_rest_and_no
         sys.exit(supervisor.supervise(target, 2, "t", restart_max_s=60))
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    code, everything = _signalled_when(
+        script, lambda seen: "child 1 ready" in seen and "restarting in 30.0s" in seen
     )
-    watchdog = threading.Timer(30, proc.kill)  # what never shows up ends the read
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        for line in proc.stdout:
-            lines.append(line)
-            seen = "".join(lines)
-            if "child 1 ready" in seen and "restarting in 30.0s" in seen:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    everything = "".join(lines) + out
-    assert proc.returncode == 0, everything
+    assert code == 0, everything
     assert "restarting in 30.0s" in everything
     assert everything.count("t worker 0 started") == 1  # never restarted
     assert "did not stop" not in everything
