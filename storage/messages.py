@@ -18,6 +18,15 @@ from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 
 
+def first_of_each(batch: list[NewMessage]) -> list[NewMessage]:
+    """`batch` without in-batch repeats of the same (conv, sender, cid): the first one
+    wins, in batch order. Pure."""
+    unique: dict[tuple[int, str, str], NewMessage] = {}
+    for m in batch:
+        unique.setdefault((m.conv, m.sender, m.cid), m)
+    return list(unique.values())
+
+
 async def append_batch(
     conn: Any, batch: list[NewMessage]
 ) -> tuple[list[Message], list[Message], list[NewMessage]]:
@@ -27,11 +36,7 @@ async def append_batch(
     redelivered messages (with their original seq); `orphans` are messages whose
     conversation does not exist on this shard (dropped).
     """
-    # Drop in-batch repeats of the same (conv, sender, cid): the first one wins.
-    unique: dict[tuple[int, str, str], NewMessage] = {}
-    for m in batch:
-        unique.setdefault((m.conv, m.sender, m.cid), m)
-    items = list(unique.values())
+    items = first_of_each(batch)
     if not items:
         return [], [], []
 

@@ -124,9 +124,17 @@ async def mark_direct(conn: Any, messages: list[Message]) -> list[Message]:
         sorted(texts),
     ):
         members[r["conv_id"]].add(r["user_id"])
+    return with_dm_to(messages, members)
+
+
+def with_dm_to(messages: list[Message], direct: dict[int, set[str]]) -> list[Message]:
+    """`messages` with `dm_to` set on the texts (not deleted) of direct conversations, to
+    the one member other than the sender; `direct`: the members of each direct conversation
+    (other conversations left out). Pure: what `mark_direct` and the one-statement path
+    (storage/onetrip.py) apply to the members they read."""
     out = []
     for m in messages:
-        others = members.get(m.conv, set()) - {m.sender}
+        others = direct.get(m.conv, set()) - {m.sender}
         if m.kind in ("text", "comment") and not m.deleted and len(others) == 1:
             m = dataclasses.replace(m, dm_to=next(iter(others)))
         out.append(m)
