@@ -211,21 +211,35 @@ async def terminate_repeatedly(t: Target) -> None:
         await asyncio.sleep(0.3)
 
 
+_DEADLOCK_KEY = 0x6465616C  # "deal": the advisory lock a forced deadlock turns on
+
+
 async def deadlock(t: Target) -> None:
     """Force a deadlock the worker must lose, whatever its batches hold.
 
-    The worker's transaction updates its conversation rows first and copies into
-    `messages` second. We take `messages` in SHARE mode (it blocks the copy, not the
-    worker's reads), wait until a worker COPY waits on it (that transaction then holds its
-    conversation rows) and update every conversation row: each side waits on the other.
+    The worker's statement or transaction locks its conversation rows first and inserts
+    into `messages` second. A trigger on `messages` makes each inserted row first take a
+    shared advisory lock that we hold exclusively; once a worker waits on it (it then holds
+    its conversation rows) we update every conversation row: each side waits on the other.
+    (Taking `messages` itself would not do: the one-statement path, storage/onetrip.py,
+    takes its table locks when it starts, before any row lock, so it would only wait.)
     The worker began waiting first and runs with the server's deadlock timer, ours is set
     far longer, so PostgreSQL aborts the worker's transaction (40P01), never ours."""
     conn = await asyncpg.connect(t.dsn)
+    name = "t_forced_deadlock"
     try:
+        await conn.execute(
+            f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_advisory_xact_lock_shared({_DEADLOCK_KEY}); RETURN NEW; END $$"""
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON messages"
+            f" FOR EACH ROW EXECUTE FUNCTION {name}()"
+        )
         async with conn.transaction():
             await conn.execute("SET LOCAL deadlock_timeout = '60s'")
-            await conn.execute("LOCK TABLE messages IN SHARE MODE")
-            await _wait_for_lock_wait(t, "COPY %messages%", timeout=10)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEADLOCK_KEY)
+            await _wait_for_lock_wait(t, "advisory", timeout=10)
             await conn.execute(
                 "UPDATE conversations SET title = title WHERE id = ANY($1::bigint[])", t.convs
             )
@@ -234,6 +248,8 @@ async def deadlock(t: Target) -> None:
     except _Rollback:
         pass
     finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON messages")
+        await conn.execute(f"DROP FUNCTION IF EXISTS {name}()")
         await conn.close()
     # The worker logs the failed attempt after its rollback: give the line a moment.
     deadline = time.monotonic() + 10
@@ -247,17 +263,17 @@ class _Rollback(Exception):
     """Leaves the injector's transaction without committing anything."""
 
 
-async def _wait_for_lock_wait(t: Target, query_like: str, timeout: float) -> None:
-    """Poll until a session on the shard waits on a lock in a statement like `query_like`."""
+async def _wait_for_lock_wait(t: Target, wait_event: str, timeout: float) -> None:
+    """Poll until a session on the shard waits on a lock of kind `wait_event`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         waiting = await t.admin.fetchval(
             """SELECT count(*) FROM pg_stat_activity WHERE datname = $1
-               AND wait_event_type = 'Lock' AND query LIKE $2""",
+               AND wait_event_type = 'Lock' AND wait_event = $2""",
             t.db,
-            query_like,
+            wait_event,
         )
         if waiting:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"no worker statement like {query_like!r} waited in {timeout} s")
+    raise AssertionError(f"no worker statement waited on a {wait_event} lock in {timeout} s")

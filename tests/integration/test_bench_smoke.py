@@ -245,3 +245,18 @@ def test_faults_smoke(tmp_path: Path) -> None:
         assert "recovery_s" in r and "p99" in r["during_ms"]
     # Redis down: sends were answered `unavailable` and retried with the same cid.
     assert rows["redis-restart"]["retried_sends"] > 0
+
+
+def test_sequencer_smoke(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench.sequencer",
+        "sequencer",
+        tmp_path,
+        *("--batches", "10", "--rounds", "2", "--warmup", "2", "--sizes", "1,3"),
+    )
+    rows = {(r["size"], r["path"]): r for r in data["rows"]}
+    assert set(rows) == {(s, p) for s in (1, 3) for p in ("transaction", "one statement")}
+    for r in rows.values():
+        assert r["batches"] == 20
+        assert r["client_cpu_ms"] > 0 and r["pg_cpu_ms"] > 0 and r["wall_ms"] > 0
+    assert "cheaper" in data["targets"]
