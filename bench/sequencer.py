@@ -118,6 +118,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 args.convs,
                 MEMBERS,
             )
+            if args.plan_cache_mode:
+                await conn.execute(f"SET plan_cache_mode = {args.plan_cache_mode}")
             sync = await conn.fetchval("SHOW synchronous_commit")
             source = _Batches(convs, rng)
             totals: dict[tuple[int, str], dict[str, float]] = defaultdict(
@@ -173,6 +175,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "convs": args.convs,
             "synchronous_commit": sync,
+            "plan_cache_mode": args.plan_cache_mode or "default",
         },
         "rows": rows,
         "summary": {
@@ -219,6 +222,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--convs", type=int, default=50)
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--plan-cache-mode", default="", help="an experiment: SET plan_cache_mode")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--results-md", default=str(RESULTS_MD))
     args = ap.parse_args()
