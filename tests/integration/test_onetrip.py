@@ -225,6 +225,31 @@ async def test_a_concurrent_store_of_the_same_message_is_a_race_retried(
     assert stored[0].seq == 1 and await messages.latest_seq(pools, conv) == 1
 
 
+async def test_a_batch_that_waited_for_a_conversation_continues_after_the_other_batch(
+    pools: ShardPools, ids: IdGenerator
+) -> None:
+    physical = 1
+    conv, a, b = await _group(pools, ids, physical)
+    async with pools.connection(physical) as other:
+        tx = other.transaction()
+        await tx.start()
+        # Another worker sequences two messages and holds the conversation row.
+        first, _, _ = await messages.append_batch(
+            other, [new_message(conv, ids, a, "o1"), new_message(conv, ids, b, "o2")]
+        )
+        # Ours started before that commit (its snapshot shows last_seq 0), then waits.
+        attempt = asyncio.ensure_future(sequence(pools, [new_message(conv, ids, b, "w1")]))
+        await _waiting_for_a_lock(pools, physical)
+        await tx.commit()
+    out = await attempt
+    # The UPDATE bumped the row as committed meanwhile (READ COMMITTED re-reads it): seq 3,
+    # never a second 1.
+    assert [m.seq for m in first] == [1, 2]
+    assert [(m.cid, m.seq) for m in out.stored] == [("w1", 3)]
+    assert [m.seq for m in await messages.after(pools, conv, 0, 10)] == [1, 2, 3]
+    assert await messages.latest_seq(pools, conv) == 3
+
+
 async def _waiting_for_a_lock(pools: ShardPools, physical: int) -> None:
     """Until a one-statement batch on `physical` waits for a row lock (pg_stat_activity,
     read on a connection of its own: a transaction would keep showing its first read)."""
