@@ -23,6 +23,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from core.settings import Settings
 from fanout.deadletter import DeadLetters
 from fanout.kafka import dlq_topic, ensure_topics, make_consumer, make_producer, wait_for_broker
+from storage import shardwatch
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
 
@@ -179,9 +180,14 @@ async def run_consumer_process(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     log.info("%s worker started (group %s)", name, group)
+    watching = (
+        asyncio.create_task(shardwatch.watch(settings, pools)) if settings.shard_file else None
+    )
     try:
         await worker.run()
     finally:
+        if watching is not None:
+            watching.cancel()
         await consumer.stop()
         await producer.stop()
         await redis.aclose()

@@ -49,7 +49,7 @@ from gateway.session import RequestHandler
 from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
 from gateway.ws import Endpoint
-from storage import users
+from storage import shardwatch, users
 from storage.ids import IdGenerator
 from storage.pgerrors import describe, retryable
 from storage.pools import ShardPools
@@ -201,6 +201,8 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(expiry.run()),
             await state.revocations.start(),
         ]
+        if settings.shard_file:
+            background.append(asyncio.create_task(shardwatch.watch(settings, pools)))
         log.info("gateway node %s ready", node.id)
         try:
             yield

@@ -110,6 +110,7 @@ BAD_VALUES = [
     ("AGORA_JWT_ALGORITHMS", " , "),
     ("AGORA_SHARD_DSNS", ""),
     ("AGORA_SHARD_DSNS", " , ,"),
+    ("AGORA_SHARD_FILE", "/nonexistent/agora-shards"),
     ("AGORA_PG_POOL_MAX", "0"),
     ("AGORA_PG_TIMEOUT_S", "121"),
     ("AGORA_REDIS_URL", "  "),
