@@ -327,7 +327,8 @@ class HoldingWorker(Generic[T]):
             if tp not in owned:
                 continue
             try:
-                position = await asyncio.wait_for(self.consumer.position(tp), 1)
+                async with asyncio.timeout(1):  # no task per partition, unlike wait_for
+                    position = await self.consumer.position(tp)
             except (IllegalStateError, KafkaError, TimeoutError):
                 continue  # revoked meanwhile, or no position yet: nothing fetched to check
             if position > expected and self.continuity.expected.get(tp) == expected:
