@@ -191,7 +191,8 @@ class Settings:
         "AGORA_REDIS_POOL_MAX",
         "64",
         _int_range(1, 10_000),
-        "Redis connections per process; callers wait for a free one beyond it.",
+        "Redis connections per process; callers wait for a free one beyond it. A gateway's "
+        "route lease has 2 more of its own, which requests never hold.",
     )
     pipeline_sends: bool = _setting(
         "AGORA_PIPELINE_SENDS",
