@@ -160,6 +160,14 @@ class Settings:
         "Optional logical-to-physical ranges, e.g. `0-2047=0,2048-4095=1`; "
         "empty means equal contiguous ranges.",
     )
+    shard_file: str = _setting(
+        "AGORA_SHARD_FILE",
+        "",
+        _stripped,
+        "Optional path of a file of `AGORA_SHARD_DSNS=` and `AGORA_SHARD_MAP=` lines that "
+        "take the place of those two settings; running processes re-read it every second "
+        "and switch to a changed map without a restart (moving logical shards).",
+    )
     pg_pool_max: int = _setting(
         "AGORA_PG_POOL_MAX", "10", _int_range(1, 500), "Max connections per physical shard pool."
     )
@@ -183,7 +191,8 @@ class Settings:
         "AGORA_REDIS_POOL_MAX",
         "64",
         _int_range(1, 10_000),
-        "Redis connections per process; callers wait for a free one beyond it.",
+        "Redis connections per process; callers wait for a free one beyond it. A gateway's "
+        "route lease has 2 more of its own, which requests never hold.",
     )
     pipeline_sends: bool = _setting(
         "AGORA_PIPELINE_SENDS",
@@ -357,6 +366,15 @@ class Settings:
         "2000",
         _int_range(1, 100_000),
         "Most records a fan-out worker takes from Kafka per batch.",
+    )
+    worker_commit_interval_ms: int = _setting(
+        "AGORA_WORKER_COMMIT_INTERVAL_MS",
+        "100",
+        _int_range(0, 60_000),
+        "Shortest time between two offset commits of a fan-out or scores worker. Commits "
+        "go out in the background, one at a time, never past an unfinished record; a "
+        "worker that dies redelivers at most this much, which the sequencer recognises "
+        "(0: commit after every batch, still in the background).",
     )
     worker_retry_max_ms: int = _setting(
         "AGORA_WORKER_RETRY_MAX_MS",
@@ -551,7 +569,10 @@ class Settings:
 
         Raises ConfigError naming the first setting whose value does not parse.
         """
-        source = os.environ if env is None else env
+        source: Mapping[str, str] = os.environ if env is None else env
+        shard_file = source.get("AGORA_SHARD_FILE", "").strip()
+        if shard_file:
+            source = {**source, **read_shard_file(shard_file)}
         values: dict[str, Any] = {}
         for f in fields(cls):
             meta = f.metadata
@@ -573,11 +594,65 @@ class Settings:
         # checked by its owner, storage.shards.ShardMap.from_settings, which every
         # process runs at start (gateway/cli.py; ShardPools): core imports no layer.
 
+    def with_shard_file(self) -> Settings:
+        """These settings with AGORA_SHARD_FILE read again (a running process's reload);
+        ConfigError (or OSError) when it cannot be read or does not parse."""
+        from dataclasses import replace
+
+        if not self.shard_file:
+            return self
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            meta = f.metadata
+            raw = read_shard_file(self.shard_file).get(meta["env"])
+            if raw is None:
+                continue
+            try:
+                values[f.name] = meta["parse"](raw)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{meta['env']}={raw!r} is invalid: {exc}") from None
+        settings = replace(self, **values)
+        settings._check()
+        return settings
+
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and CLI flags)."""
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+SHARD_FILE_KEYS = ("AGORA_SHARD_DSNS", "AGORA_SHARD_MAP")
+
+
+def read_shard_file(path: str) -> dict[str, str]:
+    """The settings an AGORA_SHARD_FILE holds: `KEY=VALUE` lines of AGORA_SHARD_DSNS and
+    AGORA_SHARD_MAP (both required, so a file cut short by a writer is refused rather than
+    read as "equal ranges"), blank lines and `#` comments. ConfigError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"AGORA_SHARD_FILE={path!r} cannot be read: {exc.strerror}") from None
+    found: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or key not in SHARD_FILE_KEYS:
+            raise ConfigError(
+                f"AGORA_SHARD_FILE {path}, line {n}: want AGORA_SHARD_DSNS=... or "
+                f"AGORA_SHARD_MAP=..., not {line[:60]!r}"
+            )
+        if key in found:
+            raise ConfigError(f"AGORA_SHARD_FILE {path}, line {n}: {key} given twice")
+        found[key] = value.strip()
+    missing = [k for k in SHARD_FILE_KEYS if k not in found]
+    if missing:
+        raise ConfigError(f"AGORA_SHARD_FILE {path} has no {missing[0]} line")
+    return found
 
 
 def environ_with(overrides: Mapping[str, str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ worker that dies while holding them leaves them to be redelivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from core.settings import Settings
 from fanout.deadletter import DeadLetters
 from fanout.kafka import dlq_topic, ensure_topics, make_consumer, make_producer, wait_for_broker
+from storage import shardwatch
 from storage.pools import ShardPools
 from storage.redis_client import make_redis
 
@@ -47,7 +49,10 @@ async def commit(
     last: dict[TopicPartition, int],
     held: Iterable[tuple[TopicPartition, int]],
 ) -> None:
-    offsets = commit_offsets(last, held)
+    await _commit(consumer, commit_offsets(last, held))
+
+
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
     if not offsets:
         return
     try:
@@ -57,6 +62,87 @@ async def commit(
         log.info("commit failed after rebalance; records will be redelivered")
     except KafkaError as exc:
         log.warning("commit failed (%s); records will be redelivered", exc)
+
+
+class Committer:
+    """Offset commits off the worker's loop: one request in flight, at most one per
+    `interval_s`, each carrying the newest offsets asked for.
+
+    A commit is off the delivery path (a batch's records are stored and published before
+    it is asked for), so the worker fetches its next batch instead of waiting for the
+    broker's answer, and a busy worker sends one commit per interval instead of one per
+    batch (each costs the broker and the worker about as much as a one-record produce).
+    Offsets only grow between requests (they are computed from the whole state each time,
+    never past an unfinished record), so the newest supersedes the ones not yet sent. What
+    a crash costs is the commit only: the records of the last interval are redelivered and
+    the sequencer recognises them."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, interval_s: float) -> None:
+        self.consumer = consumer
+        self.interval_s = interval_s
+        self.sent = 0  # commit requests made (for tests and the bench)
+        self._pending: dict[TopicPartition, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_start = float("-inf")
+
+    def request(
+        self, last: dict[TopicPartition, int], held: Iterable[tuple[TopicPartition, int]]
+    ) -> None:
+        """Commit past `last` on each partition, never past a `held` offset, soon."""
+        offsets = commit_offsets(last, held)
+        if offsets:
+            self._pending = offsets
+            self._kick()
+
+    def drop(self) -> None:
+        """Forget what was asked and not sent: it was computed for an assignment now gone
+        (a commit in flight is left to finish: its records are done)."""
+        self._pending = {}
+        self._cancel_timer()
+
+    async def flush(self, timeout_s: float) -> None:
+        """Send what is pending now and wait for it and the commit in flight, at most
+        `timeout_s` (before a rebalance takes the partitions, and before stopping)."""
+        self._cancel_timer()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                if self._task is not None:
+                    await asyncio.shield(self._task)
+                offsets, self._pending = self._pending, {}
+                if offsets:
+                    self.sent += 1
+                    await _commit(self.consumer, offsets)
+
+    def _kick(self) -> None:
+        if not self._pending or (self._task is not None and not self._task.done()):
+            return  # the commit in flight sends the pending offsets when it ends
+        loop = asyncio.get_running_loop()
+        wait = self._last_start + self.interval_s - loop.time()
+        if wait > 0:
+            if self._timer is None:
+                self._timer = loop.call_later(wait, self._due)
+            return
+        offsets, self._pending = self._pending, {}
+        self._last_start = loop.time()
+        self.sent += 1
+        self._task = asyncio.ensure_future(_commit(self.consumer, offsets))
+        self._task.add_done_callback(self._ended)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._kick()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # `_commit` handles every Kafka error; anything else is a bug: say it loudly.
+            log.error("offset commit failed", exc_info=task.exception())
+        self._kick()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Worker(Protocol):
@@ -94,9 +180,14 @@ async def run_consumer_process(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     log.info("%s worker started (group %s)", name, group)
+    watching = (
+        asyncio.create_task(shardwatch.watch(settings, pools)) if settings.shard_file else None
+    )
     try:
         await worker.run()
     finally:
+        if watching is not None:
+            watching.cancel()
         await consumer.stop()
         await producer.stop()
         await redis.aclose()

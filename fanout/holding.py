@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from core.settings import Settings
-from fanout.consumer import commit
+from fanout.consumer import Committer
 from fanout.deadletter import DeadLetters
 from fanout.metrics import ConsumerMetrics, installed
 
@@ -42,6 +42,7 @@ T = TypeVar("T")
 log = logging.getLogger("agora.fanout")
 
 FIRST_RETRY_S = 0.1
+COMMIT_FLUSH_S = 5.0  # longest wait for the last commits at a rebalance or a stop
 DEAD_LETTER_KEY = "dead-letter topic"
 
 
@@ -175,6 +176,7 @@ class HoldingWorker(Generic[T]):
         self.dead_lettered = 0
         self.skips_healed = 0
         self.metrics: ConsumerMetrics | None = installed()
+        self.commits = Committer(consumer, settings.worker_commit_interval_ms / 1000)
 
     # -- what a worker says ----------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class HoldingWorker(Generic[T]):
         # under the old one is redelivered, so it is dropped (a batch still in flight sees
         # the generation change and keeps nothing of it).
         self.generation += 1
+        self.commits.drop()
         self.continuity.forget(tps)
         self.held = []
         self.letters = []
@@ -221,6 +224,8 @@ class HoldingWorker(Generic[T]):
             if records or self._until_due(loop.time()) == 0:
                 await self.handle(records)
             await self._check_positions()
+        # What is done is committed before the consumer leaves the group.
+        await self.commits.flush(COMMIT_FLUSH_S)
 
     def _until_due(self, now: float) -> float | None:
         keys = {r.hold for r in self.held} | ({DEAD_LETTER_KEY} if self.letters else set())
@@ -274,7 +279,7 @@ class HoldingWorker(Generic[T]):
         owned = self.consumer.assignment()
         taken = {tp: exp - 1 for tp, exp in self.continuity.expected.items() if tp in owned}
         floor = [(r.tp, r.offset) for r in self.held] + [(raw.tp, raw.offset) for raw, _ in unsent]
-        await commit(self.consumer, taken, floor)
+        self.commits.request(taken, floor)
         self.batches += 1
         self.done += len(due) - len(outcome.held)
 
@@ -322,7 +327,8 @@ class HoldingWorker(Generic[T]):
             if tp not in owned:
                 continue
             try:
-                position = await asyncio.wait_for(self.consumer.position(tp), 1)
+                async with asyncio.timeout(1):  # no task per partition, unlike wait_for
+                    position = await self.consumer.position(tp)
             except (IllegalStateError, KafkaError, TimeoutError):
                 continue  # revoked meanwhile, or no position yet: nothing fetched to check
             if position > expected and self.continuity.expected.get(tp) == expected:
@@ -416,6 +422,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Commit what is done while the partitions are still ours, so their next owner
+        # does not redeliver it; bounded, since the group waits for this callback.
+        await self.worker.commits.flush(COMMIT_FLUSH_S)
         self.worker.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

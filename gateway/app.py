@@ -49,11 +49,11 @@ from gateway.session import RequestHandler
 from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
 from gateway.ws import Endpoint
-from storage import users
+from storage import shardwatch, users
 from storage.ids import IdGenerator
 from storage.pgerrors import describe, retryable
 from storage.pools import ShardPools
-from storage.redis_client import make_redis
+from storage.redis_client import make_lease_redis, make_redis
 
 log = logging.getLogger("agora.gateway")
 
@@ -157,7 +157,8 @@ def create_app(settings: Settings) -> Starlette:
         await ensure_topics(settings)
         producer = make_producer(settings)
         await producer.start()
-        node = Node(settings, make_node_id(settings), redis, pools)
+        lease_redis = make_lease_redis(settings)  # the lease's own: requests never hold it
+        node = Node(settings, make_node_id(settings), redis, pools, lease_redis)
         logs.set_process(role="gateway", node=node.id)
         registry.const_labels["node"] = node.id
         access = Access(pools)
@@ -201,6 +202,8 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(expiry.run()),
             await state.revocations.start(),
         ]
+        if settings.shard_file:
+            background.append(asyncio.create_task(shardwatch.watch(settings, pools)))
         log.info("gateway node %s ready", node.id)
         try:
             yield
@@ -211,6 +214,7 @@ def create_app(settings: Settings) -> Starlette:
             await node.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
+            await lease_redis.aclose()
             await redis.aclose()
             await pools.close()
 

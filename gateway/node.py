@@ -61,14 +61,24 @@ def make_node_id(settings: Settings) -> str:
 
 class Node:
     def __init__(
-        self, settings: Settings, node_id: str, redis: aioredis.Redis, pools: ShardPools
+        self,
+        settings: Settings,
+        node_id: str,
+        redis: aioredis.Redis,
+        pools: ShardPools,
+        lease_redis: aioredis.Redis,
     ) -> None:
+        """`lease_redis` (storage.redis_client.make_lease_redis): the node's own client for
+        its lease, which requests never use, so that however many of them hold `redis`,
+        the renewal is not starved and the node does not take Redis for gone."""
         self.settings = settings
         self.id = node_id
         self.redis = redis
         self.pools = pools
         self.keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
         self.routes = Routes(redis, self.keys)
+        # Registration, renewal, re-registration, route refresh and leave: the lease's.
+        self.lease_routes = Routes(lease_redis, self.keys)
         self.sync = RouteSync(
             self.routes,
             node_id,
@@ -92,7 +102,7 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.routes.register(self.id, self.settings.route_lease_s, (), ())
+        await self.lease_routes.register(self.id, self.settings.route_lease_s, (), ())
         ready = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._listen(ready)))
         self._tasks.append(asyncio.create_task(self._keep_lease()))
@@ -112,7 +122,7 @@ class Node:
             conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
         await self.presence.stop()
         with contextlib.suppress(Exception):
-            await self.routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
+            await self.lease_routes.leave(self.id, list(self.conv_subs), list(self.user_conns))
 
     async def drain(self, window_ms: int, deadline_ms: int) -> None:
         """Graceful shutdown: every client is told to reconnect elsewhere at a time spread
@@ -140,7 +150,7 @@ class Node:
     async def _register_all(self) -> None:
         convs, users = list(self.conv_subs), list(self.user_conns)
         self.sync.forget_registered()
-        await self.routes.register(self.id, self.settings.route_lease_s, convs, users)
+        await self.lease_routes.register(self.id, self.settings.route_lease_s, convs, users)
         self.sync.mark_registered(convs, users)
 
     async def _keep_lease(self) -> None:
@@ -152,7 +162,7 @@ class Node:
             try:
                 # Bounded: a Redis cut off by the network hangs instead of failing.
                 renewed = await asyncio.wait_for(
-                    self.routes.renew(self.id, self.settings.route_lease_s), interval
+                    self.lease_routes.renew(self.id, self.settings.route_lease_s), interval
                 )
                 redis_seen = time.monotonic()
                 if self.cut_off:
@@ -165,7 +175,9 @@ class Node:
                 elif time.monotonic() >= refresh_at:
                     # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
                     await asyncio.wait_for(
-                        self.routes.refresh(self.id, list(self.conv_subs), list(self.user_conns)),
+                        self.lease_routes.refresh(
+                            self.id, list(self.conv_subs), list(self.user_conns)
+                        ),
                         self.settings.route_lease_s,
                     )
                     refresh_at = time.monotonic() + ROUTE_REFRESH_S

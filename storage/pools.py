@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from core.errors import NotFound, ShardUnavailable
+from core.errors import ConfigError, NotFound, ShardUnavailable
 from core.settings import Settings
 from storage.pgerrors import FENCED
-from storage.shards import ShardMap
+from storage.shards import ShardMap, map_version
 
 # Errors that mean "this database cannot serve us now", as opposed to a bad query.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -48,7 +48,7 @@ def shard_name(dsn: str, index: int) -> str:
 class ShardPools:
     def __init__(self, settings: Settings) -> None:
         self.map = ShardMap.from_settings(settings)
-        self._dsns = settings.shard_dsns
+        self._dsns: tuple[str, ...] = settings.shard_dsns
         self._max = settings.pg_pool_max
         self._timeout = settings.pg_timeout_s
         self._pools: list[asyncpg.Pool | None] = [None] * len(self._dsns)
@@ -58,6 +58,35 @@ class ShardPools:
     @property
     def physical_count(self) -> int:
         return len(self._dsns)
+
+    @property
+    def version(self) -> str:
+        """A short digest of the databases and the map: equal in every process that routes
+        the same way (what `/readyz` and the reload's log line show)."""
+        return map_version(self._dsns, self.map)
+
+    def remap(self, settings: Settings) -> bool:
+        """Route by `settings`' databases and map from now on (a shard move's switch,
+        storage/shardwatch.py); whether anything changed. Databases may only be appended:
+        an index names the same database for the life of the process, since callers hold
+        indices across awaits (a batch in flight, a coalesced read). ConfigError otherwise,
+        and nothing changes."""
+        new_map = ShardMap.from_settings(settings)
+        dsns = settings.shard_dsns
+        if dsns[: len(self._dsns)] != self._dsns:
+            raise ConfigError(
+                "AGORA_SHARD_DSNS may only grow at its end while processes run "
+                f"(was {len(self._dsns)} databases, now {len(dsns)}, not in the same order)"
+            )
+        if dsns == self._dsns and new_map == self.map:
+            return False
+        added = dsns[len(self._dsns) :]
+        self._pools.extend([None] * len(added))
+        self._locks.extend(asyncio.Lock() for _ in added)
+        self.names.extend(shard_name(d, len(self._dsns) + i) for i, d in enumerate(added))
+        self._dsns = dsns
+        self.map = new_map
+        return True
 
     async def _pool(self, index: int) -> asyncpg.Pool:
         pool = self._pools[index]

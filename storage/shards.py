@@ -10,6 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from core.errors import ConfigError
 from storage.ids import shard_of_id
@@ -93,3 +94,18 @@ class ShardMap:
 
     def logical_for_user(self, user_id: str) -> int:
         return shard_for_user(user_id, self.logical_shards)
+
+
+def map_version(dsns: tuple[str, ...], shard_map: ShardMap) -> str:
+    """A short digest of which database holds each logical shard (DSNs by host and
+    database name only: a password rotation is not a new map)."""
+    digest = hashlib.blake2b(digest_size=6)
+    for dsn in dsns:
+        digest.update(_where(dsn).encode() + b"\0")
+    digest.update(",".join(map(str, shard_map._table)).encode())
+    return digest.hexdigest()
+
+
+def _where(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return f"{parts.hostname}:{parts.port}{parts.path}"

@@ -89,7 +89,11 @@ class Readiness:
             down["redis"] = redis_err
         if kafka_err:
             down["kafka"] = kafka_err
-        body = {"status": "unavailable" if down else "ready", "down": down}
+        body = {
+            "status": "unavailable" if down else "ready",
+            "down": down,
+            "shard_map": pools.version,  # which map this process routes by (a move's switch)
+        }
         status = 503 if down else 200
         self.answer = (time.monotonic(), status, body)
         return status, body

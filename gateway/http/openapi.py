@@ -52,6 +52,13 @@ _REASONS = {
 }
 
 
+_READY: dict[str, Schema] = {
+    "status": {"type": "string"},
+    "down": {"type": "object"},
+    "shard_map": {"type": "string", "description": "version of the shard map in force"},
+}
+
+
 def _obj(props: dict[str, Schema], required: list[str] | None = None) -> Schema:
     out: Schema = {"type": "object", "properties": props}
     out["required"] = list(props) if required is None else required
@@ -605,13 +612,11 @@ def _service_paths(settings: Settings) -> dict[str, Schema]:
                 {
                     "200": {
                         "description": "Ready",
-                        "content": _json(_obj({"status": {"type": "string"}}, ["status"])),
+                        "content": _json(_obj(_READY, ["status"])),
                     },
                     "503": {
                         "description": "Some dependency is down",
-                        "content": _json(
-                            _obj({"status": {"type": "string"}, "down": {"type": "object"}})
-                        ),
+                        "content": _json(_obj(_READY, ["status", "down"])),
                     },
                     "404": {
                         "description": "Not served to this client: only to a loopback peer "

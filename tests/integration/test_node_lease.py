@@ -1,11 +1,14 @@
 """A gateway node's hold on Redis (gateway.node._keep_lease), each on a private Redis the
 test breaks: the lease lost while the node stays subscribed (Redis emptied under it), and
 Redis silent for a whole lease (the node sheds its clients with 1013, refuses new ones,
-and takes them again once Redis answers)."""
+and takes them again once Redis answers). And the opposite: Redis healthy, but every
+connection of the node's request pool held for several leases (as sends held them in
+bench/RESULTS.md, run A3), which must cost neither the lease nor the clients."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,10 +16,17 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from websockets.exceptions import InvalidStatus
 
 from agora_client import AgoraClient
 from core.settings import Settings
+from fanout.envelope import Delivery, encode_delivery
+from gateway.connection import Connection
+from gateway.node import Node
+from gateway.protocol.codec import JsonCodec
+from storage.pools import ShardPools
+from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
 from tests.faults import OwnRedis
 from tests.integration.helpers import create_group, uid
@@ -137,3 +147,82 @@ async def test_a_node_cut_off_from_redis_sheds_with_1013_refuses_then_readmits(
             await again.close()
     finally:
         s.stop_all()
+
+
+class Socket:
+    """The test's end of a connection's socket (gateway.connection.Link): what the node
+    writes to it, and the close it sends."""
+
+    paused = False
+    idle = 0
+
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[bytes] = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+
+    def write(self, data: bytes) -> None:
+        self.frames.put_nowait(data)
+
+    def ping(self) -> None:
+        pass
+
+    def buffered(self) -> int:
+        return 0
+
+    def send_close(self, code: int, reason: str) -> None:
+        self.close_code = code
+        self.closed.set()
+
+
+async def test_a_node_whose_request_pool_is_held_keeps_its_lease_and_its_clients(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    # Run A3: pipelined sends held every connection of a gateway's Redis pool; the lease
+    # renewal waited for one of them for a whole lease, and the node, its Redis healthy,
+    # took Redis for gone and closed all its clients with 1013. Here the test holds every
+    # connection of a node's request pool, beyond its pub/sub one, for three leases: the
+    # renewal goes over the node's own lease connection, so the lease stays, the client is
+    # not shed, and a delivery still reaches it. A node as gateway.app composes it (the
+    # gateway in a process of its own would keep its pool out of the test's reach).
+    pool_max = 2  # the pub/sub listener's connection and one more, which the test takes
+    s = dataclasses.replace(settings, redis_pool_max=pool_max, route_lease_s=LEASE_S)
+    redis, lease_redis = make_redis(s), make_lease_redis(s)
+    node = Node(s, uid("held-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    pool = redis.connection_pool
+    held: list[AbstractConnection] = []
+    socket = Socket()
+    user = uid("held")
+    try:
+        await node.start()  # returns once its pub/sub listener is subscribed
+        conn = Connection(socket, JsonCodec(), user, 100, 1 << 20)
+        await node.attach(conn)  # its user's route registered before the pool is taken
+        for _ in range(pool_max - 1):
+            # Waits (up to the pool's timeout) for a background command to let go of it.
+            held.append(await pool.get_connection())
+        assert not pool.can_get_connection(), "the request pool is not exhausted"
+
+        # Waiting for something NOT to happen: the old node shed its clients once a whole
+        # lease (2 s) had passed without a renewal, so three leases is ample.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(socket.closed.wait(), LEASE_S * 3)
+        assert socket.close_code is None and not node.cut_off
+        # Renewed meanwhile: a lease not renewed since the pool was taken, 6 s ago, would
+        # have expired 4 s ago.
+        assert 0 < await redis_client.pttl(keys.node_lease(node.id)) <= LEASE_S * 1000
+        assert not pool.can_get_connection()  # held all along
+
+        # Deliveries come in over the node's pub/sub connection, which it keeps.
+        delivery = Delivery(user_frames=[(user, {"t": "notify", "n": {"id": "held-pool"}})])
+        channel = keys.node_channel(node.id)
+        assert await redis_client.publish(channel, encode_delivery(delivery)) == 1
+        frame = await asyncio.wait_for(socket.frames.get(), 10)
+        assert b'"held-pool"' in frame
+        assert not socket.closed.is_set()
+    finally:
+        for c in held:
+            await pool.release(c)
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()

@@ -6,8 +6,11 @@ removes exactly the rows each database no longer owns."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -24,7 +27,7 @@ from storage.migrate import migrate_all
 from storage.pgerrors import Fault, classify
 from storage.pools import ShardPools
 from storage.reshard import MOVED_TABLES, prune
-from storage.shards import shard_for_user
+from storage.shards import ShardMap, map_version, shard_for_user
 from tests.engines import PG
 from tests.integration.helpers import agora, auth, collect, create_group, uid
 from tests.stack import Proc, Stack
@@ -384,3 +387,118 @@ async def test_behind_a_fence_a_client_is_told_to_retry_and_an_acked_message_wai
     finally:
         await reader.close()
         await writer.close()
+
+
+def _shard_file(path: Path, dsns: tuple[str, ...], shard_map: str) -> None:
+    tmp = path.with_suffix(".tmp")  # renamed over the old file: never read half-written
+    tmp.write_text(f"AGORA_SHARD_DSNS={','.join(dsns)}\nAGORA_SHARD_MAP={shard_map}\n")
+    os.replace(tmp, path)
+
+
+async def _copy_tables(source: str, target: str) -> None:
+    """What the move's logical replication does, in one go: every moved table's rows."""
+    src, dst = await asyncpg.connect(source), await asyncpg.connect(target)
+    try:
+        for table in reversed(MOVED_TABLES):  # the tables referred to first
+            rows = await src.fetch(f"SELECT * FROM {table}")
+            if rows:
+                await dst.copy_records_to_table(
+                    table, records=[tuple(r) for r in rows], columns=list(rows[0].keys())
+                )
+    finally:
+        await src.close()
+        await dst.close()
+
+
+async def test_a_move_switches_running_processes_without_a_restart(
+    settings: Settings, dsns: tuple[str, str], tmp_path: Path
+) -> None:
+    """The switch of a move with AGORA_SHARD_FILE: the gateways' file first (each says the
+    new map in `/readyz`), then the workers'; no process restarts. A message acked behind
+    the fence, held by the worker, is stored on the new database and delivered once as
+    soon as the worker takes the new map; later ones go there directly, and a client
+    resuming from the start reads the conversation's whole history through the new map."""
+    tag = secrets.token_hex(3)
+    isolated = settings.with_overrides(
+        shard_dsns=dsns,
+        shard_map=BEFORE,
+        kafka_topic_prefix=f"move{tag}",
+        redis_prefix=f"move{tag}",
+    )
+    gateways, workers = tmp_path / "gateways.env", tmp_path / "workers.env"
+    for path in (gateways, workers):
+        _shard_file(path, dsns, BEFORE)
+    stack = Stack(isolated, extra_env={"AGORA_SHARD_FILE": str(gateways)})
+    old = _pools(dsns, BEFORE)
+    new_version = map_version(dsns, ShardMap.parse(AFTER, 4096, 2))
+    try:
+        g = stack.gateway(f"mv-g-{tag}")
+        stack.extra_env = {"AGORA_SHARD_FILE": str(workers)}
+        w = stack.fanout(f"mv-f-{tag}")
+        author, member = _user_on(range(0, 1024)), uid("mm")
+        async with httpx.AsyncClient(timeout=10) as http:
+            conv = await create_group(http, stack, g, author, [member])
+
+            async def readyz() -> str:
+                r = await http.get(f"{g.http_url}/readyz")
+                return str(r.json()["shard_map"])
+
+            assert old.for_id(int(conv)) == 0 and await readyz() == old.version
+            reader = await AgoraClient.connect(g.ws_url, stack.token(member))
+            writer = await AgoraClient.connect(g.ws_url, stack.token(author))
+            try:
+                await reader.sub(conv)
+                first = await writer.send(conv, "before the move")
+                assert [m["id"] for m in await collect(reader, conv, 1, 30)] == [first["id"]]
+                await _copy_tables(dsns[0], dsns[1])
+                await fence(old, 0, range(0, 1024))
+                try:
+                    held = await writer.send(conv, "behind the fence")
+                    for _ in range(600):
+                        if "being moved" in w.log_text():
+                            break
+                        await asyncio.sleep(0.05)
+                    else:
+                        raise AssertionError("the fan-out worker never met the fence")
+                    switch = time.monotonic()
+                    _shard_file(gateways, dsns, AFTER)
+                    while await readyz() != new_version:
+                        assert time.monotonic() - switch < 10, "the gateway kept its old map"
+                        await asyncio.sleep(0.1)
+                    _shard_file(workers, dsns, AFTER)
+                    got = await collect(reader, conv, 1, 30)
+                    took = time.monotonic() - switch
+                    assert [m["id"] for m in got] == [held["id"]]
+                    print(f"switch: held message delivered {took:.2f} s after the first file")
+                    assert "shard map changed" in w.log_text() and w.alive() and g.alive()
+                finally:
+                    await unfence(old, 0)
+                after = await writer.send(conv, "after the move")
+                assert [m["id"] for m in await collect(reader, conv, 1, 30)] == [after["id"]]
+                assert await collect(reader, conv, 1, 1) == []  # each once
+                # Stored where the new map says, the old copy frozen at the fence.
+                everything = ["before the move", "behind the fence", "after the move"]
+                for physical, bodies in ((1, everything), (0, everything[:1])):
+                    async with old.connection(physical) as conn:
+                        rows = await conn.fetch(
+                            "SELECT body FROM messages WHERE conv_id = $1 ORDER BY seq", int(conv)
+                        )
+                    assert [r["body"] for r in rows] == bodies, physical
+                again = await AgoraClient.connect(g.ws_url, stack.token(member))
+                try:
+                    await again.sub(conv, since=0)
+                    history = await collect(again, conv, 3, 30)
+                    assert [m["body"] for m in history] == [
+                        "before the move",
+                        "behind the fence",
+                        "after the move",
+                    ]
+                    assert [m["seq"] for m in history] == [1, 2, 3]
+                finally:
+                    await again.close()
+            finally:
+                await reader.close()
+                await writer.close()
+    finally:
+        stack.stop_all()
+        await old.close()
