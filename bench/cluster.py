@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,10 @@ class Layout:
     # and process faults, not power loss. (synchronous_commit stays on: without it a
     # killed server loses commits it already confirmed, which is not a fault of Agora's.)
     pg_fsync: bool = False
+    # Gateways and workers read their databases and shard map from a file per role
+    # (AGORA_SHARD_FILE, `Cluster.write_shard_file`), re-read every second: a shard move
+    # switches them without a restart.
+    shard_files: bool = False
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -188,6 +193,8 @@ class Cluster:
         self.delay_applied = False
         self.workdir = Path(tempfile.mkdtemp(prefix=f"agora-{self.prefix}-"))
         self.settings_env: dict[str, str] = {}
+        # Per role ("gateway", "worker"): settings only that role's processes get.
+        self.role_env: dict[str, dict[str, str]] = {"gateway": {}, "worker": {}}
         self._up = False
         self._loss: dict[str, int] = {}
 
@@ -399,7 +406,7 @@ table inet agoraloss {{
         return env
 
     def start_gateway(self, host: str, extra: dict[str, str] | None = None) -> Process:
-        env = self.agora_env({"AGORA_NODE_ID": host, **(extra or {})})
+        env = self.agora_env({"AGORA_NODE_ID": host, **self.role_env["gateway"], **(extra or {})})
         argv = [sys.executable, "-m", "gateway.cli", "gateway", "--host", "0.0.0.0"]
         proc = self.spawn(host, host, [*argv, "--port", str(GATEWAY_PORT)], env)
         _wait_http(f"http://{self.ip(host)}:{GATEWAY_PORT}/healthz", proc, 40)
@@ -409,7 +416,8 @@ table inet agoraloss {{
         name = f"{host}-{kind}"
         log = LOG_DIR / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
-        proc = self.spawn(host, name, [sys.executable, "-m", "gateway.cli", kind], self.agora_env())
+        env = self.agora_env(self.role_env["worker"])
+        proc = self.spawn(host, name, [sys.executable, "-m", "gateway.cli", kind], env)
         _wait_log(proc, log, offset, b"worker started", 40)
         return proc
 
@@ -602,6 +610,9 @@ table inet agoraloss {{
             "AGORA_KAFKA_PARTITIONS": str(lay.kafka_partitions),
             "AGORA_KAFKA_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
             "AGORA_JWT_SECRET": secrets.token_hex(16),
+            # /readyz answers a loopback peer or this token: the harness asks from the
+            # root namespace, over the control link (`readyz`).
+            "AGORA_OPS_TOKEN": secrets.token_hex(16),
             "AGORA_PG_POOL_MAX": "8",
             "AGORA_HANDSHAKES_PER_IP_S": "0",  # every client comes from the loadgen host
             "AGORA_LOOP_LAG_MS": "5000",  # two cores shared by the whole cluster
@@ -614,6 +625,33 @@ table inet agoraloss {{
         asyncio.run(services.ensure_databases(dsns))
         asyncio.run(migrate_all(dsns))
         asyncio.run(ensure_topics(settings))
+        if lay.shard_files:
+            for role in ("gateway", "worker"):
+                self.write_shard_file(role, dsns, settings.shard_map)
+                self.role_env[role]["AGORA_SHARD_FILE"] = str(self.shard_file(role))
+
+    def shard_file(self, role: str) -> Path:
+        """The AGORA_SHARD_FILE of a role's processes (with `Layout.shard_files`)."""
+        return self.workdir / f"shards-{role}.env"
+
+    def write_shard_file(self, role: str, dsns: tuple[str, ...], shard_map: str) -> None:
+        """Databases and map for a role's running processes, which take them within a
+        second: written to a temporary name and renamed, so never read half-written."""
+        path = self.shard_file(role)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"AGORA_SHARD_DSNS={','.join(dsns)}\nAGORA_SHARD_MAP={shard_map}\n")
+        os.replace(tmp, path)
+
+    def readyz(self, host: str) -> tuple[int, dict[str, Any]]:
+        """A gateway's `GET /readyz`: its status code and body (the body of a 503 too: it
+        still says which `shard_map` the gateway routes by)."""
+        url = f"http://{self.ip(host)}:{GATEWAY_PORT}/readyz"
+        auth = {"Authorization": f"Bearer {self.settings.ops_token}"}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
 
     def token(self, user: str, ttl: int = 3600) -> str:
         from gateway.auth import make_token

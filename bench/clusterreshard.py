@@ -1,25 +1,39 @@
 """Moving logical shards to a new PostgreSQL host on the namespace cluster, under traffic.
 
-    python -m bench.clusterreshard [--switch fast|serial] [--drain-window-ms 2000]
+    python -m bench.clusterreshard [--switch live|fast|serial] [--restart]
+                                   [--drain-window-ms 2000]
 
 docs/operations.md's procedure, step by step, while the load generator sends: pin the map
 (`0-2047=0,2048-4095=1`, what the equal ranges are), add a host pg3 with a new database
 (migrated), copy database 0 into it with PostgreSQL logical replication, fence the moving
-range on database 0 (`agora shards fence`), stop the workers (sends go on: they wait in
-Kafka), wait until the copy has caught up, drop the
-subscription, roll every gateway (SIGTERM: its clients move with `since`) and start the
-workers with `0-1023=2,1024-2047=0,2048-4095=1`, take the fence down, then
-`agora shards prune --apply` on
-databases 0 and 2. `--switch fast` (the default) overlaps what can overlap safely
-(`_switch_fast`); `serial` is the first version, for comparison. Checked at the end: every
-acked message stored exactly once across the three databases, on the one the new map
-names, under its acked id; every member got every acked message exactly once.
+range on database 0 (`agora shards fence`), switch every process to
+`0-1023=2,1024-2047=0,2048-4095=1`, take the fence down, then `agora shards prune --apply`
+on databases 0 and 2. The switch, by `--switch`:
+
+- `live` (the default): "Switch without a restart". Every gateway and worker runs with
+  AGORA_SHARD_FILE, one file for the gateways and one for the workers (`Layout.shard_files`);
+  pg3's database is appended to both files (processes take it running), and the switch
+  waits for the copy to catch up, drops the subscription, writes the new map into the
+  gateways' file, waits until every gateway's `/readyz` answers its version, then writes
+  the workers' file and waits until each worker logs it. No process restarts; only the
+  moving range's deliveries wait (the workers hold its records behind the fence).
+- `fast` (`--restart` for short): "Switch with restarts": stop the workers (sends go on:
+  they wait in Kafka), wait for the copy, drop the subscription, roll every gateway
+  (SIGTERM: its clients move with `since`) and start the workers with the new map,
+  overlapping what can overlap safely (`_switch_fast`); `serial` is its first version,
+  every step after the other. Deliveries stop for every conversation.
+
+Checked at the end: every acked message stored exactly once across the three databases,
+on the one the new map names, under its acked id; every member got every acked message
+exactly once. The live run writes RESULTS.md's `clusterreshard` block, a restart run the
+`clusterreshard-restart` block, so the two stand side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -31,15 +45,16 @@ from typing import Any
 import asyncpg
 import orjson
 
-from bench.cluster import PG_PORT, Cluster, Layout, Process
+from bench.cluster import PG_PORT, Cluster, Layout, Process, _wait_log
 from bench.clusterfaults import delivery_gap_s, start_traffic, stop_traffic
 from bench.common import conditions, machine, machine_line, md_table, write_results
 from storage.ids import shard_of_id
 from storage.reshard import MOVED_TABLES
-from storage.shards import ShardMap
+from storage.shards import ShardMap, map_version
 
 OLD_MAP = "0-2047=0,2048-4095=1"
 NEW_MAP = "0-1023=2,1024-2047=0,2048-4095=1"
+MOVED_LAST = 1023  # logical shards 0-1023 move
 TABLES = ", ".join(MOVED_TABLES)
 
 
@@ -78,12 +93,55 @@ def _parallel(calls: Sequence[Callable[[], object]]) -> None:
             future.result()
 
 
-def _new_map(cluster: Cluster, dsn0: str, dsn2: str) -> None:
-    """Once nothing writes to database 0: the copy caught up, the subscription dropped, the
-    new map in the environment of every process started from now on."""
+def _version(cluster: Cluster, shard_map: str) -> str:
+    """The `shard_map` version of the cluster's databases (pg3's included once added) and
+    `shard_map`, as `/readyz` and the reload's log line say it."""
+    dsns = cluster.dsns()
+    return map_version(dsns, ShardMap.parse(shard_map, cluster.layout.logical_shards, len(dsns)))
+
+
+def _wait_gateways(cluster: Cluster, version: str, seconds: float) -> None:
+    """Until every gateway's `/readyz` answers `version` (each re-reads its file once a
+    second and keeps its readiness answer for a second)."""
+    deadline = time.monotonic() + seconds
+    for gw in cluster.gateways():
+        while (seen := cluster.readyz(gw.name)[1].get("shard_map")) != version:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{gw.name} still routes by shard map {seen}, not {version}")
+            time.sleep(0.05)
+
+
+def _write_map(cluster: Cluster, roles: Sequence[str], shard_map: str) -> None:
+    """The cluster's databases and `shard_map` into the shard files of `roles`, and into
+    the environment of the `agora shards` commands (fence, prune) run from now on."""
+    for role in roles:
+        cluster.write_shard_file(role, cluster.dsns(), shard_map)
+    cluster.settings_env["AGORA_SHARD_DSNS"] = ",".join(cluster.dsns())
+    cluster.settings_env["AGORA_SHARD_MAP"] = shard_map
+
+
+def _write_and_wait_workers(cluster: Cluster, shard_map: str) -> None:
+    """The workers' shard file written, then until each worker logs that it took it."""
+    workers = _live(cluster, "worker")
+    marker = f"shard map changed: version {_version(cluster, shard_map)} ".encode()
+    offsets = [p.log.stat().st_size for p in workers]
+    _write_map(cluster, ("worker",), shard_map)
+    for proc, offset in zip(workers, offsets, strict=True):
+        _wait_log(proc, proc.log, offset, marker, 30)
+
+
+def _drop_copy(dsn0: str, dsn2: str) -> None:
+    """Once nothing writes the range to database 0 (the fence): the copy caught up and the
+    subscription dropped."""
     wait_caught_up(dsn0, dsn2, 60)
     sql(dsn2, "DROP SUBSCRIPTION agora_move")
     sql(dsn0, "DROP PUBLICATION agora_move")
+
+
+def _new_map(cluster: Cluster, dsn0: str, dsn2: str) -> None:
+    """The copy frozen and dropped, the new map in the environment of every process
+    started from now on."""
+    _drop_copy(dsn0, dsn2)
     cluster.settings_env["AGORA_SHARD_DSNS"] = ",".join(cluster.dsns())
     cluster.settings_env["AGORA_SHARD_MAP"] = NEW_MAP
 
@@ -147,6 +205,27 @@ def _switch_fast(cluster: Cluster, dsn0: str, dsn2: str, steps: dict[str, float]
     steps["  workers (and the last gateway) started"] = time.monotonic() - t
 
 
+def _switch_live(cluster: Cluster, dsn0: str, dsn2: str, steps: dict[str, float]) -> None:
+    """Without a restart: the gateways' file first and every gateway seen on the new map
+    (a worker on it stores the moved conversations on pg3, which a gateway still on the old
+    map would read from pg1's frozen copy), then the workers' file. Behind the fence the
+    workers hold the moving range's records and retry them; other shards flow on."""
+    t = time.monotonic()
+    _drop_copy(dsn0, dsn2)
+    steps["  caught up, subscription dropped"] = time.monotonic() - t
+    t = time.monotonic()
+    _write_map(cluster, ("gateway",), NEW_MAP)
+    _wait_gateways(cluster, _version(cluster, NEW_MAP), 30)
+    n = len(cluster.gateways())
+    steps[f"  gateways' file written, all {n} /readyz on the new map"] = time.monotonic() - t
+    t = time.monotonic()
+    _write_and_wait_workers(cluster, NEW_MAP)
+    steps["  workers' file written, each logged the new map"] = time.monotonic() - t
+
+
+SWITCHES = {"live": _switch_live, "fast": _switch_fast, "serial": _switch_serial}
+
+
 def _agora(cluster: Cluster, *args: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "gateway.cli", *args],
@@ -157,12 +236,13 @@ def _agora(cluster: Cluster, *args: str) -> None:
     )
 
 
-def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, float]:
+def move(cluster: Cluster, marks: dict[str, float], switch: str) -> dict[str, float]:
     """The procedure; returns how long each step took (and puts the wall-clock start and
-    end of the switch in `marks`). `fast`: `_switch_fast`, else `_switch_serial`."""
+    end of the switch in `marks`). `switch`: a key of SWITCHES."""
     from devstack import services
     from storage.migrate import migrate_all
 
+    live = switch == "live"
     steps: dict[str, float] = {}
     t = time.monotonic()
     dsn0 = cluster.dsns()[0]
@@ -172,7 +252,13 @@ def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, flo
     dsn2 = f"postgresql://postgres@{cluster.ip('pg3')}:{PG_PORT}/agora_shard2"
     asyncio.run(services.ensure_databases((dsn2,)))
     asyncio.run(migrate_all((dsn2,)))
-    steps["add host + migrate"] = time.monotonic() - t
+    if live:  # appended to every process's databases while they run (the map unchanged)
+        _write_map(cluster, ("gateway",), OLD_MAP)
+        _wait_gateways(cluster, _version(cluster, OLD_MAP), 30)
+        _write_and_wait_workers(cluster, OLD_MAP)
+    steps["add host + migrate" + (", its database in the shard files" if live else "")] = (
+        time.monotonic() - t
+    )
     t = time.monotonic()
     sql(dsn0, f"CREATE PUBLICATION agora_move FOR TABLE {TABLES}")  # 3. copy
     source = f"host={cluster.ip('pg1')} port={PG_PORT} user=postgres dbname=agora_shard0"
@@ -183,10 +269,12 @@ def move(cluster: Cluster, marks: dict[str, float], fast: bool) -> dict[str, flo
     marks["switch_start"] = time.time()
     # 4. The fence first: nothing an old-map process writes to 0-1023 may land on pg1's copy.
     _agora(cluster, "shards", "fence", "--physical", "0", "--range", "0-1023")
-    (_switch_fast if fast else _switch_serial)(cluster, dsn0, dsn2, steps)
+    SWITCHES[switch](cluster, dsn0, dsn2, steps)
+    marks["workers_switched"] = time.time()
     _agora(cluster, "shards", "unfence", "--physical", "0")
     marks["switch_end"] = time.time()
-    steps["switch in all (no deliveries)"] = time.monotonic() - t
+    what = "pg1's deliveries held" if live else "no deliveries"
+    steps[f"switch in all, fence to unfence ({what})"] = time.monotonic() - t
     t = time.monotonic()
     for physical in (0, 2):  # 5. prune
         _agora(cluster, "shards", "prune", "--physical", str(physical), "--apply")
@@ -215,66 +303,131 @@ def check_moved(cluster: Cluster, result: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+GROUPS = {  # the load's conversations by logical shard: moved, staying on pg1, on pg2
+    "moved": range(0, 1024),
+    "pg1_staying": range(1024, 2048),
+    "pg2": range(2048, 4096),
+}
+
+
+def _group(result: dict[str, Any], shards: range) -> dict[str, Any]:
+    """The load's result with only the conversations whose logical shard is in `shards`."""
+    return {**result, "convs": [c for c in result["convs"] if shard_of_id(c["conv"]) in shards]}
+
+
+def longest_gap(result: dict[str, Any], after: float) -> tuple[float, float]:
+    """The longest time after `after` any receiver went without a message, and when
+    (wall clock) that gap began."""
+    worst, at = 0.0, after
+    for c in result["convs"]:
+        receiver = c["members"][1]
+        times = sorted(t for ts in c["received"][receiver].values() for t in ts if t >= after)
+        for a, b in itertools.pairwise(times):
+            if b - a > worst:
+                worst, at = b - a, a
+    return worst, at
+
+
+MODES = {
+    "live": "without a restart (each role's shard file rewritten, processes re-read it)",
+    "fast": "with restarts, steps overlapped where safe",
+    "serial": "with restarts, step after step",
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.clusterreshard", description=__doc__)
     p.add_argument(
         "--switch",
-        choices=("fast", "serial"),
-        default="fast",
-        help="fast: steps overlapped where that is safe; serial: one after another",
+        choices=tuple(MODES),
+        default="live",
+        help="live: shard files re-read by running processes (default); fast: restarts, "
+        "steps overlapped where that is safe; serial: restarts, one after another",
     )
+    p.add_argument("--restart", action="store_true", help="the same as --switch fast")
     p.add_argument(
         "--drain-window-ms",
         type=int,
         default=2000,
-        help="AGORA_DRAIN_WINDOW_MS of the gateways (the roll drains each within it)",
+        help="AGORA_DRAIN_WINDOW_MS of the gateways (a restart switch drains each within it)",
     )
     args = p.parse_args()
+    switch = "fast" if args.restart else args.switch
+    live = switch == "live"
     env = {"AGORA_DRAIN_WINDOW_MS": str(args.drain_window_ms)}
-    layout = Layout(gateways=2, workers=1, prefix="agcm", subnet="10.77.4", env=env)
+    layout = Layout(
+        gateways=2, workers=1, prefix="agcm", subnet="10.77.4", env=env, shard_files=live
+    )
     marks: dict[str, float] = {}
     with Cluster(layout) as cluster:
         traffic = start_traffic(cluster, "move", per_db=6, interval_ms=100)
         time.sleep(3)
-        steps = move(cluster, marks, args.switch == "fast")
+        steps = move(cluster, marks, switch)
         time.sleep(3)
         result = stop_traffic(cluster, traffic)
         counts = check_moved(cluster, result)
         crashes = cluster.crashed()
     ok = not (counts["lost"] or counts["delivered_twice"] or counts["stored_wrong"] or crashes)
     gap = delivery_gap_s(result, traffic.started)
-    resumed = first_delivery_after(result, marks["switch_end"])
+    gaps = {name: longest_gap(_group(result, r), traffic.started) for name, r in GROUPS.items()}
+    # When the moving range's deliveries resumed: after the workers took the new map (live)
+    # or started with it (restarts).
+    resumed = first_delivery_after(_group(result, GROUPS["moved"]), marks["workers_switched"])
     run = {
-        "switch": args.switch,
+        "switch": switch,
         "drain_window_ms": args.drain_window_ms,
         "steps_s": {k: round(v, 1) for k, v in steps.items()},
         "longest_delivery_gap_s": round(gap, 2),
-        "first_delivery_after_switch_s": round(resumed, 2),
+        # per group: the gap, and when it began relative to the fence going up
+        "longest_gap_by_group_s": {
+            name: [round(g, 2), round(at - marks["switch_start"], 2)]
+            for name, (g, at) in gaps.items()
+        },
+        "switch_s": round(marks["switch_end"] - marks["switch_start"], 2),
+        "first_moved_delivery_after_workers_switched_s": round(resumed, 2),
         **counts,
         "crashes": crashes,
     }
     print(orjson.dumps(run).decode())
     m, cond = machine(), conditions()
-    how = "steps overlapped where safe" if args.switch == "fast" else "step after step"
+    if live:
+        how = (
+            "Sends are acked throughout and no process restarts: behind the fence the workers "
+            "hold pg1's records (the moving range's and, with them, those of the rest of "
+            "pg1: a failing database's records wait out one backoff) and retry them; pg2's "
+            "conversations deliver throughout."
+        )
+        resumed_after = "the last worker logged the new map"
+    else:
+        how = (
+            "Sends are acked throughout (one gateway is always up); deliveries wait in Kafka "
+            "while the workers are stopped."
+        )
+        resumed_after = "the last worker logged its start (its consumer joining the group)"
     block = "\n".join(
         [
-            "### Moving logical shards to a new PostgreSQL host (`python -m bench.clusterreshard`)",
+            "### Moving logical shards to a new PostgreSQL host (`python -m bench.clusterreshard`"
+            + ("" if live else f", switch with restarts: {switch}")
+            + ")",
             "",
             machine_line(m, cond),
             "",
             f"`{' '.join(['python -m bench.clusterreshard', *sys.argv[1:]])}`: logical shards "
             f"0-1023 moved from pg1 to a new host pg3 under traffic (2 gateway hosts, 1 worker "
-            f"host, gateways' drain window {args.drain_window_ms} ms, switch {how}, the range "
-            "fenced on pg1 for the switch: `agora shards fence`); "
-            f"{counts['moved_convs']} of the load's conversations moved. Sends are acked "
-            "throughout (one gateway is always up); deliveries wait in Kafka while the "
-            f"workers are stopped. Longest time any receiver went without a message: "
-            f"**{gap:.1f} s**; the first delivery came {resumed:.1f} s after the last worker "
-            f"logged its start (its consumer joining the group). Verdict: "
-            f"{'ok' if ok else 'FAIL'}. Link delay: none (this kernel has no sch_netem).",
+            f"host, switch {MODES[switch]}"
+            + ("" if live else f", gateways' drain window {args.drain_window_ms} ms")
+            + ", the range fenced on pg1 for the switch: `agora shards fence`); "
+            f"{counts['moved_convs']} of the load's {len(result['convs'])} conversations "
+            f"moved. {how} Longest time any receiver went without a message: **{gap:.1f} s** "
+            f"(by conversation: moved {gaps['moved'][0]:.1f} s, staying on pg1 "
+            f"{gaps['pg1_staying'][0]:.1f} s, on pg2 {gaps['pg2'][0]:.1f} s); "
+            f"the moved conversations' first delivery came {resumed:.1f} s after "
+            f"{resumed_after}. Verdict: {'ok' if ok else 'FAIL'}. Link delay: none (this "
+            "kernel has no sch_netem).",
             "",
             md_table(
-                ["step", "seconds"], [[k.replace("  ", "- "), v] for k, v in run["steps_s"].items()]
+                [f"step (switch: {switch})", "seconds"],
+                [[k.replace("  ", "- "), v] for k, v in run["steps_s"].items()],
             ),
             "",
             md_table(
@@ -284,7 +437,7 @@ def main() -> None:
         ]
     )
     write_results(
-        "clusterreshard",
+        "clusterreshard" if live else "clusterreshard-restart",
         {"command": " ".join(sys.argv), "machine": m, "conditions": cond, "run": run},
         block,
     )
