@@ -7,29 +7,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from core.settings import Settings
-from fanout.envelope import encode_new_message
 from fanout.kafka import ensure_topics, fanout_group, make_consumer, messages_topic
 from fanout.worker import FanoutWorker
 from storage import messages
 from storage.ids import IdGenerator
-from storage.models import NewMessage
 from storage.pools import ShardPools
+from tests.integration.test_worker_faults import produce_text, wait_for
 
 pytestmark = pytest.mark.engines
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 class Topic:
@@ -78,18 +69,7 @@ class Topic:
         await worker.consumer.stop()
 
     async def send(self, i: int) -> TopicPartition:
-        m = NewMessage(
-            conv=self.conv,
-            id=self.ids.next_id(9),
-            sender="x",
-            cid=f"c{i}",
-            body=f"m{i}",
-            ts=int(time.time() * 1000),
-            kind="text",
-        )
-        meta = await self.producer.send_and_wait(
-            self.topic, encode_new_message(m), key=str(self.conv).encode()
-        )
+        meta = await produce_text(self.producer, self.topic, self.ids, self.conv, i)
         return TopicPartition(self.topic, meta.partition)
 
     async def until_stored(self, count: int) -> None:

@@ -29,6 +29,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.structs import RecordMetadata
 
 from agora_client import AgoraClient, ServerError
 from core.settings import Settings
@@ -410,18 +411,7 @@ class IsolatedWorker:
 
     async def send(self, i: int) -> tuple[int, int]:
         """Produce message `c{i}`; its (partition, offset)."""
-        m = NewMessage(
-            conv=self.conv,
-            id=self.ids.next_id(7),
-            sender="x",
-            cid=f"c{i}",
-            body=f"m{i}",
-            ts=int(time.time() * 1000),
-            kind="text",
-        )
-        meta = await self.producer.send_and_wait(
-            self.topic, encode_new_message(m), key=str(self.conv).encode()
-        )
+        meta = await produce_text(self.producer, self.topic, self.ids, self.conv, i)
         return meta.partition, meta.offset
 
     async def stored(self) -> int:
@@ -438,6 +428,22 @@ class IsolatedWorker:
         while await self.consumer.committed(tp) != offset:
             assert time.monotonic() < deadline, f"committed {await self.consumer.committed(tp)}"
             await asyncio.sleep(0.05)
+
+
+async def produce_text(
+    producer: AIOKafkaProducer, topic: str, ids: IdGenerator, conv: int, i: int
+) -> RecordMetadata:
+    """Produce text `c{i}` ("m{i}", from "x") of `conv` as a gateway would; its metadata."""
+    m = NewMessage(
+        conv=conv,
+        id=ids.next_id(shard_of_id(conv)),
+        sender="x",
+        cid=f"c{i}",
+        body=f"m{i}",
+        ts=int(time.time() * 1000),
+        kind="text",
+    )
+    return await producer.send_and_wait(topic, encode_new_message(m), key=str(conv).encode())
 
 
 @contextlib.asynccontextmanager
