@@ -108,6 +108,16 @@ def read(pids: Sequence[int], pss: bool = False) -> list[Reading]:
     ]
 
 
+def log_levels(text: str) -> dict[str, int]:
+    """How many WARNING and ERROR lines a gateway's JSON log holds (by level)."""
+    out: dict[str, int] = {}
+    for level in ("WARNING", "ERROR"):
+        n = text.count(f'"level":"{level}"')
+        if n:
+            out[level] = n
+    return out
+
+
 def cpu_s(pids: Sequence[int]) -> float:
     """CPU seconds (user + system) of the processes together."""
     return sum(proc_cpu_s(p) for p in pids)

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -184,10 +185,15 @@ class StormWorker:
             "closed_by_code": dict(closed),
         }
 
-    async def close(self) -> int:
+    async def close(self, rate: float = 0.0) -> int:
+        """Abort every client: all at once, or `rate` per second in slices of 0.1 s."""
         n = len(self.clients)
-        for c in self.clients:
-            c.abort()
+        step = max(1, int(rate / 10)) if rate > 0 else n or 1
+        for start in range(0, n, step):
+            for c in self.clients[start : start + step]:
+                c.abort()
+            if rate > 0:
+                await asyncio.sleep(0.1)
         self.clients.clear()
         await asyncio.sleep(0.1)
         return n
@@ -211,16 +217,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "AGORA_HEARTBEAT_MS": str(args.heartbeat_ms),
     }
     tag = unique_tag()
-    with bench_stack(gw_cpus, env, experiment=args.experiment) as stack:
-        # One at a time: each waits for its /healthz before the next starts.
-        gws = [stack.gateway(f"storm-{tag}-{g}") for g in range(args.gateways)]
-        pin(lg_cpus)  # after the engines started: they keep every core
-        pool = WorkerPool("bench.storm:StormWorker", layout.procs, lg_cpus)
-        try:
-            secret = stack.settings.jwt_secret
-            return uvloop.run(_measure(args, secret, gws, pool, tag, nofile, layout, ips))
-        finally:
-            pool.close()
+    data: dict[str, Any] = {}
+    gws: list[BenchProc] = []
+    try:
+        with bench_stack(gw_cpus, env, experiment=args.experiment) as stack:
+            # One at a time: each waits for its /healthz before the next starts.
+            for g in range(args.gateways):
+                gws.append(stack.gateway(f"storm-{tag}-{g}"))
+            pin(lg_cpus)  # after the engines started: they keep every core
+            pool = WorkerPool("bench.storm:StormWorker", layout.procs, lg_cpus)
+            try:
+                secret = stack.settings.jwt_secret
+                data = uvloop.run(_measure(args, secret, gws, pool, tag, nofile, layout, ips))
+            finally:
+                pool.close()
+    except RuntimeError as exc:
+        if not data:
+            raise
+        # The measurement is done: what a gateway logged is kept with it, and main() still
+        # fails the run.
+        data["stack_errors"] = str(exc)[:20_000]
+    for g, gw in enumerate(gws):  # what each gateway logged from the close to its exit
+        row = data["summary"]["per_gateway"][g]
+        total = gateways.log_levels(gw.log_text())
+        before = row["logged_before_close"]
+        row["logged_in_teardown"] = {k: v - before.get(k, 0) for k, v in total.items()}
+        row["logged_in_teardown"] = {k: v for k, v in row["logged_in_teardown"].items() if v}
+    return data
 
 
 async def _measure(
@@ -287,6 +310,7 @@ async def _measure(
         if args.profile
         else None
     )
+    timeline = {"storm": _utc()}
     start_at = time.monotonic() + 0.5
     parts = await pool.call(
         "connect",
@@ -302,6 +326,7 @@ async def _measure(
         },
     )
     stormed = gateways.read(gw_pids)
+    timeline["storm_end"] = _utc()
     lg_storm = gateways.cpu_s(pool.pids) - lg_before
     storm_s = max(1e-6, time.monotonic() - t_snap)
     starved = [(gw.sched_s()[1] - w) / storm_s for gw, w in zip(gws, wait_before, strict=True)]
@@ -329,6 +354,7 @@ async def _measure(
         allocations = _read_tracemalloc(args)
     # The hold: every 5 s the gateways' RSS together (the idle target bounds the total).
     samples = [sum(r.rss_kib for r in after)]
+    timeline["hold"] = _utc()
     lg_hold_before = gateways.cpu_s(pool.pids)
     t_hold = time.monotonic()
     hold_until = t_hold + args.hold
@@ -338,10 +364,23 @@ async def _measure(
     held = gateways.read(gw_pids)
     lg_hold = gateways.cpu_s(pool.pids) - lg_hold_before
     hold_s = time.monotonic() - t_hold
+    timeline["check"] = _utc()
     checks = await pool.call("check", {"timeout": args.check_timeout, "gateways": len(gws)})
     end = gateways.read(gw_pids, pss=True)
     alive = [gw.alive() for gw in gws]
-    await pool.call("close")
+    logged = [gateways.log_levels(gw.log_text()) for gw in gws]  # before the teardown
+    problems = [p for gw in gws for p in gw.problems()]  # an ERROR while held fails the run
+    # The teardown is not what this bench measures, and thousands of clients leaving one
+    # gateway at once queue as many detaches (session counts, routes, presence) on its
+    # Redis pool, which can starve its lease renewal until it sheds (bench/RESULTS.md,
+    # issue 14 target 6): that ERROR is counted in the results, not taken for a failure.
+    for gw in gws:
+        gw.expected.append(TEARDOWN_SHED)
+    timeline["close"] = _utc()
+    t_close = time.monotonic()
+    await pool.call("close", {"rate": args.close_rate / procs})
+    close_s = time.monotonic() - t_close
+    timeline["close_end"] = _utc()
 
     survivors = sum(c["answered_ping"] for c in checks)
     closed: Counter[str] = Counter()
@@ -372,6 +411,7 @@ async def _measure(
             "cpu_s_hold": round(held[g].cpu_s - after[g].cpu_s, 2),
             "runqueue_wait": round(starved[g], 2),
             "alive": alive[g],
+            "logged_before_close": logged[g],
         }
         for g, gw in enumerate(gws)
     ]
@@ -396,6 +436,8 @@ async def _measure(
         "loadgen_cpu_s_hold": round(lg_hold, 2),
         "storm_wall_s": round(storm_s, 2),
         "measured_hold_s": round(hold_s, 1),
+        "close_s": round(close_s, 1),
+        "close_rate": args.close_rate,
         # Totals over the gateways (with one gateway: that gateway's own readings).
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
@@ -413,6 +455,8 @@ async def _measure(
         "cpu_during_storm": machine_cpu,
         "gateway_runqueue_wait": round(max(starved), 2),
         "per_gateway": per_gateway,
+        "timeline_utc": timeline,
+        "gateway_problems_before_close": [p[:500] for p in problems[:20]],
         "tracemalloc_top": allocations,
     }
     return {
@@ -432,6 +476,13 @@ async def _measure(
         "targets": _targets(args, summary, nofile),
         "profile": profile,
     }
+
+
+TEARDOWN_SHED = re.compile(r"Redis unreachable for [\d.]+ s; closing \d+ connections")
+
+
+def _utc() -> str:
+    return time.strftime("%H:%M:%S", time.gmtime())
 
 
 IDLE_100K_RSS_KIB = 1 << 20  # issue 14 target 6: the gateways' RSS together <= 1 GiB
@@ -592,7 +643,8 @@ def _render_gateways(s: dict[str, Any]) -> list[str]:
         md_table(GW_HEADERS, rows),
         "",
         f"All {s['gateways']} gateways together: RSS **{_mib(s['rss_end_of_hold_kib']):,} MiB** "
-        f"at the end of the hold (most while held: {_mib(s['rss_max_during_hold_kib']):,} MiB; "
+        f"at the end of the hold, after every client's ping (sampled every 5 s while held: "
+        f"at most {_mib(s['rss_max_during_hold_kib']):,} MiB; "
         f"{_mib(s['rss_before_kib']):,} MiB before the storm; PSS at the end "
         f"{_mib(s['pss_end_of_hold_kib']):,} MiB), {s['rss_per_conn_kib']} KiB per connection; "
         f"gateway CPU {s['gateway_cpu_s_storm']} s for the storm "
@@ -603,6 +655,11 @@ def _render_gateways(s: dict[str, Any]) -> list[str]:
         f"{s['loadgen_cpu_s_storm']} s for the storm and {s['loadgen_cpu_s_hold']} s for "
         f"the hold; the storm took {s['elapsed_s']} s from the first connect to the last "
         "hello.",
+        "",
+        f"Timeline (UTC): {s['timeline_utc']}. Gateway log lines (WARNING/ERROR) before the "
+        f"teardown: {[r['logged_before_close'] for r in s['per_gateway']]}; from the close "
+        f"of every client (rate {s.get('close_rate') or 'all at once'}) to the gateways' "
+        f"exit: {[r.get('logged_in_teardown', {}) for r in s['per_gateway']]}.",
         "",
     ]
 
@@ -629,6 +686,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check-timeout", type=float, default=30.0, help="s for every client's ping's pong"
     )
     p.add_argument("--deadline", type=float, default=180.0, help="storm time limit, s")
+    p.add_argument(
+        "--close-rate",
+        type=float,
+        default=0.0,
+        help="clients closed per second at the end, all processes together (0: all at once)",
+    )
     p.add_argument("--source-ips", type=int, default=8, help=f"1-{len(SOURCE_IPS)}")
     p.add_argument(
         "--profile", action="store_true", help="py-spy the (first) gateway during the storm"
@@ -654,6 +717,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{s['rss_per_conn_kib']} KiB/conn, gateways' RSS {s['rss_end_of_hold_kib']} KiB "
         f"at the end of the hold, survivors {s['survivors']} -> {path}"
     )
+    if s.get("gateway_problems_before_close"):
+        raise SystemExit(
+            "bench.storm: a gateway logged errors before the teardown:\n"
+            + "\n".join(s["gateway_problems_before_close"])
+        )
+    if data.get("stack_errors"):
+        raise SystemExit(f"bench.storm: the gateways logged errors:\n{data['stack_errors']}")
     return data
 
 

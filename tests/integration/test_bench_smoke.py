@@ -83,6 +83,9 @@ def test_storm_gateways_smoke(tmp_path: Path) -> None:
         assert 0 < g["rss_before_kib"] <= g["rss_after_kib"]
     assert s["rss_end_of_hold_kib"] == sum(g["rss_end_of_hold_kib"] for g in gws)
     assert s["loadgen_cpu_s_storm"] > 0 and s["gateway_cpu_s_storm"] > 0
+    assert list(s["timeline_utc"]) == ["storm", "storm_end", "hold", "check", "close", "close_end"]
+    assert s["gateway_problems_before_close"] == []
+    assert all("logged_in_teardown" in g for g in gws)
 
 
 def test_reconnect_smoke(tmp_path: Path) -> None:

@@ -42,3 +42,11 @@ def test_refuses_more_connections_per_4tuple_space_than_ephemeral_ports(
     with pytest.raises(ValueError, match="ephemeral ports"):
         plan(12_001, 6, 2, 0, 20_000)
     assert plan(12_000, 6, 2, 0, 20_000).per_tuple == 1000
+
+
+def test_log_levels_counts_warnings_and_errors_of_json_lines() -> None:
+    text = (
+        '{"level":"WARNING","msg":"a"}\n{"level":"INFO"}\n{"level":"ERROR"}\n{"level":"WARNING"}\n'
+    )
+    assert gateways.log_levels(text) == {"WARNING": 2, "ERROR": 1}
+    assert gateways.log_levels("") == {}
