@@ -62,6 +62,32 @@ def test_storm_smoke(tmp_path: Path) -> None:
     assert s["gateway_fds_after"] >= s["gateway_fds_before"] + 300
 
 
+def test_storm_gateways_smoke(tmp_path: Path) -> None:
+    """--gateways: the clients spread evenly, each gateway holds and answers its share."""
+    data = run_bench(
+        "bench.storm",
+        "storm",
+        tmp_path,
+        *("--clients", "301", "--inflight", "50", "--hold", "1", "--gateways", "2"),
+    )
+    s = data["summary"]
+    assert s["connected"] == 301 and s["failed"] == 0, s["failures"]
+    assert s["survivors"] == 301 and s["gateway_alive"] is True
+    check_distribution(s["connect_ms"], 301)
+    gws = s["per_gateway"]
+    assert [g["connected"] for g in gws] == [151, 150]
+    assert [g["answered_ping"] for g in gws] == [151, 150]
+    assert len({g["pid"] for g in gws}) == len({g["port"] for g in gws}) == 2
+    for g in gws:
+        assert g["fds_after"] >= g["fds_before"] + g["connected"] and g["alive"] is True
+        assert 0 < g["rss_before_kib"] <= g["rss_after_kib"]
+    assert s["rss_end_of_hold_kib"] == sum(g["rss_end_of_hold_kib"] for g in gws)
+    assert s["loadgen_cpu_s_storm"] > 0 and s["gateway_cpu_s_storm"] > 0
+    assert list(s["timeline_utc"]) == ["storm", "storm_end", "hold", "check", "close", "close_end"]
+    assert s["gateway_problems_before_close"] == []
+    assert all("logged_in_teardown" in g for g in gws)
+
+
 def test_reconnect_smoke(tmp_path: Path) -> None:
     data = run_bench(
         "bench.reconnect",
