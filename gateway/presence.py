@@ -29,6 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from fanout.envelope import Delivery
+from gateway.coalesce import Coalescer
 from gateway.protocol import frames
 from storage import conversations, presence
 from storage.ids import now_ms
@@ -107,6 +108,12 @@ class Presence:
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
         self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
+
+        async def rooms_of(physical: int, users: list[str]) -> list[list[tuple[int, int]]]:
+            return await presence.shared_many(pools, physical, users)
+
+        # Users coming online together (a connection storm) share one read per shard.
+        self.rooms: Coalescer[str, list[tuple[int, int]]] = Coalescer(rooms_of)
         # thread -> (the total its local subscribers last got, how many they were then)
         self._sent: dict[int, tuple[int, int]] = {}
 
@@ -201,7 +208,8 @@ class Presence:
 
     async def announce(self, user: str, online: bool, last_seen: int | None) -> None:
         """One `presence` frame per gateway with subscribers of the user's small rooms."""
-        convs = [c for c, n in await presence.shared(self.pools, user) if n <= self.max_members]
+        rooms = await self.rooms.read(self.pools.for_user(user), user)
+        convs = [c for c, n in rooms if n <= self.max_members]
         if not convs:
             return
         frame = frames.presence(user, online, last_seen)

@@ -18,7 +18,7 @@ import pytest
 from core.errors import ShardUnavailable
 from core.settings import Settings
 from devstack.services import drop_databases, ensure_databases
-from storage import conversations, messages
+from storage import conversations, messages, presence
 from storage.ids import EPOCH_MS, IdGenerator, compose, shard_of_id
 from storage.migrate import load_migrations, migrate_all, migrate_database
 from storage.models import Message, NewMessage
@@ -474,3 +474,40 @@ async def test_coalesced_stored_id_reads_answer_like_one_read_each(
     for k, want in zip(asked, expected, strict=True):
         assert await alone.stored_id(*k) == want
     assert alone.queries == alone.reads == len(asked)
+
+
+async def test_the_rooms_of_users_coming_online_together_are_read_once_per_shard(
+    pools: ShardPools, ids: IdGenerator
+) -> None:
+    """Presence's read of the rooms of users coming online (storage/presence.py:
+    shared_many, coalesced by gateway/coalesce.py): each user gets their direct
+    conversations and groups with their sizes, wherever those live, as if read alone; a
+    user in none gets none; users asked together cost one read."""
+    from gateway.coalesce import Coalescer
+
+    t = tag()
+    a, b, lonely = users_on(pools, 0, 3, f"on{t}")
+    far = users_on(pools, 1, 1, f"far{t}")[0]
+    near = await conversations.create_group(pools, ids, a, [b], "near")  # on shard 0
+    away = await conversations.create_group(pools, ids, far, [a, b], "away")  # on shard 1
+    dm, _ = await conversations.create_direct(pools, ids, a, far)
+    assert pools.for_id(near.id) == 0 and pools.for_id(away.id) == 1
+    rooms_a = sorted([(near.id, 2), (away.id, 3), (dm.id, 2)])
+    rooms_b = sorted([(near.id, 2), (away.id, 3)])
+
+    got = await presence.shared_many(pools, 0, [a, b, lonely, a])
+    assert [sorted(r) for r in got] == [rooms_a, rooms_b, [], rooms_a]
+    assert [len(r) for r in await presence.shared_many(pools, 0, [a, b], limit=1)] == [1, 1]
+    alone = [sorted((await presence.shared_many(pools, 0, [u]))[0]) for u in (a, b, lonely)]
+    assert alone == [rooms_a, rooms_b, []]
+
+    calls: list[list[str]] = []
+
+    async def fetch(physical: int, users: list[str]) -> list[list[tuple[int, int]]]:
+        calls.append(users)
+        return await presence.shared_many(pools, physical, users)
+
+    rooms: Coalescer[str, list[tuple[int, int]]] = Coalescer(fetch)
+    together = await asyncio.gather(*(rooms.read(0, u) for u in (a, b, lonely)))
+    assert [sorted(r) for r in together] == [rooms_a, rooms_b, []]
+    assert calls == [[a, b, lonely]] and rooms.queries == 1 and rooms.reads == 3

@@ -1,0 +1,64 @@
+"""Reads of one physical shard, coalesced while one is in flight.
+
+A read goes out at once when no read of its physical shard is in flight; the reads asked
+while one is in flight wait for it and then go out together, as one query. No timer: a
+lone read never waits, and under load the batches grow with the reads in flight. Used by
+the send path's shard reads (gateway/lookups.py) and presence's rooms of a user coming
+online (gateway/presence.py): each costs a pool acquire, a round trip and a statement per
+query, which a connection storm or a burst of sends would otherwise pay per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Coalescer(Generic[K, V]):
+    def __init__(self, fetch: Callable[[int, list[K]], Awaitable[list[V]]]) -> None:
+        """`fetch(physical, keys)`: one query's answers, one per key, in order."""
+        self._fetch = fetch
+        self._waiting: dict[int, list[tuple[K, asyncio.Future[V]]]] = defaultdict(list)
+        self._running: set[int] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # held: a task nobody holds may vanish
+        self.queries = 0  # how many queries the reads took (reads / queries = batch size)
+        self.reads = 0
+
+    async def read(self, physical: int, key: K) -> V:
+        """What `fetch(physical, [key])` answers for `key`, raising what it raises."""
+        fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._waiting[physical].append((key, fut))
+        self.reads += 1
+        if physical not in self._running:
+            self._running.add(physical)
+            task = asyncio.ensure_future(self._drain(physical))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _drain(self, physical: int) -> None:
+        try:
+            while self._waiting.get(physical):
+                batch = self._waiting.pop(physical)
+                self.queries += 1
+                try:
+                    found = await self._fetch(physical, [k for k, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), one in zip(batch, found, strict=True):
+                    if not fut.done():  # its caller was cancelled meanwhile
+                        fut.set_result(one)
+        finally:
+            self._running.discard(physical)
+            # Cancelled mid-query (the loop is closing): nobody is left to answer these.
+            for _, fut in self._waiting.pop(physical, []):
+                if not fut.done():
+                    fut.cancel()
