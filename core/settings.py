@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -573,17 +573,28 @@ class Settings:
         shard_file = source.get("AGORA_SHARD_FILE", "").strip()
         if shard_file:
             source = {**source, **read_shard_file(shard_file)}
+        settings = cls(**cls._parsed(source))
+        settings._check()
+        return settings
+
+    @classmethod
+    def _parsed(
+        cls, source: Mapping[str, str], only: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Field name -> parsed value of every setting (or of those named in `only`), from
+        `source` or the default; ConfigError naming the first that does not parse."""
+        wanted = None if only is None else set(only)
         values: dict[str, Any] = {}
         for f in fields(cls):
             meta = f.metadata
+            if wanted is not None and meta["env"] not in wanted:
+                continue
             raw = source.get(meta["env"], meta["default"])
             try:
                 values[f.name] = meta["parse"](raw)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{meta['env']}={raw!r} is invalid: {exc}") from None
-        settings = cls(**values)
-        settings._check()
-        return settings
+        return values
 
     def _check(self) -> None:
         # JWT keys are checked where tokens are verified (gateway.auth), so that
@@ -596,22 +607,11 @@ class Settings:
 
     def with_shard_file(self) -> Settings:
         """These settings with AGORA_SHARD_FILE read again (a running process's reload);
-        ConfigError (or OSError) when it cannot be read or does not parse."""
-        from dataclasses import replace
-
+        ConfigError when it cannot be read or does not parse."""
         if not self.shard_file:
             return self
-        values: dict[str, Any] = {}
-        for f in fields(self):
-            meta = f.metadata
-            raw = read_shard_file(self.shard_file).get(meta["env"])
-            if raw is None:
-                continue
-            try:
-                values[f.name] = meta["parse"](raw)
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"{meta['env']}={raw!r} is invalid: {exc}") from None
-        settings = replace(self, **values)
+        found = read_shard_file(self.shard_file)
+        settings = self.with_overrides(**self._parsed(found, found))
         settings._check()
         return settings
 

@@ -44,14 +44,6 @@ def commit_offsets(
     return offsets
 
 
-async def commit(
-    consumer: AIOKafkaConsumer,
-    last: dict[TopicPartition, int],
-    held: Iterable[tuple[TopicPartition, int]],
-) -> None:
-    await _commit(consumer, commit_offsets(last, held))
-
-
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
     if not offsets:
         return

@@ -8,6 +8,8 @@ while one of their shard is in flight go out together, as one query.
 
 from __future__ import annotations
 
+import functools
+
 from gateway.coalesce import Coalescer
 from storage import messages
 from storage.pools import ShardPools
@@ -19,11 +21,9 @@ Found = tuple[int, int] | None  # (id, ts) of the stored copy
 class StoredLookups:
     def __init__(self, pools: ShardPools) -> None:
         self.pools = pools
-
-        async def fetch(physical: int, keys: list[Key]) -> list[Found]:
-            return await messages.stored_ids(pools, physical, keys)
-
-        self._reads: Coalescer[Key, Found] = Coalescer(fetch)
+        self._reads: Coalescer[Key, Found] = Coalescer(
+            functools.partial(messages.stored_ids, pools)
+        )
 
     @property
     def queries(self) -> int:

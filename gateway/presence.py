@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -108,12 +109,10 @@ class Presence:
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
         self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
-
-        async def rooms_of(physical: int, users: list[str]) -> list[list[tuple[int, int]]]:
-            return await presence.shared_many(pools, physical, users)
-
         # Users coming online together (a connection storm) share one read per shard.
-        self.rooms: Coalescer[str, list[tuple[int, int]]] = Coalescer(rooms_of)
+        self.rooms: Coalescer[str, list[tuple[int, int]]] = Coalescer(
+            functools.partial(presence.shared_many, pools)
+        )
         # thread -> (the total its local subscribers last got, how many they were then)
         self._sent: dict[int, tuple[int, int]] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from fanout.consumer import commit, commit_offsets
+from fanout.consumer import Committer, commit_offsets
 
 A, B, C = (TopicPartition("t", i) for i in range(3))
 
@@ -25,12 +25,15 @@ def test_held_records_of_a_partition_without_new_records_keep_it_where_it_was() 
 
 async def test_nothing_to_commit_asks_the_broker_nothing(caplog: pytest.LogCaptureFixture) -> None:
     # A consumer never started: any commit request fails (no group, no coordinator), and
-    # `commit` logs that it failed.
+    # the committer logs that it failed.
     consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", group_id="g")
+    commits = Committer(consumer, 0)
     try:
-        await commit(consumer, {}, [])
-        assert "commit failed" not in caplog.text
-        await commit(consumer, {A: 9}, [])
+        commits.request({}, [])
+        await commits.flush(5)
+        assert "commit failed" not in caplog.text and commits.sent == 0
+        commits.request({A: 9}, [])
+        await commits.flush(5)
         assert "commit failed" in caplog.text
     finally:
         await consumer.stop()
