@@ -149,9 +149,16 @@ async def test_the_tail_check_fills_each_subscriber_from_its_own_seq_and_retries
     settings: Settings, pools: ShardPools
 ) -> None:
     ids = IdGenerator()
-    convs = [
-        (await conversations.create_group(pools, ids, uid(f"o{i}"), [], "t")).id for i in range(6)
-    ]
+    # Three conversations on each physical shard. Their ids are random, so six in a row all
+    # landed on one shard 1 time in 32 (a CI run saw it): create until both have three.
+    per_shard: dict[int, list[int]] = {0: [], 1: []}
+    for i in range(200):
+        if all(len(c) == 3 for c in per_shard.values()):
+            break
+        conv = (await conversations.create_group(pools, ids, uid(f"o{i}"), [], "t")).id
+        if len(per_shard[pools.for_id(conv)]) < 3:
+            per_shard[pools.for_id(conv)].append(conv)
+    convs = per_shard[0] + per_shard[1]
     for conv in convs:  # five messages each, across both physical shards
         async with pools.transaction(pools.for_id(conv)) as conn:
             await messages.append_batch(
@@ -161,7 +168,7 @@ async def test_the_tail_check_fills_each_subscriber_from_its_own_seq_and_retries
                     for i in range(5)
                 ],
             )
-    assert {pools.for_id(c) for c in convs} == {0, 1}
+    assert len(convs) == 6 and {pools.for_id(c) for c in convs} == {0, 1}
     behind, level, recovering = _Conn(), _Conn(), _Conn()
     conv_subs: dict[int, set[Any]] = {}
     for conv in convs:
