@@ -92,6 +92,10 @@ async def test_prune_after_a_move_deletes_only_rows_mapped_elsewhere(
         for physical in (0, 1):
             await _insert(before, physical, moved_post, moved_user)
             await _insert(before, physical, kept_post, kept_user)
+            # Inbox entries live on their conversation's shard, whoever they are for: each
+            # of these is for a user whose own rows go the other way.
+            await _write(before, physical, NOTIFY, kept_user, moved_post, moved_post)
+            await _write(before, physical, NOTIFY, moved_user, kept_post, kept_post)
     finally:
         await before.close()
 
@@ -103,7 +107,7 @@ async def test_prune_after_a_move_deletes_only_rows_mapped_elsewhere(
         assert dry0.rows == {
             "reactions": 0, "refused_events": 0, "messages": 0, "members": 0,
             "conversations": 0, "votes": 1, "posts": 1, "user_conversations": 0,
-            "notifications": 0, "users": 1,
+            "notifications": 1, "users": 1,
         }  # fmt: skip
         assert dry1.rows["posts"] == 1 and dry1.rows["votes"] == 1 and dry1.rows["users"] == 1
         async with after.connection(0) as conn:
@@ -115,6 +119,8 @@ async def test_prune_after_a_move_deletes_only_rows_mapped_elsewhere(
                 assert [r[0] for r in await conn.fetch("SELECT id FROM posts")] == [post]
                 assert [r[0] for r in await conn.fetch("SELECT post_id FROM votes")] == [post]
                 assert [r[0] for r in await conn.fetch("SELECT id FROM users")] == [user]
+                got = await conn.fetch("SELECT conv_id FROM notifications")
+                assert [r[0] for r in got] == [post]
         again = await prune(after, 0)
         assert set(again.rows.values()) == {0}
         # Routing agrees: each row is where the new map looks for it.
@@ -142,6 +148,10 @@ async def test_a_move_copies_and_prunes_every_table_of_a_shard(dsns: tuple[str, 
 
 
 NEW_CONV = "INSERT INTO conversations (id, kind, created_by) VALUES ($1, 'group', 'op')"
+NOTIFY = (
+    "INSERT INTO notifications (user_id, message_id, conv_id, kind, from_user, excerpt, ts)"
+    " VALUES ($1, $2, $3, 'mention', 'op', 'hi', 1)"
+)
 
 
 async def _write(pools: ShardPools, physical: int, sql: str, *args: object) -> None:
@@ -180,6 +190,8 @@ async def test_a_fence_refuses_writes_to_the_moving_range_until_taken_down(
             # User-keyed rows: PostgreSQL cannot compute the user's shard (blake2b), so
             # every one is refused while the fence stands.
             ("INSERT INTO users (id) VALUES ($1)", (_user_on(range(1024, 2048)),)),
+            # An inbox entry lives on its conversation's shard: fenced with it.
+            (NOTIFY, (_user_on(range(1024, 2048)), moving, moving)),
         ]
         for sql, args in refused:
             with pytest.raises(ShardUnavailable, match="being moved") as caught:
@@ -195,8 +207,11 @@ async def test_a_fence_refuses_writes_to_the_moving_range_until_taken_down(
                     await conn.execute("UPDATE posts SET title = 'y' WHERE id = $1", moving)
             assert await conn.fetchval("SELECT title FROM posts WHERE id = $1", staying) == "t"
 
-        # The rest of the old database, and the new one, take writes as before.
+        # The rest of the old database, and the new one, take writes as before: an inbox
+        # entry of a staying conversation too, whoever's it is (the fan-out worker writes
+        # them while sequencing; the fence must not hold that database's messages).
         await _write(pools, 0, "UPDATE posts SET title = 'kept' WHERE id = $1", staying)
+        await _write(pools, 0, NOTIFY, _user_on(range(0, 1024)), staying, staying)
         await _write(pools, 0, "DELETE FROM votes WHERE post_id = $1", staying)
         await _write(pools, 0, NEW_CONV, compose(EPOCH_MS + 2000, 1024, 7))
         await _write(
