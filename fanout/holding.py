@@ -90,7 +90,8 @@ class Continuity:
 
 
 class Backoff:
-    """Capped exponential backoff per key (a shard's name, "redis", the DLQ). Pure."""
+    """Capped exponential backoff per key (a shard's name, a logical shard behind a move's
+    fence, "redis", the DLQ). Pure."""
 
     def __init__(self, first_s: float, cap_s: float) -> None:
         self.first_s, self.cap_s = first_s, cap_s

@@ -49,8 +49,10 @@ from fanout.kafka import (
 )
 from fanout.routing import Routes
 from fanout.scores import Pending, ScoresWorker
+from fanout.sequencer import fenced_key
 from fanout.worker import FanoutWorker
 from storage import conversations, messages, notifications
+from storage.fence import fence, unfence
 from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
@@ -946,6 +948,54 @@ async def test_a_shard_with_an_attempt_still_running_gets_no_new_one_until_it_en
         await _wait_stored(pools, conv, [("b1", 1), ("b2", 2)])
         await wait_for(lambda: not worker.held, 20, "nothing held")
     finally:
+        await w.stop()
+
+
+async def test_a_fence_holds_only_its_logical_shard_and_a_later_message_waits_for_it(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """Behind a shard move's fence the worker holds the fenced logical shard's messages
+    under their own backoff: a message of another logical shard of the same database, after
+    them in the same partition, is stored meanwhile, and the partition's committed offset
+    stays at the oldest held one. A later message of the held shard waits for them even
+    when the fence is lifted while they wait out their backoff: stored first, it would
+    take their seq."""
+    ids = IdGenerator()
+    moving = await _conversation(pools, ids, 1777)
+    staying = await _conversation(pools, ids, 1778)
+    physical = pools.for_id(moving)
+    assert pools.for_id(staying) == physical
+    key = fenced_key(1777)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    assert isinstance(worker, FanoutWorker)
+    loop = asyncio.get_running_loop()
+    try:
+        await fence(pools, physical, [1777])
+        try:
+            # One partition (keyed by the moving conversation) for all three records.
+            tp, held_at = await w.send(encode_new_message(_message(moving, ids, "f1")), moving)
+            await wait_for(lambda: [r.hold for r in worker.held] == [key], 20, "f1 held")
+            await w.send(encode_new_message(_message(staying, ids, "s1")), moving)
+            await _wait_stored(pools, staying, [("s1", 1)])
+            assert await _stored(pools, moving) == []
+            assert [r.item.cid for r in worker.held] == ["f1"]
+            assert not worker.backoff.failing(pools.names[physical])
+            await worker.commits.flush(5)
+            assert await worker.consumer.committed(tp) in (None, held_at)
+            # Its backoff long enough that f2 surely comes before f1's next attempt.
+            await wait_for(lambda: worker.backoff.due_at(key) - loop.time() > 1, 30, "backoff")
+        finally:
+            await unfence(pools, physical)
+        _, last = await w.send(encode_new_message(_message(moving, ids, "f2")), moving)
+        await _wait_stored(pools, moving, [("f1", 1), ("f2", 2)])
+        await wait_for(lambda: not worker.held and not worker.backoff.failing(key), 20, "done")
+        deadline = time.monotonic() + 10
+        while await worker.consumer.committed(tp) != last + 1:
+            assert time.monotonic() < deadline, "never committed past the held records"
+            await asyncio.sleep(0.05)
+    finally:
+        await unfence(pools, physical)
         await w.stop()
 
 
