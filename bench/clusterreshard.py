@@ -273,7 +273,7 @@ def move(cluster: Cluster, marks: dict[str, float], switch: str) -> dict[str, fl
     marks["workers_switched"] = time.time()
     _agora(cluster, "shards", "unfence", "--physical", "0")
     marks["switch_end"] = time.time()
-    what = "pg1's deliveries held" if live else "no deliveries"
+    what = "the moving range's deliveries held" if live else "no deliveries"
     steps[f"switch in all, fence to unfence ({what})"] = time.monotonic() - t
     t = time.monotonic()
     for physical in (0, 2):  # 5. prune

@@ -152,6 +152,13 @@ class Outcome(Generic[T]):
     failures: dict[str, str] = field(default_factory=dict)  # hold key -> error
 
 
+def fenced_key(logical: int) -> str:
+    """The hold key of the records of a logical shard that a shard move's fence refused
+    (storage/fence.py): one backoff per logical shard, apart from its database's, whose
+    other shards go on."""
+    return f"logical shard {logical} (fenced for a move)"
+
+
 class PoisonRecord(ValueError):
     """Raised by `decode` or `hold_key` for a record that can never be applied."""
 

@@ -33,6 +33,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from core.errors import NotFound, Unavailable
+from fanout.holding import fenced_key
 from storage import onetrip
 from storage.fence import fenced as fenced_shards
 from storage.ids import shard_of_id
@@ -71,12 +72,6 @@ class Sequenced:
         self.held.extend(other.held)
         self.fenced.extend(other.fenced)
         self.errors.update(other.errors)
-
-
-def fenced_key(logical: int) -> str:
-    """The hold key of the messages of a logical shard that a shard move's fence refused:
-    one backoff per logical shard, apart from its database's (which goes on)."""
-    return f"logical shard {logical} (fenced for a move)"
 
 
 async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:

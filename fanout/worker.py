@@ -31,11 +31,11 @@ from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
-from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
+from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record, fenced_key
 from fanout.kafka import fanout_group, messages_topic
 from fanout.notify import notify
 from fanout.routing import Routes
-from fanout.sequencer import Sequenced, fenced_key, sequence
+from fanout.sequencer import Sequenced, sequence
 from storage.ids import shard_of_id
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools

@@ -18,7 +18,8 @@ import asyncpg
 import pytest
 
 from core.settings import Settings
-from fanout.sequencer import Sequenced, fenced_key, sequence
+from fanout.holding import fenced_key
+from fanout.sequencer import Sequenced, sequence
 from storage import conversations, messages
 from storage.fence import fence, unfence
 from storage.ids import IdGenerator, compose, now_ms, shard_of_id

@@ -38,6 +38,7 @@ from fanout import deadletter
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Vote, encode_new_message, encode_vote
 from fanout.feeds import FeedCache
+from fanout.holding import Raw, Record, fenced_key
 from fanout.kafka import (
     dlq_topic,
     ensure_topics,
@@ -49,7 +50,6 @@ from fanout.kafka import (
 )
 from fanout.routing import Routes
 from fanout.scores import Pending, ScoresWorker
-from fanout.sequencer import fenced_key
 from fanout.worker import FanoutWorker
 from storage import conversations, messages, notifications
 from storage.fence import fence, unfence
@@ -997,6 +997,52 @@ async def test_a_fence_holds_only_its_logical_shard_and_a_later_message_waits_fo
     finally:
         await unfence(pools, physical)
         await w.stop()
+
+
+async def test_a_fence_holds_only_the_votes_of_its_logical_shard(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """Behind a shard move's fence the scores worker counts the votes of its database's
+    other logical shards at once and holds only the fenced shard's, under that shard's own
+    backoff key (votes are counted whatever their order: nothing else needs to wait)."""
+    ids = IdGenerator()
+    moving, staying = ids.next_id(1781), ids.next_id(1782)
+    physical = pools.for_id(moving)
+    assert pools.for_id(staying) == physical
+    async with pools.transaction(physical) as conn:
+        for post in (moving, staying):
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id)
+                   VALUES ($1, 'x', 'c_fence', 't', $1)""",
+                post,
+            )
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
+            )
+    worker = ScoresWorker(
+        settings,
+        pools,
+        redis_client,
+        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
+    )
+    tp = TopicPartition("votes", 0)
+    work = [
+        Record(Raw(tp, i, None, b""), Pending(tp, i, Vote(post, "u0", 1)), pools.names[physical])
+        for i, post in enumerate((moving, staying))
+    ]
+    await fence(pools, physical, [1781])
+    try:
+        out = await worker.apply_batch(work)
+        assert [(r.item.vote.post, r.hold) for r in out.held] == [(moving, fenced_key(1781))]
+        assert list(out.failures) == [fenced_key(1781)]
+        assert "being moved" in out.failures[fenced_key(1781)]
+        assert await _counters(pools, staying) == (1, 0)
+        assert await _counters(pools, moving) == (0, 0)
+    finally:
+        await unfence(pools, physical)
+    again = await worker.apply_batch(out.held)
+    assert again.held == [] and again.failures == {}
+    assert await _counters(pools, moving) == (1, 0)
 
 
 async def test_a_worker_holding_its_limit_takes_no_new_records_until_they_go(
