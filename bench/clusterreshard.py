@@ -273,7 +273,7 @@ def move(cluster: Cluster, marks: dict[str, float], switch: str) -> dict[str, fl
     marks["workers_switched"] = time.time()
     _agora(cluster, "shards", "unfence", "--physical", "0")
     marks["switch_end"] = time.time()
-    what = "pg1's deliveries held" if live else "no deliveries"
+    what = "the moving range's deliveries held" if live else "no deliveries"
     steps[f"switch in all, fence to unfence ({what})"] = time.monotonic() - t
     t = time.monotonic()
     for physical in (0, 2):  # 5. prune
@@ -393,9 +393,8 @@ def main() -> None:
     if live:
         how = (
             "Sends are acked throughout and no process restarts: behind the fence the workers "
-            "hold pg1's records (the moving range's and, with them, those of the rest of "
-            "pg1: a failing database's records wait out one backoff) and retry them; pg2's "
-            "conversations deliver throughout."
+            "hold the moving range's records (each logical shard under its own backoff) and "
+            "retry them; pg1's other conversations and pg2's deliver throughout."
         )
         resumed_after = "the last worker logged the new map"
     else:

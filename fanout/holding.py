@@ -90,7 +90,8 @@ class Continuity:
 
 
 class Backoff:
-    """Capped exponential backoff per key (a shard's name, "redis", the DLQ). Pure."""
+    """Capped exponential backoff per key (a shard's name, a logical shard behind a move's
+    fence, "redis", the DLQ). Pure."""
 
     def __init__(self, first_s: float, cap_s: float) -> None:
         self.first_s, self.cap_s = first_s, cap_s
@@ -149,6 +150,13 @@ class Outcome(Generic[T]):
     held: list[Record[T]] = field(default_factory=list)  # with `hold` set to what failed
     poison: list[tuple[Record[T], str]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # hold key -> error
+
+
+def fenced_key(logical: int) -> str:
+    """The hold key of the records of a logical shard that a shard move's fence refused
+    (storage/fence.py): one backoff per logical shard, apart from its database's, whose
+    other shards go on."""
+    return f"logical shard {logical} (fenced for a move)"
 
 
 class PoisonRecord(ValueError):

@@ -38,11 +38,13 @@ from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, Score, Vote, decode_vote
 from fanout.feeds import FeedCache
-from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
+from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record, fenced_key
 from fanout.kafka import scores_group, votes_topic
 from fanout.routing import Routes
 from storage import posts
-from storage.pgerrors import Fault, classify, describe
+from storage.fence import fenced as fenced_shards
+from storage.ids import shard_of_id
+from storage.pgerrors import FENCED, Fault, classify, describe, sqlstate
 from storage.pools import ShardPools
 from storage.posts import Totals
 from storage.redis_keys import RedisKeys
@@ -100,8 +102,11 @@ class ScoresWorker(HoldingWorker[Pending]):
     async def apply_batch(self, work: list[Record[Pending]]) -> Outcome[Pending]:
         totals, failed, errors, poison = await self.apply([r.item for r in work])
         by_vote = {id(r.item): r for r in work}
+        # Votes a move's fence refused wait per logical shard (their key is among the
+        # errors), the others for their database.
+        keys = {key for key, _ in errors}
         out: Outcome[Pending] = Outcome(
-            held=[replace(by_vote[id(p)], hold=self.hold_key(p)) for p in failed],
+            held=[replace(by_vote[id(p)], hold=self._held_key(p, keys)) for p in failed],
             poison=[(by_vote[id(p)], why) for p, why in poison],
             failures={name: e.message for name, e in errors},
         )
@@ -118,6 +123,10 @@ class ScoresWorker(HoldingWorker[Pending]):
         self.updates += len(totals)
         return out
 
+    def _held_key(self, p: Pending, keys: set[str]) -> str:
+        key = fenced_key(shard_of_id(p.vote.post))
+        return key if key in keys else self.hold_key(p)
+
     async def apply(
         self, work: list[Pending]
     ) -> tuple[
@@ -129,7 +138,9 @@ class ScoresWorker(HoldingWorker[Pending]):
         (shard name, error) per failed shard, poison votes and why). A shard that is down,
         or whose transaction failed transiently (deadlock, serialization failure, timeout,
         read-only: by SQLSTATE), fails only its own votes; a shard whose transaction hit a
-        data error applies its votes one by one to find the poison.
+        data error applies its votes one by one to find the poison. A shard whose
+        transaction a move's fence refused fails only the votes of the fenced logical
+        shards (under `fenced_key`, in place of the shard name); the rest are applied.
         """
         by_shard: dict[int, list[Pending]] = defaultdict(list)
         for p in work:
@@ -148,6 +159,12 @@ class ScoresWorker(HoldingWorker[Pending]):
             name = self.pools.names[physical]
             if not isinstance(part, BaseException):
                 totals.extend(part)
+            elif sqlstate(part) == FENCED:
+                got, held, errs, bad = await self._around_fence(physical, by_shard[physical], part)
+                totals += got
+                failed += held
+                errors += errs
+                poison += bad
             elif classify(part) is Fault.POISON:
                 got, held, bad, why = await self._isolate(physical, by_shard[physical])
                 totals += got
@@ -160,6 +177,27 @@ class ScoresWorker(HoldingWorker[Pending]):
                 errors.append((name, Unavailable(f"shard {name}: {describe(part)}")))
         failed.sort(key=lambda p: (p.tp.partition, p.offset))
         return totals, failed, errors, poison
+
+    async def _around_fence(
+        self, physical: int, votes: list[Pending], exc: BaseException
+    ) -> Applied:
+        """A move's fence refused `votes`: those of the fenced logical shards fail (each
+        shard under its own key), the others are applied now. Votes are counted whatever
+        their order (storage.posts.count_votes), so nothing else has to wait."""
+        name = self.pools.names[physical]
+        try:
+            shards = set(await fenced_shards(self.pools, physical) or ())
+        except Exception as err:
+            return [], votes, [(name, Unavailable(f"shard {name}: {describe(err)}"))], []
+        fenced = [p for p in votes if shard_of_id(p.vote.post) in shards]
+        if not fenced:
+            # Lifted or changed since: the retry, after the database's backoff, tells.
+            return [], votes, [(name, Unavailable(f"shard {name}: {describe(exc)}"))], []
+        why = Unavailable(f"shard {name}: {describe(exc)}")
+        keys = {fenced_key(shard_of_id(p.vote.post)) for p in fenced}
+        free = [p for p in votes if shard_of_id(p.vote.post) not in shards]
+        totals, failed, errors, poison = await self.apply(free) if free else ([], [], [], [])
+        return totals, fenced + failed, [(k, why) for k in sorted(keys)] + errors, poison
 
     async def _isolate(
         self, physical: int, votes: list[Pending]

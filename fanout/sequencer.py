@@ -16,6 +16,13 @@ messages for the worker to retry; only an error that says a message itself can n
 stored (a data exception, an integrity violation other than the idempotency key) makes the
 batch be retried one message at a time to find the poison, which is dead-lettered by the
 worker. Nothing is dropped.
+
+A shard move's fence (storage/fence.py) refuses only the rows of the logical shards it
+names, but it refuses the whole transaction. So a batch the fence refused is split: the
+messages of the fenced logical shards come back in `fenced` (the worker holds them per
+logical shard, `fenced_key`), the others are sequenced at once in a second transaction. A
+conversation lives in one logical shard, so holding a logical shard's messages together
+keeps each conversation in its order; the rest of the database is not paused by the move.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from core.errors import NotFound, Unavailable
+from fanout.holding import fenced_key
 from storage import onetrip
+from storage.fence import fenced as fenced_shards
+from storage.ids import shard_of_id
 from storage.messages import append_batch
 from storage.models import Message, NewMessage
-from storage.pgerrors import Fault, classify, describe
+from storage.pgerrors import FENCED, Fault, classify, describe, sqlstate
 from storage.pools import ShardPools
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,9 @@ class Sequenced:
     # Messages of shards that failed transiently, in their original order, and why per
     # shard name: the worker holds and retries them.
     held: list[NewMessage] = field(default_factory=list)
+    # Messages of logical shards a shard move's fence refused, in their original order:
+    # the worker holds them per logical shard (`fenced_key`, also their key in `errors`).
+    fenced: list[NewMessage] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
     def in_order(self) -> list[Message]:
@@ -57,19 +70,29 @@ class Sequenced:
         self.redelivered.extend(other.redelivered)
         self.poison.extend(other.poison)
         self.held.extend(other.held)
+        self.fenced.extend(other.fenced)
         self.errors.update(other.errors)
 
 
 async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:
-    name = pools.names[physical]
     try:
         return await _one_shard_tx(pools, physical, batch)
     except Exception as exc:
-        if classify(exc) is not Fault.POISON:
-            return Sequenced(held=list(batch), errors={name: describe(exc)})
-        if len(batch) == 1:
-            return Sequenced(poison=[(batch[0], describe(exc))])
-        log.warning("batch refused on %s (%s); retrying one by one", name, describe(exc))
+        if sqlstate(exc) == FENCED:
+            return await _around_fence(pools, physical, batch, describe(exc))
+        return await _refused(pools, physical, batch, exc)
+
+
+async def _refused(
+    pools: ShardPools, physical: int, batch: list[NewMessage], exc: Exception
+) -> Sequenced:
+    """What to make of a batch whose transaction failed with `exc` (not the fence)."""
+    name = pools.names[physical]
+    if classify(exc) is not Fault.POISON:
+        return Sequenced(held=list(batch), errors={name: describe(exc)})
+    if len(batch) == 1:
+        return Sequenced(poison=[(batch[0], describe(exc))])
+    log.warning("batch refused on %s (%s); retrying one by one", name, describe(exc))
     # One transaction per message, in order, to tell the poison from the rest. A transient
     # error on the way holds that message and every later one of the shard, so a
     # conversation's messages are never stored out of their partition order.
@@ -85,6 +108,47 @@ async def _one_shard(pools: ShardPools, physical: int, batch: list[NewMessage]) 
             out.errors[name] = describe(exc)
             break
     return out
+
+
+async def _around_fence(
+    pools: ShardPools, physical: int, batch: list[NewMessage], why: str
+) -> Sequenced:
+    """`batch` met a shard move's fence: the messages of its fenced logical shards come
+    back in `fenced`, the others are sequenced now (one more transaction, after a read of
+    the fence's range: only while a fence refuses something)."""
+    try:
+        shards = set(await fenced_shards(pools, physical) or ())
+    except Exception as exc:
+        # Which shards are fenced is unknown: hold the batch, as for any transient failure.
+        return Sequenced(held=list(batch), errors={pools.names[physical]: describe(exc)})
+    out = Sequenced()
+    free = []
+    for m in batch:
+        logical = shard_of_id(m.conv)
+        if logical in shards:
+            out.fenced.append(m)
+            out.errors[fenced_key(logical)] = why
+        else:
+            free.append(m)
+    if out.fenced:
+        # The others once more, split again if the fence grew meanwhile (each round holds
+        # at least one message more, so this ends).
+        if free:
+            out.add(await _one_shard(pools, physical, free))
+        return out
+    # None of them is fenced, yet the fence refused the batch: it was lifted or changed
+    # since (a retry now tells), or a message writes a row the fence refuses on every shard
+    # (a user-keyed table). Then hold them per logical shard: each conversation keeps its
+    # order and the rest of the database is not held with them.
+    try:
+        return await _one_shard_tx(pools, physical, batch)
+    except Exception as exc:
+        if sqlstate(exc) != FENCED:
+            return await _refused(pools, physical, batch, exc)
+        why = describe(exc)
+    return Sequenced(
+        fenced=list(batch), errors={fenced_key(shard_of_id(m.conv)): why for m in batch}
+    )
 
 
 async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage]) -> Sequenced:

@@ -9,9 +9,11 @@ recognises what was already stored and it is published again under its original 
 Shard isolation: when one shard is down or fails transiently, only its messages wait.
 They are held and retried with backoff while the worker goes on with the other shards; the
 committed offset of a partition stops at its oldest held record, so nothing is lost if the
-worker dies while holding them. A message no database will ever take goes to the
-dead-letter topic. The holding, backoff, offset checks and dead letters are
-`fanout.holding`'s, shared with the scores worker.
+worker dies while holding them. Behind a shard move's fence only the fenced logical
+shards' messages wait, each shard's under its own backoff (`fanout.sequencer` splits the
+refused batch), and the rest of their database goes on. A message no database will ever
+take goes to the dead-letter topic. The holding, backoff, offset checks and dead letters
+are `fanout.holding`'s, shared with the scores worker.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Delivery, EnvelopeError, decode_new_message
-from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record
+from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record, fenced_key
 from fanout.kafka import fanout_group, messages_topic
 from fanout.notify import notify
 from fanout.routing import Routes
 from fanout.sequencer import Sequenced, sequence
+from storage.ids import shard_of_id
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -71,6 +74,14 @@ class FanoutWorker(HoldingWorker[NewMessage]):
             raise PoisonRecord(str(exc)) from None
 
     def hold_key(self, item: NewMessage) -> str:
+        database = self._database_key(item)
+        # While a move's fence holds a logical shard's messages (under their own key), a
+        # later message of that shard waits with them: stored first, it would take a seq
+        # before them. The key stops failing once they went through.
+        fenced = fenced_key(shard_of_id(item.conv))
+        return fenced if self.backoff.failing(fenced) else database
+
+    def _database_key(self, item: NewMessage) -> str:
         try:
             return self.pools.names[self.pools.for_id(item.conv)]
         except NotFound:
@@ -84,12 +95,19 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         result = await sequence(self.pools, [r.item for r in now], SLOW_SHARD_S, self.slow)
         by_message = {id(r.item): r for r in work}
         out: Outcome[NewMessage] = Outcome(failures=dict(result.errors))
+        # Held for their database (down, failing) or, behind a move's fence, for their
+        # logical shard only: the rest of that database went on.
         out.held = [
-            replace(r, hold=self.hold_key(r.item)) for r in (by_message[id(m)] for m in result.held)
+            replace(r, hold=self._database_key(r.item))
+            for r in (by_message[id(m)] for m in result.held)
+        ] + [
+            replace(r, hold=fenced_key(shard_of_id(r.item.conv)))
+            for r in (by_message[id(m)] for m in result.fenced)
         ]
         for r in busy:
-            out.held.append(replace(r, hold=self.hold_key(r.item)))
-            out.failures[r.hold] = "an earlier attempt on this shard is still running"
+            key = self.hold_key(r.item)
+            out.held.append(replace(r, hold=key))
+            out.failures[key] = "an earlier attempt on this shard is still running"
         out.poison = [(by_message[id(m)], why) for m, why in result.poison]
         try:
             await self.publish(result.in_order())

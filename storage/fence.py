@@ -11,10 +11,11 @@ SQLSTATE is transient to them: storage/pgerrors.py). Nothing written is lost; th
 waits for the switch.
 
 Id-keyed rows carry their logical shard inside the id, so the trigger fences exactly the
-moving range. User-keyed rows live on the shard of a blake2b hash of the user id, which
-PostgreSQL cannot compute: while a fence stands, every user-keyed write on the source
-database is refused (a user signing up, a conversation's membership index, an inbox entry
-read), for the few seconds of the switch. Outside a move there is no trigger and no cost.
+moving range (the notification inbox among them: its rows live on their conversation's
+shard, keyed by `conv_id`). User-keyed rows live on the shard of a blake2b hash of the user
+id, which PostgreSQL cannot compute: while a fence stands, every user-keyed write on the
+source database is refused (a user signing up, a conversation's membership index), for the
+few seconds of the switch. Outside a move there is no trigger and no cost.
 
 Row triggers do not see TRUNCATE (nothing in Agora truncates). The function and triggers
 are schema objects: a `pg_dump` taken while a fence stands carries it, and `agora shards

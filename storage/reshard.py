@@ -18,10 +18,14 @@ from typing import Any
 from storage.ids import SEQ_BITS, SHARD_MASK
 from storage.pools import ShardPools
 
-# (table, id column) for rows on the shard inside an id; children before parents.
+# (table, id column) for rows on the shard inside an id; children before parents. The
+# notification inbox is keyed by user but lives on the *conversation's* shard (written in
+# the transaction that sequences the message: storage/notifications.py), so it moves, is
+# pruned and is fenced with its conversation.
 ID_KEYED = (
     ("reactions", "conv_id"),
     ("refused_events", "conv_id"),
+    ("notifications", "conv_id"),
     ("messages", "conv_id"),
     ("members", "conv_id"),
     ("conversations", "id"),
@@ -29,7 +33,7 @@ ID_KEYED = (
     ("posts", "id"),
 )
 # (table, user column) for rows on the shard of the user id's hash.
-USER_KEYED = (("user_conversations", "user_id"), ("notifications", "user_id"), ("users", "id"))
+USER_KEYED = (("user_conversations", "user_id"), ("users", "id"))
 # What a move copies (docs/operations.md: the publication) and prune sweeps: every table of
 # a shard database but `schema_migrations`, which `agora migrate` fills on each. A table a
 # migration adds must be placed in one of the lists above (test_reshard.py checks).

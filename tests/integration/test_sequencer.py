@@ -18,9 +18,11 @@ import asyncpg
 import pytest
 
 from core.settings import Settings
+from fanout.holding import fenced_key
 from fanout.sequencer import Sequenced, sequence
 from storage import conversations, messages
-from storage.ids import IdGenerator, compose, now_ms
+from storage.fence import fence, unfence
+from storage.ids import IdGenerator, compose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.pgerrors import IDEMPOTENCY_KEY
 from storage.pools import ShardPools
@@ -225,3 +227,42 @@ async def test_a_slow_attempt_cancelled_at_shutdown_stores_nothing_and_logs_noth
     again = await sequence(pools, [m], budget_s=5)
     assert [(x.cid, x.seq) for x in again.in_order()] == [("c1", 1)]
     assert [x.cid for x in await messages.after(pools, conv, 0, 10)] == ["c1"]
+
+
+async def test_a_fence_refuses_only_its_logical_shards_messages_and_the_rest_is_stored(
+    pools: ShardPools, ids: IdGenerator
+) -> None:
+    """A shard move's fence refuses the transaction of a batch that has one message of a
+    fenced logical shard: the batch is split, the fenced shard's messages come back in
+    `fenced` (held per logical shard), the rest of the database's are stored now, with
+    their mentions' inbox entries (on the conversation's shard: fenced with it, not with
+    the users)."""
+    moving, a = await _group(pools, ids, 0)
+    while True:
+        b, named = users_on(pools, 0, 2, secrets.token_hex(4))
+        if pools.map.logical_for_user(b) != shard_of_id(moving):
+            break
+    staying = (await conversations.create_group(pools, ids, b, [named], "c")).id
+    assert pools.for_id(staying) == 0
+    batch = [
+        new_message(moving, ids, a, "f1"),
+        new_message(staying, ids, b, "s1", f"hello @{named}"),
+        new_message(moving, ids, a, "f2"),
+        new_message(staying, ids, b, "s2"),
+    ]
+    await fence(pools, 0, [shard_of_id(moving)])
+    try:
+        out = await sequence(pools, batch)
+        assert [(m.cid, m.seq) for m in out.stored] == [("s1", 1), ("s2", 2)]
+        assert out.stored[0].notify == ((named, "mention"),)
+        assert out.fenced == [batch[0], batch[2]] and out.held == [] and out.poison == []
+        assert list(out.errors) == [fenced_key(shard_of_id(moving))]
+        assert "being moved" in out.errors[fenced_key(shard_of_id(moving))]
+        # Still fenced on the retry; nothing of it stored.
+        again = await sequence(pools, out.fenced)
+        assert again.fenced == out.fenced and again.stored == []
+    finally:
+        await unfence(pools, 0)
+    done = await sequence(pools, out.fenced)
+    assert [(m.cid, m.seq) for m in done.stored] == [("f1", 1), ("f2", 2)]
+    assert done.fenced == [] and done.errors == {}

@@ -38,6 +38,7 @@ from fanout import deadletter
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Vote, encode_new_message, encode_vote
 from fanout.feeds import FeedCache
+from fanout.holding import Raw, Record, fenced_key
 from fanout.kafka import (
     dlq_topic,
     ensure_topics,
@@ -51,6 +52,7 @@ from fanout.routing import Routes
 from fanout.scores import Pending, ScoresWorker
 from fanout.worker import FanoutWorker
 from storage import conversations, messages, notifications
+from storage.fence import fence, unfence
 from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
@@ -947,6 +949,100 @@ async def test_a_shard_with_an_attempt_still_running_gets_no_new_one_until_it_en
         await wait_for(lambda: not worker.held, 20, "nothing held")
     finally:
         await w.stop()
+
+
+async def test_a_fence_holds_only_its_logical_shard_and_a_later_message_waits_for_it(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """Behind a shard move's fence the worker holds the fenced logical shard's messages
+    under their own backoff: a message of another logical shard of the same database, after
+    them in the same partition, is stored meanwhile, and the partition's committed offset
+    stays at the oldest held one. A later message of the held shard waits for them even
+    when the fence is lifted while they wait out their backoff: stored first, it would
+    take their seq."""
+    ids = IdGenerator()
+    moving = await _conversation(pools, ids, 1777)
+    staying = await _conversation(pools, ids, 1778)
+    physical = pools.for_id(moving)
+    assert pools.for_id(staying) == physical
+    key = fenced_key(1777)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    assert isinstance(worker, FanoutWorker)
+    loop = asyncio.get_running_loop()
+    try:
+        await fence(pools, physical, [1777])
+        try:
+            # One partition (keyed by the moving conversation) for all three records.
+            tp, held_at = await w.send(encode_new_message(_message(moving, ids, "f1")), moving)
+            await wait_for(lambda: [r.hold for r in worker.held] == [key], 20, "f1 held")
+            await w.send(encode_new_message(_message(staying, ids, "s1")), moving)
+            await _wait_stored(pools, staying, [("s1", 1)])
+            assert await _stored(pools, moving) == []
+            assert [r.item.cid for r in worker.held] == ["f1"]
+            assert not worker.backoff.failing(pools.names[physical])
+            await worker.commits.flush(5)
+            assert await worker.consumer.committed(tp) in (None, held_at)
+            # Its backoff long enough that f2 surely comes before f1's next attempt.
+            await wait_for(lambda: worker.backoff.due_at(key) - loop.time() > 1, 30, "backoff")
+        finally:
+            await unfence(pools, physical)
+        _, last = await w.send(encode_new_message(_message(moving, ids, "f2")), moving)
+        await _wait_stored(pools, moving, [("f1", 1), ("f2", 2)])
+        await wait_for(lambda: not worker.held and not worker.backoff.failing(key), 20, "done")
+        deadline = time.monotonic() + 10
+        while await worker.consumer.committed(tp) != last + 1:
+            assert time.monotonic() < deadline, "never committed past the held records"
+            await asyncio.sleep(0.05)
+    finally:
+        await unfence(pools, physical)
+        await w.stop()
+
+
+async def test_a_fence_holds_only_the_votes_of_its_logical_shard(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """Behind a shard move's fence the scores worker counts the votes of its database's
+    other logical shards at once and holds only the fenced shard's, under that shard's own
+    backoff key (votes are counted whatever their order: nothing else needs to wait)."""
+    ids = IdGenerator()
+    moving, staying = ids.next_id(1781), ids.next_id(1782)
+    physical = pools.for_id(moving)
+    assert pools.for_id(staying) == physical
+    async with pools.transaction(physical) as conn:
+        for post in (moving, staying):
+            await conn.execute(
+                """INSERT INTO posts (id, author, community, title, thread_id)
+                   VALUES ($1, 'x', 'c_fence', 't', $1)""",
+                post,
+            )
+            await conn.execute(
+                "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
+            )
+    worker = ScoresWorker(
+        settings,
+        pools,
+        redis_client,
+        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
+    )
+    tp = TopicPartition("votes", 0)
+    work = [
+        Record(Raw(tp, i, None, b""), Pending(tp, i, Vote(post, "u0", 1)), pools.names[physical])
+        for i, post in enumerate((moving, staying))
+    ]
+    await fence(pools, physical, [1781])
+    try:
+        out = await worker.apply_batch(work)
+        assert [(r.item.vote.post, r.hold) for r in out.held] == [(moving, fenced_key(1781))]
+        assert list(out.failures) == [fenced_key(1781)]
+        assert "being moved" in out.failures[fenced_key(1781)]
+        assert await _counters(pools, staying) == (1, 0)
+        assert await _counters(pools, moving) == (0, 0)
+    finally:
+        await unfence(pools, physical)
+    again = await worker.apply_batch(out.held)
+    assert again.held == [] and again.failures == {}
+    assert await _counters(pools, moving) == (1, 0)
 
 
 async def test_a_worker_holding_its_limit_takes_no_new_records_until_they_go(
