@@ -44,6 +44,9 @@ log = logging.getLogger("agora.fanout")
 FIRST_RETRY_S = 0.1
 COMMIT_FLUSH_S = 5.0  # longest wait for the last commits at a rebalance or a stop
 DEAD_LETTER_KEY = "dead-letter topic"
+# The hold key of a batch that failed in a way nobody classified (a bug): nothing is known
+# of what its records need, so while it is held every new record waits behind it.
+CATCH_ALL_KEY = "worker"
 
 
 class _Offset(Protocol):
@@ -244,6 +247,11 @@ class HoldingWorker(Generic[T]):
         generation = self.generation
         fresh: list[Record[T]] = []
         letters = list(self.letters)
+        # After an unclassified failure the held batch may hold records that were never
+        # applied; a later record of one of their conversations applied first would take a
+        # seq before them. So new records wait with it, unless their own key is failing
+        # (then they wait with the earlier records of that key, as always).
+        stalled = any(r.hold == CATCH_ALL_KEY for r in self.held)
         for tp, recs in records.items():
             for rec in await self._continuous(tp, recs):
                 raw = Raw(tp, rec.offset, rec.key, rec.value)
@@ -253,6 +261,8 @@ class HoldingWorker(Generic[T]):
                 except PoisonRecord as exc:
                     letters.append((raw, str(exc)))
                     continue
+                if stalled and not self.backoff.failing(key):
+                    key = CATCH_ALL_KEY
                 fresh.append(Record(raw, item, key))
         now = asyncio.get_running_loop().time()
         due: list[Record[T]] = []
@@ -268,7 +278,8 @@ class HoldingWorker(Generic[T]):
                 # exit; the traceback says what to fix.
                 log.exception("%s: batch of %d failed; holding it", self.group, len(due))
                 outcome = Outcome(
-                    held=[replace(r, hold="worker") for r in due], failures={"worker": repr(exc)}
+                    held=[replace(r, hold=CATCH_ALL_KEY) for r in due],
+                    failures={CATCH_ALL_KEY: repr(exc)},
                 )
         letters += [(r.raw, why) for r, why in outcome.poison]
         unsent = await self._dead_letter_all(letters, outcome, now)

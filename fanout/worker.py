@@ -23,10 +23,11 @@ import logging
 from collections import defaultdict
 from dataclasses import replace
 
+import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
-from core.errors import NotFound
+from core.errors import NotFound, Unavailable
 from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
@@ -38,6 +39,7 @@ from fanout.routing import Routes
 from fanout.sequencer import Sequenced, sequence
 from storage.ids import shard_of_id
 from storage.models import Message, NewMessage
+from storage.pgerrors import describe
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
 
@@ -112,12 +114,15 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         try:
             await self.publish(result.in_order())
             await notify(self.routes, self.pools, result.stored, result.redelivered)
-        except (OSError, aioredis.RedisError) as exc:
-            # Stored but not published: hold it all; the retry finds the messages stored
-            # (redelivered) and publishes them under their seq.
+        except (OSError, aioredis.RedisError, Unavailable, asyncpg.PostgresError) as exc:
+            # Stored but not published, or a direct message's inbox entry not written (its
+            # database failed after the commit): hold it all; the retry finds the messages
+            # stored (redelivered), publishes them under their seq and writes the entry
+            # (a second write is a no-op). Nothing new waits behind these: they are stored.
+            key = "redis" if isinstance(exc, (OSError, aioredis.RedisError)) else "inbox"
             left = {(r.tp, r.offset) for r in out.held} | {(r.tp, r.offset) for r, _ in out.poison}
-            out.held += [replace(r, hold="redis") for r in work if (r.tp, r.offset) not in left]
-            out.failures["redis"] = repr(exc)
+            out.held += [replace(r, hold=key) for r in work if (r.tp, r.offset) not in left]
+            out.failures[key] = describe(exc) if key == "inbox" else repr(exc)
         return out
 
     async def publish(self, messages: list[Message]) -> None:

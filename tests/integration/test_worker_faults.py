@@ -38,7 +38,7 @@ from fanout import deadletter
 from fanout.deadletter import DeadLetters
 from fanout.envelope import Vote, encode_new_message, encode_vote
 from fanout.feeds import FeedCache
-from fanout.holding import Raw, Record, fenced_key
+from fanout.holding import CATCH_ALL_KEY, Outcome, Raw, Record, fenced_key
 from fanout.kafka import (
     dlq_topic,
     ensure_topics,
@@ -1171,3 +1171,80 @@ async def test_a_direct_message_stays_in_the_inbox_when_redis_refuses_the_recipi
         await worker_redis.aclose()
         await admin.aclose()
         redis.kill()
+
+
+async def test_an_unclassified_failure_holds_every_later_record_behind_it(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """A batch that fails in a way nobody classified (a bug) is held under the catch-all
+    key with whatever it had not stored. A later message of the same conversation must not
+    be sequenced before it: it waits behind it, and both are stored in their order."""
+    ids = IdGenerator()
+    conv = await _conversation(pools, ids, 31)
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    assert isinstance(worker, FanoutWorker)
+    failing = True
+    apply_batch = worker.apply_batch
+
+    async def buggy(work: list[Record[NewMessage]]) -> Outcome[NewMessage]:
+        # The bug: any batch with u1 in it fails before anything is stored.
+        if failing and any(r.item.cid == "u1" for r in work):
+            raise RuntimeError("a bug in the worker")
+        return await apply_batch(work)
+
+    worker.apply_batch = buggy  # type: ignore[method-assign]
+    try:
+        await w.send(encode_new_message(_message(conv, ids, "u1")), conv)
+        await wait_for(lambda: [r.hold for r in worker.held] == [CATCH_ALL_KEY], 20, "u1 held")
+        await w.send(encode_new_message(_message(conv, ids, "u2")), conv)
+        await wait_for(lambda: len(worker.held) == 2, 20, "u2 held behind u1")
+        assert {r.hold for r in worker.held} == {CATCH_ALL_KEY}
+        assert await _stored(pools, conv) == []
+        failing = False
+        await _wait_stored(pools, conv, [("u1", 1), ("u2", 2)])
+        await wait_for(lambda: not worker.held, 20, "nothing held")
+    finally:
+        await w.stop()
+
+
+async def test_a_direct_message_whose_inbox_write_fails_is_held_then_kept_once(
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+) -> None:
+    """The inbox entry of a direct message to an offline recipient is written after the
+    commit; when its database refuses it, the stored batch is held under "inbox" (not the
+    catch-all: nothing new waits behind it) and its retry writes the entry once."""
+    ids = IdGenerator()
+    a, b = uid("ina"), uid("inb")
+    conv, _ = await conversations.create_direct(pools, ids, a, b)
+    physical = pools.for_id(conv.id)
+    name = f"t_inbox_{secrets.token_hex(4)}"
+    async with pools.connection(physical) as conn:
+        await conn.execute(
+            f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'forced by the test' USING ERRCODE = '57014'; END $$"""
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON notifications FOR EACH ROW"
+            f" WHEN (NEW.user_id = '{b}') EXECUTE FUNCTION {name}()"
+        )
+    w = InProcess(settings, "msg")
+    worker = await w.start(pools, redis_client)
+    assert isinstance(worker, FanoutWorker)
+    try:
+        m = replace(_message(conv.id, ids, "i1"), sender=a)
+        await w.send(encode_new_message(m), conv.id)
+        await wait_for(lambda: worker.backoff.failing("inbox"), 20, "the inbox write refused")
+        assert [r.hold for r in worker.held] == ["inbox"]
+        assert await _stored(pools, conv.id) == [("i1", 1)]
+        assert await notifications.page(pools, b, None, 10, False) == []
+    finally:
+        async with pools.connection(physical) as conn:
+            await conn.execute(f"DROP FUNCTION {name}() CASCADE")
+    try:
+        await wait_for(lambda: not worker.held, 20, "the batch done")
+        inbox = await notifications.page(pools, b, None, 10, False)
+        assert [(n.kind, n.sender, n.message) for n in inbox] == [("dm", a, m.id)]
+        assert await _stored(pools, conv.id) == [("i1", 1)]
+    finally:
+        await w.stop()
