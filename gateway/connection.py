@@ -56,6 +56,7 @@ class WireCounters:
 class Connection:
     __slots__ = (
         "_gone",
+        "_greeting",
         "_max_bytes",
         "_max_frames",
         "_on_close",
@@ -114,12 +115,17 @@ class Connection:
         self._paused_frames = 0
         self._gone = False
         self._on_close: list[Callable[[Connection], object]] = []
+        # Until `greet` runs: hello, then whatever was pushed meanwhile (see `hold_greeting`).
+        self._greeting: list[bytes] | None = None
 
     # -- outbound ---------------------------------------------------------------------------
     def push(self, data: bytes) -> None:
         """Write one complete WebSocket frame (see Codec.frame); a connection that lets its
         frames pile up past the limits is closed with 4009 instead."""
         if self.close_code is not None:
+            return
+        if self._greeting is not None:
+            self._greeting.append(data)
             return
         link = self.link
         if link.paused:
@@ -138,6 +144,19 @@ class Connection:
 
     def push_frame(self, frame: dict[str, Any]) -> None:
         self.push(self.codec.frame(frame))
+
+    def hold_greeting(self, hello: dict[str, Any]) -> None:
+        """Keep `hello` and every frame pushed after it until `greet`. The node registers
+        a connection (its user's routes) after accepting it; hello goes out only once that
+        is done, so a client that has its hello gets every user frame sent after it
+        (`joined`, `notify`), and hello stays the first frame."""
+        self._greeting = [self.codec.frame(hello)]
+
+    def greet(self) -> None:
+        """Write hello and the frames held behind it, in order."""
+        held, self._greeting = self._greeting, None
+        for data in held or ():
+            self.push(data)
 
     def resumed(self) -> None:
         """The socket drained below its low-water mark: count afresh."""

@@ -175,10 +175,12 @@ class Endpoint:
             await self.node.attach(conn)
         except Exception as exc:
             log.warning("conn %d: routing registration failed: %s", conn.id, exc)
+            conn.greet()
             conn.close(CloseCode.TRY_AGAIN_LATER, "routing unavailable")
             return
         if conn.close_code is not None:
             return  # the peer left while we registered it
+        conn.greet()
         cap = self.user_cap
         if cap is not None:
             try:
@@ -223,9 +225,10 @@ class Endpoint:
         node = self.node
         conn.on_close(node.detach)
         link.conn = conn
-        # hello first (docs/protocol.md: the first frame), before registration makes the
-        # connection a target of user frames; requests wait until registration is done.
-        conn.push_frame(
+        # hello is the first frame (docs/protocol.md) and goes out once the connection is
+        # registered (`_open`): frames for the user that arrive meanwhile wait behind it.
+        # Requests wait until registration is done.
+        conn.hold_greeting(
             frames.hello(
                 identity.user,
                 node.id,

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agora_client import AgoraClient, ServerError
@@ -501,6 +502,24 @@ async def test_typing_reaches_other_members_and_is_never_stored(
         await ca.next_event("typing", timeout=0.5)  # not echoed to the typist
     assert await messages.after(pools, int(conv), 0, 10) == []
     await ca.close()
+    await cb.close()
+
+
+async def test_a_frame_for_the_user_sent_right_after_hello_reaches_the_connection(
+    stack: Stack, g1: Proc, http: httpx.AsyncClient, redis_client: aioredis.Redis
+) -> None:
+    """hello goes out once the connection is registered. Redis holds every write for a
+    moment (the node's registration of the user's route among them, not the reads that
+    find a user's nodes): a client with its hello, added to a group at once, gets joined."""
+    a, b = uid("a"), uid("b")
+    await redis_client.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+    try:
+        cb = await AgoraClient.connect(g1.ws_url, stack.token(b))
+        conv = await create_group(http, stack, g1, a, [b])
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+    joined = await cb.next_event("joined", timeout=5)
+    assert joined["conv"]["id"] == conv and b in joined["conv"]["members"]
     await cb.close()
 
 
