@@ -114,6 +114,8 @@ class Presence:
         # Users whose state to write to Redis, decided when the batch goes out (from the
         # node's connections then): online, offline, or nothing. One pipeline for many
         # users, so a mass connect or disconnect costs a few round trips, not one each.
+        # Redis away for long: the changes wait (one per user) and are retried; if this
+        # process ends first, the sweep of dead nodes gives its users up.
         self.changes: Batcher[str, None] = Batcher("presence changes", self._write, _keep)
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
