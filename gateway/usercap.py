@@ -2,8 +2,9 @@
 
 Each node counts its own sessions of a user in one Redis hash per user (field: the node's
 id and this process's incarnation, value: how many). A new session adds itself and reads
-the hash in one round trip, and is refused (4008) when the sum over live nodes passes the
-cap. A node that died leaves its field behind: fields of nodes whose lease is gone are
+the hash in one round trip (shared by the connects that arrive together, as
+gateway/coalesce.py shares reads), and is refused (4008) when the sum over live nodes
+passes the cap. A node that died leaves its field behind: fields of nodes whose lease is gone are
 not counted, and are removed. A process that restarts under the same node id has a new
 incarnation, so it never inherits the old counts.
 
@@ -28,6 +29,7 @@ import redis.asyncio as aioredis
 
 from fanout.routing import Routes
 from gateway.batches import Batcher
+from gateway.coalesce import Coalescer
 from storage.redis_keys import RedisKeys
 
 KEY_TTL_S = 24 * 3600
@@ -47,26 +49,36 @@ class UserConnectionCap:
         self.releases: Batcher[str, int] = Batcher(
             "session count decrements", self._decrement, operator.add
         )
+        # Connects that arrive while a count is in flight are counted together, in the
+        # next pipeline (a storm: a few round trips, not one per connect). One "shard": 0.
+        self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(self._count_many)
 
     async def admit(self, user: str) -> bool:
         """Count a new session of `user`; False (and not counted) when over the cap."""
         if self.cap <= 0:
             return True
-        key = self.keys.user_sessions(user)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(key, self.field, 1)
-        pipe.expire(key, KEY_TTL_S)
-        pipe.hgetall(key)
-        _, _, counts = await pipe.execute()
+        counts = await self._counting.read(0, user)
         total, dead = await self._live_total(counts)
         total -= self.releases.pending.get(user) or 0  # ended, decrement not sent yet
         if dead:
-            await self.redis.hdel(key, *dead)
+            await self.redis.hdel(self.keys.user_sessions(user), *dead)
         if total > self.cap:
             self.refused += 1
-            await self.redis.hincrby(key, self.field, -1)
+            self.releases.add(user, 1)  # not counted after all: with the next decrements
             return False
         return True
+
+    async def _count_many(self, _: int, users: list[str]) -> list[dict[Any, Any]]:
+        """Count a session of each of `users` (a user twice: two sessions), and answer the
+        user's hash after each: one pipeline for the connects that arrived together."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user in users:
+            key = self.keys.user_sessions(user)
+            pipe.hincrby(key, self.field, 1)
+            pipe.expire(key, KEY_TTL_S)
+            pipe.hgetall(key)
+        replies = await pipe.execute()
+        return [replies[i * 3 + 2] for i in range(len(users))]
 
     async def _live_total(self, counts: dict[Any, Any]) -> tuple[int, list[str]]:
         by_field = {_text(f): int(v) for f, v in counts.items()}
