@@ -178,10 +178,11 @@ async def test_two_thousand_clients_gone_at_once_leave_nothing_behind(
     assert (await crowd.counts()) == dict.fromkeys(crowd.users, 0)  # not below 0 either
     assert not lease_missing, "the node's lease lapsed during the mass disconnect"
     assert warnings_in(g1, log_start) == []
-    # One decrement per user per batch, not one per client.
+    # One decrement per user per batch, not one per client (seen: 8-23; how many batches
+    # depends on how fast the gateway closes the sockets against a round trip).
     decrements = await hincrby_calls(r) - hincrby_before
     print(f"{len(crowd.clients)} clients gone: {decrements} HINCRBY")
-    assert decrements <= USERS * 20, f"{decrements} HINCRBY for {len(crowd.clients)} clients"
+    assert decrements <= len(crowd.clients) / 10, f"{decrements} HINCRBY for 2,000 clients"
 
 
 async def test_a_mass_disconnect_while_redis_stalls_loses_no_decrement(
