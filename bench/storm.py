@@ -228,7 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pool = WorkerPool("bench.storm:StormWorker", layout.procs, lg_cpus)
             try:
                 secret = stack.settings.jwt_secret
-                data = uvloop.run(_measure(args, secret, gws, pool, tag, nofile, layout, ips))
+                data = uvloop.run(
+                    _measure(args, secret, gws, pool, tag, nofile, layout, ips, stack.settings)
+                )
             finally:
                 pool.close()
     except RuntimeError as exc:
@@ -255,6 +257,7 @@ async def _measure(
     nofile: tuple[int, int],
     layout: gateways.Plan,
     ips: list[str],
+    settings: Any = None,
 ) -> dict[str, Any]:
     host, ports = "127.0.0.1", [gw.port or 0 for gw in gws]
     procs = layout.procs
@@ -377,9 +380,20 @@ async def _measure(
     for gw in gws:
         gw.expected.append(TEARDOWN_SHED)
     timeline["close"] = _utc()
+    cpu_close = gateways.cpu_s(gw_pids)
+    redis_cmds = await _redis_commands(settings) if settings else 0
     t_close = time.monotonic()
     await pool.call("close", {"rate": args.close_rate / procs})
     close_s = time.monotonic() - t_close
+    # What the teardown left counted (bench/RESULTS.md, issue 14: a lost decrement
+    # over-counts a user's sessions for up to a day), waited for up to 20 s.
+    sessions_after = await _sessions_after(settings, users, 20.0) if settings else {}
+    if settings:
+        # Until the counts were 0: the detaches' cost (presence's grace comes later).
+        sessions_after["gateway_cpu_s"] = round(gateways.cpu_s(gw_pids) - cpu_close, 2)
+        done = await _redis_commands(settings) - redis_cmds
+        # Less the bench's own reads (each poll reads every user's hash; one INFO).
+        sessions_after["redis_commands"] = done - sessions_after.pop("reads") - 1
     timeline["close_end"] = _utc()
 
     survivors = sum(c["answered_ping"] for c in checks)
@@ -438,6 +452,7 @@ async def _measure(
         "measured_hold_s": round(hold_s, 1),
         "close_s": round(close_s, 1),
         "close_rate": args.close_rate,
+        "sessions_after_close": sessions_after,
         # Totals over the gateways (with one gateway: that gateway's own readings).
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
@@ -659,9 +674,58 @@ def _render_gateways(s: dict[str, Any]) -> list[str]:
         f"Timeline (UTC): {s['timeline_utc']}. Gateway log lines (WARNING/ERROR) before the "
         f"teardown: {[r['logged_before_close'] for r in s['per_gateway']]}; from the close "
         f"of every client (rate {s.get('close_rate') or 'all at once'}) to the gateways' "
-        f"exit: {[r.get('logged_in_teardown', {}) for r in s['per_gateway']]}.",
+        f"exit: {[r.get('logged_in_teardown', {}) for r in s['per_gateway']]}. Sessions "
+        f"still counted after the close: {s.get('sessions_after_close', {})}.",
         "",
     ]
+
+
+async def _redis_commands(settings: Any) -> int:
+    """Commands the stack's Redis has processed (INFO stats), the bench's reads included."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return int((await r.info("stats"))["total_commands_processed"])
+    finally:
+        await r.aclose()
+
+
+async def _sessions_after(settings: Any, users: list[str], seconds: float) -> dict[str, Any]:
+    """The storm users' session counts in Redis once the clients are gone: polled until
+    every one is 0 or `seconds` passed. {counted: sessions still counted, users: how many
+    users have a count other than 0, zero_after_s: when all were 0 (None: not within `seconds`)}."""
+    import redis.asyncio as aioredis
+
+    from storage.redis_keys import RedisKeys
+
+    keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
+    r = aioredis.Redis.from_url(settings.redis_url)
+    t0 = time.monotonic()
+    reads = 0
+    try:
+        while True:
+            counted = over = 0
+            for i in range(0, len(users), 2000):
+                pipe = r.pipeline(transaction=False)
+                for user in users[i : i + 2000]:
+                    pipe.hgetall(keys.user_sessions(user))
+                reads += len(users[i : i + 2000])
+                for fields in await pipe.execute():
+                    n = sum(int(v) for v in fields.values())
+                    counted += n
+                    over += n != 0
+            waited = time.monotonic() - t0
+            if not over or waited >= seconds:
+                return {
+                    "counted": counted,
+                    "users": over,
+                    "zero_after_s": round(waited, 1) if not over else None,
+                    "reads": reads,
+                }
+            await asyncio.sleep(0.5)
+    finally:
+        await r.aclose()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -212,6 +212,8 @@ def create_app(settings: Settings) -> Starlette:
             for task in background:
                 await stop_task(task)
             await node.stop()
+            if endpoint.user_cap is not None:
+                await endpoint.user_cap.stop()  # decrements of the last sessions
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
             await lease_redis.aclose()

@@ -5,7 +5,9 @@ while one is in flight wait for it and then go out together, as one query. No ti
 lone read never waits, and under load the batches grow with the reads in flight. Used by
 the send path's shard reads (gateway/lookups.py) and presence's rooms of a user coming
 online (gateway/presence.py): each costs a pool acquire, a round trip and a statement per
-query, which a connection storm or a burst of sends would otherwise pay per request.
+query, which a connection storm or a burst of sends would otherwise pay per request. The
+per-user session counts of connects (gateway/usercap.py) use it for Redis the same way,
+with one "shard".
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from fanout.envelope import Delivery
+from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
 from gateway.protocol import frames
 from storage import conversations, presence
@@ -105,7 +107,16 @@ class Presence:
         self._offline = self.redis.register_script(_OFFLINE)
         self._online_hash = self.redis.register_script(_ONLINE_HASH)
         self._offline_cas = self.redis.register_script(_OFFLINE_CAS)
-        self._pending: dict[str, asyncio.Task[None]] = {}  # offline checks in their grace
+        # The users whose last local connection closed, and when their grace ends (in the
+        # order they left, which is the order of their deadlines: the grace is one length).
+        self._grace: dict[str, float] = {}
+        self._grace_changed = asyncio.Event()
+        # Users whose state to write to Redis, decided when the batch goes out (from the
+        # node's connections then): online, offline, or nothing. One pipeline for many
+        # users, so a mass connect or disconnect costs a few round trips, not one each.
+        # Redis away for long: the changes wait (one per user) and are retried; if this
+        # process ends first, the sweep of dead nodes gives its users up.
+        self.changes: Batcher[str, None] = Batcher("presence changes", self._write, _keep)
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
         self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
@@ -119,15 +130,14 @@ class Presence:
     # -- hooks of gateway.node.Node ------------------------------------------------------
     def attached(self, user: str) -> None:
         """The first local connection of `user` (its route is registered already)."""
-        pending = self._pending.pop(user, None)
-        if pending is not None:
-            pending.cancel()  # back within the grace period: nothing changed
-        self._spawn(self._went_online(user))
+        self._grace.pop(user, None)  # back within the grace period: nothing changes
+        self.changes.add(user, None)
 
     def detached(self, user: str) -> None:
         """The last local connection of `user` closed."""
-        if user not in self._pending:
-            self._pending[user] = self._spawn(self._after_grace(user))
+        if user not in self._grace:
+            self._grace[user] = time.monotonic() + self.grace_s
+            self._grace_changed.set()
 
     # -- transitions -----------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -136,42 +146,76 @@ class Presence:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _went_online(self, user: str) -> None:
-        try:
-            if self.keys.cluster:
-                node_set = self.keys.presence_node(self.node.id)
-                changed, _, _ = await asyncio.gather(
-                    self._online_hash(
-                        keys=[self.keys.presence(user)], args=[now_ms(), PRESENCE_TTL_S]
-                    ),
-                    self.redis.sadd(node_set, user),
-                    self.redis.expire(node_set, self.lease_s * 3),
-                )
-            else:
-                changed = await self._online(
-                    keys=[self.keys.presence(user), self.keys.presence_node(self.node.id)],
-                    args=[now_ms(), PRESENCE_TTL_S, user, self.lease_s * 3],
-                )
-            if int(changed):
-                await self.announce(user, True, None)
-        except Exception as exc:  # best effort: the state is fixed by the next change
-            log.warning("presence of %s not set online: %s", user, exc)
+    async def _graces(self) -> None:
+        """One timer for every user in their grace: those whose grace ended without a
+        connection coming back go to `changes` (to be given up)."""
+        while True:
+            if not self._grace:
+                self._grace_changed.clear()
+                await self._grace_changed.wait()
+                continue
+            user, until = next(iter(self._grace.items()))
+            wait = until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            del self._grace[user]
+            if not self.node.user_conns.get(user):
+                self.changes.add(user, None)
 
-    async def _after_grace(self, user: str) -> None:
-        try:
-            await asyncio.sleep(self.grace_s)
-            if self.node.user_conns.get(user):
-                return
-            await self.give_up(user, self.node.id)
-            with contextlib.suppress(aioredis.RedisError, OSError):
-                await self.redis.srem(self.keys.presence_node(self.node.id), user)
-        except asyncio.CancelledError:
-            raise
+    async def _write(self, batch: dict[str, None]) -> None:
+        """Online the users with a local connection now; offline (unless another gateway
+        has them) those without one whose grace is over; nothing for those in their grace
+        (their timer brings them back). Retried as a whole on a Redis error: setting
+        online, and the offline compare-and-set, are idempotent."""
+        online = [u for u in batch if self.node.user_conns.get(u)]
+        offline = [u for u in batch if not self.node.user_conns.get(u) and u not in self._grace]
+        if not online and not offline:
+            return
+        seen = now_ms()
+        if self.keys.cluster:
+            # Scripts touch one slot each and cannot share a cluster pipeline: one by one.
+            went_on = [u for u in online if await self._went_online_on_cluster(u)]
+            went_off = [u for u in offline if await self._give_up_on_cluster(u, self.node.id, seen)]
+            if offline:
+                await self.redis.srem(self.keys.presence_node(self.node.id), *offline)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            node_set = self.keys.presence_node(self.node.id)
+            for user in online:
+                await self._online(
+                    keys=[self.keys.presence(user), node_set],
+                    args=[seen, PRESENCE_TTL_S, user, self.lease_s * 3],
+                    client=pipe,
+                )
+            for user in offline:
+                await self._offline(
+                    keys=[self.keys.presence(user), self.keys.user_routes(user)],
+                    args=[seen, PRESENCE_TTL_S, self.node.id, self.keys.node_lease("")],
+                    client=pipe,
+                )
+            if offline:
+                pipe.srem(node_set, *offline)
+            replies = await pipe.execute()
+            went_on = [u for u, r in zip(online, replies, strict=False) if int(r)]
+            went_off = [u for u, r in zip(offline, replies[len(online) :], strict=False) if int(r)]
+        changed: list[tuple[str, bool, int | None]] = [(u, True, None) for u in went_on]
+        changed += [(u, False, seen) for u in went_off]
+        if not changed:
+            return
+        try:  # best effort, after the state is written (a retry would find no change)
+            await self.announce_many(changed)
         except Exception as exc:
-            log.warning("presence of %s not checked: %s", user, exc)
-        finally:
-            if self._pending.get(user) is asyncio.current_task():
-                del self._pending[user]
+            log.warning("presence of %d users not announced: %s", len(changed), exc)
+
+    async def _went_online_on_cluster(self, user: str) -> bool:
+        node_set = self.keys.presence_node(self.node.id)
+        changed, _, _ = await asyncio.gather(
+            self._online_hash(keys=[self.keys.presence(user)], args=[now_ms(), PRESENCE_TTL_S]),
+            self.redis.sadd(node_set, user),
+            self.redis.expire(node_set, self.lease_s * 3),
+        )
+        return bool(int(changed))
 
     async def give_up(self, user: str, node: str) -> bool:
         """`node` no longer has `user`: offline unless another live gateway does."""
@@ -207,29 +251,44 @@ class Presence:
 
     async def announce(self, user: str, online: bool, last_seen: int | None) -> None:
         """One `presence` frame per gateway with subscribers of the user's small rooms."""
-        rooms = await self.rooms.read(self.pools.for_user(user), user)
-        convs = [c for c, n in rooms if n <= self.max_members]
-        if not convs:
+        await self.announce_many([(user, online, last_seen)])
+
+    async def announce_many(self, changes: list[tuple[str, bool, int | None]]) -> None:
+        """`announce` for several users: their rooms read together (one query per shard),
+        one route lookup, one publish per gateway with every frame for it."""
+        rooms = await asyncio.gather(
+            *(self.rooms.read(self.pools.for_user(u), u) for u, _, _ in changes)
+        )
+        wanted = [
+            (frames.presence(u, online, seen), [c for c, n in found if n <= self.max_members])
+            for (u, online, seen), found in zip(changes, rooms, strict=True)
+        ]
+        wanted = [(frame, convs) for frame, convs in wanted if convs]
+        if not wanted:
             return
-        frame = frames.presence(user, online, last_seen)
-        by_conv, _ = await self.node.routes.nodes_for(convs=convs)
+        by_conv, _ = await self.node.routes.nodes_for(
+            convs=sorted({c for _, convs in wanted for c in convs})
+        )
         deliveries: dict[str, Delivery] = {}
-        for conv, nodes in by_conv.items():
-            for n in nodes:
-                d = deliveries.setdefault(n, Delivery())
-                if not d.presence:
-                    d.presence.append(([], frame))
-                d.presence[0][0].append(conv)
+        for frame, convs in wanted:
+            per_node: dict[str, list[int]] = {}
+            for conv in convs:
+                for n in by_conv.get(conv, ()):
+                    per_node.setdefault(n, []).append(conv)
+            for n, node_convs in per_node.items():
+                deliveries.setdefault(n, Delivery()).presence.append((node_convs, frame))
         await self.node.routes.publish(deliveries)
-        self.announced += 1
+        self.announced += len(wanted)
 
     # -- every node: heartbeat; one node at a time: sweep the dead ones -------------------
     async def run(self) -> None:
         counts = self._spawn(self._count_threads())
+        graces = self._spawn(self._graces())
         try:
             await self._sweep_forever()
         finally:
             counts.cancel()
+            graces.cancel()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -332,11 +391,16 @@ class Presence:
         return out
 
     async def stop(self) -> None:
+        await self.changes.stop()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _keep(old: None, new: None) -> None:
+    return None
 
 
 def _text(value: Any) -> str:

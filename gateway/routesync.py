@@ -7,19 +7,27 @@ drop is decided at flush time from the node's local state, so an unsubscribe rac
 subscribe of the same conversation can never leave the route dropped while someone
 listens. A subscriber waits (`ensure`) until its conversation is registered before reading
 storage: a message persisted after that read is then always published to this node.
+
+An update carries at most MAX_BATCH conversations and users (a mass disconnect drops
+thousands: several bounded pipelines, one after the other, rather than one huge one that
+holds a connection for long); a failed one is retried with a doubling backoff
+(gateway/batches.py) and nothing in it is dropped: it stays dirty until an update succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from core.errors import Unavailable
 from fanout.routing import Routes
+from gateway.batches import MAX_BATCH, Backoff
 
 log = logging.getLogger("agora.gateway")
-RETRY_S = 0.5
+T = TypeVar("T")
 
 
 class RouteSync:
@@ -38,8 +46,11 @@ class RouteSync:
         self._dirty_users: set[str] = set()
         self._convs: set[int] = set()  # registered in Redis, as far as we know
         self._users: set[str] = set()
-        self._waiters: list[asyncio.Future[None]] = []
+        # (waiting, conversation, user): answered once what they wait for is registered.
+        self._waiters: list[tuple[asyncio.Future[None], int | None, str | None]] = []
         self._wake = asyncio.Event()
+        self.backoff = Backoff()
+        self.max_batch = MAX_BATCH
         self.flushes = 0
 
     def changed(self, convs: tuple[int, ...] = (), users: tuple[str, ...] = ()) -> None:
@@ -59,7 +70,7 @@ class RouteSync:
         if user is not None and user not in self._users:
             self._dirty_users.add(user)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.append((fut, conv, user))
         self._wake.set()
         await fut
 
@@ -76,9 +87,8 @@ class RouteSync:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            convs, self._dirty_convs = self._dirty_convs, set()
-            users, self._dirty_users = self._dirty_users, set()
-            waiters, self._waiters = self._waiters, []
+            convs = _take(self._dirty_convs, self.max_batch)
+            users = _take(self._dirty_users, self.max_batch - len(convs))
             add_c = [c for c in convs if self.has_conv(c)]
             drop_c = [c for c in convs if not self.has_conv(c)]
             add_u = [u for u in users if self.has_user(u)]
@@ -86,20 +96,49 @@ class RouteSync:
             try:
                 await self.routes.update(self.node, add_c, drop_c, add_u, drop_u)
             except Exception as exc:
-                log.warning("node %s: route update failed (%s); retrying", self.node, exc)
                 self._dirty_convs |= convs
                 self._dirty_users |= users
-                for w in waiters:
+                delay = self.backoff.failed()
+                if self.backoff.streak == 1 or delay >= self.backoff.max_s:
+                    log.warning(
+                        "node %s: route update failed (%s); retrying in %.2f s",
+                        self.node,
+                        exc,
+                        delay,
+                    )
+                waiters, self._waiters = self._waiters, []
+                for w, _, _ in waiters:
                     if not w.done():
                         w.set_exception(Unavailable(f"routing unavailable: {type(exc).__name__}"))
-                await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(delay)
                 self._wake.set()
                 continue
+            self.backoff.succeeded()
             self.flushes += 1
             self._convs.update(add_c)
             self._convs.difference_update(drop_c)
             self._users.update(add_u)
             self._users.difference_update(drop_u)
-            for w in waiters:
-                if not w.done():
+            # Those whose conversation or user is still dirty wait for a later update.
+            waiting = []
+            for w, conv, user in self._waiters:
+                if w.done():
+                    continue
+                if conv in self._dirty_convs or user in self._dirty_users:
+                    waiting.append((w, conv, user))
+                else:
                     w.set_result(None)
+            self._waiters = waiting
+            if self._dirty_convs or self._dirty_users:
+                self._wake.set()
+
+
+def _take(items: set[T], limit: int) -> set[T]:
+    """Up to `limit` of `items`, removed from it."""
+    if len(items) <= limit:
+        taken = set(items)
+        items.clear()
+        return taken
+    taken = set(itertools.islice(items, max(0, limit)))
+    items.difference_update(taken)
+    return taken
