@@ -360,10 +360,14 @@ class SendPath:
         raise Unavailable("the message is accepted but not stored yet; retry with its cid")
 
     async def _mark(self, key: str, value: str) -> None:
+        if self.line is not None:
+            # Written, not waited for: the ack goes out without Redis's reply (a failure
+            # changed nothing before either: see below). This node's later commands on
+            # the line (a retry's claim) run after it; a retry through another node that
+            # still finds the record pending waits for it (PENDING_WAIT_S).
+            self.line.send("SET", key, value, "EX", self.window_s)
+            return
         try:
-            if self.line is not None:
-                await self.line.execute("SET", key, value, "EX", self.window_s)
-                return
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 await self.redis.set(key, value, ex=self.window_s)
         except (aioredis.RedisError, TimeoutError):

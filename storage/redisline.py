@@ -97,6 +97,8 @@ class RedisLine:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._scripts: dict[str, bytes] = {}  # sha -> body, for NOSCRIPT (Redis restarted)
         self.connects = 0
+        self._unwaited: set[asyncio.Future[Any]] = set()  # held: the loop holds tasks weakly
+        self._queued: list[tuple[Any, ...]] = []  # `send` while not connected
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -119,6 +121,24 @@ class RedisLine:
             raise timeout from None
         except OSError as exc:
             raise RedisConnectionError(f"Redis unreachable: {exc}") from None
+
+    def send(self, *args: Any) -> None:
+        """One command written and not waited for: its reply (or failure) is dropped. A
+        command awaited after it on this line is answered after it has run."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            # Written first once connected, before any command awaited meanwhile.
+            self._queued.append(args)
+            if self._connecting is None:
+                task = asyncio.ensure_future(self._connect())
+                self._unwaited.add(task)
+                task.add_done_callback(self._dropped)
+            return
+        proto.call(args).add_done_callback(_retrieved)
+
+    def _dropped(self, task: asyncio.Future[Any]) -> None:
+        self._unwaited.discard(task)
+        _retrieved(task)
 
     def script(self, body: str) -> str:
         """Register a Lua script; its sha for `evalsha`."""
@@ -151,17 +171,24 @@ class RedisLine:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.timeout_s):
-            transport, proto = await loop.create_connection(_Protocol, self.host, self.port)
-            try:
-                if self.password is not None:
-                    user = () if self.username is None else (self.username,)
-                    await proto.call(("AUTH", *user, self.password))
-                if self.db:
-                    await proto.call(("SELECT", self.db))
-            except BaseException:
-                transport.close()
-                raise
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                transport, proto = await loop.create_connection(_Protocol, self.host, self.port)
+                try:
+                    if self.password is not None:
+                        user = () if self.username is None else (self.username,)
+                        await proto.call(("AUTH", *user, self.password))
+                    if self.db:
+                        await proto.call(("SELECT", self.db))
+                except BaseException:
+                    transport.close()
+                    raise
+        except BaseException:
+            self._queued.clear()  # commands nobody waits for: their failure is dropped
+            raise
+        queued, self._queued = self._queued, []
+        for args in queued:
+            proto.call(args).add_done_callback(_retrieved)
         self._proto = proto
         self.connects += 1
         return proto
@@ -171,3 +198,9 @@ class RedisLine:
         if proto is not None:
             proto.fail(RedisConnectionError("closed"))
         self._proto = None
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A reply nobody waits for: its exception is retrieved (asyncio logs none)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -105,3 +105,18 @@ def test_on_uvloop(own_redis: OwnRedis) -> None:
             line.close()
 
     assert uvloop.run(main()) == list(range(1, 51))
+
+
+async def test_a_command_not_waited_for_runs_before_the_next(own_redis: OwnRedis) -> None:
+    line = RedisLine(own_redis.url, 5)
+    try:
+        line.send("SET", "w", "1")  # not connected yet: connects first
+        assert await line.execute("GET", "w") == b"1"
+        for i in range(100):
+            line.send("SET", "w", i)
+        assert await line.execute("GET", "w") == b"99"
+        line.send("INCR", "no-such-command-reply-is-an-error", "extra")  # its error dropped
+        assert await line.execute("PING") == b"PONG"
+        assert line.connects == 1
+    finally:
+        line.close()
