@@ -39,7 +39,7 @@ from fanout.envelope import encode_new_message
 from gateway.access import Access
 from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
-from gateway.lookups import StoredLookups
+from gateway.lookups import Found, StoredLookups
 from gateway.sendorder import Turn
 from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
@@ -261,13 +261,15 @@ class SendPath:
         answer with the id that is (or will be) stored."""
         ours = Accepted(message.id, message.ts)
         epoch = watch.epoch
-        lookup = asyncio.ensure_future(self._stored(message))
+        # A future, not a task: the read is coalesced (gateway/lookups.py) and answered
+        # by the coalescer's own task.
+        lookup = self.lookups.ask(message.conv, message.sender, message.cid)
         lookup.add_done_callback(_consume)
         try:
             partition = await self._publish(message, turn)
         except Unavailable:
             try:
-                found = await lookup
+                found = await _found(lookup)
             except Unavailable:
                 found = None
             if found is None:
@@ -275,7 +277,7 @@ class SendPath:
                 raise
             return await self._answer(key, found, ours, record)
         try:
-            found = await lookup
+            found = await _found(lookup)
             if found is None and watch.suspect(
                 partition, self.pools.for_id(message.conv), now_ms()
             ):
@@ -338,15 +340,7 @@ class SendPath:
         return partition
 
     async def _stored(self, message: NewMessage) -> Accepted | None:
-        try:
-            found = await self.lookups.stored_id(message.conv, message.sender, message.cid)
-        except Unavailable:
-            raise
-        except Exception as exc:
-            # Any failure of this read (a cancelled statement, a read-only standby...)
-            # means the same to the client: not known yet, retry with the same cid.
-            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
-        return None if found is None else Accepted(found[0], found[1])
+        return await _found(self.lookups.ask(message.conv, message.sender, message.cid))
 
     async def _settle(self, message: NewMessage) -> Accepted:
         """Wait until the shard holds the cid (this copy or an earlier one)."""
@@ -372,6 +366,19 @@ class SendPath:
                 await self.redis.set(key, value, ex=self.window_s)
         except (aioredis.RedisError, TimeoutError):
             pass  # the pending record expires; a retry then reads the shard
+
+
+async def _found(lookup: asyncio.Future[Found]) -> Accepted | None:
+    """A shard read's answer (gateway/lookups.py)."""
+    try:
+        found = await lookup
+    except Unavailable:
+        raise
+    except Exception as exc:
+        # Any failure of this read (a cancelled statement, a read-only standby...)
+        # means the same to the client: not known yet, retry with the same cid.
+        raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+    return None if found is None else Accepted(found[0], found[1])
 
 
 def _text(raw: object) -> str:
