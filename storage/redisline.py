@@ -43,7 +43,17 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         waiting = self.waiting
-        while (reply := self.reader.gets()) is not False:
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiting:  # a reply to nothing asked: the stream can no longer be trusted
+                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                return
             fut = waiting.popleft()
             if fut.done():
                 continue  # its caller gave up (cancelled, or the connection timed out)
@@ -129,7 +139,7 @@ class RedisLine:
         if proto is None or proto.lost is not None:
             # Written first once connected, before any command awaited meanwhile.
             self._queued.append(args)
-            if self._connecting is None:
+            if self._connecting is None or self._connecting.done():
                 task = asyncio.ensure_future(self._connect())
                 self._unwaited.add(task)
                 task.add_done_callback(self._dropped)
@@ -156,18 +166,19 @@ class RedisLine:
             return await self.execute("EVAL", self._scripts[sha], len(keys), *keys, *args)
 
     async def _connect(self) -> _Protocol:
-        # Concurrent callers share one attempt.
+        # Concurrent callers share one attempt. One that ended while nobody waited for it
+        # (its callers timed out) is not reused: its connection may be gone since.
+        if self._connecting is not None and self._connecting.done():
+            self._connecting = None
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(_retrieved)
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
         finally:
-            if connecting.done():
-                if not connecting.cancelled():
-                    connecting.exception()  # retrieved: a failure is raised above
-                if self._connecting is connecting:
-                    self._connecting = None
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
