@@ -44,7 +44,7 @@ from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
 from gateway.ratelimit import ClusterLimiter, stop_task
 from gateway.revocation import RevocationWatcher
-from gateway.send import SendPath
+from gateway.send import REDIS_TIMEOUT_S, SendPath
 from gateway.session import RequestHandler
 from gateway.usercap import UserConnectionCap
 from gateway.votes import VotePath
@@ -53,7 +53,7 @@ from storage import shardwatch, users
 from storage.ids import IdGenerator
 from storage.pgerrors import describe, retryable
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis
+from storage.redis_client import make_lease_redis, make_redis, make_send_line
 
 log = logging.getLogger("agora.gateway")
 
@@ -170,6 +170,7 @@ def create_app(settings: Settings) -> Starlette:
             access,
             settings.sends_per_s,
             settings.idempotency_window_s,
+            make_send_line(settings, REDIS_TIMEOUT_S),
         )
         state.settings = settings
         state.readiness = health.Readiness()
@@ -217,6 +218,8 @@ def create_app(settings: Settings) -> Starlette:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
             await lease_redis.aclose()
+            if send_path.line is not None:
+                send_path.line.close()
             await redis.aclose()
             await pools.close()
 

@@ -33,6 +33,10 @@ class Coalescer(Generic[K, V]):
 
     async def read(self, physical: int, key: K) -> V:
         """What `fetch(physical, [key])` answers for `key`, raising what it raises."""
+        return await self.ask(physical, key)
+
+    def ask(self, physical: int, key: K) -> asyncio.Future[V]:
+        """`read` as a future, for a caller that waits for it later: no task of its own."""
         fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._waiting[physical].append((key, fut))
         self.reads += 1
@@ -41,7 +45,7 @@ class Coalescer(Generic[K, V]):
             task = asyncio.ensure_future(self._drain(physical))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await fut
+        return fut
 
     async def _drain(self, physical: int) -> None:
         try:

@@ -8,6 +8,7 @@ while one of their shard is in flight go out together, as one query.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 from gateway.coalesce import Coalescer
@@ -36,3 +37,7 @@ class StoredLookups:
     async def stored_id(self, conv: int, sender: str, cid: str) -> Found:
         """What `storage.messages.stored_id` answers, raising what it raises."""
         return await self._reads.read(self.pools.for_id(conv), (conv, sender, cid))
+
+    def ask(self, conv: int, sender: str, cid: str) -> asyncio.Future[Found]:
+        """`stored_id` as a future (the send path reads beside its produce: no task)."""
+        return self._reads.ask(self.pools.for_id(conv), (conv, sender, cid))

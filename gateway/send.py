@@ -39,11 +39,12 @@ from fanout.envelope import encode_new_message
 from gateway.access import Access
 from gateway.idempotency import EpochWatch, Record, parse_record
 from gateway.limits import BucketMap
-from gateway.lookups import StoredLookups
+from gateway.lookups import Found, StoredLookups
 from gateway.sendorder import Turn
 from storage.ids import SEQ_MASK, compose, decompose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 DEFAULT_WINDOW_S = 300
 PENDING_TTL_S = 30  # a gateway that dies mid-send leaves a pending record this long at most
@@ -119,8 +120,12 @@ class SendPath:
         access: Access,
         sends_per_s: int = 0,
         window_s: int = DEFAULT_WINDOW_S,
+        line: RedisLine | None = None,
     ) -> None:
+        """`line`: one pipelined connection for the claim and the record's SET, instead
+        of `redis` (storage/redisline.py: a third of the client CPU per command)."""
         self.redis = redis
+        self.line = line
         self.keys = keys
         self.producer = producer
         self.topic = topic
@@ -130,6 +135,7 @@ class SendPath:
         self.lookups = StoredLookups(self.pools)
         self.window_s = window_s
         self._claim = redis.register_script(_CLAIM)
+        self._claim_sha = line.script(_CLAIM) if line is not None else ""
         # The fast path: a flood is refused here without touching Redis; the exact,
         # cluster-wide count per second is kept by the claim script (no extra round trip).
         self.sends_per_s = sends_per_s
@@ -213,27 +219,28 @@ class SendPath:
         try:
             # Bounded: a Redis cut off by the network hangs instead of failing. A claim
             # that did land leaves a pending record: a retry waits for it (PENDING_TTL_S).
-            raw, produce, epoch = await asyncio.wait_for(
-                self._claim(
-                    keys=[
-                        key,
-                        self.keys.id_counter(shard_of_id(conv), bucket),
-                        self.keys.rate("send", user, ms // 1000),
-                        self.keys.epoch(bucket),
-                    ],
-                    args=[
-                        ms,
-                        conv,
-                        PENDING_TTL_S,
-                        self.sends_per_s,
-                        f"{ms}-{self._token}",
-                        self.keys.send_buckets,
-                        bucket,
-                        ms - PENDING_TAKEOVER_MS,
-                    ],
-                ),
-                REDIS_TIMEOUT_S,
-            )
+            keys: list[str] = [
+                key,
+                self.keys.id_counter(shard_of_id(conv), bucket),
+                self.keys.rate("send", user, ms // 1000),
+                self.keys.epoch(bucket),
+            ]
+            args: list[str | int] = [
+                ms,
+                conv,
+                PENDING_TTL_S,
+                self.sends_per_s,
+                f"{ms}-{self._token}",
+                self.keys.send_buckets,
+                bucket,
+                ms - PENDING_TAKEOVER_MS,
+            ]
+            if self.line is not None:  # bounded by the line's own timeout
+                raw, produce, epoch = await self.line.evalsha(self._claim_sha, keys, args)
+            else:
+                # asyncio.timeout, not wait_for: no task of its own per command.
+                async with asyncio.timeout(REDIS_TIMEOUT_S):
+                    raw, produce, epoch = await self._claim(keys=keys, args=args)
         except (aioredis.RedisError, TimeoutError) as exc:
             raise Unavailable(f"redis unavailable: {type(exc).__name__}") from None
         self.epochs[bucket].observe(_text(epoch), ms)
@@ -254,13 +261,15 @@ class SendPath:
         answer with the id that is (or will be) stored."""
         ours = Accepted(message.id, message.ts)
         epoch = watch.epoch
-        lookup = asyncio.ensure_future(self._stored(message))
+        # A future, not a task: the read is coalesced (gateway/lookups.py) and answered
+        # by the coalescer's own task.
+        lookup = self.lookups.ask(message.conv, message.sender, message.cid)
         lookup.add_done_callback(_consume)
         try:
             partition = await self._publish(message, turn)
         except Unavailable:
             try:
-                found = await lookup
+                found = await _found(lookup)
             except Unavailable:
                 found = None
             if found is None:
@@ -268,7 +277,7 @@ class SendPath:
                 raise
             return await self._answer(key, found, ours, record)
         try:
-            found = await lookup
+            found = await _found(lookup)
             if found is None and watch.suspect(
                 partition, self.pools.for_id(message.conv), now_ms()
             ):
@@ -331,15 +340,7 @@ class SendPath:
         return partition
 
     async def _stored(self, message: NewMessage) -> Accepted | None:
-        try:
-            found = await self.lookups.stored_id(message.conv, message.sender, message.cid)
-        except Unavailable:
-            raise
-        except Exception as exc:
-            # Any failure of this read (a cancelled statement, a read-only standby...)
-            # means the same to the client: not known yet, retry with the same cid.
-            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
-        return None if found is None else Accepted(found[0], found[1])
+        return await _found(self.lookups.ask(message.conv, message.sender, message.cid))
 
     async def _settle(self, message: NewMessage) -> Accepted:
         """Wait until the shard holds the cid (this copy or an earlier one)."""
@@ -353,10 +354,31 @@ class SendPath:
         raise Unavailable("the message is accepted but not stored yet; retry with its cid")
 
     async def _mark(self, key: str, value: str) -> None:
+        if self.line is not None:
+            # Written, not waited for: the ack goes out without Redis's reply (a failure
+            # changed nothing before either: see below). This node's later commands on
+            # the line (a retry's claim) run after it; a retry through another node that
+            # still finds the record pending waits for it (PENDING_WAIT_S).
+            self.line.send("SET", key, value, "EX", self.window_s)
+            return
         try:
-            await asyncio.wait_for(self.redis.set(key, value, ex=self.window_s), REDIS_TIMEOUT_S)
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await self.redis.set(key, value, ex=self.window_s)
         except (aioredis.RedisError, TimeoutError):
             pass  # the pending record expires; a retry then reads the shard
+
+
+async def _found(lookup: asyncio.Future[Found]) -> Accepted | None:
+    """A shard read's answer (gateway/lookups.py)."""
+    try:
+        found = await lookup
+    except Unavailable:
+        raise
+    except Exception as exc:
+        # Any failure of this read (a cancelled statement, a read-only standby...)
+        # means the same to the client: not known yet, retry with the same cid.
+        raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+    return None if found is None else Accepted(found[0], found[1])
 
 
 def _text(raw: object) -> str:

@@ -64,10 +64,12 @@ MAX_PENDING_REQUESTS = 256
 
 # A connection's first send in flight is always handled at once (as when requests were
 # handled one at a time); the further ones it pipelines share this node-wide number of
-# slots, a share of the Redis pool (each send holds a pooled connection for its claim and
-# again for its record). Unbounded, 25 pipelining senders on an overloaded node kept every
-# pooled connection busy long enough that the node's own lease renewal timed out for 9 s,
-# and it shed all its connections (bench/RESULTS.md, issue 14, run A3).
+# slots, a share of the Redis pool (each send held a pooled connection for its claim and
+# again for its record; on a single Redis both now go over the send path's own pipelined
+# connection, storage/redisline.py, and the slots only bound the sends in flight).
+# Unbounded, 25 pipelining senders on an overloaded node kept every pooled connection busy
+# long enough that the node's own lease renewal timed out for 9 s, and it shed all its
+# connections (bench/RESULTS.md, issue 14, run A3).
 def pipeline_slots(settings: Settings) -> int:
     return max(1, settings.redis_pool_max // 4)
 

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from core.settings import Settings
+from storage.redisline import RedisLine
 
 POOL_TIMEOUT_S = 5
 # The lease loop runs one command at a time; a re-registration after a pub/sub reconnect
@@ -68,3 +69,12 @@ def _client(settings: Settings, max_connections: int | None) -> aioredis.Redis:
         health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def make_send_line(settings: Settings, timeout_s: float) -> RedisLine | None:
+    """The send path's pipelined connection (storage/redisline.py), or None where it does
+    not apply (a Redis Cluster, TLS, a unix socket): the send path uses redis-py there.
+    `timeout_s`: at most the settings' command timeout."""
+    if settings.redis_cluster or not RedisLine.supports(settings.redis_url):
+        return None
+    return RedisLine(settings.redis_url, min(timeout_s, settings.redis_timeout_s))

@@ -55,6 +55,7 @@ def _paths(request: Request) -> tuple[ServiceKeys, SendPath]:
             ServiceAccess(state.pools),
             state.settings.service_sends_per_s,
             users.window_s,
+            users.line,
         )
     return keys, path
 

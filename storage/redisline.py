@@ -1,0 +1,217 @@
+"""One pipelined Redis connection for the send path's two commands per send (the claim
+script and the record's SET).
+
+Through redis-py each command takes a pooled connection (a Condition and a timeout to
+acquire it), writes in a `wait_for` task of its own (its socket timeout) and parses
+through several layers: ~90 us of gateway CPU per command on the bench machine, against
+~30 us here (bench/RESULTS.md, issue 14, "The send path's Redis commands"). Here every
+command is written at once on one connection and its reply is matched in order (Redis
+answers a connection's commands in the order they came), so concurrent sends share the
+connection without waiting for one another.
+
+For short, non-blocking commands only: one slow command delays every reply behind it.
+Not for a Redis Cluster (a command goes to its slot's master: redis-py's cluster client
+does that) nor for TLS or unix sockets (`RedisLine.supports`); the send path keeps
+redis-py there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiting:  # a reply to nothing asked: the stream can no longer be trusted
+                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                return
+            fut = waiting.popleft()
+            if fut.done():
+                continue  # its caller gave up (cancelled, or the connection timed out)
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(ResponseError(str(reply)))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = RedisConnectionError(f"Redis connection lost: {exc or 'closed'}")
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(self.lost)
+
+    def fail(self, exc: Exception) -> None:
+        """Give the connection up: what waits on it fails with `exc`."""
+        if self.lost is None:
+            self.lost = exc
+        if self.transport is not None:
+            self.transport.close()
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def call(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.lost is not None or self.transport is None:
+            fut.set_exception(self.lost or RedisConnectionError("not connected"))
+            return fut
+        self.transport.write(hiredis.pack_command(args))
+        self.waiting.append(fut)
+        return fut
+
+
+class RedisLine:
+    """A lazily (re)connected, pipelined connection to one Redis."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        params = parse_url(url)
+        if not self.supports(url):
+            raise ValueError(f"RedisLine needs a redis:// URL over TCP, not {url!r}")
+        self.host: str = params.get("host", "localhost")
+        self.port: int = int(params.get("port", 6379))
+        self.db: int = int(params.get("db", 0))
+        self.username: str | None = params.get("username")
+        self.password: str | None = params.get("password")
+        self.timeout_s = timeout_s
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._scripts: dict[str, bytes] = {}  # sha -> body, for NOSCRIPT (Redis restarted)
+        self.connects = 0
+        self._unwaited: set[asyncio.Future[Any]] = set()  # held: the loop holds tasks weakly
+        self._queued: list[tuple[Any, ...]] = []  # `send` while not connected
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        return url.startswith("redis://") and "connection_class" not in parse_url(url)
+
+    async def execute(self, *args: Any) -> Any:
+        """One command's reply; redis-py's ResponseError, ConnectionError or TimeoutError.
+        A command unanswered within the timeout closes the connection (it may be half
+        open): the commands in flight on it fail, the next one connects again."""
+        proto = self._proto
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if proto is None or proto.lost is not None:
+                    proto = await self._connect()
+                return await proto.call(args)
+        except TimeoutError:
+            timeout = RedisTimeoutError("Redis did not answer in time")
+            if proto is not None:
+                proto.fail(timeout)
+            raise timeout from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Redis unreachable: {exc}") from None
+
+    def send(self, *args: Any) -> None:
+        """One command written and not waited for: its reply (or failure) is dropped. A
+        command awaited after it on this line is answered after it has run."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            # Written first once connected, before any command awaited meanwhile.
+            self._queued.append(args)
+            if self._connecting is None or self._connecting.done():
+                task = asyncio.ensure_future(self._connect())
+                self._unwaited.add(task)
+                task.add_done_callback(self._dropped)
+            return
+        proto.call(args).add_done_callback(_retrieved)
+
+    def _dropped(self, task: asyncio.Future[Any]) -> None:
+        self._unwaited.discard(task)
+        _retrieved(task)
+
+    def script(self, body: str) -> str:
+        """Register a Lua script; its sha for `evalsha`."""
+        sha = hashlib.sha1(body.encode()).hexdigest()
+        self._scripts[sha] = body.encode()
+        return sha
+
+    async def evalsha(self, sha: str, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # A Redis restarted (or flushed its scripts): EVAL loads it again.
+            return await self.execute("EVAL", self._scripts[sha], len(keys), *keys, *args)
+
+    async def _connect(self) -> _Protocol:
+        # Concurrent callers share one attempt. One that ended while nobody waited for it
+        # (its callers timed out) is not reused: its connection may be gone since.
+        if self._connecting is not None and self._connecting.done():
+            self._connecting = None
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(_retrieved)
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                transport, proto = await loop.create_connection(_Protocol, self.host, self.port)
+                try:
+                    if self.password is not None:
+                        user = () if self.username is None else (self.username,)
+                        await proto.call(("AUTH", *user, self.password))
+                    if self.db:
+                        await proto.call(("SELECT", self.db))
+                except BaseException:
+                    transport.close()
+                    raise
+        except BaseException:
+            self._queued.clear()  # commands nobody waits for: their failure is dropped
+            raise
+        queued, self._queued = self._queued, []
+        for args in queued:
+            proto.call(args).add_done_callback(_retrieved)
+        self._proto = proto
+        self.connects += 1
+        return proto
+
+    def close(self) -> None:
+        proto = self._proto
+        if proto is not None:
+            proto.fail(RedisConnectionError("closed"))
+        self._proto = None
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A reply nobody waits for: its exception is retrieved (asyncio logs none)."""
+    if not fut.cancelled():
+        fut.exception()

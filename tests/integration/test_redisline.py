@@ -1,0 +1,122 @@
+"""The send path's pipelined Redis connection (storage/redisline.py) against a real Redis:
+replies matched in order under concurrency, errors, the script reloaded after a restart,
+reconnecting after a kill, and a Redis that stops answering failing within the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from storage.redisline import RedisLine
+from tests.faults import OwnRedis
+
+pytestmark = pytest.mark.engines
+
+SCRIPT = "return {KEYS[1], tonumber(ARGV[1]) * 2}"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    redis = OwnRedis()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.kill()
+
+
+async def test_concurrent_commands_get_their_own_replies(own_redis: OwnRedis) -> None:
+    line = RedisLine(own_redis.url.replace("/0", "/3"), 5)
+    try:
+        await asyncio.gather(*(line.execute("SET", f"k{i}", i) for i in range(200)))
+        got = await asyncio.gather(*(line.execute("GET", f"k{i}") for i in range(200)))
+        assert got == [str(i).encode() for i in range(200)]
+        assert await line.execute("DBSIZE") == 200
+        assert line.connects == 1  # every command shared one connection
+        # The URL's database was selected: database 0 is empty.
+        other = RedisLine(own_redis.url, 5)
+        assert await other.execute("DBSIZE") == 0
+        other.close()
+    finally:
+        line.close()
+
+
+async def test_errors_and_a_script_reloaded_after_a_restart(own_redis: OwnRedis) -> None:
+    line = RedisLine(own_redis.url, 5)
+    sha = line.script(SCRIPT)
+    try:
+        assert await line.execute("LPUSH", "s", "x") == 1
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await line.execute("INCR", "s")
+        assert await line.execute("PING") == b"PONG"  # the connection still answers in order
+        assert await line.evalsha(sha, ["a"], [21]) == [b"a", 42]
+        own_redis.kill()
+        with pytest.raises(RedisConnectionError):
+            await line.execute("PING")
+        own_redis.start()  # empty: no script cached
+        assert await line.evalsha(sha, ["b"], [2]) == [b"b", 4]
+        assert line.connects == 2
+    finally:
+        line.close()
+
+
+async def test_a_redis_that_stops_answering_fails_within_the_timeout(
+    own_redis: OwnRedis,
+) -> None:
+    line = RedisLine(own_redis.url, 3)
+    try:
+        assert await line.execute("PING") == b"PONG"
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(line.execute("INCR", "n") for _ in range(5)), return_exceptions=True
+            )
+            took = time.monotonic() - started
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        assert all(isinstance(r, Exception) and "time" in str(r) for r in results), results
+        assert 2.5 < took < 4.5
+        # A new connection afterwards (the old one may be half open).
+        assert await line.execute("PING") == b"PONG"
+        assert line.connects == 2
+    finally:
+        line.close()
+
+
+def test_on_uvloop(own_redis: OwnRedis) -> None:
+    """The gateway's loop: its transports are not asyncio.Transport subclasses."""
+
+    async def main() -> list[Any]:
+        line = RedisLine(own_redis.url, 5)
+        try:
+            return list(await asyncio.gather(*(line.execute("INCR", "u") for _ in range(50))))
+        finally:
+            line.close()
+
+    assert uvloop.run(main()) == list(range(1, 51))
+
+
+async def test_a_command_not_waited_for_runs_before_the_next(own_redis: OwnRedis) -> None:
+    line = RedisLine(own_redis.url, 5)
+    try:
+        line.send("SET", "w", "1")  # not connected yet: connects first
+        assert await line.execute("GET", "w") == b"1"
+        for i in range(100):
+            line.send("SET", "w", i)
+        assert await line.execute("GET", "w") == b"99"
+        line.send("INCR", "no-such-command-reply-is-an-error", "extra")  # its error dropped
+        assert await line.execute("PING") == b"PONG"
+        assert line.connects == 1
+    finally:
+        line.close()
