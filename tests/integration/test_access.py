@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from agora_client import AgoraClient, ReconnectingClient, ServerError
 from core.settings import EXAMPLE_JWT_SECRET, Settings
+from gateway.session import TYPING_EVERY_S
 from storage import conversations
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
@@ -269,13 +270,21 @@ async def test_typing_is_passed_on_once_per_user_and_conversation_every_two_seco
     for _ in range(5):  # ten typing frames from two nodes within a few ms
         for t in typists:
             await t.typing(conv)
-    first = await watcher.next_event("typing", timeout=2)
+    # A connection's requests are handled in order: once both pongs are back, every
+    # typing frame has been taken or dropped (each node throttles locally too, from when
+    # it handled its own first one, which under load can be well after the watcher heard
+    # the other node's: a fixed sleep from the watcher's side could come too early).
+    for t in typists:
+        assert (await t.ping())["t"] == "pong"
+    handled = time.monotonic()
+    first = await watcher.next_event("typing", timeout=10)
     assert first == {"t": "typing", "conv": conv, "user": a}
     with pytest.raises(TimeoutError):
         await watcher.next_event("typing", timeout=1.0)  # the other nine were dropped
-    await asyncio.sleep(1.2)  # 2 s after the first: the next one passes again
+    # 2 s after every one of them: the next one passes again.
+    await asyncio.sleep(max(0.0, handled + TYPING_EVERY_S + 0.2 - time.monotonic()))
     await typists[1].typing(conv)
-    assert (await watcher.next_event("typing", timeout=2))["user"] == a
+    assert (await watcher.next_event("typing", timeout=10))["user"] == a
     for x in (watcher, *typists):
         await x.close()
 
