@@ -529,11 +529,16 @@ async def test_joined_frames_reach_every_connection_of_the_added_user(
     a, b, c = uid("a"), uid("b"), uid("c")
     b1 = await AgoraClient.connect(g1.ws_url, stack.token(b))
     b2 = await AgoraClient.connect(g2.ws_url, stack.token(b))
+    # `hello` comes before a session's user route is registered, and `joined` goes only
+    # where the route says: a request is answered once the session is registered.
+    for client in (b1, b2):
+        assert (await client.ping())["t"] == "pong"
     conv = await create_group(http, stack, g1, a, [b])
     for client in (b1, b2):
         joined = await client.next_event("joined", timeout=5)
         assert joined["conv"]["id"] == conv and b in joined["conv"]["members"]
     cc = await AgoraClient.connect(g2.ws_url, stack.token(c))
+    assert (await cc.ping())["t"] == "pong"  # registered (see above)
     r = await http.post(
         f"{g1.http_url}/v1/conversations/{conv}/members",
         json={"user": c},

@@ -146,7 +146,16 @@ async def test_gateway_sigkill_clients_recover_on_the_other_node(
         await asyncio.sleep(1.0)
         g1.kill()
         acked, _ = await sending
-        await asyncio.sleep(3.0)
+        acked_at = time.monotonic()
+        # Until every follower has them all (those of the killed node reconnect and catch
+        # up with `since`, which on a loaded machine can take longer than a fixed pause),
+        # then at least as long as the old fixed 3 s after the last ack: a duplicate would
+        # arrive by then.
+        deadline = acked_at + 60
+        while not all(len(f.seqs) >= 300 for f in followers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        print(f"every follower caught up {time.monotonic() - acked_at:.2f}s after the last ack")
+        await asyncio.sleep(max(0.5, acked_at + 3.0 - time.monotonic()))
         for f in followers:
             await f.finish()
         stored = await messages.after(pools, int(conv), 0, 1000)

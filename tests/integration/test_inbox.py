@@ -72,6 +72,8 @@ async def test_mentions_and_replies_notify_live_and_land_in_the_inbox_once(
     ca = await AgoraClient.connect(g1.ws_url, stack.token(a))
     cb = await AgoraClient.connect(g2.ws_url, stack.token(b))
     cc = await AgoraClient.connect(g2.ws_url, stack.token(c))
+    for x in (ca, cb, cc):  # registered (a pong): `notify` goes only where a route says
+        assert (await x.ping())["t"] == "pong"
     watcher = await AgoraClient.connect(g1.ws_url, stack.token(c))  # counts what is stored
     await watcher.sub(conv)
     first = await ca.send(conv, f"hi @{b} and @{outsider}, me @{a}.")

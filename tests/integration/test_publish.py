@@ -82,6 +82,9 @@ async def test_a_service_posts_to_a_user_who_is_told_and_can_read_it(
 ) -> None:
     user = uid("u")
     client = await AgoraClient.connect(g1.ws_url, stack.token(user))
+    # `hello` comes before the session's user route is registered, and `joined` goes only
+    # where the route says: a request is answered once the session is registered.
+    assert (await client.ping())["t"] == "pong"
     r = await http.post(
         f"{g2.http_url}/v1/publish/users/{user}",
         json={"cid": "welcome", "body": "welcome aboard"},

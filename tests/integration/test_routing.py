@@ -63,9 +63,12 @@ async def test_renew_reports_a_lost_lease(routes: Routes) -> None:
 async def test_one_publish_per_node_carries_the_whole_batch(routes: Routes) -> None:
     pubsub = routes.redis.pubsub()
     await pubsub.subscribe(routes.keys.node_channel("n1"))
-    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    # The subscribe confirmation: until Redis has it, a publish (on another connection)
+    # reaches nobody, so wait for it rather than give up after a second.
+    confirmed = await pubsub.get_message(timeout=10)
+    assert confirmed is not None and confirmed["type"] == "subscribe", confirmed
     await routes.publish({"n1": Delivery(typing=[(1, "a"), (2, "b")])})
-    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
     assert msg is not None and decode_delivery(msg["data"]).typing == [(1, "a"), (2, "b")]
     await pubsub.aclose()
 
