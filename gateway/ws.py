@@ -164,7 +164,7 @@ class Endpoint:
         task.add_done_callback(self._opening.discard)
 
     async def _open(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> None:
-        """Authenticate, accept, say hello, register."""
+        """Authenticate, accept, register, count, say hello."""
         try:
             conn = self._accept(link, query, upgrade)
         finally:
@@ -182,7 +182,9 @@ class Endpoint:
             return
         if conn.close_code is not None:
             return  # the peer left while we registered it
-        conn.greet()
+        # hello goes out once the session is routed and counted (docs/protocol.md): a
+        # client that has it gets every frame for its user sent after it, and a session
+        # opened after it is the one the cap refuses.
         cap = self.user_cap
         if cap is not None:
             try:
@@ -194,10 +196,12 @@ class Endpoint:
                 if admitted:
                     conn.on_close(lambda c: cap.release(c.user))
             if not admitted:
+                conn.greet()  # hello, then 4008 (docs/protocol.md)
                 conn.close(CloseCode.RATE_LIMITED, "too many connections for this user")
                 return
             if conn.close_code is not None:
                 return
+        conn.greet()
         link.opened()
 
     def _accept(self, link: WebSocketLink, query: bytes, upgrade: Upgrade) -> Connection | None:
