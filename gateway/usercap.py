@@ -15,7 +15,7 @@ retried with backoff instead of dropped. While decrements wait (Redis slow or aw
 counts them as done already, so a user is not refused for sessions that have ended.
 
 The count never goes below 0 and no key is left without a TTL: the decrement script
-(`_RELEASE`) only lowers a field that exists, deletes it when it reaches 0 (and Redis the
+(`_RELEASE`) only lowers a field that exists, deletes it when it reaches 0 (Redis drops the
 hash with its last field), and gives the hash back its TTL if it has none. A plain HINCRBY
 -n made a negative field, in a new hash without a TTL, whenever the field was gone: Redis
 restarted empty, or another node dropped this field as dead after this node's lease had
