@@ -7,7 +7,7 @@ the send path's shard reads (gateway/lookups.py) and presence's rooms of a user 
 online (gateway/presence.py): each costs a pool acquire, a round trip and a statement per
 query, which a connection storm or a burst of sends would otherwise pay per request. The
 per-user session counts of connects (gateway/usercap.py) use it for Redis the same way,
-with one "shard".
+with one "shard", and a bound on how many go in one pipeline (`max_batch`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ V = TypeVar("V")
 
 
 class Coalescer(Generic[K, V]):
-    def __init__(self, fetch: Callable[[int, list[K]], Awaitable[list[V]]]) -> None:
-        """`fetch(physical, keys)`: one query's answers, one per key, in order."""
+    def __init__(
+        self, fetch: Callable[[int, list[K]], Awaitable[list[V]]], max_batch: int | None = None
+    ) -> None:
+        """`fetch(physical, keys)`: one query's answers, one per key, in order; at most
+        `max_batch` keys a query (None: no bound), the rest wait for the next one."""
         self._fetch = fetch
+        self.max_batch = max_batch
         self._waiting: dict[int, list[tuple[K, asyncio.Future[V]]]] = defaultdict(list)
         self._running: set[int] = set()
         self._tasks: set[asyncio.Future[None]] = set()  # held: a task nobody holds may vanish
@@ -50,7 +54,12 @@ class Coalescer(Generic[K, V]):
     async def _drain(self, physical: int) -> None:
         try:
             while self._waiting.get(physical):
-                batch = self._waiting.pop(physical)
+                waiting = self._waiting[physical]
+                if self.max_batch is None or len(waiting) <= self.max_batch:
+                    batch = self._waiting.pop(physical)
+                else:
+                    batch = waiting[: self.max_batch]
+                    del waiting[: self.max_batch]
                 self.queries += 1
                 try:
                     found = await self._fetch(physical, [k for k, _ in batch])

@@ -8,15 +8,34 @@ passes the cap. A node that died leaves its field behind: fields of nodes whose 
 not counted, and are removed. A process that restarts under the same node id has a new
 incarnation, so it never inherits the old counts.
 
-Decrements are batched (gateway/batches.py): a mass disconnect sends one pipelined
-HINCRBY per user that left (their sessions added up), a few pipelines in all, and a batch
-that fails is retried with backoff instead of dropped. While decrements wait (Redis slow or
-away), `admit` counts them as done already, so a user is not refused for sessions that have
-ended. What can still be wrong: decrements pending when the process ends are lost, but the
-field is this incarnation's and stops counting when its lease goes; a batch whose reply was
-lost after Redis applied it (a timeout) is applied twice when retried, an under-count that
-lets the user hold that many sessions more until this process ends (preferred to an
-over-count, which refuses a user's real connections for up to a day: the hash's TTL).
+Decrements are batched (gateway/batches.py): a mass disconnect sends one script call for
+the users that left (their sessions added up; on a Redis Cluster one call per user, as the
+keys of one script must share a slot), a few round trips in all, and a batch that fails is
+retried with backoff instead of dropped. While decrements wait (Redis slow or away), `admit`
+counts them as done already, so a user is not refused for sessions that have ended.
+
+The count never goes below 0 and no key is left without a TTL: the decrement script
+(`_RELEASE`) only lowers a field that exists, deletes it when it reaches 0 (Redis drops the
+hash with its last field), and gives the hash back its TTL if it has none. A plain HINCRBY
+-n made a negative field, in a new hash without a TTL, whenever the field was gone: Redis
+restarted empty, or another node dropped this field as dead after this node's lease had
+lapsed. A negative field let the user past the cap for as long as this process ran and the
+key never went away. Fields below 0 left by older versions count as 0 (`_live_total`).
+
+What can still be wrong, all of it an under-count (preferred to an over-count, which
+refuses a user's real connections for up to a day: the hash's TTL):
+- the field lost (the cases above) while the user still has sessions here: those are not
+  counted again, so the user may open that many more until they end;
+- a batch whose reply was lost after Redis applied it (a timeout) is applied twice when
+  retried: the user's count is too low by the lost batch's amount (floored at 0) until
+  their sessions here end. Not made idempotent: that needs a sequence per field, or
+  writing the node's absolute count, which races the increments of `admit` (they go out
+  on another connection) and errs toward an over-count;
+- decrements pending when the process ends are lost, but the field is this incarnation's
+  and stops counting when its lease goes.
+
+Connects that arrive together share a pipeline, at most `MAX_ADMITS` of them a pipeline
+(three commands each), so a storm of connects cannot build one unbounded pipeline.
 """
 
 from __future__ import annotations
@@ -33,6 +52,30 @@ from gateway.coalesce import Coalescer
 from storage.redis_keys import RedisKeys
 
 KEY_TTL_S = 24 * 3600
+MAX_ADMITS = 500  # connects counted in one pipeline (3 commands each)
+
+# KEYS: users' session hashes; ARGV[1]: this incarnation's field, ARGV[2]: the hashes' TTL,
+# ARGV[2 + i]: how many sessions of KEYS[i] ended. A field that is gone is left gone (its
+# sessions are no longer counted: lowering it would make it negative), one that reaches 0
+# or less is deleted, and a hash left without a TTL gets one.
+_RELEASE = """
+local field, ttl = ARGV[1], tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('HGET', key, field))
+  if n then
+    local left = n - tonumber(ARGV[2 + i])
+    if left > 0 then
+      redis.call('HSET', key, field, left)
+    else
+      redis.call('HDEL', key, field)
+    end
+    if redis.call('TTL', key) == -1 then
+      redis.call('EXPIRE', key, ttl)
+    end
+  end
+end
+return 0
+"""
 
 
 class UserConnectionCap:
@@ -51,7 +94,10 @@ class UserConnectionCap:
         )
         # Connects that arrive while a count is in flight are counted together, in the
         # next pipeline (a storm: a few round trips, not one per connect). One "shard": 0.
-        self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(self._count_many)
+        self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(
+            self._count_many, max_batch=MAX_ADMITS
+        )
+        self._release = redis.register_script(_RELEASE)
 
     async def admit(self, user: str) -> bool:
         """Count a new session of `user`; False (and not counted) when over the cap."""
@@ -81,7 +127,8 @@ class UserConnectionCap:
         return [replies[i * 3 + 2] for i in range(len(users))]
 
     async def _live_total(self, counts: dict[Any, Any]) -> tuple[int, list[str]]:
-        by_field = {_text(f): int(v) for f, v in counts.items()}
+        # max(0, ...): a negative field (left by an older version) must not make room.
+        by_field = {_text(f): max(0, int(v)) for f, v in counts.items()}
         nodes = {f.rpartition("|")[0] for f in by_field}
         live = await self.routes.live_nodes(nodes - {self.node}) | {self.node}
         total = sum(n for f, n in by_field.items() if f.rpartition("|")[0] in live)
@@ -96,10 +143,19 @@ class UserConnectionCap:
         self.releases.add(user, 1)
 
     async def _decrement(self, batch: dict[str, int]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for user, ended in batch.items():
-            pipe.hincrby(self.keys.user_sessions(user), self.field, -ended)
-        await pipe.execute()
+        """Lower this node's field of each user's hash by the sessions that ended, never
+        below 0 (`_RELEASE`). Retried as a whole on an error (gateway/batches.py): a batch
+        Redis applied but whose reply was lost is applied twice, an under-count that the
+        floor bounds (module docstring)."""
+        if self.keys.cluster:
+            # The keys of one script must share a slot, and users' hashes do not.
+            for user, ended in batch.items():
+                await self._release(
+                    keys=[self.keys.user_sessions(user)], args=[self.field, KEY_TTL_S, ended]
+                )
+            return
+        keys = [self.keys.user_sessions(user) for user in batch]
+        await self._release(keys=keys, args=[self.field, KEY_TTL_S, *batch.values()])
 
     async def stop(self) -> None:
         await self.releases.stop()

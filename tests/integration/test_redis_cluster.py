@@ -258,3 +258,38 @@ async def test_revocation_and_typing_on_the_cluster(stack: Stack, http: httpx.As
     finally:
         await ca.close()
         await cb.close()
+
+
+async def test_session_counts_go_down_to_nothing_on_the_cluster(
+    stack: Stack, cluster_settings: Settings, rcli: RedisCluster
+) -> None:
+    """The session count's decrement script (one call per user: users' hashes are in
+    different slots) lowers each user's field and deletes it, and the hash, at 0."""
+    g1 = stack.procs[0]
+    keys = RedisKeys(cluster_settings.redis_prefix, cluster=True)
+    users = [uid(f"rcap{i}") for i in range(4)]
+    hashes = [keys.user_sessions(u) for u in users]
+    assert len({key_slot(k.encode()) for k in hashes}) > 1  # one script call cannot take them
+    sessions = {
+        u: [await AgoraClient.connect(g1.ws_url, stack.token(u)) for _ in range(2)] for u in users
+    }
+    for held in sessions.values():
+        for c in held:
+            assert (await c.ping())["t"] == "pong"  # answered once counted
+
+    async def counts() -> list[list[int]]:
+        return [[int(v) for v in (await rcli.hgetall(k)).values()] for k in hashes]
+
+    assert await counts() == [[2]] * len(users)
+    for held in sessions.values():
+        await held[0].close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while await counts() != [[1]] * len(users):
+        assert asyncio.get_running_loop().time() < deadline, await counts()
+        await asyncio.sleep(0.05)
+    assert all([await rcli.ttl(k) > 0 for k in hashes])
+    for held in sessions.values():
+        await held[1].close()
+    while any([await rcli.exists(k) for k in hashes]):
+        assert asyncio.get_running_loop().time() < deadline + 10, await counts()
+        await asyncio.sleep(0.05)
