@@ -3,11 +3,13 @@ module-scoped `stack` (its gateways first, in that order)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
+from tests.faults import OwnRedis
 from tests.stack import Proc, Stack
 
 
@@ -27,3 +29,16 @@ def g2(stack: Stack) -> Proc:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=20) as client:
         yield client
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A Redis of the test's own (to stop, kill or restart), gone after it."""
+    redis = OwnRedis()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        if redis.proc is not None:
+            redis.proc.send_signal(signal.SIGCONT)  # a test that failed while it was stopped
+        redis.kill()

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -35,18 +35,6 @@ from tests.stack import Proc, Stack
 pytestmark = pytest.mark.engines
 
 LEASE_S = 2  # the shortest allowed: renewals every 0.67 s, shed after 2 s of silence
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    redis = OwnRedis()
-    redis.start()
-    try:
-        yield redis
-    finally:
-        if redis.proc is not None:
-            redis.proc.send_signal(signal.SIGCONT)  # a test that failed while it was stopped
-        redis.kill()
 
 
 @pytest.fixture

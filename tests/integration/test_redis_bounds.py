@@ -11,7 +11,6 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -39,16 +38,6 @@ UNBOUNDED_BY_TTL = {"epoch", "idseq", "feed-stats", "revocations"}
 def write_figures(figures: dict[str, object]) -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(figures, indent=2) + "\n")
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    redis = OwnRedis()
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.kill()
 
 
 def family(key: str, prefix: str) -> str:

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,16 +21,6 @@ from tests.faults import OwnRedis
 pytestmark = pytest.mark.engines
 
 SCRIPT = "return {KEYS[1], tonumber(ARGV[1]) * 2}"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    redis = OwnRedis()
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.kill()
 
 
 async def test_concurrent_commands_get_their_own_replies(own_redis: OwnRedis) -> None:

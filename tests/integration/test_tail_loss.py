@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -31,16 +31,6 @@ from tests.integration.helpers import create_group, uid
 from tests.stack import Stack
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    r = OwnRedis()
-    r.start()
-    try:
-        yield r
-    finally:
-        r.kill()
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
