@@ -409,6 +409,9 @@ async def _broker_pause(scene: Scene) -> None:
 async def _worker_kill(scene: Scene) -> None:
     """SIGKILL the supervised worker process; the fault ends when its supervisor has
     started the next one."""
+    # The supervisor logs the killed child's exit at ERROR: that is this fault, not a
+    # failure of the run (bench_stack fails a run on an undeclared ERROR line).
+    scene.worker.expect_log(r"^agora\.supervisor: fanout worker \d+ \(pid \d+\) exited with -9")
     supervisor = scene.worker.popen.pid
     before = child_pids(supervisor)
     assert before, "the supervisor has no worker process"

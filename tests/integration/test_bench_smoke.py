@@ -273,6 +273,22 @@ def test_faults_smoke(tmp_path: Path) -> None:
     assert rows["redis-restart"]["retried_sends"] > 0
 
 
+def test_faults_worker_kill_smoke(tmp_path: Path) -> None:
+    """The kill of the supervised worker: its supervisor logs the child's exit at ERROR,
+    which is the fault itself; the run must not fail on it (it did, after every number
+    was in: bench_stack fails a run on an undeclared ERROR line)."""
+    data = run_bench(
+        "bench.faults",
+        "faults",
+        tmp_path,
+        *("--scenarios", "worker-kill", "--rate", "40", "--convs", "4"),
+        *("--members", "3", "--warmup", "1", "--baseline", "3", "--after", "6"),
+    )
+    (row,) = data["scenarios"]
+    assert row["scenario"] == "worker-kill" and row["worker_restarts"] == 1, row
+    assert row["lost"] == 0 and row["duplicated"] == 0 and row["stored"] == row["acked"] > 100
+
+
 def test_sequencer_smoke(tmp_path: Path) -> None:
     data = run_bench(
         "bench.sequencer",
