@@ -34,10 +34,7 @@ class StoredLookups:
     def reads(self) -> int:
         return self._reads.reads
 
-    async def stored_id(self, conv: int, sender: str, cid: str) -> Found:
-        """What `storage.messages.stored_id` answers, raising what it raises."""
-        return await self._reads.read(self.pools.for_id(conv), (conv, sender, cid))
-
     def ask(self, conv: int, sender: str, cid: str) -> asyncio.Future[Found]:
-        """`stored_id` as a future (the send path reads beside its produce: no task)."""
+        """What `storage.messages.stored_id` answers (or raises), as a future: the send
+        path reads beside its produce without a task of its own."""
         return self._reads.ask(self.pools.for_id(conv), (conv, sender, cid))

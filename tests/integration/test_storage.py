@@ -466,13 +466,13 @@ async def test_coalesced_stored_id_reads_answer_like_one_read_each(
     assert expected[-2] is None and expected[-1] is None  # c1 is alice's, not bob's
 
     lookups = StoredLookups(pools)
-    assert await asyncio.gather(*(lookups.stored_id(*k) for k in asked)) == expected
+    assert await asyncio.gather(*(lookups.ask(*k) for k in asked)) == expected
     assert lookups.reads == len(asked)
     assert lookups.queries == 1  # all asked before the loop ran the first: one query
 
     alone = StoredLookups(pools)
     for k, want in zip(asked, expected, strict=True):
-        assert await alone.stored_id(*k) == want
+        assert await alone.ask(*k) == want
     assert alone.queries == alone.reads == len(asked)
 
 

@@ -585,6 +585,15 @@ async def test_poison_votes_are_dead_lettered_and_the_rest_is_counted(
         await producer.stop()
 
 
+def _unstarted_scores_worker(
+    settings: Settings, pools: ShardPools, redis: aioredis.Redis
+) -> ScoresWorker:
+    """A scores worker whose `apply`/`apply_batch` a test calls directly: its consumer is
+    never started."""
+    consumer = make_consumer(settings, votes_topic(settings), scores_group(settings))
+    return ScoresWorker(settings, pools, redis, consumer)
+
+
 async def _counters(pools: ShardPools, post: int) -> tuple[int, int]:
     async with pools.connection(pools.for_id(post)) as conn:
         row = await conn.fetchrow("SELECT up, down FROM posts WHERE id = $1", post)
@@ -1019,12 +1028,7 @@ async def test_a_fence_holds_only_the_votes_of_its_logical_shard(
             await conn.execute(
                 "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
             )
-    worker = ScoresWorker(
-        settings,
-        pools,
-        redis_client,
-        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
-    )
+    worker = _unstarted_scores_worker(settings, pools, redis_client)
     tp = TopicPartition("votes", 0)
     work = [
         Record(Raw(tp, i, None, b""), Pending(tp, i, Vote(post, "u0", 1)), pools.names[physical])
@@ -1087,12 +1091,7 @@ async def test_a_transient_failure_while_isolating_poison_votes_holds_the_rest(
             await conn.execute(
                 "INSERT INTO votes (post_id, user_id, value) VALUES ($1, 'u0', 1)", post
             )
-    worker = ScoresWorker(
-        settings,
-        pools,
-        redis_client,
-        make_consumer(settings, votes_topic(settings), scores_group(settings)),  # not started
-    )
+    worker = _unstarted_scores_worker(settings, pools, redis_client)
     tp = TopicPartition("votes", 0)
     bad = Pending(tp, 0, Vote(full, "u0", 1))
     good = Pending(tp, 1, Vote(fine, "u0", 1))
