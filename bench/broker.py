@@ -109,7 +109,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, pid: int) -> dict[st
         group_id="probe",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=20,  # as fanout/kafka.py make_consumer
+        fetch_max_wait_ms=20,  # as the dev stack's AGORA_KAFKA_FETCH_WAIT_MS
     )
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap)  # offsets only, no group
     await reader.start()

@@ -609,6 +609,7 @@ table inet agoraloss {{
             "AGORA_KAFKA_BOOTSTRAP": f"{self.ip('broker')}:{KAFKA_PORT}",
             "AGORA_KAFKA_PARTITIONS": str(lay.kafka_partitions),
             "AGORA_KAFKA_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
+            "AGORA_KAFKA_FETCH_WAIT_MS": "20",  # Tansu answers a fetch at its wait's end
             "AGORA_JWT_SECRET": secrets.token_hex(16),
             # /readyz answers a loopback peer or this token: the harness asks from the
             # root namespace, over the control link (`readyz`).

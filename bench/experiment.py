@@ -11,7 +11,6 @@ frames itself (gateway/transport.py), and were removed from this file.
 
 - `timing`: the send, access, subscribe and attach awaits are timed; totals are written
   to $BENCH_TIMING_OUT.<pid>.json every 2 s (where a slow ack waits).
-- `fetch5`: the workers' fetches wait 5 ms on an empty log instead of 20 (issue 14).
 - `batch-pace`: the workers start a batch at most every 25 ms (what a batch costs).
 - `tracemalloc`: SIGUSR1 takes a baseline snapshot, the next SIGUSR1 writes the top
   allocation sites since then to $BENCH_TRACEMALLOC_OUT (where per-connection memory goes).
@@ -57,22 +56,6 @@ def _tracemalloc() -> None:
                 f.write(f"{s.size_diff}\t{s.count_diff}\t{s.traceback}\n")
 
     signal.signal(signal.SIGUSR1, on_signal)
-
-
-@patch("fetch5")
-def _fetch5() -> None:
-    """The workers' consumer asks the broker to answer an empty fetch after 5 ms instead
-    of 20 (issue 14: Tansu answers an empty fetch at its max wait, not when a record
-    arrives, so the wait is part of delivery latency, and each fetch costs CPU)."""
-    from aiokafka import AIOKafkaConsumer
-
-    init = AIOKafkaConsumer.__init__
-
-    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["fetch_max_wait_ms"] = 5
-        init(self, *args, **kwargs)
-
-    AIOKafkaConsumer.__init__ = patched  # type: ignore[method-assign]
 
 
 @patch("batch-pace")

@@ -232,6 +232,15 @@ class Settings:
         "InitProducerId, so the dev stack sets false; the (conversation, sender, cid) "
         "unique key still makes producer retries harmless.",
     )
+    kafka_fetch_wait_ms: int = _setting(
+        "AGORA_KAFKA_FETCH_WAIT_MS",
+        "500",
+        _int_range(1, 10000),
+        "Longest a worker's fetch waits at the broker for records. Apache Kafka answers "
+        "as soon as a record arrives, so a long wait costs no latency and spares idle "
+        "fetches; Tansu 0.6 (dev/tests) answers only when the wait ends, so the dev stack "
+        "sets 20 (a record waits ~10 ms for its fetch).",
+    )
     jwt_algorithms: tuple[str, ...] = _setting(
         "AGORA_JWT_ALGORITHMS",
         "HS256",

@@ -110,7 +110,9 @@ def make_consumer(settings: Settings, topic: str, group: str) -> AIOKafkaConsume
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=settings.fanout_batch_max,
-        fetch_max_wait_ms=20,  # latency: return a fetch as soon as there is anything
+        # Apache Kafka answers a fetch as soon as a record arrives; Tansu only at the
+        # wait's end, so the dev stack and the tests set a short one (core/settings.py).
+        fetch_max_wait_ms=settings.kafka_fetch_wait_ms,
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
         rebalance_timeout_ms=6000,

@@ -15,6 +15,7 @@ HEADER = "| variable | default | meaning |"
 # Dev-stack values that differ from the production defaults.
 DEV_VALUES = {
     "AGORA_KAFKA_IDEMPOTENCE": "false",
+    "AGORA_KAFKA_FETCH_WAIT_MS": "20",  # Tansu answers a fetch only at its wait's end
     "AGORA_JWT_SECRET": EXAMPLE_JWT_SECRET,  # accepted in dev mode only (`agora dev`)
     "AGORA_LOG_FORMAT": "text",
     "AGORA_METRICS_PORT": "9464",

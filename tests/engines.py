@@ -67,6 +67,7 @@ def test_engines(
             "AGORA_KAFKA_TOPIC_PREFIX": f"t{tag}",
             "AGORA_KAFKA_PARTITIONS": "8",
             "AGORA_KAFKA_IDEMPOTENCE": "false",
+            "AGORA_KAFKA_FETCH_WAIT_MS": "20",  # Tansu answers a fetch at its wait's end
             "AGORA_JWT_SECRET": secrets.token_hex(16),
             "AGORA_ROUTE_LEASE_S": "6",
             "AGORA_HEARTBEAT_MS": "5000",

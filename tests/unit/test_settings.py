@@ -69,6 +69,7 @@ def test_from_env_parses_values() -> None:
             "AGORA_DEV_TOKENS": "YES",
             "AGORA_JWT_ALGORITHMS": "HS512, RS256",
             "AGORA_REDIS_PREFIX": "t.a-b_c",
+            "AGORA_KAFKA_FETCH_WAIT_MS": " 20 ",
         }
     )
     assert s.shard_dsns == ("postgresql://a/x", "postgresql://b/y", "postgresql://c/z")
@@ -78,6 +79,7 @@ def test_from_env_parses_values() -> None:
     assert s.dev_tokens is True
     assert s.jwt_algorithms == ("HS512", "RS256")
     assert s.redis_prefix == "t.a-b_c"
+    assert s.kafka_fetch_wait_ms == 20
 
 
 def test_bounds_are_inclusive() -> None:
@@ -99,6 +101,8 @@ BAD_VALUES = [
     ("AGORA_LOGICAL_SHARDS", ""),
     ("AGORA_LOGICAL_SHARDS", "4096.0"),
     ("AGORA_KAFKA_IDEMPOTENCE", "maybe"),
+    ("AGORA_KAFKA_FETCH_WAIT_MS", "0"),
+    ("AGORA_KAFKA_FETCH_WAIT_MS", "10001"),
     ("AGORA_REDIS_CLUSTER", "sometimes"),
     ("AGORA_PIPELINE_SENDS", "maybe"),
     ("AGORA_KAFKA_IDEMPOTENCE", ""),
@@ -222,3 +226,15 @@ def test_cors_origins_and_metrics_host() -> None:
     assert defaults.metrics_host == "127.0.0.1"  # worker metrics not exposed by default
     s = Settings.from_env({"AGORA_CORS_ORIGINS": "https://app.example, http://localhost:5173,*"})
     assert s.cors_origins == ("https://app.example", "http://localhost:5173", "*")
+
+
+async def test_the_workers_consumer_waits_as_long_as_the_setting_says() -> None:
+    # Production (Apache Kafka, whose long poll answers when a record arrives) keeps the
+    # long default; the dev stack and the tests ask Tansu for a short one.
+    from fanout.kafka import make_consumer
+
+    assert Settings.from_env({}).kafka_fetch_wait_ms == 500
+    for wait in (20, 500):
+        settings = Settings.from_env({"AGORA_KAFKA_FETCH_WAIT_MS": str(wait)})
+        consumer = make_consumer(settings, "t.messages", "t.fanout")
+        assert consumer._fetch_max_wait_ms == wait  # what its fetcher is built with
