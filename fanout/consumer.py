@@ -29,6 +29,43 @@ from storage.redis_client import make_redis
 
 log = logging.getLogger("agora.fanout")
 
+# aiokafka's records, at ERROR, about an offset commit the broker refused: each is then
+# raised to the commit's caller (`_commit`, which handles every Kafka error: the records
+# are redelivered) or retried by aiokafka itself (a retriable error). A group's or a
+# topic's authorization failure is left at ERROR: it lasts until an operator acts.
+COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
+HANDLED_COMMIT_FAILURES = frozenset(
+    {
+        "OffsetCommit failed for group %s due to group error (%s), will rejoin",
+        "OffsetCommit failed for group %s on partition %s with offset %s: %s",
+    }
+)
+
+
+class HandledCommitFailures(logging.Filter):
+    """Lowers aiokafka's ERROR records of commit failures the worker handles to WARNING:
+    they are not errors of the process, yet every log check had to declare them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if (
+            record.levelno == logging.ERROR
+            and isinstance(msg, str)
+            and msg in HANDLED_COMMIT_FAILURES
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def lower_handled_commit_failures() -> None:
+    """Install HandledCommitFailures (once) on aiokafka's group coordinator logger: a
+    logger's filters see only the records logged on that very logger, not its children's,
+    so it goes there rather than on "aiokafka". For a process whose every commit goes
+    through `_commit` (a worker's)."""
+    logger = logging.getLogger(COORDINATOR_LOGGER)
+    if not any(isinstance(f, HandledCommitFailures) for f in logger.filters):
+        logger.addFilter(HandledCommitFailures())
+
 
 def commit_offsets(
     last: dict[TopicPartition, int], held: Iterable[tuple[TopicPartition, int]]
@@ -156,6 +193,7 @@ async def run_consumer_process(
     consumer and dead-letter producer are made. Runs until SIGTERM/SIGINT; returns the
     worker (for its counts). `topic` is "<prefix>.<name>"; its dead letters go to
     "<prefix>.<name>.dlq"."""
+    lower_handled_commit_failures()  # its consumer commits only through a Committer
     await wait_for_broker(settings)
     await ensure_topics(settings)
     pools = ShardPools(settings)

@@ -42,6 +42,9 @@ from storage.redis_keys import RedisKeys
 
 log = logging.getLogger("agora.gateway")
 MAX_FILL_ROUNDS = 5
+# After a failed lease renewal the next try comes this soon, then doubles up to the usual
+# interval (a third of the lease) while they keep failing.
+LEASE_RETRY_S = 0.1
 
 
 class LatencySink(Protocol):
@@ -94,6 +97,11 @@ class Node:
         self.tails = TailCheck(pools, self.conv_subs, self._push_messages)
         self.draining = False
         self.cut_off = False  # Redis unreachable for a lease: clients shed, none admitted
+        # The lease loop's outcomes: renewals that held, tries that failed or timed out,
+        # and renewals that found the lease gone (everything registered again).
+        self.lease_renewals = 0
+        self.lease_failures = 0
+        self.lease_losses = 0
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
@@ -157,8 +165,9 @@ class Node:
         interval = max(self.settings.route_lease_s / 3, 0.5)
         refresh_at = time.monotonic() + ROUTE_REFRESH_S
         redis_seen = time.monotonic()
+        delay, failed = interval, 0  # failed: tries that failed in a row
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             try:
                 # Bounded: a Redis cut off by the network hangs instead of failing.
                 renewed = await asyncio.wait_for(
@@ -171,21 +180,33 @@ class Node:
                 if not renewed:
                     # The lease lapsed or Redis came back empty: register everything again.
                     log.warning("node %s: lease lost, registering again", self.id)
+                    self.lease_losses += 1
                     await self._register_all()
-                elif time.monotonic() >= refresh_at:
-                    # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
-                    await asyncio.wait_for(
-                        self.lease_routes.refresh(
-                            self.id, list(self.conv_subs), list(self.user_conns)
-                        ),
-                        self.settings.route_lease_s,
-                    )
-                    refresh_at = time.monotonic() + ROUTE_REFRESH_S
+                else:
+                    self.lease_renewals += 1
+                    if time.monotonic() >= refresh_at:
+                        # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
+                        await asyncio.wait_for(
+                            self.lease_routes.refresh(
+                                self.id, list(self.conv_subs), list(self.user_conns)
+                            ),
+                            self.settings.route_lease_s,
+                        )
+                        refresh_at = time.monotonic() + ROUTE_REFRESH_S
+                delay, failed = interval, 0
             except (aioredis.RedisError, OSError, TimeoutError) as exc:
+                self.lease_failures += 1
                 log.warning("node %s: lease renewal failed: %r", self.id, exc)
                 silent_s = time.monotonic() - redis_seen
                 if not self.cut_off and silent_s >= self.settings.route_lease_s:
                     self._shed(silent_s)
+                # Soon, not a whole interval later: a renewal that timed out ended two
+                # intervals after the last one, so the next at the usual cadence would
+                # land when the lease expires (a moment of slow Redis cost the lease and a
+                # re-registration). Backing off up to the interval keeps a Redis that
+                # stays down from being asked, and logged, more often than that.
+                failed += 1
+                delay = min(interval, LEASE_RETRY_S * 2 ** min(failed - 1, 16))
 
     def _shed(self, silent_s: float) -> None:
         """Redis has not answered for a whole lease: publishers take this node for dead (or

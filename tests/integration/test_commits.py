@@ -1,18 +1,20 @@
 """Offset commits go out in the background, coalesced, and are never lost at a rebalance or
-a stop (fanout.consumer.Committer). Real broker, PostgreSQL and Redis; one worker per test
-on a topic of its own."""
+a stop (fanout.consumer.Committer), and one the broker refuses is handled, logged as a
+warning. Real broker, PostgreSQL and Redis; one worker per test on a topic of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from core.settings import Settings
+from fanout.consumer import COORDINATOR_LOGGER, Committer, lower_handled_commit_failures
 from fanout.kafka import ensure_topics, fanout_group, make_consumer, messages_topic
 from fanout.worker import FanoutWorker
 from storage import messages
@@ -142,3 +144,55 @@ async def test_a_rebalance_commits_what_was_finished_before_the_partitions_move(
         assert b.done == 1
         got = await messages.after(pools, t.conv, 0, 10)
         assert [(m.cid, m.seq) for m in got] == [(f"c{i}", i + 1) for i in range(4)]
+
+
+async def test_a_commit_the_broker_refuses_is_handled_and_logged_as_a_warning(
+    settings: Settings,
+    pools: ShardPools,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A commit the broker refuses: one from a consumer outside the group while the group
+    # has a member (the worker), which the broker answers UNKNOWN_MEMBER_ID, as it does a
+    # worker's commit after the group moved on without it. aiokafka logs that at ERROR and
+    # raises CommitFailedError, which the committer handles (the records would be
+    # redelivered); a worker process (run_consumer_process) lowers aiokafka's record to
+    # WARNING, so no log check has to declare it as an expected error.
+    caplog.set_level(logging.INFO)
+    coordinator = logging.getLogger(COORDINATOR_LOGGER)
+    installed = set(coordinator.filters)
+    lower_handled_commit_failures()
+    try:
+        async with Topic(settings, pools, redis_client, 0) as t:
+            worker, _ = await t.start()
+            tp = await one_batch_each(t, worker, 2)
+            deadline = time.monotonic() + 10
+            while await worker.consumer.committed(tp) != 2:
+                assert time.monotonic() < deadline, "the worker's own commits did not land"
+                await asyncio.sleep(0.05)
+            outsider = AIOKafkaConsumer(
+                bootstrap_servers=t.settings.kafka_bootstrap,
+                group_id=fanout_group(t.settings),
+                enable_auto_commit=False,
+            )
+            outsider.assign([tp])
+            await outsider.start()
+            try:
+                start = len(caplog.records)
+                commits = Committer(outsider, 0)
+                commits.request({tp: 0}, [])  # past offset 0: would move the group back
+                await commits.flush(10)
+                records = caplog.records[start:]
+            finally:
+                await outsider.stop()
+            assert commits.sent == 1
+            assert await worker.consumer.committed(tp) == 2  # refused indeed
+    finally:
+        for f in set(coordinator.filters) - installed:
+            coordinator.removeFilter(f)
+    refused = [r for r in records if r.getMessage().startswith("OffsetCommit failed")]
+    assert [(r.name, r.levelname) for r in refused] == [(COORDINATOR_LOGGER, "WARNING")]
+    assert "UnknownMemberIdError" in refused[0].getMessage()
+    handled = "commit failed after rebalance; records will be redelivered"
+    assert [r.levelname for r in records if r.getMessage() == handled] == ["INFO"]
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []

@@ -1,14 +1,17 @@
 """A mass disconnect (issue 14): thousands of a gateway's clients gone at once leave no
 session counted, no route and no one online behind them, the node keeps its lease, and the
 Redis work goes out in batches, not one job per client. A real gateway and engines, with a
-small Redis pool (4 connections) so that one job per client would queue on it."""
+small Redis pool (4 connections) so that one job per client would queue on it. Each test
+has a Redis server of its own (tests/integration/conftest.py, `own_redis`): the commands
+counted are its gateway's alone (a second test run sharing a Redis ran scripts on it
+too), and its Redis pause stalls no one else."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +22,7 @@ import redis.asyncio as aioredis
 from agora_client import AgoraClient
 from core.settings import Settings
 from storage.redis_keys import RedisKeys
+from tests.faults import OwnRedis
 from tests.integration.helpers import create_group, uid
 from tests.stack import Proc, Stack
 
@@ -28,9 +32,10 @@ PER_USER = 500  # 2,000 connections
 GRACE_S = 1
 
 
-@pytest.fixture(scope="module")
-def stack(settings: Settings) -> Iterator[Stack]:
+@pytest.fixture
+def stack(settings: Settings, own_redis: OwnRedis) -> Iterator[Stack]:
     env = {
+        "AGORA_REDIS_URL": own_redis.url,
         "AGORA_REDIS_POOL_MAX": "4",
         "AGORA_REDIS_TIMEOUT_S": "3",  # shorter than the Redis pause below
         "AGORA_MAX_CONNECTIONS_PER_USER": str(PER_USER + 100),
@@ -46,6 +51,20 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
+
+
+@pytest.fixture
+def g1(stack: Stack) -> Proc:
+    """The test's gateway (conftest's `g1` is a module's)."""
+    return stack.procs[0]
+
+
+@pytest.fixture
+async def r(own_redis: OwnRedis) -> AsyncIterator[aioredis.Redis]:
+    """The test's client of the gateway's Redis."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
 
 
 async def counted(r: aioredis.Redis, keys: RedisKeys, users: list[str]) -> dict[str, int]:
@@ -147,9 +166,8 @@ class Crowd:
 
 
 async def test_two_thousand_clients_gone_at_once_leave_nothing_behind(
-    stack: Stack, g1: Proc, http: httpx.AsyncClient, settings: Settings, redis_client: Any
+    stack: Stack, g1: Proc, http: httpx.AsyncClient, settings: Settings, r: aioredis.Redis
 ) -> None:
-    r: aioredis.Redis = redis_client
     crowd = Crowd(stack, g1, settings, r)
     await crowd.connect(http)
     lease = crowd.keys.node_lease(crowd.node)
@@ -188,11 +206,10 @@ async def test_two_thousand_clients_gone_at_once_leave_nothing_behind(
 
 
 async def test_a_mass_disconnect_while_redis_stalls_loses_no_decrement(
-    stack: Stack, g1: Proc, http: httpx.AsyncClient, settings: Settings, redis_client: Any
+    stack: Stack, g1: Proc, http: httpx.AsyncClient, settings: Settings, r: aioredis.Redis
 ) -> None:
     """Redis takes no write for 4 s (longer than the gateway's 3 s command timeout) from
     just before 2,000 clients leave: what timed out is sent again, so every count ends exactly 0."""
-    r: aioredis.Redis = redis_client
     crowd = Crowd(stack, g1, settings, r)
     await crowd.connect(http)
     await r.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
@@ -208,7 +225,8 @@ async def test_a_mass_disconnect_while_redis_stalls_loses_no_decrement(
 async def decrement_calls(r: aioredis.Redis) -> int:
     """Calls that may carry session count decrements: the script's (EVALSHA; EVAL after
     a NOSCRIPT), and HINCRBY (the decrements before the script; admits use it too, but
-    none connect here)."""
+    none connect here). Redis counts them server-wide: `r` must be the test's own Redis,
+    which only its gateway runs them on."""
     stats = await r.info("commandstats")
     names = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_hincrby")
     return sum(int(stats.get(name, {}).get("calls", 0)) for name in names)

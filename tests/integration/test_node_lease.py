@@ -3,7 +3,8 @@ test breaks: the lease lost while the node stays subscribed (Redis emptied under
 Redis silent for a whole lease (the node sheds its clients with 1013, refuses new ones,
 and takes them again once Redis answers). And the opposite: Redis healthy, but every
 connection of the node's request pool held for several leases (as sends held them in
-bench/RESULTS.md, run A3), which must cost neither the lease nor the clients."""
+bench/RESULTS.md, run A3), which must cost neither the lease nor the clients; and one
+renewal timing out (Redis slow for a moment), which must not cost the lease either."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -211,6 +212,54 @@ async def test_a_node_whose_request_pool_is_held_keeps_its_lease_and_its_clients
     finally:
         for c in held:
             await pool.release(c)
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+
+
+async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll the node's lease counters (what its lease loop counts is the event)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not reached in {seconds} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_one_renewal_timing_out_is_retried_before_the_lease_expires(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # A soak under load: Redis slow for a moment made one renewal time out. The renewal
+    # had run an interval (a third of the lease) after the last one and timed out after
+    # another; the next try, an interval later again, came when the lease expired, and
+    # the node logged "lease lost, registering again". Here Redis takes no writes from
+    # just after a renewal until after the next try has timed out, and answers well
+    # before the lease renewed last expires: the try after the failed one must renew the
+    # lease, without it ever being lost. Timeline from the renewal (lease 2 s): the next
+    # try at 0.67 s, its timeout at 1.33 s, Redis writing again at 1.6 s, expiry at 2 s.
+    pause_ms = 1600
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    interval = LEASE_S / 3
+    assert 2 * interval * 1000 < pause_ms < LEASE_S * 1000
+    redis, lease_redis = make_redis(s), make_lease_redis(s)
+    node = Node(s, uid("slow-node"), redis, pools, lease_redis)
+    lease = RedisKeys(s.redis_prefix).node_lease(node.id)
+    try:
+        await node.start()
+        await until(lambda: node.lease_renewals >= 1, LEASE_S * 3, "a first renewal")
+        renewed = node.lease_renewals
+        # Expiry stops while Redis is paused: only when it is writing again does the
+        # lease's time run out, as with a Redis that was slow.
+        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        await until(lambda: node.lease_failures >= 1, LEASE_S * 3, "a renewal timing out")
+        assert node.lease_renewals == renewed  # nothing renewed while Redis was paused
+        await until(lambda: node.lease_renewals > renewed, LEASE_S * 3, "a renewal after it")
+        assert node.lease_losses == 0, "the lease expired before the node renewed it"
+        assert 0 < await admin.pttl(lease) <= LEASE_S * 1000
+        # And the cadence is back to an interval: one renewal more, no failure, no loss.
+        failures = node.lease_failures
+        await until(lambda: node.lease_renewals > renewed + 1, LEASE_S * 3, "the next one")
+        assert (node.lease_failures, node.lease_losses, node.cut_off) == (failures, 0, False)
+    finally:
         await node.stop()
         await lease_redis.aclose()
         await redis.aclose()

@@ -228,13 +228,10 @@ async def test_votes_topic_recreated_under_a_running_worker_loses_no_vote(
 ) -> None:
     _, bootstrap = broker
     s = own_stack(settings, bootstrap, AGORA_VOTE_SWEEP_S="1")
-    # A commit of the worker's that meets the deleted topic fails; the worker logs that at
-    # WARNING and goes on (fanout/consumer.py), but aiokafka logs it at ERROR itself first.
-    # Whether a commit falls in that window is timing (seen 1 run in 3 under a CPU hog).
-    s.expect_log(
-        r"^aiokafka\.consumer\.group_coordinator: OffsetCommit failed for group \S+ on "
-        r"partition TopicPartition\(topic='[^']+\.votes'.*UnknownTopicOrPartitionError"
-    )
+    # A commit of the worker's that meets the deleted topic fails (whether one falls in
+    # that window is timing: seen 1 run in 3 under a CPU hog). aiokafka retries it, and
+    # logs that at ERROR, which the worker process lowers to WARNING (fanout/consumer.py,
+    # HandledCommitFailures): nothing to declare here, an ERROR line fails the test.
     topic_settings = settings.with_overrides(
         kafka_bootstrap=bootstrap, kafka_topic_prefix=s.extra_env["AGORA_KAFKA_TOPIC_PREFIX"]
     )
