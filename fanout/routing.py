@@ -29,6 +29,24 @@ ROUTE_TTL_S = 3600
 ROUTE_REFRESH_S = ROUTE_TTL_S / 4
 _REFRESH_CHUNK = 2000
 
+# One call for a whole update (a single Redis): KEYS: the route sets to join, then those to
+# leave; ARGV: the node, the sets' TTL, how many KEYS are joined. The same commands as the
+# per-key pipeline (SADD and EXPIRE per joined set, SREM per left one), packed into one
+# command: a connection storm's route registrations cost the gateway one command per
+# batch instead of two per connect (bench/RESULTS.md, issue 14, "Connects").
+_UPDATE = """
+local node, ttl, joined = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i, key in ipairs(KEYS) do
+  if i <= joined then
+    redis.call('SADD', key, node)
+    redis.call('EXPIRE', key, ttl)
+  else
+    redis.call('SREM', key, node)
+  end
+end
+return 0
+"""
+
 
 class Routes:
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
@@ -62,6 +80,16 @@ class Routes:
         add_users: Iterable[str] = (),
         drop_users: Iterable[str] = (),
     ) -> None:
+        if not self.keys.cluster:
+            joined = [self.keys.conv_routes(c) for c in add_convs]
+            joined += [self.keys.user_routes(u) for u in add_users]
+            keys = joined + [self.keys.conv_routes(c) for c in drop_convs]
+            keys += [self.keys.user_routes(u) for u in drop_users]
+            if keys:
+                # EVAL, not EVALSHA: nothing to load again after a restart or SCRIPT FLUSH.
+                await self.redis.eval(_UPDATE, len(keys), *keys, node, ROUTE_TTL_S, len(joined))
+            return
+        # A cluster: the sets live in different slots, which no one script may span.
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for conv in add_convs:

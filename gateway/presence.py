@@ -44,16 +44,24 @@ COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
 COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
 MAX_KINDS = 100_000
 
-# KEYS: presence hash, this node's presence set. ARGV: now ms, ttl, user, node set ttl.
-# 1 when the user was not online before.
-_ONLINE = """
-local was = redis.call('HGET', KEYS[1], 'on')
-redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if was == '1' then return 0 end
-return 1
+# A user coming online, for many users in one call (a single Redis): per user, `on` and
+# `seen` set in their presence hash (with its TTL) and the user added to this node's presence
+# set (with its TTL); answers, per user in order, 1 when they were not online before.
+# KEYS: the users' presence hashes, then this node's presence set; ARGV: now ms, ttl, node
+# set ttl, then the users in KEYS' order. One command per batch of users coming online (a
+# storm: a few) instead of one script call per user.
+_ONLINE_MANY = """
+local n = #KEYS - 1
+local node_set, out = KEYS[#KEYS], {}
+for i = 1, n do
+  local was = redis.call('HGET', KEYS[i], 'on')
+  redis.call('HSET', KEYS[i], 'on', '1', 'seen', ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+  redis.call('SADD', node_set, ARGV[3 + i])
+  if was == '1' then out[i] = 0 else out[i] = 1 end
+end
+redis.call('EXPIRE', node_set, ARGV[3])
+return out
 """
 
 # KEYS: presence hash, the user's route set. ARGV: now ms, ttl, the node giving the user
@@ -103,7 +111,6 @@ class Presence:
         self.grace_s = float(node.settings.presence_grace_s)
         self.max_members = int(node.settings.presence_max_members)
         self.lease_s = int(node.settings.route_lease_s)
-        self._online = self.redis.register_script(_ONLINE)
         self._offline = self.redis.register_script(_OFFLINE)
         self._online_hash = self.redis.register_script(_ONLINE_HASH)
         self._offline_cas = self.redis.register_script(_OFFLINE_CAS)
@@ -182,11 +189,19 @@ class Presence:
         else:
             pipe = self.redis.pipeline(transaction=False)
             node_set = self.keys.presence_node(self.node.id)
-            for user in online:
-                await self._online(
-                    keys=[self.keys.presence(user), node_set],
-                    args=[seen, PRESENCE_TTL_S, user, self.lease_s * 3],
-                    client=pipe,
+            if online:
+                # One EVAL for every user coming online (a storm: one per batch); EVAL, not
+                # EVALSHA: nothing to load again after a restart or SCRIPT FLUSH.
+                keys = [self.keys.presence(user) for user in online]
+                pipe.eval(
+                    _ONLINE_MANY,
+                    len(keys) + 1,
+                    *keys,
+                    node_set,
+                    seen,
+                    PRESENCE_TTL_S,
+                    self.lease_s * 3,
+                    *online,
                 )
             for user in offline:
                 await self._offline(
@@ -197,8 +212,9 @@ class Presence:
             if offline:
                 pipe.srem(node_set, *offline)
             replies = await pipe.execute()
-            went_on = [u for u, r in zip(online, replies, strict=False) if int(r)]
-            went_off = [u for u, r in zip(offline, replies[len(online) :], strict=False) if int(r)]
+            flags = replies.pop(0) if online else []
+            went_on = [u for u, r in zip(online, flags, strict=True) if int(r)]
+            went_off = [u for u, r in zip(offline, replies, strict=False) if int(r)]
         changed: list[tuple[str, bool, int | None]] = [(u, True, None) for u in went_on]
         changed += [(u, False, seen) for u in went_off]
         if not changed:
