@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from fanout.envelope import Delivery, encode_delivery
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 _LIVENESS_CACHE_S = 1.0
 ROUTE_TTL_S = 3600
@@ -49,9 +50,15 @@ return 0
 
 
 class Routes:
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: RedisKeys, line: RedisLine | None = None
+    ) -> None:
+        """`line` (a single Redis only): the pipelined connection `update` goes over
+        instead of redis-py's pool (storage/redisline.py: a third of the client CPU per
+        command; a gateway's route updates are one per batch of connects)."""
         self.redis = redis
         self.keys = keys
+        self.line = line if not keys.cluster else None
         self._alive: dict[str, tuple[bool, float]] = {}
 
     # -- the gateway side ------------------------------------------------------------------
@@ -87,7 +94,11 @@ class Routes:
             keys += [self.keys.user_routes(u) for u in drop_users]
             if keys:
                 # EVAL, not EVALSHA: nothing to load again after a restart or SCRIPT FLUSH.
-                await self.redis.eval(_UPDATE, len(keys), *keys, node, ROUTE_TTL_S, len(joined))
+                args: list[str | int] = [*keys, node, ROUTE_TTL_S, len(joined)]
+                if self.line is not None:
+                    await self.line.execute("EVAL", _UPDATE, len(keys), *args)
+                else:
+                    await self.redis.eval(_UPDATE, len(keys), *args)
             return
         # A cluster: the sets live in different slots, which no one script may span.
         pipe = self.redis.pipeline(transaction=False)

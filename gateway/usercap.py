@@ -51,6 +51,7 @@ from fanout.routing import Routes
 from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 KEY_TTL_S = 24 * 3600
 MAX_ADMITS = 500  # connects counted in one call (3 commands each)
@@ -97,9 +98,18 @@ return out
 
 class UserConnectionCap:
     def __init__(
-        self, redis: aioredis.Redis, keys: RedisKeys, routes: Routes, node: str, cap: int
+        self,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        routes: Routes,
+        node: str,
+        cap: int,
+        line: RedisLine | None = None,
     ) -> None:
+        """`line` (a single Redis only): the pipelined connection the counts of connects
+        go over instead of redis-py's pool (storage/redisline.py)."""
         self.redis = redis
+        self.line = line if not keys.cluster else None
         self.keys = keys
         self.routes = routes
         self.node = node
@@ -138,7 +148,11 @@ class UserConnectionCap:
         if not self.keys.cluster:
             keys = [self.keys.user_sessions(user) for user in users]
             # EVAL: nothing to load again after a restart or SCRIPT FLUSH.
-            found = await self.redis.eval(_COUNT, len(keys), *keys, self.field, KEY_TTL_S)
+            args: list[str | int] = [*keys, self.field, KEY_TTL_S]
+            if self.line is not None:
+                found = await self.line.execute("EVAL", _COUNT, len(keys), *args)
+            else:
+                found = await self.redis.eval(_COUNT, len(keys), *args)
             return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in found]
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
