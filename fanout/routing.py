@@ -30,24 +30,6 @@ ROUTE_TTL_S = 3600
 ROUTE_REFRESH_S = ROUTE_TTL_S / 4
 _REFRESH_CHUNK = 2000
 
-# One call for a whole update (a single Redis): KEYS: the route sets to join, then those to
-# leave; ARGV: the node, the sets' TTL, how many KEYS are joined. The same commands as the
-# per-key pipeline (SADD and EXPIRE per joined set, SREM per left one), packed into one
-# command: a connection storm's route registrations cost the gateway one command per
-# batch instead of two per connect (bench/RESULTS.md, issue 14, "Connects").
-_UPDATE = """
-local node, ttl, joined = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for i, key in ipairs(KEYS) do
-  if i <= joined then
-    redis.call('SADD', key, node)
-    redis.call('EXPIRE', key, ttl)
-  else
-    redis.call('SREM', key, node)
-  end
-end
-return 0
-"""
-
 
 class Routes:
     def __init__(
@@ -55,7 +37,7 @@ class Routes:
     ) -> None:
         """`line` (a single Redis only): the pipelined connection `update` goes over
         instead of redis-py's pool (storage/redisline.py: a third of the client CPU per
-        command; a gateway's route updates are one per batch of connects)."""
+        command; a gateway's route updates are one write per batch of connects)."""
         self.redis = redis
         self.keys = keys
         self.line = line if not keys.cluster else None
@@ -87,20 +69,21 @@ class Routes:
         add_users: Iterable[str] = (),
         drop_users: Iterable[str] = (),
     ) -> None:
-        if not self.keys.cluster:
-            joined = [self.keys.conv_routes(c) for c in add_convs]
-            joined += [self.keys.user_routes(u) for u in add_users]
-            keys = joined + [self.keys.conv_routes(c) for c in drop_convs]
-            keys += [self.keys.user_routes(u) for u in drop_users]
-            if keys:
-                # EVAL, not EVALSHA: nothing to load again after a restart or SCRIPT FLUSH.
-                args: list[str | int] = [*keys, node, ROUTE_TTL_S, len(joined)]
-                if self.line is not None:
-                    await self.line.execute("EVAL", _UPDATE, len(keys), *args)
-                else:
-                    await self.redis.eval(_UPDATE, len(keys), *args)
+        line = self.line
+        if line is not None:
+            # The same commands as below, written at once on the line (storage/redisline.py).
+            commands: list[tuple[Any, ...]] = []
+            for conv in add_convs:
+                key = self.keys.conv_routes(conv)
+                commands += [("SADD", key, node), ("EXPIRE", key, ROUTE_TTL_S)]
+            for user in add_users:
+                key = self.keys.user_routes(user)
+                commands += [("SADD", key, node), ("EXPIRE", key, ROUTE_TTL_S)]
+            commands += [("SREM", self.keys.conv_routes(c), node) for c in drop_convs]
+            commands += [("SREM", self.keys.user_routes(u), node) for u in drop_users]
+            if commands:
+                await line.pipeline(commands)
             return
-        # A cluster: the sets live in different slots, which no one script may span.
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         for conv in add_convs:

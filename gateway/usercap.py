@@ -34,9 +34,9 @@ refuses a user's real connections for up to a day: the hash's TTL):
 - decrements pending when the process ends are lost, but the field is this incarnation's
   and stops counting when its lease goes.
 
-Connects that arrive together are counted together: on a single Redis one script call
-(`_COUNT`), on a cluster one pipeline (three commands each), at most `MAX_ADMITS` connects a
-call, so a storm of connects cannot build one unbounded command.
+Connects that arrive together share a pipeline (three commands each; on a single Redis
+written at once on a pipelined connection of the node's own, storage/redisline.py), at most
+`MAX_ADMITS` connects a pipeline, so a storm of connects cannot build one unbounded one.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from storage.redis_keys import RedisKeys
 from storage.redisline import RedisLine
 
 KEY_TTL_S = 24 * 3600
-MAX_ADMITS = 500  # connects counted in one call (3 commands each)
+MAX_ADMITS = 500  # connects counted in one pipeline (3 commands each)
+COUNT_INTERVAL_S = 0.002  # between the starts of two counts (gateway/coalesce.py)
 
 # KEYS: users' session hashes; ARGV[1]: this incarnation's field, ARGV[2]: the hashes' TTL,
 # ARGV[2 + i]: how many sessions of KEYS[i] ended. A field that is gone is left gone (its
@@ -77,22 +78,6 @@ for i, key in ipairs(KEYS) do
   end
 end
 return 0
-"""
-
-
-# KEYS: the session hashes of the users connecting (a user twice: twice); ARGV[1]: this
-# incarnation's field, ARGV[2]: the hashes' TTL. Per key, in order, what the per-connect
-# pipeline did (HINCRBY, EXPIRE, HGETALL); answers each HGETALL (flat: field, value, ...).
-# One command per batch of connects instead of three per connect (a single Redis only:
-# on a cluster the hashes live in different slots).
-_COUNT = """
-local field, ttl, out = ARGV[1], ARGV[2], {}
-for i, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, field, 1)
-  redis.call('EXPIRE', key, ttl)
-  out[i] = redis.call('HGETALL', key)
-end
-return out
 """
 
 
@@ -121,8 +106,9 @@ class UserConnectionCap:
         )
         # Connects that arrive while a count is in flight are counted together, in the
         # next pipeline (a storm: a few round trips, not one per connect). One "shard": 0.
+        # At most one count every COUNT_INTERVAL_S (a storm: larger, fewer round trips).
         self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(
-            self._count_many, max_batch=MAX_ADMITS
+            self._count_many, max_batch=MAX_ADMITS, min_interval_s=COUNT_INTERVAL_S
         )
         self._release = redis.register_script(_RELEASE)
 
@@ -143,17 +129,22 @@ class UserConnectionCap:
 
     async def _count_many(self, _: int, users: list[str]) -> list[dict[Any, Any]]:
         """Count a session of each of `users` (a user twice: two sessions), and answer the
-        user's hash after each: one command (a cluster: one pipeline) for the connects that
-        arrived together."""
-        if not self.keys.cluster:
-            keys = [self.keys.user_sessions(user) for user in users]
-            # EVAL: nothing to load again after a restart or SCRIPT FLUSH.
-            args: list[str | int] = [*keys, self.field, KEY_TTL_S]
-            if self.line is not None:
-                found = await self.line.execute("EVAL", _COUNT, len(keys), *args)
-            else:
-                found = await self.redis.eval(_COUNT, len(keys), *args)
-            return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in found]
+        user's hash after each: one pipeline for the connects that arrived together (on the
+        line: one write)."""
+        line = self.line
+        if line is not None:
+            # The same commands as below, written at once on the line (storage/redisline.py).
+            commands: list[tuple[Any, ...]] = []
+            for user in users:
+                key = self.keys.user_sessions(user)
+                commands += [
+                    ("HINCRBY", key, self.field, 1),
+                    ("EXPIRE", key, KEY_TTL_S),
+                    ("HGETALL", key),
+                ]
+            replies = await line.pipeline(commands)
+            # RESP2's HGETALL is a flat list: field, value, field, value...
+            return [_pairs(replies[i * 3 + 2]) for i in range(len(users))]
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
             key = self.keys.user_sessions(user)
@@ -196,6 +187,10 @@ class UserConnectionCap:
 
     async def stop(self) -> None:
         await self.releases.stop()
+
+
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str:

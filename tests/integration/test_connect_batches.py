@@ -1,9 +1,10 @@
 """The connect path's batched Redis writes (bench/RESULTS.md, issue 14, "Connects"): route
-updates, session counts and presence-online writes go out as one script call per batch,
-over the pipelined connection of storage/redisline.py (or redis-py's pool where that does
-not apply). Real Redis; each module's calls are checked on both transports: the same
-effects, in the order asked, once; and at the gateway, a batch that fails fails exactly the
-connects waiting on it, with 1013, none of them counted.
+updates and session counts go out as one pipeline per batch written at once on the
+pipelined connection of storage/redisline.py (or redis-py's pool where that does not
+apply), presence-online writes as one script call per batch. Real Redis; each module's
+calls are checked on both transports: the same effects, in the order asked, once; and at
+the gateway, a batch that fails fails exactly the connects waiting on it, with 1013, none
+of them counted.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ async def test_one_route_update_joins_and_leaves_like_the_per_key_commands(
     assert await r.smembers(keys.user_routes("bob")) == {b"n2"}
     for key in (keys.conv_routes(1), keys.conv_routes(2), keys.user_routes("al")):
         assert ROUTE_TTL_S - 5 <= await r.ttl(key) <= ROUTE_TTL_S
-    await routes.update("n1")  # nothing to do: no call at all
+    await routes.update("n1")  # nothing to do
     await routes.update("n1", drop_convs=[1, 2], drop_users=["al"])
     assert not await r.exists(keys.conv_routes(1), keys.conv_routes(2), keys.user_routes("al"))
 
@@ -80,7 +81,7 @@ async def test_connects_counted_together_are_counted_once_each_in_order(
     cap = UserConnectionCap(redis_client, keys, routes, "n1", 2, line)
     admitted = await asyncio.gather(*(cap.admit(u) for u in ("ann", "ann", "ann", "ben")))
     assert admitted == [True, True, False, True]
-    assert (cap._counting.queries, cap._counting.reads) == (1, 4)  # one call for the four
+    assert (cap._counting.queries, cap._counting.reads) == (1, 4)  # one pipeline for the four
     await cap.releases.idle()
     r = redis_client
     assert await r.hgetall(keys.user_sessions("ann")) == {cap.field.encode(): b"2"}
