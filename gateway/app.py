@@ -53,7 +53,7 @@ from storage import shardwatch, users
 from storage.ids import IdGenerator
 from storage.pgerrors import describe, retryable
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis, make_send_line
+from storage.redis_client import make_lease_redis, make_line, make_redis, make_send_line
 
 log = logging.getLogger("agora.gateway")
 
@@ -158,7 +158,9 @@ def create_app(settings: Settings) -> Starlette:
         producer = make_producer(settings)
         await producer.start()
         lease_redis = make_lease_redis(settings)  # the lease's own: requests never hold it
-        node = Node(settings, make_node_id(settings), redis, pools, lease_redis)
+        # Connects' and disconnects' batched writes: one pipelined connection of their own.
+        line = make_line(settings)
+        node = Node(settings, make_node_id(settings), redis, pools, lease_redis, line)
         logs.set_process(role="gateway", node=node.id)
         registry.const_labels["node"] = node.id
         access = Access(pools)
@@ -192,7 +194,7 @@ def create_app(settings: Settings) -> Starlette:
         node.latency = wire_metrics.latency
         endpoint.bind(node, state.handler, admission)
         endpoint.user_cap = UserConnectionCap(
-            redis, node.keys, node.routes, node.id, settings.max_connections_per_user
+            redis, node.keys, node.routes, node.id, settings.max_connections_per_user, line
         )
         await node.start()
         state.revocations = RevocationWatcher(redis, node.keys, access, node, pools)
@@ -220,6 +222,8 @@ def create_app(settings: Settings) -> Starlette:
             await lease_redis.aclose()
             if send_path.line is not None:
                 send_path.line.close()
+            if line is not None:
+                line.close()
             await redis.aclose()
             await pools.close()
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from core.errors import ConfigError, Unauthorized
 from core.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
@@ -28,6 +30,7 @@ from gateway.jwks import JwksKeys
 from gateway.protocol.frames import MAX_TOKEN_CHARS, USER_ID
 
 VERIFIED_CACHE = 10_000  # tokens remembered per process (the oldest go first)
+HEADERS_CACHE = 64  # distinct token headers remembered (an issuer uses one or a few)
 # The largest `exp` accepted: 2^53 - 1 s, the largest integer a JavaScript client reads
 # exactly (in `hello.exp`). Larger ones (10^20, 10^400: JSON has no bound) made the float
 # conversion below, or the hello frame's encoders (orjson and msgpack stop at 64 bits),
@@ -40,6 +43,45 @@ class Identity:
     user: str
     name: str
     exp: int = 0  # the token's `exp` claim (s since the epoch); valid until exp + leeway
+
+
+class _PreparedHMAC(HMACAlgorithm):
+    """PyJWT's HMAC with the key's preparation done once per key instead of per token.
+
+    `HMACAlgorithm.prepare_key` refuses asymmetric keys used as HMAC secrets (PEM, SSH,
+    DER, JSON: a guard against algorithm confusion) by trying to parse the key each time:
+    two DER loads that raise and a JSON parse, ~30 % of a token's verification and ~6 % of
+    a connection storm's gateway CPU (bench/RESULTS.md, issue 14, "Connects"). The answer
+    depends on the key alone, and the key is the configured secret: kept per key (a few),
+    refusals not kept (they raise again, as before)."""
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self._prepared: dict[str | bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = super().prepare_key(key)
+            if len(self._prepared) >= 8:
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
+
+
+def _decoder() -> jwt.PyJWT:
+    """A PyJWT of our own (the module's global one is left as it is) whose HS* keys are
+    prepared once (`_PreparedHMAC`)."""
+    decoder = jwt.PyJWT()
+    jws = decoder._jws
+    for name, hash_alg in (
+        ("HS256", HMACAlgorithm.SHA256),
+        ("HS384", HMACAlgorithm.SHA384),
+        ("HS512", HMACAlgorithm.SHA512),
+    ):
+        jws.unregister_algorithm(name)
+        jws.register_algorithm(name, _PreparedHMAC(hash_alg))
+    return decoder
 
 
 class TokenVerifier:
@@ -87,6 +129,12 @@ class TokenVerifier:
                 self.jwks.refresh()  # in a thread: the keys are there by the first token
         self._jwks_generation = 0
         self._verified: dict[str, tuple[Identity, float]] = {}  # token -> (who, valid until)
+        self._jwt = _decoder()
+        # A token's header segment -> its parsed header: tokens of one issuer share it, and
+        # parsing it again per token (base64 and JSON) was ~5 % of a storm's gateway CPU.
+        # Only what the header says is kept, never a verdict on a token: the signature and
+        # claims of every token are checked by `decode`.
+        self._headers: dict[str, dict[str, Any]] = {}
 
     def verify(self, token: str | None) -> Identity:
         if not token:
@@ -114,10 +162,7 @@ class TokenVerifier:
         it is not valid now."""
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthorized("token too long")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthorized("token is malformed") from None
+        header = self._header(token)
         alg = header.get("alg")
         key: str | jwt.PyJWK
         if alg in self._hmac:
@@ -127,7 +172,7 @@ class TokenVerifier:
         else:
             raise Unauthorized(f"token algorithm {str(alg)[:16]!r} is not accepted")
         try:
-            claims = jwt.decode(
+            claims = self._jwt.decode(
                 token,
                 key,
                 algorithms=[alg],
@@ -156,6 +201,21 @@ class TokenVerifier:
             raise Unauthorized("token exp is out of range")
         until = float(claims["exp"]) + self.leeway_s
         return Identity(sub, name[:100] if isinstance(name, str) else sub, exp), until
+
+    def _header(self, token: str) -> dict[str, Any]:
+        """The token's header, unverified (what `jwt.get_unverified_header` answers)."""
+        segment = token.partition(".")[0]
+        header = self._headers.get(segment)
+        if header is not None:
+            return header
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("token is malformed") from None
+        if len(self._headers) >= HEADERS_CACHE:
+            self._headers.clear()  # many distinct headers: not one issuer's, keep few
+        self._headers[segment] = header
+        return header
 
     def _jwks_key(self, header: dict[str, object], alg: str) -> jwt.PyJWK:
         assert self.jwks is not None

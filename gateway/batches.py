@@ -7,7 +7,8 @@ count stayed over-counted for up to a day. Here jobs are keyed (jobs of one key 
 one: a user's decrements add up), wait while a batch is in flight, and go out together in
 the next one, at most `max_batch` keys a batch. No timer: a lone job goes out at once, and
 under load the batches grow with the jobs that arrive while one is in flight (the same
-rule as gateway/coalesce.py on the read side). A batch that fails is put back ahead of the
+rule as gateway/coalesce.py on the read side); unless the user asks for a `linger_s`, which
+every batch then waits before it goes out. A batch that fails is put back ahead of the
 newer jobs and retried after a backoff that doubles up to `retry_max_s`: while Redis
 answers at all, no job is dropped.
 
@@ -101,9 +102,14 @@ class Batcher(Generic[K, V]):
         merge: Callable[[V, V], V],
         max_batch: int = MAX_BATCH,
         backoff: Backoff | None = None,
+        linger_s: float = 0.0,
     ) -> None:
-        """`what`: the jobs, for the log ("session count decrements")."""
+        """`what`: the jobs, for the log ("session count decrements"). `linger_s`: how long
+        a batch waits for more jobs before it goes out (0: none), for jobs nobody waits on
+        whose batches cost more than their Redis call (presence: a PostgreSQL read per
+        shard per batch)."""
         self.what = what
+        self.linger_s = linger_s
         self._flush = flush
         self.pending: Pending[K, V] = Pending(merge)
         self.max_batch = max_batch
@@ -126,6 +132,8 @@ class Batcher(Generic[K, V]):
     async def _drain(self) -> None:
         try:
             while self.pending:
+                if self.linger_s > 0:
+                    await asyncio.sleep(self.linger_s)
                 batch = self.pending.take(self.max_batch)
                 try:
                     await self._flush(batch)

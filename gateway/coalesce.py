@@ -23,12 +23,20 @@ V = TypeVar("V")
 
 class Coalescer(Generic[K, V]):
     def __init__(
-        self, fetch: Callable[[int, list[K]], Awaitable[list[V]]], max_batch: int | None = None
+        self,
+        fetch: Callable[[int, list[K]], Awaitable[list[V]]],
+        max_batch: int | None = None,
+        min_interval_s: float = 0.0,
     ) -> None:
         """`fetch(physical, keys)`: one query's answers, one per key, in order; at most
-        `max_batch` keys a query (None: no bound), the rest wait for the next one."""
+        `max_batch` keys a query (None: no bound), the rest wait for the next one. With
+        `min_interval_s`, a query starts at least that long after the previous one of its
+        shard started: a read after a quiet spell goes at once, under load the reads
+        gather for up to that long (fewer, larger queries when each round trip is short)."""
         self._fetch = fetch
         self.max_batch = max_batch
+        self.min_interval_s = min_interval_s
+        self._started: dict[int, float] = {}  # when each shard's last query started
         self._waiting: dict[int, list[tuple[K, asyncio.Future[V]]]] = defaultdict(list)
         self._running: set[int] = set()
         self._tasks: set[asyncio.Future[None]] = set()  # held: a task nobody holds may vanish
@@ -54,6 +62,12 @@ class Coalescer(Generic[K, V]):
     async def _drain(self, physical: int) -> None:
         try:
             while self._waiting.get(physical):
+                if self.min_interval_s > 0:
+                    loop = asyncio.get_running_loop()
+                    wait = self._started.get(physical, -1e9) + self.min_interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._started[physical] = loop.time()
                 waiting = self._waiting[physical]
                 if self.max_batch is None or len(waiting) <= self.max_batch:
                     batch = self._waiting.pop(physical)

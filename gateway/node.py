@@ -39,6 +39,7 @@ from storage import messages
 from storage.models import Message
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 log = logging.getLogger("agora.gateway")
 MAX_FILL_ROUNDS = 5
@@ -70,16 +71,19 @@ class Node:
         redis: aioredis.Redis,
         pools: ShardPools,
         lease_redis: aioredis.Redis,
+        line: RedisLine | None = None,
     ) -> None:
         """`lease_redis` (storage.redis_client.make_lease_redis): the node's own client for
         its lease, which requests never use, so that however many of them hold `redis`,
-        the renewal is not starved and the node does not take Redis for gone."""
+        the renewal is not starved and the node does not take Redis for gone. `line`
+        (storage.redis_client.make_line, a single Redis only): the pipelined connection
+        of the batched writes of connects and disconnects (route updates, presence)."""
         self.settings = settings
         self.id = node_id
         self.redis = redis
         self.pools = pools
         self.keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
-        self.routes = Routes(redis, self.keys)
+        self.routes = Routes(redis, self.keys, line)
         # Registration, renewal, re-registration, route refresh and leave: the lease's.
         self.lease_routes = Routes(lease_redis, self.keys)
         self.sync = RouteSync(

@@ -43,17 +43,26 @@ PRESENCE_TTL_S = 30 * 24 * 3600  # last_seen is kept a month after the last chan
 COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
 COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
 MAX_KINDS = 100_000
+PRESENCE_LINGER_S = 0.02  # a batch of presence changes waits this long for more
 
-# KEYS: presence hash, this node's presence set. ARGV: now ms, ttl, user, node set ttl.
-# 1 when the user was not online before.
-_ONLINE = """
-local was = redis.call('HGET', KEYS[1], 'on')
-redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if was == '1' then return 0 end
-return 1
+# A user coming online, for many users in one call (a single Redis): per user, `on` and
+# `seen` set in their presence hash (with its TTL) and the user added to this node's presence
+# set (with its TTL); answers, per user in order, 1 when they were not online before.
+# KEYS: the users' presence hashes, then this node's presence set; ARGV: now ms, ttl, node
+# set ttl, then the users in KEYS' order. One command per batch of users coming online (a
+# storm: a few) instead of one script call per user.
+_ONLINE_MANY = """
+local n = #KEYS - 1
+local node_set, out = KEYS[#KEYS], {}
+for i = 1, n do
+  local was = redis.call('HGET', KEYS[i], 'on')
+  redis.call('HSET', KEYS[i], 'on', '1', 'seen', ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+  redis.call('SADD', node_set, ARGV[3 + i])
+  if was == '1' then out[i] = 0 else out[i] = 1 end
+end
+redis.call('EXPIRE', node_set, ARGV[3])
+return out
 """
 
 # KEYS: presence hash, the user's route set. ARGV: now ms, ttl, the node giving the user
@@ -99,11 +108,12 @@ class Presence:
         self.node = node  # gateway.node.Node (not imported: node.py calls into this)
         self.pools = pools
         self.redis: aioredis.Redis = node.redis
+        # The pipelined connection of the node's batched writes (None: redis-py's pool).
+        self.line = node.routes.line
         self.keys = node.keys
         self.grace_s = float(node.settings.presence_grace_s)
         self.max_members = int(node.settings.presence_max_members)
         self.lease_s = int(node.settings.route_lease_s)
-        self._online = self.redis.register_script(_ONLINE)
         self._offline = self.redis.register_script(_OFFLINE)
         self._online_hash = self.redis.register_script(_ONLINE_HASH)
         self._offline_cas = self.redis.register_script(_OFFLINE_CAS)
@@ -116,7 +126,13 @@ class Presence:
         # users, so a mass connect or disconnect costs a few round trips, not one each.
         # Redis away for long: the changes wait (one per user) and are retried; if this
         # process ends first, the sweep of dead nodes gives its users up.
-        self.changes: Batcher[str, None] = Batcher("presence changes", self._write, _keep)
+        # Each batch waits PRESENCE_LINGER_S for more: a batch costs a Redis call and a
+        # PostgreSQL read per shard (the rooms of those coming online), and in a storm of
+        # connects the batches without it were ~4 users each (bench/RESULTS.md, issue 14,
+        # "Connects"). Nobody waits on these writes: `hello` does not.
+        self.changes: Batcher[str, None] = Batcher(
+            "presence changes", self._write, _keep, linger_s=PRESENCE_LINGER_S
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self.announced = 0  # presence transitions this node announced
         self._kinds: dict[int, str] = {}  # conversation kinds never change: cached
@@ -180,14 +196,18 @@ class Presence:
             if offline:
                 await self.redis.srem(self.keys.presence_node(self.node.id), *offline)
         else:
-            pipe = self.redis.pipeline(transaction=False)
             node_set = self.keys.presence_node(self.node.id)
-            for user in online:
-                await self._online(
-                    keys=[self.keys.presence(user), node_set],
-                    args=[seen, PRESENCE_TTL_S, user, self.lease_s * 3],
-                    client=pipe,
-                )
+            flags: list[Any] = []
+            if online:
+                # One EVAL for every user coming online (a storm: one per batch); EVAL, not
+                # EVALSHA: nothing to load again after a restart or SCRIPT FLUSH.
+                keys = [self.keys.presence(user) for user in online]
+                args = (*keys, node_set, seen, PRESENCE_TTL_S, self.lease_s * 3, *online)
+                if self.line is not None:
+                    flags = await self.line.execute("EVAL", _ONLINE_MANY, len(keys) + 1, *args)
+                else:
+                    flags = await self.redis.eval(_ONLINE_MANY, len(keys) + 1, *args)
+            pipe = self.redis.pipeline(transaction=False)
             for user in offline:
                 await self._offline(
                     keys=[self.keys.presence(user), self.keys.user_routes(user)],
@@ -196,9 +216,9 @@ class Presence:
                 )
             if offline:
                 pipe.srem(node_set, *offline)
-            replies = await pipe.execute()
-            went_on = [u for u, r in zip(online, replies, strict=False) if int(r)]
-            went_off = [u for u, r in zip(offline, replies[len(online) :], strict=False) if int(r)]
+            replies = await pipe.execute() if offline else []
+            went_on = [u for u, r in zip(online, flags, strict=True) if int(r)]
+            went_off = [u for u, r in zip(offline, replies, strict=False) if int(r)]
         changed: list[tuple[str, bool, int | None]] = [(u, True, None) for u in went_on]
         changed += [(u, False, seen) for u in went_off]
         if not changed:

@@ -202,6 +202,7 @@ class WebSocketLink(asyncio.Protocol):
     __slots__ = (
         "_counted",
         "_early",
+        "_head",
         "_held",
         "_timer",
         "broken",
@@ -230,12 +231,25 @@ class WebSocketLink(asyncio.Protocol):
         self.idle = 0  # heartbeat rounds since the peer last sent anything
         self._early: list[bytes] | None = None  # bytes that came before the session opened
         self._held = False  # reading paused until the session opens (EARLY_MAX reached)
+        self._head: bytes | None = None  # the 101 response, until the first frame goes out
         self._timer: asyncio.TimerHandle | None = None
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # -- the session's side ------------------------------------------------------------------
     def accept(self, subprotocol: str | None, key: bytes) -> None:
-        self.transport.write(wsp.accept_response(key, subprotocol))
+        """Accept the upgrade. The 101 response goes out with the first frame (`hello`,
+        or the close frame of a refused session), in one write: one system call per
+        connection less (~5 % of a connection storm's gateway CPU, bench/RESULTS.md issue
+        14, "Connects"). The client can send nothing before the 101 anyway, and `hello`
+        is only sent once the session is registered and counted (gateway/ws.py)."""
+        self._head = wsp.accept_response(key, subprotocol)
+
+    def _send(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self.transport.write(data)
 
     def refuse(self, status: int, text: str, headers: tuple[tuple[str, str], ...]) -> None:
         """Answer the upgrade with an HTTP status instead (nothing was accepted)."""
@@ -257,21 +271,21 @@ class WebSocketLink(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._send(data)
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
 
     def ping(self) -> None:
         if not (self.closing or self.lost):
-            self.transport.write(wsp.PING)
+            self._send(wsp.PING)
 
     def send_close(self, code: int, reason: str) -> None:
         if self.closing or self.lost:
             return
         self.closing = True
         self.endpoint.closed_by_server(code)
-        self.transport.write(wsp.close_frame(code, reason))
+        self._send(wsp.close_frame(code, reason))
         self._abort_later()
         # Closed before the session opened (4001, 1013): what the client sent meanwhile is
         # parsed only to find its close frame in it.
@@ -326,7 +340,7 @@ class WebSocketLink(asyncio.Protocol):
                 # Not while the peer is not reading (RFC 6455 5.5.3 lets us answer only the
                 # latest ping): pongs must not grow the buffer past the outbound limits.
                 if endpoint.charge(conn, 1) and not self.paused:
-                    self.transport.write(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
+                    self._send(wsp.build_frame(OP_PONG, payload))  # type: ignore[arg-type]
             elif op == OP_PONG:
                 endpoint.charge(conn, 1)
             else:
@@ -358,7 +372,7 @@ class WebSocketLink(asyncio.Protocol):
         if not self.closing:
             # The peer closes: answer with its code, and we are done with the session.
             self.closing = True
-            self.transport.write(wsp.close_frame(reply))
+            self._send(wsp.close_frame(reply))
             if self.conn is not None:
                 self.conn.lost()
         self.transport.close()  # the server closes TCP first (RFC 6455 7.1.1)

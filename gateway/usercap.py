@@ -34,8 +34,9 @@ refuses a user's real connections for up to a day: the hash's TTL):
 - decrements pending when the process ends are lost, but the field is this incarnation's
   and stops counting when its lease goes.
 
-Connects that arrive together share a pipeline, at most `MAX_ADMITS` of them a pipeline
-(three commands each), so a storm of connects cannot build one unbounded pipeline.
+Connects that arrive together share a pipeline (three commands each; on a single Redis
+written at once on a pipelined connection of the node's own, storage/redisline.py), at most
+`MAX_ADMITS` connects a pipeline, so a storm of connects cannot build one unbounded one.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ from fanout.routing import Routes
 from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 KEY_TTL_S = 24 * 3600
 MAX_ADMITS = 500  # connects counted in one pipeline (3 commands each)
+COUNT_INTERVAL_S = 0.002  # between the starts of two counts (gateway/coalesce.py)
 
 # KEYS: users' session hashes; ARGV[1]: this incarnation's field, ARGV[2]: the hashes' TTL,
 # ARGV[2 + i]: how many sessions of KEYS[i] ended. A field that is gone is left gone (its
@@ -80,9 +83,18 @@ return 0
 
 class UserConnectionCap:
     def __init__(
-        self, redis: aioredis.Redis, keys: RedisKeys, routes: Routes, node: str, cap: int
+        self,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        routes: Routes,
+        node: str,
+        cap: int,
+        line: RedisLine | None = None,
     ) -> None:
+        """`line` (a single Redis only): the pipelined connection the counts of connects
+        go over instead of redis-py's pool (storage/redisline.py)."""
         self.redis = redis
+        self.line = line if not keys.cluster else None
         self.keys = keys
         self.routes = routes
         self.node = node
@@ -94,8 +106,9 @@ class UserConnectionCap:
         )
         # Connects that arrive while a count is in flight are counted together, in the
         # next pipeline (a storm: a few round trips, not one per connect). One "shard": 0.
+        # At most one count every COUNT_INTERVAL_S (a storm: larger, fewer round trips).
         self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(
-            self._count_many, max_batch=MAX_ADMITS
+            self._count_many, max_batch=MAX_ADMITS, min_interval_s=COUNT_INTERVAL_S
         )
         self._release = redis.register_script(_RELEASE)
 
@@ -116,7 +129,22 @@ class UserConnectionCap:
 
     async def _count_many(self, _: int, users: list[str]) -> list[dict[Any, Any]]:
         """Count a session of each of `users` (a user twice: two sessions), and answer the
-        user's hash after each: one pipeline for the connects that arrived together."""
+        user's hash after each: one pipeline for the connects that arrived together (on the
+        line: one write)."""
+        line = self.line
+        if line is not None:
+            # The same commands as below, written at once on the line (storage/redisline.py).
+            commands: list[tuple[Any, ...]] = []
+            for user in users:
+                key = self.keys.user_sessions(user)
+                commands += [
+                    ("HINCRBY", key, self.field, 1),
+                    ("EXPIRE", key, KEY_TTL_S),
+                    ("HGETALL", key),
+                ]
+            replies = await line.pipeline(commands)
+            # RESP2's HGETALL is a flat list: field, value, field, value...
+            return [_pairs(replies[i * 3 + 2]) for i in range(len(users))]
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
             key = self.keys.user_sessions(user)
@@ -159,6 +187,10 @@ class UserConnectionCap:
 
     async def stop(self) -> None:
         await self.releases.stop()
+
+
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str:

@@ -71,6 +71,13 @@ def _client(settings: Settings, max_connections: int | None) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def make_line(settings: Settings) -> RedisLine | None:
+    """A pipelined connection (storage/redisline.py) for a gateway's batched writes of
+    connects and disconnects (route updates, session counts, presence), with the settings'
+    command timeout; None where it does not apply (as `make_send_line`)."""
+    return make_send_line(settings, settings.redis_timeout_s)
+
+
 def make_send_line(settings: Settings, timeout_s: float) -> RedisLine | None:
     """The send path's pipelined connection (storage/redisline.py), or None where it does
     not apply (a Redis Cluster, TLS, a unix socket): the send path uses redis-py there.

@@ -109,3 +109,23 @@ async def test_a_command_not_waited_for_runs_before_the_next(own_redis: OwnRedis
         assert line.connects == 1
     finally:
         line.close()
+
+
+async def test_a_pipeline_answers_in_order_between_other_commands(own_redis: OwnRedis) -> None:
+    """`pipeline`: commands written together, their replies in order, other commands on
+    the line answered theirs; a command's error raises once all replies are in (the other
+    commands ran), and the line goes on answering in order."""
+    line = RedisLine(own_redis.url, 5)
+    try:
+        before = line.execute("SET", "p", "0")
+        many = line.pipeline([("INCR", "p"), ("INCR", "p"), ("GET", "p")])
+        after = line.execute("GET", "p")
+        assert await asyncio.gather(before, many, after) == [b"OK", [1, 2, b"2"], b"2"]
+        assert await line.pipeline([]) == []
+        await line.execute("LPUSH", "l", "x")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await line.pipeline([("INCR", "p"), ("INCR", "l"), ("INCR", "p")])
+        assert await line.execute("GET", "p") == b"4"  # both INCRs of p ran
+        assert line.connects == 1
+    finally:
+        line.close()

@@ -101,3 +101,22 @@ async def test_stop_gives_up_after_its_timeout_while_redis_is_gone() -> None:
     b.add("a", 1)
     await asyncio.wait_for(b.stop(timeout=0.05), 1)
     assert b.pending.get("a") == 1  # kept, not sent: the caller's comment says what then
+
+
+async def test_with_a_linger_the_jobs_of_the_next_ticks_join_the_first_batch() -> None:
+    """Presence's batches linger (gateway/presence.py): jobs added a few loop turns after
+    the first one go out with it, in one batch; without a linger the first goes alone."""
+    for linger, wanted in ((0.5, [["a", "b", "c"]]), (0.0, [["a"], ["b", "c"]])):
+        sent: list[list[str]] = []
+
+        async def flush(batch: dict[str, int], sent: list[list[str]] = sent) -> None:
+            sent.append(list(batch))
+
+        b: Batcher[str, int] = Batcher("test jobs", flush, operator.add, linger_s=linger)
+        b.add("a", 1)
+        for _ in range(3):  # a few turns of the loop: the batch task has started by then
+            await asyncio.sleep(0)
+        b.add("b", 1)
+        b.add("c", 1)
+        await b.idle()
+        assert sent == wanted, linger

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from gateway.coalesce import Coalescer
 
@@ -44,3 +45,31 @@ async def test_without_max_batch_every_waiting_read_shares_one_query() -> None:
     gate.set()
     await asyncio.gather(first, *rest)
     assert batches == [[0], list(range(1, 8))]
+
+
+async def test_min_interval_gathers_reads_under_load_but_not_after_a_quiet_spell() -> None:
+    """gateway/usercap.py counts connects with a minimum interval between queries: the
+    first read goes at once; reads asked a few loop turns apart within the interval go
+    out together, no sooner than the interval after the previous query started."""
+    loop = asyncio.get_running_loop()
+    for interval, wanted in ((0.3, [["a"], ["b", "c"]]), (0.0, [["a"], ["b"], ["c"]])):
+        batches: list[list[str]] = []
+        starts: list[float] = []
+
+        async def fetch(
+            _: int, keys: list[str], batches: Any = batches, starts: Any = starts
+        ) -> list[str]:
+            batches.append(list(keys))
+            starts.append(loop.time())
+            return keys
+
+        c: Coalescer[str, str] = Coalescer(fetch, min_interval_s=interval)
+        t0 = loop.time()
+        assert await c.read(0, "a") == "a"
+        assert starts[0] - t0 < 0.2  # the first read did not wait
+        b = c.ask(0, "b")
+        for _ in range(3):  # a few turns of the loop: b's query has started by then, if at all
+            await asyncio.sleep(0)
+        assert await asyncio.gather(b, c.ask(0, "c")) == ["b", "c"]
+        assert batches == wanted, interval
+        assert starts[1] - starts[0] >= interval * 0.9

@@ -134,13 +134,13 @@ def _verifier(leeway_s: int = 5) -> tuple[TokenVerifier, str]:
 def test_a_token_is_checked_once_while_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     verifier, secret = _verifier()
     calls = []
-    real = jwt.decode
+    real = verifier._jwt.decode  # the verifier's own PyJWT (gateway/auth.py: _decoder)
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(auth.jwt, "decode", counting)
+    monkeypatch.setattr(verifier._jwt, "decode", counting)
     alice, bob = make_token(secret, "alice", "Alice", 60), make_token(secret, "bob", None, 60)
     for _ in range(5):
         who = verifier.verify(alice)

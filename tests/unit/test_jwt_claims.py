@@ -1,4 +1,5 @@
-"""`aud` and `iss`: checked only when AGORA_JWT_AUDIENCE / AGORA_JWT_ISSUER are set."""
+"""`aud` and `iss`: checked only when AGORA_JWT_AUDIENCE / AGORA_JWT_ISSUER are set; and the
+HMAC key checks PyJWT makes, still made with the key preparation kept (gateway/auth.py)."""
 
 from __future__ import annotations
 
@@ -150,3 +151,38 @@ def test_an_exp_past_what_clients_and_encoders_hold_is_refused_not_raised() -> N
         assert refusal(v, token(exp=exp)) == "token exp is out of range", exp
     far = 2**53 - 1  # the largest a JavaScript client reads exactly: still a valid token
     assert v.verify(token(exp=far)).exp == far
+
+
+def _hs256(secret: bytes, claims: dict[str, object]) -> str:
+    """An HS256 token signed by hand (PyJWT refuses to sign with a key that looks
+    asymmetric)."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def test_the_kept_key_preparation_still_refuses_an_asymmetric_secret_every_time() -> None:
+    """gateway/auth.py keeps PyJWT's HMAC key preparation per key: a secret that is a
+    public key (algorithm confusion) must still be refused, on every token, not only the
+    first; and a good secret's tokens still have their signatures checked."""
+    pem = (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEexampleexampleexampleexampleexample\n"
+        "-----END PUBLIC KEY-----\n"
+    )
+    v = TokenVerifier(Settings.from_env({"AGORA_JWT_SECRET": pem}))
+    claims: dict[str, object] = {"sub": "alice", "exp": int(time.time()) + 60}
+    for _ in range(3):
+        assert refusal(v, _hs256(pem.encode(), claims)) == "token invalid: InvalidKeyError"
+    good = verifier()
+    assert good.verify(_hs256(SECRET.encode(), claims)).user == "alice"
+    assert refusal(good, _hs256(b"t" * 32, {**claims, "sub": "bob"})).startswith("token invalid")
