@@ -65,6 +65,7 @@ class Connection:
         "close_code",
         "close_reason",
         "codec",
+        "direct",
         "flight",
         "handler_task",
         "id",
@@ -117,6 +118,9 @@ class Connection:
         self._on_close: list[Callable[[Connection], object]] = []
         # Until `greet` runs: hello, then whatever was pushed meanwhile (see `hold_greeting`).
         self._greeting: list[bytes] | None = None
+        # Frames go straight to the socket (greeted, not closed): what the node's delivery
+        # loop checks before writing to `link` itself instead of calling `push`.
+        self.direct = True
 
     # -- outbound ---------------------------------------------------------------------------
     def push(self, data: bytes) -> None:
@@ -151,12 +155,14 @@ class Connection:
         is done, so a client that has its hello gets every user frame sent after it
         (`joined`, `notify`), and hello stays the first frame."""
         self._greeting = [self.codec.frame(hello)]
+        self.direct = False
 
     def greet(self) -> None:
         """Write hello and the frames held behind it, in order."""
         held, self._greeting = self._greeting, None
         for data in held or ():
             self.push(data)
+        self.direct = self.close_code is None
 
     def resumed(self) -> None:
         """The socket drained below its low-water mark: count afresh."""
@@ -174,6 +180,7 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+            self.direct = False
             self.link.send_close(code, reason)
             self.gone()
 
@@ -182,6 +189,7 @@ class Connection:
         """The peer closed or went away: nobody waits for replies to its requests."""
         if self.close_code is None:
             self.close_code = CLOSED_BY_PEER
+            self.direct = False
             if self.handler_task is not None:
                 self.handler_task.cancel()
         self.gone()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import httptools
@@ -214,6 +215,7 @@ class WebSocketLink(asyncio.Protocol):
         "reader",
         "ready",
         "transport",
+        "write",
     )
 
     def __init__(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
@@ -231,6 +233,9 @@ class WebSocketLink(asyncio.Protocol):
         self._early: list[bytes] | None = None  # bytes that came before the session opened
         self._held = False  # reading paused until the session opens (EARLY_MAX reached)
         self._timer: asyncio.TimerHandle | None = None
+        # The transport's own method, not one of ours calling it: a large room's delivery
+        # calls this once per socket, and a Python frame per call is measurable there.
+        self.write: Callable[[bytes], None] = transport.write
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # -- the session's side ------------------------------------------------------------------
@@ -255,9 +260,6 @@ class WebSocketLink(asyncio.Protocol):
         if self._held and not self.lost:
             self._held = False
             self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
