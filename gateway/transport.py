@@ -206,6 +206,7 @@ class WebSocketLink(asyncio.Protocol):
         "_held",
         "_timer",
         "broken",
+        "buffered",
         "closing",
         "conn",
         "endpoint",
@@ -236,6 +237,7 @@ class WebSocketLink(asyncio.Protocol):
         # The transport's own method, not one of ours calling it: a large room's delivery
         # calls this once per socket, and a Python frame per call is measurable there.
         self.write: Callable[[bytes], None] = transport.write
+        self.buffered: Callable[[], int] = transport.get_write_buffer_size
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # -- the session's side ------------------------------------------------------------------
@@ -260,9 +262,6 @@ class WebSocketLink(asyncio.Protocol):
         if self._held and not self.lost:
             self._held = False
             self.transport.resume_reading()
-
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
 
     def ping(self) -> None:
         if not (self.closing or self.lost):
