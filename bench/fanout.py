@@ -35,6 +35,7 @@ import math
 import os
 import random
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,7 @@ async def _measure(
         per_worker = [rate * len(sp) / max(1, len(senders)) for sp in sender_parts]
         cpu_a, cpu_b = a.cpu_s(), b.cpu_s()
         split0 = proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid)
+        written0 = _write_latency([a, b])
         consumer0 = _consumer_counts(stack)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
@@ -479,6 +481,8 @@ async def _measure(
                 "b_user": round(cpu_split[2], 2),
                 "b_sys": round(cpu_split[3], 2),
             },
+            # Server side alone: how many of the step's writes left within 50/100/250 ms.
+            "gateway_written_within": _written_within(written0, _write_latency([a, b])),
             "gateway_us_per_delivery": _us_per_delivery(cpu_split, deliveries, room, args),
             "deliveries_per_gateway_cpu_s": round(
                 deliveries
@@ -501,7 +505,7 @@ async def _measure(
             f"{deliveries}/{delta['expected']}, lost(total) {report['lost']}, "
             f"{out['deliveries_per_s']:,.0f} deliveries/s, p99 {lat['p99']} ms, "
             f"gw CPU A {out['gateway_a_cpu']} B {out['gateway_b_cpu']}, per delivery "
-            f"{out['gateway_us_per_delivery']} us"
+            f"{out['gateway_us_per_delivery']} us, written within {out['gateway_written_within']}"
         )
         if report["lost"] > 0:
             # Where the missing ones are: never stored (upstream of the fan-out worker's
@@ -603,6 +607,36 @@ def _targets(args: argparse.Namespace, steps: list[dict[str, Any]], room: bool) 
             "p99_ms": at[0]["latency_ms"]["p99"] if at else None,
             "reached": ok,
         }
+    }
+
+
+def _write_latency(procs: list[BenchProc]) -> dict[str, float]:
+    """The gateways' own delivery latency histogram (accept to socket write, cumulative
+    count by bucket bound `le`), summed over `procs`: what the server adds, without the
+    load generator's reading."""
+    out: dict[str, float] = {}
+    for p in procs:
+        try:
+            with urllib.request.urlopen(f"{p.http_url}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("agora_delivery_latency_seconds_bucket"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _written_within(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Share of the step's socket writes the gateways made within 50, 100 and 250 ms of
+    the message's accept."""
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    if total <= 0:
+        return {}
+    return {
+        f"{int(float(le) * 1000)}ms": round((after.get(le, 0.0) - before.get(le, 0.0)) / total, 4)
+        for le in ("0.05", "0.1", "0.25")
     }
 
 
