@@ -3,12 +3,14 @@ the requests it has waiting, and how its outbound frames leave.
 
 Frames are written straight to the socket's transport, in the order they are pushed, with
 no task or queue of our own: a delivery to ten thousand connections is ten thousand
-`write` calls of the same bytes, and the event loop coalesces a connection's small writes
-into one system call per loop iteration. What a socket cannot take yet waits in its
-transport's buffer. Once that buffer is past its high-water mark (the transport paused
-us), every further frame is counted; a connection that reaches the frame or byte limit
-that way is a slow consumer and is closed with 4009 instead of being allowed to grow
-memory or stall the node.
+`write` calls of the same bytes. uvloop's transport sends at once when nothing is waiting
+in its buffer, so every write is a `send()` system call (on loopback it also carries the
+receiver's TCP processing); the node therefore joins a conversation's messages that it
+dispatches together into one write per socket (gateway.node). What a socket cannot take
+yet waits in its transport's buffer. Once that buffer is past its high-water mark (the
+transport paused us), every further frame is counted; a connection that reaches the
+frame or byte limit that way is a slow consumer and is closed with 4009 instead of being
+allowed to grow memory or stall the node.
 """
 
 from __future__ import annotations
