@@ -229,6 +229,18 @@ def proc_cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / _TICKS
 
 
+def proc_cpu_split_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (0, 0 when it is gone). On loopback the
+    system part of a socket write includes the receiver's TCP processing (softirq)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return 0.0, 0.0
+    parts = raw[raw.rindex(")") + 2 :].split()
+    return int(parts[11]) / _TICKS, int(parts[12]) / _TICKS
+
+
 def proc_sched_s(pid: int) -> tuple[float, float]:
     """(seconds on a CPU, seconds runnable but waiting for one) over all of a process's
     threads, from schedstat: the second says how much a neighbour starved it."""

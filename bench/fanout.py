@@ -19,7 +19,10 @@ every process under it (backends, WAL writer, checkpointer). `--profile-all` run
 on every Agora process (both gateways and the fan-out worker) during the profiled step.
 
 Members alternate between the two gateways (conversations mode); in room mode every
-member is on gateway A and the senders on gateway B, so A's CPU is delivery only. The room
+member is on gateway A and the senders on gateway B, so A's CPU is delivery only, unless
+`--room-gateways 2` alternates the members between A and B (issue 14's target 5: the room
+over two gateways). Each step reports each gateway's user and system CPU apart: on
+loopback a socket write's system time includes the receiver's TCP processing. The room
 is a post's thread (public, any size) when the posts API answers, else a group (at most
 1,000 members, so several connections per member).
 """
@@ -32,6 +35,7 @@ import math
 import os
 import random
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ from bench.common import (
     md_table,
     percentiles,
     pin,
+    proc_cpu_split_s,
     raise_nofile,
     read_timing,
     result_name,
@@ -294,7 +299,8 @@ def _plan_conversations(
 def _plan_room(
     args: argparse.Namespace, stack: BenchStack, a: BenchProc, b: BenchProc, tag: str
 ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]], str]:
-    """One conversation with `args.room` subscribers on A; senders on B."""
+    """One conversation with `args.room` subscribers on A (or alternately on A and B with
+    `--room-gateways 2`); senders on B."""
     owner = f"o{tag}"
     status, post = http_json(
         "POST",
@@ -316,7 +322,8 @@ def _plan_room(
         )
         users = [group_users[i % n_users] for i in range(args.room)]
         kind = f"a group of {n_users} members with {args.room} connections (posts API: {status})"
-    members = [(u, conv, a.port or 0) for u in users]
+    ports = [a.port or 0, b.port or 0][: max(1, min(2, args.room_gateways))]
+    members = [(u, conv, ports[i % len(ports)]) for i, u in enumerate(users)]
     senders = [(u, conv, b.port or 0) for u in senders_users]
     return members, senders, kind
 
@@ -370,6 +377,8 @@ async def _measure(
         duration = args.warmup_duration if warm else args.duration
         per_worker = [rate * len(sp) / max(1, len(senders)) for sp in sender_parts]
         cpu_a, cpu_b = a.cpu_s(), b.cpu_s()
+        split0 = proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid)
+        written0 = _write_latency([a, b])
         consumer0 = _consumer_counts(stack)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
@@ -406,6 +415,10 @@ async def _measure(
             for k, v in _consumer_counts(stack).items()
         }
         cpu_a, cpu_b = a.cpu_s() - cpu_a, b.cpu_s() - cpu_b
+        cpu_split = [
+            x - x0
+            for x, x0 in zip(proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid), split0, strict=True)
+        ]
         elapsed = t_end - t_start
         wait_a = a.sched_s()[1] - sched_a[1]
         wait_b = b.sched_s()[1] - sched_b[1]
@@ -460,8 +473,21 @@ async def _measure(
             "ack_ms": percentiles(ack_ms),
             "gateway_a_cpu": round(cpu_a / elapsed, 2),
             "gateway_b_cpu": round(cpu_b / elapsed, 2),
+            # CPU-seconds of the step, user and system apart, and per delivery (us) over
+            # the gateways that deliver (A, or A and B with --room-gateways 2).
+            "gateway_cpu_split_s": {
+                "a_user": round(cpu_split[0], 2),
+                "a_sys": round(cpu_split[1], 2),
+                "b_user": round(cpu_split[2], 2),
+                "b_sys": round(cpu_split[3], 2),
+            },
+            # Server side alone: how many of the step's writes left within 50/100/250 ms.
+            "gateway_written_within": _written_within(written0, _write_latency([a, b])),
+            "gateway_us_per_delivery": _us_per_delivery(cpu_split, deliveries, room, args),
             "deliveries_per_gateway_cpu_s": round(
-                deliveries / max(1e-6, (cpu_a if room else cpu_a + cpu_b)), 1
+                deliveries
+                / max(1e-6, (cpu_a if room and args.room_gateways < 2 else cpu_a + cpu_b)),
+                1,
             ),
             "closed_members": sum(g["closed"] for g in got),
             "cpu": machine_cpu,
@@ -478,7 +504,8 @@ async def _measure(
             f"  step {rate:g}/s{' (warm-up)' if warm else ''}: acked {step_acked}, delivered "
             f"{deliveries}/{delta['expected']}, lost(total) {report['lost']}, "
             f"{out['deliveries_per_s']:,.0f} deliveries/s, p99 {lat['p99']} ms, "
-            f"gw CPU A {out['gateway_a_cpu']} B {out['gateway_b_cpu']}"
+            f"gw CPU A {out['gateway_a_cpu']} B {out['gateway_b_cpu']}, per delivery "
+            f"{out['gateway_us_per_delivery']} us, written within {out['gateway_written_within']}"
         )
         if report["lost"] > 0:
             # Where the missing ones are: never stored (upstream of the fan-out worker's
@@ -542,6 +569,18 @@ async def _measure(
     }
 
 
+def _us_per_delivery(
+    split: list[float], deliveries: int, room: bool, args: argparse.Namespace
+) -> dict[str, float]:
+    """Gateway CPU per delivery in microseconds, user and system apart. In room mode with
+    every member on A, B's CPU is the senders' and is left out."""
+    both = not room or args.room_gateways >= 2
+    user = split[0] + (split[2] if both else 0.0)
+    system = split[1] + (split[3] if both else 0.0)
+    n = max(1, deliveries)
+    return {"user": round(user / n * 1e6, 2), "sys": round(system / n * 1e6, 2)}
+
+
 def _targets(args: argparse.Namespace, steps: list[dict[str, Any]], room: bool) -> dict[str, Any]:
     if room:
         best = max((s["deliveries_per_s"] for s in steps), default=0.0)
@@ -568,6 +607,36 @@ def _targets(args: argparse.Namespace, steps: list[dict[str, Any]], room: bool) 
             "p99_ms": at[0]["latency_ms"]["p99"] if at else None,
             "reached": ok,
         }
+    }
+
+
+def _write_latency(procs: list[BenchProc]) -> dict[str, float]:
+    """The gateways' own delivery latency histogram (accept to socket write, cumulative
+    count by bucket bound `le`), summed over `procs`: what the server adds, without the
+    load generator's reading."""
+    out: dict[str, float] = {}
+    for p in procs:
+        try:
+            with urllib.request.urlopen(f"{p.http_url}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("agora_delivery_latency_seconds_bucket"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _written_within(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Share of the step's socket writes the gateways made within 50, 100 and 250 ms of
+    the message's accept."""
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    if total <= 0:
+        return {}
+    return {
+        f"{int(float(le) * 1000)}ms": round((after.get(le, 0.0) - before.get(le, 0.0)) / total, 4)
+        for le in ("0.05", "0.1", "0.25")
     }
 
 
@@ -624,7 +693,7 @@ def _name(args: argparse.Namespace) -> str:
 
 STEP_HEADERS = ["rate/s", "acked", "delivered", "expected", "lost", "dup", "reord"]
 STEP_HEADERS += ["deliveries/s", "p50 ms", "p95 ms", "p99 ms", "ack p99 ms", "gw A CPU"]
-STEP_HEADERS += ["gw B CPU", "deliv/gw-CPU-s", "gw A starved"]
+STEP_HEADERS += ["gw B CPU", "deliv/gw-CPU-s", "gw us/deliv user+sys", "gw A starved"]
 
 
 def render(data: dict[str, Any]) -> str:
@@ -651,6 +720,7 @@ def render(data: dict[str, Any]) -> str:
                 st["gateway_a_cpu"],
                 st["gateway_b_cpu"],
                 st["deliveries_per_gateway_cpu_s"],
+                _per_delivery_cell(st),
                 st.get("gateway_a_runqueue_wait", ""),
             ]
         )
@@ -688,6 +758,11 @@ def render(data: dict[str, Any]) -> str:
     for label, prof in (data.get("profiles") or {}).items():
         lines += ["", f"Profile of {label} (one step):", "", render_profile(prof, top=10)]
     return "\n".join(lines)
+
+
+def _per_delivery_cell(st: dict[str, Any]) -> str:
+    per = st.get("gateway_us_per_delivery")
+    return f"{per['user']:.2f}+{per['sys']:.2f}" if per else ""
 
 
 CPU_PARTS = ["gateway A", "gateway B", "fan-out worker", "broker (Tansu)", "Redis", "PostgreSQL"]
@@ -742,6 +817,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--members", type=int, default=20)
     p.add_argument("--senders", type=int, default=50)
     p.add_argument("--room", type=int, default=0, help="large-room mode: subscribers on A")
+    p.add_argument(
+        "--room-gateways",
+        type=int,
+        default=1,
+        help="room mode: members on A only (1) or alternately on A and B (2)",
+    )
     p.add_argument(
         "--rates", default=None, help="total msgs/s per step (250,500,1000,2000; pinned: 100,500)"
     )

@@ -3,12 +3,14 @@ the requests it has waiting, and how its outbound frames leave.
 
 Frames are written straight to the socket's transport, in the order they are pushed, with
 no task or queue of our own: a delivery to ten thousand connections is ten thousand
-`write` calls of the same bytes, and the event loop coalesces a connection's small writes
-into one system call per loop iteration. What a socket cannot take yet waits in its
-transport's buffer. Once that buffer is past its high-water mark (the transport paused
-us), every further frame is counted; a connection that reaches the frame or byte limit
-that way is a slow consumer and is closed with 4009 instead of being allowed to grow
-memory or stall the node.
+`write` calls of the same bytes. uvloop's transport sends at once when nothing is waiting
+in its buffer, so every write is a `send()` system call (on loopback it also carries the
+receiver's TCP processing); the node therefore joins a conversation's messages that it
+dispatches together into one write per socket (gateway.node). What a socket cannot take
+yet waits in its transport's buffer. Once that buffer is past its high-water mark (the
+transport paused us), every further frame is counted; a connection that reaches the
+frame or byte limit that way is a slow consumer and is closed with 4009 instead of being
+allowed to grow memory or stall the node.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Connection:
         "close_code",
         "close_reason",
         "codec",
+        "direct",
         "flight",
         "handler_task",
         "id",
@@ -117,6 +120,9 @@ class Connection:
         self._on_close: list[Callable[[Connection], object]] = []
         # Until `greet` runs: hello, then whatever was pushed meanwhile (see `hold_greeting`).
         self._greeting: list[bytes] | None = None
+        # Frames go straight to the socket (greeted, not closed): what the node's delivery
+        # loop checks before writing to `link` itself instead of calling `push`.
+        self.direct = True
 
     # -- outbound ---------------------------------------------------------------------------
     def push(self, data: bytes) -> None:
@@ -151,12 +157,14 @@ class Connection:
         is done, so a client that has its hello gets every user frame sent after it
         (`joined`, `notify`), and hello stays the first frame."""
         self._greeting = [self.codec.frame(hello)]
+        self.direct = False
 
     def greet(self) -> None:
         """Write hello and the frames held behind it, in order."""
         held, self._greeting = self._greeting, None
         for data in held or ():
             self.push(data)
+        self.direct = self.close_code is None
 
     def resumed(self) -> None:
         """The socket drained below its low-water mark: count afresh."""
@@ -174,6 +182,7 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+            self.direct = False
             self.link.send_close(code, reason)
             self.gone()
 
@@ -182,6 +191,7 @@ class Connection:
         """The peer closed or went away: nobody waits for replies to its requests."""
         if self.close_code is None:
             self.close_code = CLOSED_BY_PEER
+            self.direct = False
             if self.handler_task is not None:
                 self.handler_task.cancel()
         self.gone()

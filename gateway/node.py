@@ -27,7 +27,7 @@ from core.errors import Unavailable
 from core.settings import Settings
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
-from gateway.connection import Connection
+from gateway.connection import Connection, Link, WireCounters
 from gateway.heartbeat import keep_alive
 from gateway.presence import Presence
 from gateway.protocol import frames
@@ -35,6 +35,7 @@ from gateway.protocol.messages import message_frame
 from gateway.protocol.subscription import State, Subscription
 from gateway.routesync import RouteSync
 from gateway.tailcheck import TailCheck
+from gateway.transport import WRITE_HIGH_WATER
 from storage import messages
 from storage.models import Message
 from storage.pools import ShardPools
@@ -46,6 +47,13 @@ MAX_FILL_ROUNDS = 5
 # After a failed lease renewal the next try comes this soon, then doubles up to the usual
 # interval (a third of the lease) while they keep failing.
 LEASE_RETRY_S = 0.1
+
+_LIVE = State.LIVE
+
+# A conversation's local subscribers as the delivery loop walks them: grouped by wire
+# counters and codec (one encode and one count per group), each (connection, its
+# subscription, its link). Rebuilt after any subscription of the conversation changes.
+_Writers = tuple[tuple[WireCounters, Any, tuple[tuple[Connection, Subscription, Link], ...]], ...]
 
 
 class LatencySink(Protocol):
@@ -93,6 +101,11 @@ class Node:
             lambda user: bool(self.user_conns.get(user)),
         )
         self.conv_subs: dict[int, set[Connection]] = defaultdict(set)
+        self._writers: dict[int, _Writers] = {}  # by conversation; see _writers_of
+        # Pub/sub deliveries read but not dispatched yet: those read together (the
+        # gateway was busy while they arrived) are dispatched together, one socket write
+        # per subscriber for a conversation's messages among them.
+        self._inbox: list[bytes] = []
         self.user_conns: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -294,6 +307,7 @@ class Node:
     def _remove_sub(self, conn: Connection, conv: int) -> bool:
         """Forget conn's subscription; True when the node has no subscriber of conv left."""
         conn.subs.pop(conv, None)
+        self._writers.pop(conv, None)
         subs = self.conv_subs.get(conv)
         if subs is None:
             return False
@@ -313,6 +327,7 @@ class Node:
         sub = Subscription(conv, last_seq=since or 0, state=State.RECOVERING)
         conn.subs[conv] = sub
         self.conv_subs[conv].add(conn)
+        self._writers.pop(conv, None)
         try:
             # Registered before reading storage: anything persisted after our read is
             # published to this node, anything before it is in what we read.
@@ -363,18 +378,51 @@ class Node:
 
     # -- delivery ---------------------------------------------------------------------------
     def _on_delivery(self, data: bytes) -> None:
+        # Dispatched once the pub/sub reader has nothing more already received: what it
+        # read meanwhile goes out together (never waiting for more than what is there).
+        self._inbox.append(data)
+        if len(self._inbox) == 1:
+            asyncio.get_running_loop().call_soon(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        deliveries = []
+        for data in inbox:
+            try:
+                deliveries.append(decode_delivery(data))
+            except EnvelopeError as exc:
+                log.error("node %s: bad delivery dropped: %s", self.id, exc)
         try:
-            delivery = decode_delivery(data)
-        except EnvelopeError as exc:
-            log.error("node %s: bad delivery dropped: %s", self.id, exc)
-            return
-        self.dispatch(delivery)
+            self.dispatch_many(deliveries)
+        except Exception:
+            # A bug of ours, outside the pub/sub reader now: what this batch did not
+            # deliver is caught up from storage rather than lost.
+            log.exception("node %s: dispatch failed; checking every tail", self.id)
+            self.tails.request()
 
     def dispatch(self, delivery: Delivery) -> None:
-        for m in delivery.messages:
-            conns = self.conv_subs.get(m.conv)
-            if conns:
-                self._deliver_message(m, conns)
+        self.dispatch_many([delivery])
+
+    def dispatch_many(self, deliveries: list[Delivery]) -> None:
+        """Dispatch deliveries in order. Consecutive messages of one conversation (in one
+        delivery or across several, with nothing else between them) are delivered as a
+        run: one write per subscriber socket for all of them."""
+        run: list[Message] = []
+        for delivery in deliveries:
+            for m in delivery.messages:
+                if run and m.conv != run[0].conv:
+                    self._deliver_run(run)
+                    run = []
+                run.append(m)
+            if delivery.typing or delivery.scores or delivery.user_frames or delivery.presence:
+                if run:
+                    self._deliver_run(run)
+                    run = []
+                self._dispatch_others(delivery)
+        if run:
+            self._deliver_run(run)
+
+    def _dispatch_others(self, delivery: Delivery) -> None:
         for conv, user in delivery.typing:
             conns = self.conv_subs.get(conv)
             if conns:
@@ -406,29 +454,140 @@ class Node:
             conn.push(data)
             self.deliveries += 1
 
-    def _deliver_message(self, m: Message, conns: set[Connection]) -> None:
-        # One encode per encoding: the same frame bytes go to every subscriber's socket.
-        encoded: dict[bool, bytes] = {}
+    def _writers_of(self, conv: int) -> _Writers:
+        writers = self._writers.get(conv)
+        if writers is None:
+            groups: dict[tuple[WireCounters, Any], list[tuple[Connection, Subscription, Link]]]
+            groups = {}
+            for conn in self.conv_subs.get(conv, ()):
+                sub = conn.subs.get(conv)
+                if sub is not None:
+                    groups.setdefault((conn.wire, conn.codec), []).append((conn, sub, conn.link))
+            writers = tuple((w, codec, tuple(e)) for (w, codec), e in groups.items())
+            self._writers[conv] = writers
+        return writers
+
+    def _deliver_run(self, run: list[Message]) -> None:
+        """Messages of one conversation, in order."""
+        if not self.conv_subs.get(run[0].conv):
+            return
+        first = run[0].seq
+        if len(run) > 1 and all(m.seq == first + i for i, m in enumerate(run)):
+            self._deliver_joined(run)
+        else:
+            for m in run:
+                self._deliver_message(m)
+
+    def _deliver_message(self, m: Message) -> None:
+        """One message to every local subscriber of its conversation. The loop is the
+        node's hottest (a large room: one pass per message over thousands of sockets), so
+        the common case is inlined: a live subscription expecting exactly this seq, on a
+        connection writing straight to a socket whose buffer is below its high-water mark,
+        gets the shared frame bytes written to its link. Anything else (recovering, a gap,
+        a duplicate, a paused socket: slow-consumer counting, a closed connection) takes
+        `_deliver_to`, the general path."""
+        seq = m.seq
+        prev = seq - 1
         live = 0
-        for conn in list(conns):
-            sub = conn.subs.get(m.conv)
-            if sub is None:
-                continue
-            out = sub.on_live(m)
-            if len(out) == 1 and out[0] is m:
-                data = encoded.get(conn.codec.binary)
-                if data is None:
-                    data = encoded[conn.codec.binary] = conn.codec.frame(_msg_frame(m))
-                conn.push(data)
-                live += 1
-            elif out:
-                self._push_messages(conn, out)
-            if sub.state is State.GAP:
-                self._maybe_fill(conn, sub)
+        frame: dict[str, Any] | None = None
+        encoded: dict[bool, bytes] = {}
+        for wire, codec, entries in self._writers_of(m.conv):
+            # One encode per encoding: the same frame bytes go to every subscriber's socket.
+            data = encoded.get(codec.binary)
+            if data is None:
+                if frame is None:
+                    frame = _msg_frame(m)
+                data = encoded[codec.binary] = codec.frame(frame)
+            written = 0
+            for conn, sub, link in entries:
+                if (
+                    sub.last_seq == prev
+                    and sub.state is _LIVE
+                    and not sub.held
+                    and conn.direct
+                    and not link.paused
+                ):
+                    sub.last_seq = seq
+                    link.write(data)
+                    written += 1
+                else:
+                    live += self._deliver_to(conn, m, data)
+            if written:
+                # What Connection.push counts per frame, counted once for the group.
+                wire.frames_out += written
+                wire.bytes_out += written * len(data)
+                live += written
         if live:
             self.deliveries += live
             # Written to every socket within this one call: one latency for all of them.
             self.latency.observe(max(0.0, time.time() - m.ts / 1000), live)
+
+    def _deliver_joined(self, run: list[Message]) -> None:
+        """Consecutive messages of one conversation (seq first..last): a subscriber
+        expecting `first` on a socket that takes all of them without reaching its
+        high-water mark gets one write of all the frames (they arrive as separate frames,
+        in order); any other subscriber gets them one by one through `_deliver_to`, exactly
+        as if they had come apart (so a socket that would pause midway is counted frame by
+        frame as a slow consumer, as before)."""
+        prev = run[0].seq - 1
+        last = run[-1].seq
+        count = len(run)
+        live = [0] * count
+        frames_of: list[dict[str, Any]] | None = None
+        encoded: dict[bool, tuple[bytes, list[bytes]]] = {}
+        for wire, codec, entries in self._writers_of(run[0].conv):
+            both = encoded.get(codec.binary)
+            if both is None:
+                if frames_of is None:
+                    frames_of = [_msg_frame(m) for m in run]
+                parts = [codec.frame(f) for f in frames_of]
+                both = encoded[codec.binary] = (b"".join(parts), parts)
+            joined, parts = both
+            size = len(joined)
+            written = 0
+            for conn, sub, link in entries:
+                if (
+                    sub.last_seq == prev
+                    and sub.state is _LIVE
+                    and not sub.held
+                    and conn.direct
+                    and not link.paused
+                    and link.buffered() + size <= WRITE_HIGH_WATER
+                ):
+                    sub.last_seq = last
+                    link.write(joined)
+                    written += 1
+                else:
+                    for i, m in enumerate(run):
+                        live[i] += self._deliver_to(conn, m, parts[i])
+            if written:
+                wire.frames_out += written * count
+                wire.bytes_out += written * size
+                for i in range(count):
+                    live[i] += written
+        now = time.time()
+        for m, n in zip(run, live, strict=True):
+            if n:
+                self.deliveries += n
+                self.latency.observe(max(0.0, now - m.ts / 1000), n)
+
+    def _deliver_to(self, conn: Connection, m: Message, data: bytes) -> int:
+        """The general path of one live message to one subscriber (`data`: its frame in
+        the connection's encoding). Returns 1 if `m` itself was pushed (counted by the
+        caller), 0 otherwise."""
+        sub = conn.subs.get(m.conv)
+        if sub is None:
+            return 0
+        pushed = 0
+        out = sub.on_live(m)
+        if len(out) == 1 and out[0] is m:
+            conn.push(data)
+            pushed = 1
+        elif out:
+            self._push_messages(conn, out)
+        if sub.state is State.GAP:
+            self._maybe_fill(conn, sub)
+        return pushed
 
     def _push_messages(self, conn: Connection, out: list[Message]) -> None:
         for m in out:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import httptools
@@ -206,6 +207,7 @@ class WebSocketLink(asyncio.Protocol):
         "_held",
         "_timer",
         "broken",
+        "buffered",
         "closing",
         "conn",
         "endpoint",
@@ -215,6 +217,7 @@ class WebSocketLink(asyncio.Protocol):
         "reader",
         "ready",
         "transport",
+        "write",
     )
 
     def __init__(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
@@ -233,6 +236,10 @@ class WebSocketLink(asyncio.Protocol):
         self._held = False  # reading paused until the session opens (EARLY_MAX reached)
         self._head: bytes | None = None  # the 101 response, until the first frame goes out
         self._timer: asyncio.TimerHandle | None = None
+        # The transport's own method, not one of ours calling it: a large room's delivery
+        # calls this once per socket, and a Python frame per call is measurable there.
+        self.write: Callable[[bytes], None] = transport.write
+        self.buffered: Callable[[], int] = transport.get_write_buffer_size
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # -- the session's side ------------------------------------------------------------------
@@ -243,11 +250,13 @@ class WebSocketLink(asyncio.Protocol):
         14, "Connects"). The client can send nothing before the 101 anyway, and `hello`
         is only sent once the session is registered and counted (gateway/ws.py)."""
         self._head = wsp.accept_response(key, subprotocol)
+        self.write = self._send  # until the 101 has gone out with the first frame
 
     def _send(self, data: bytes) -> None:
         head = self._head
         if head is not None:
             self._head = None
+            self.write = self.transport.write  # the 101 is out: frames go straight
             data = head + data
         self.transport.write(data)
 
@@ -269,12 +278,6 @@ class WebSocketLink(asyncio.Protocol):
         if self._held and not self.lost:
             self._held = False
             self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        self._send(data)
-
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
 
     def ping(self) -> None:
         if not (self.closing or self.lost):
