@@ -47,6 +47,7 @@ MAX_FILL_ROUNDS = 5
 # After a failed lease renewal the next try comes this soon, then doubles up to the usual
 # interval (a third of the lease) while they keep failing.
 LEASE_RETRY_S = 0.1
+STOP_RECANCEL_S = 0.1  # how long `stop` waits for a cancelled task before cancelling it again
 
 _LIVE = State.LIVE
 
@@ -141,8 +142,14 @@ class Node:
         for task in self._tasks + list(self._fills_by_conv.values()):
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # Cancelled again until it ends: a cancellation can be lost on the way
+            # (redis-py's pipeline swallows one that lands as it starts, and the loop
+            # then waits for its next turn), and awaiting such a task never returned.
+            while not task.done():
+                await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
+                task.cancel()
+            if not task.cancelled():
+                task.exception()  # retrieved: a task's own failure was logged by it
         for conn in list(self.connections):  # whoever outlived the drain (a forced exit)
             conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
         await self.presence.stop()
@@ -464,7 +471,10 @@ class Node:
                 if sub is not None:
                     groups.setdefault((conn.wire, conn.codec), []).append((conn, sub, conn.link))
             writers = tuple((w, codec, tuple(e)) for (w, codec), e in groups.items())
-            self._writers[conv] = writers
+            if writers:
+                # Not when none is left (the last one closed 4009 earlier in this
+                # dispatch): nothing would drop that entry until the next subscription.
+                self._writers[conv] = writers
         return writers
 
     def _deliver_run(self, run: list[Message]) -> None:

@@ -34,6 +34,11 @@ refuses a user's real connections for up to a day: the hash's TTL):
 - decrements pending when the process ends are lost, but the field is this incarnation's
   and stops counting when its lease goes.
 
+A command error in a count pipeline (a user's key of the wrong type) fails that user's
+connect alone: the other users' increments ran and are kept, with their releases. A count
+whose connection is lost or times out fails every connect of its pipeline, admitted
+without a release (gateway/ws.py): if Redis had applied it, an over-count until the TTL.
+
 Connects that arrive together share a pipeline (three commands each; on a single Redis
 written at once on a pipelined connection of the node's own, storage/redisline.py), at most
 `MAX_ADMITS` connects a pipeline, so a storm of connects cannot build one unbounded one.
@@ -107,7 +112,7 @@ class UserConnectionCap:
         # Connects that arrive while a count is in flight are counted together, in the
         # next pipeline (a storm: a few round trips, not one per connect). One "shard": 0.
         # At most one count every COUNT_INTERVAL_S (a storm: larger, fewer round trips).
-        self._counting: Coalescer[str, dict[Any, Any]] = Coalescer(
+        self._counting: Coalescer[str, dict[Any, Any] | Exception] = Coalescer(
             self._count_many, max_batch=MAX_ADMITS, min_interval_s=COUNT_INTERVAL_S
         )
         self._release = redis.register_script(_RELEASE)
@@ -117,6 +122,8 @@ class UserConnectionCap:
         if self.cap <= 0:
             return True
         counts = await self._counting.read(0, user)
+        if isinstance(counts, Exception):
+            raise counts  # this user's count failed (the others' of its batch did not)
         total, dead = await self._live_total(counts)
         total -= self.releases.pending.get(user) or 0  # ended, decrement not sent yet
         if dead:
@@ -127,32 +134,42 @@ class UserConnectionCap:
             return False
         return True
 
-    async def _count_many(self, _: int, users: list[str]) -> list[dict[Any, Any]]:
+    async def _count_many(self, _: int, users: list[str]) -> list[dict[Any, Any] | Exception]:
         """Count a session of each of `users` (a user twice: two sessions), and answer the
         user's hash after each: one pipeline for the connects that arrived together (on the
-        line: one write)."""
-        line = self.line
-        if line is not None:
-            # The same commands as below, written at once on the line (storage/redisline.py).
-            commands: list[tuple[Any, ...]] = []
-            for user in users:
-                key = self.keys.user_sessions(user)
-                commands += [
-                    ("HINCRBY", key, self.field, 1),
-                    ("EXPIRE", key, KEY_TTL_S),
-                    ("HGETALL", key),
-                ]
-            replies = await line.pipeline(commands)
-            # RESP2's HGETALL is a flat list: field, value, field, value...
-            return [_pairs(replies[i * 3 + 2]) for i in range(len(users))]
-        pipe = self.redis.pipeline(transaction=False)
+        line: one write). A command's error is that user's answer alone: the other users'
+        HINCRBYs ran, so failing their connects too would leave them counted with no
+        decrement to come (gateway/ws.py admits a connect whose count failed, without a
+        release). A lost connection or a timeout still fails them all."""
+        commands: list[tuple[Any, ...]] = []
         for user in users:
             key = self.keys.user_sessions(user)
-            pipe.hincrby(key, self.field, 1)
-            pipe.expire(key, KEY_TTL_S)
-            pipe.hgetall(key)
-        replies = await pipe.execute()
-        return [replies[i * 3 + 2] for i in range(len(users))]
+            commands += [
+                ("HINCRBY", key, self.field, 1),
+                ("EXPIRE", key, KEY_TTL_S),
+                ("HGETALL", key),
+            ]
+        line = self.line
+        if line is not None:
+            # Written at once on the line (storage/redisline.py).
+            replies = await line.pipeline(commands, raise_on_error=False)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = await pipe.execute(raise_on_error=False)
+        answers: list[dict[Any, Any] | Exception] = []
+        for i in range(len(users)):
+            counted, _expire, found = replies[i * 3 : i * 3 + 3]
+            if isinstance(counted, Exception):
+                answers.append(counted)  # not counted: that connect fails, nothing to undo
+            elif isinstance(found, Exception):
+                # Counted, its hash not read: this node's count of the user is all we know.
+                answers.append({self.field: counted})
+            else:
+                # RESP2's HGETALL is a flat list on the line (field, value...), a dict here.
+                answers.append(found if isinstance(found, dict) else _pairs(found))
+        return answers
 
     async def _live_total(self, counts: dict[Any, Any]) -> tuple[int, list[str]]:
         # max(0, ...): a negative field (left by an older version) must not make room.

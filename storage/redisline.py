@@ -33,13 +33,15 @@ class _Replies:
     """The replies of several commands written together (`_Protocol.call_many`): stands
     in the reply queue once per command, and answers its future with every reply, in
     order, once the last has come; a command's error fails it then (as redis-py's
-    pipelines raise the first error), a lost connection at once."""
+    pipelines raise the first error) unless `raise_on_error` is False (the error is then
+    a reply in its place), a lost connection at once."""
 
-    __slots__ = ("error", "fut", "left", "replies")
+    __slots__ = ("error", "fut", "left", "raise_on_error", "replies")
 
-    def __init__(self, fut: asyncio.Future[list[Any]], n: int) -> None:
+    def __init__(self, fut: asyncio.Future[list[Any]], n: int, raise_on_error: bool) -> None:
         self.fut = fut
         self.left = n
+        self.raise_on_error = raise_on_error
         self.replies: list[Any] = []
         self.error: Exception | None = None
 
@@ -50,7 +52,7 @@ class _Replies:
         self.replies.append(reply)
         self.left -= 1
         if self.left == 0:
-            if self.error is not None:
+            if self.error is not None and self.raise_on_error:
                 self.fut.set_exception(self.error)
             else:
                 self.fut.set_result(self.replies)
@@ -124,7 +126,9 @@ class _Protocol(asyncio.Protocol):
         self.waiting.append(fut)
         return fut
 
-    def call_many(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+    def call_many(
+        self, commands: list[tuple[Any, ...]], raise_on_error: bool = True
+    ) -> asyncio.Future[list[Any]]:
         """Several commands in one write; their replies in order (see `_Replies`)."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         if not commands:
@@ -134,7 +138,7 @@ class _Protocol(asyncio.Protocol):
             fut.set_exception(self.lost or RedisConnectionError("not connected"))
             return fut
         self.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
-        replies = _Replies(fut, len(commands))
+        replies = _Replies(fut, len(commands), raise_on_error)
         self.waiting.extend([replies] * len(commands))
         return fut
 
@@ -169,16 +173,24 @@ class RedisLine:
         open): the commands in flight on it fail, the next one connects again."""
         return await self._run(args, None)
 
-    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def pipeline(
+        self, commands: list[tuple[Any, ...]], *, raise_on_error: bool = True
+    ) -> list[Any]:
         """Several commands written together (one system call, plain commands: a Redis
         script call costs Redis ~10 us more than the commands it runs); their replies in
         order. The first command error raises once every reply is in (redis-py's
-        pipelines do the same; the other commands have run); timeouts as `execute`."""
-        replies: list[Any] = await self._run(None, commands)
+        pipelines do the same; the other commands have run), or with `raise_on_error`
+        False is left in its place among the replies (a ResponseError: redis-py's
+        `execute(raise_on_error=False)`) for a caller whose commands are independent;
+        timeouts and a lost connection raise as `execute`."""
+        replies: list[Any] = await self._run(None, commands, raise_on_error)
         return replies
 
     async def _run(
-        self, args: tuple[Any, ...] | None, commands: list[tuple[Any, ...]] | None
+        self,
+        args: tuple[Any, ...] | None,
+        commands: list[tuple[Any, ...]] | None,
+        raise_on_error: bool = True,
     ) -> Any:
         proto = self._proto
         try:
@@ -186,7 +198,7 @@ class RedisLine:
                 if proto is None or proto.lost is not None:
                     proto = await self._connect()
                 if commands is not None:
-                    return await proto.call_many(commands)
+                    return await proto.call_many(commands, raise_on_error)
                 return await proto.call(cast(tuple[Any, ...], args))
         except TimeoutError:
             timeout = RedisTimeoutError("Redis did not answer in time")

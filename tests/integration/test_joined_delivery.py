@@ -244,3 +244,21 @@ async def test_deliveries_published_back_to_back_arrive_complete_and_in_order(
         assert len(b"".join(sock.writes)) < len(want), "more than the ten frames written"
         sock.wrote.clear()
         await asyncio.wait_for(sock.wrote.wait(), 10)
+
+
+async def test_a_conversation_left_without_subscribers_mid_dispatch_keeps_no_writers(
+    room: Room, pools: ShardPools, ids: IdGenerator
+) -> None:
+    # A run that is not consecutive (here a redelivered message after the two) goes out
+    # message by message; its only subscriber is closed 4009 by the second, so the node
+    # forgets the conversation. The third must not leave the conversation's writers
+    # cached (an empty entry per such conversation, kept until someone subscribes again).
+    slow = Socket()
+    conn = await connect(room, room.members[1], slow, max_frames=1)
+    slow.paused = True
+    m1, m2 = await store(pools, ids, room, 2)
+    room.node.dispatch(Delivery(messages=[m1, m2, m1]))
+    assert slow.writes == frames_of(codec.JSON, [m1])
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
+    assert room.conv not in room.node.conv_subs
+    assert room.conv not in room.node._writers

@@ -126,6 +126,13 @@ async def test_a_pipeline_answers_in_order_between_other_commands(own_redis: Own
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await line.pipeline([("INCR", "p"), ("INCR", "l"), ("INCR", "p")])
         assert await line.execute("GET", "p") == b"4"  # both INCRs of p ran
+        # raise_on_error=False: the error is that command's reply, in its place.
+        replies = await line.pipeline(
+            [("INCR", "p"), ("INCR", "l"), ("INCR", "p")], raise_on_error=False
+        )
+        assert replies[0::2] == [5, 6]
+        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert await line.execute("GET", "p") == b"6"
         assert line.connects == 1
     finally:
         line.close()

@@ -1,0 +1,29 @@
+"""Node.stop ends every task of the node whatever each was doing when it was stopped: here
+the route update of a subscription that just ended. A cancellation can be lost on the way
+(redis-py 8.1's pipeline swallows one that lands as it starts: the pipeline completes and
+returns, its task left "cancelling"), and RouteSync.run then went back to waiting for the
+next change: `stop`, awaiting it, never returned (a gateway that would not exit on
+SIGTERM). Real Redis and PostgreSQL; the links are recording sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.protocol.frames import CloseCode
+from tests.integration.test_joined_delivery import Room, Socket, connect, room
+
+pytestmark = pytest.mark.engines
+__all__ = ["room"]  # the fixture
+
+
+@pytest.mark.parametrize("round_", range(5))
+async def test_stop_returns_with_a_route_update_just_started(room: Room, round_: int) -> None:
+    conn = await connect(room, room.members[1], Socket())
+    conn.close(CloseCode.SLOW_CONSUMER)  # detached: its conversation's route is dropped
+    stopping = asyncio.ensure_future(room.node.stop())
+    # A bound for the failure only (stop takes milliseconds when it works).
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert stopping in done, [t for t in room.node._tasks if not t.done()]
+    assert all(t.done() for t in room.node._tasks)
