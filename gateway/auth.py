@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
 
 from core.errors import ConfigError, Unauthorized
 from core.settings import EXAMPLE_JWT_SECRET, MIN_HS_SECRET_BYTES, Settings
@@ -71,9 +72,13 @@ class _PreparedHMAC(HMACAlgorithm):
 
 def _decoder() -> jwt.PyJWT:
     """A PyJWT of our own (the module's global one is left as it is) whose HS* keys are
-    prepared once (`_PreparedHMAC`)."""
+    prepared once (`_PreparedHMAC`). PyJWT before 2.11 verifies through the module's one
+    shared PyJWS instead of one per PyJWT: there the decoder is returned as it is (each
+    token's key is prepared again, as PyJWT does), rather than changing that shared one."""
     decoder = jwt.PyJWT()
-    jws = decoder._jws
+    jws = getattr(decoder, "_jws", None)
+    if not isinstance(jws, PyJWS):
+        return decoder
     for name, hash_alg in (
         ("HS256", HMACAlgorithm.SHA256),
         ("HS384", HMACAlgorithm.SHA384),
