@@ -14,8 +14,10 @@ import httpx
 
 from agora_client import AgoraClient
 from core.settings import Settings
+from fanout.sequencer import sequence
 from storage import messages
-from storage.models import Message
+from storage.ids import IdGenerator, now_ms, shard_of_id
+from storage.models import Message, NewMessage
 from storage.pools import ShardPools
 from tests.engines import settings_env
 from tests.stack import Proc, Stack
@@ -37,6 +39,20 @@ def agora(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
+
+
+async def store_texts(
+    pools: ShardPools, ids: IdGenerator, conv: int, sender: str, n: int
+) -> list[Message]:
+    """Sequence `n` texts of `sender` into `conv` as the fan-out worker does (no broker):
+    the stored messages, with their seqs."""
+    batch = [
+        NewMessage(
+            conv, ids.next_id(shard_of_id(conv)), sender, uid("c"), f"m{i}", now_ms(), "text"
+        )
+        for i in range(n)
+    ]
+    return (await sequence(pools, batch)).stored
 
 
 async def create_group(

@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 
 from core.settings import Settings
 from fanout.envelope import Delivery, encode_delivery
-from fanout.sequencer import sequence
 from gateway.connection import Connection
 from gateway.node import Node
 from gateway.protocol import codec, frames
@@ -28,12 +27,12 @@ from gateway.protocol.frames import CloseCode
 from gateway.protocol.messages import message_frame
 from gateway.transport import WRITE_HIGH_WATER
 from storage import conversations
-from storage.ids import IdGenerator, now_ms, shard_of_id
-from storage.models import Message, NewMessage
+from storage.ids import IdGenerator
+from storage.models import Message
 from storage.pools import ShardPools
 from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
-from tests.integration.helpers import uid
+from tests.integration.helpers import store_texts, uid
 
 pytestmark = pytest.mark.engines
 
@@ -101,19 +100,7 @@ async def connect(
 
 
 async def store(pools: ShardPools, ids: IdGenerator, room: Room, n: int) -> list[Message]:
-    batch = [
-        NewMessage(
-            room.conv,
-            ids.next_id(shard_of_id(room.conv)),
-            room.owner,
-            uid("c"),
-            f"m{i}",
-            now_ms(),
-            "text",
-        )
-        for i in range(n)
-    ]
-    return (await sequence(pools, batch)).stored
+    return await store_texts(pools, ids, room.conv, room.owner, n)
 
 
 def frames_of(enc: Codec, msgs: list[Message]) -> list[bytes]:

@@ -22,13 +22,12 @@ import redis.asyncio as aioredis
 from agora_client import AgoraClient, ServerError
 from core.settings import Settings
 from fanout.envelope import Delivery, Score, encode_delivery
-from fanout.sequencer import sequence
 from storage import conversations
-from storage.ids import IdGenerator, now_ms, shard_of_id
-from storage.models import Message, NewMessage
+from storage.ids import IdGenerator
+from storage.models import Message
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
-from tests.integration.helpers import uid
+from tests.integration.helpers import store_texts, uid
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
@@ -82,19 +81,7 @@ async def publish_delivery(
 
 
 async def store(pools: ShardPools, ids: IdGenerator, grp: Group, n: int) -> list[Message]:
-    batch = [
-        NewMessage(
-            grp.conv,
-            ids.next_id(shard_of_id(grp.conv)),
-            grp.members[0],
-            uid("c"),
-            f"m{i}",
-            now_ms(),
-            "text",
-        )
-        for i in range(n)
-    ]
-    return (await sequence(pools, batch)).stored
+    return await store_texts(pools, ids, grp.conv, grp.members[0], n)
 
 
 async def publish(redis: aioredis.Redis, settings: Settings, node: str, m: Message) -> None:
