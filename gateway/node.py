@@ -120,6 +120,8 @@ class Node:
         self.lease_renewals = 0
         self.lease_failures = 0
         self.lease_losses = 0
+        # A registration of everything is due: one failed part way (see _register_all).
+        self._must_register = False
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
@@ -180,9 +182,23 @@ class Node:
         return True
 
     async def _register_all(self) -> None:
+        """Register the lease and every local conversation and user, bounded by a lease.
+        Until one such registration succeeds, `_keep_lease` does it again instead of
+        renewing: a failed one may have set the lease (its first command) and not every
+        route, and a renewal, finding the lease, would then never register the rest (the
+        periodic refresh only extends sets that exist: it does not put the node back)."""
+        self._must_register = True
         convs, users = list(self.conv_subs), list(self.user_conns)
         self.sync.forget_registered()
-        await self.lease_routes.register(self.id, self.settings.route_lease_s, convs, users)
+        lease_s = self.settings.route_lease_s
+        try:
+            await asyncio.wait_for(
+                self.lease_routes.register(self.id, lease_s, convs, users), lease_s
+            )
+        except BaseException:
+            self._must_register = True  # even if a concurrent one succeeded meanwhile
+            raise
+        self._must_register = False
         self.sync.mark_registered(convs, users)
 
     async def _keep_lease(self) -> None:
@@ -193,10 +209,16 @@ class Node:
         while True:
             await asyncio.sleep(delay)
             try:
-                # Bounded: a Redis cut off by the network hangs instead of failing.
-                renewed = await asyncio.wait_for(
-                    self.lease_routes.renew(self.id, self.settings.route_lease_s), interval
-                )
+                if self._must_register:
+                    # The last registration failed (or timed out) part way.
+                    await self._register_all()
+                    log.warning("node %s: registered again after a failed try", self.id)
+                    renewed = True
+                else:
+                    # Bounded: a Redis cut off by the network hangs instead of failing.
+                    renewed = await asyncio.wait_for(
+                        self.lease_routes.renew(self.id, self.settings.route_lease_s), interval
+                    )
                 redis_seen = time.monotonic()
                 if self.cut_off:
                     log.warning("node %s: Redis answers again; accepting connections", self.id)
