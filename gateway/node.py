@@ -25,6 +25,7 @@ from redis.asyncio.cluster import ClusterPubSub
 
 from core.errors import Unavailable
 from core.settings import Settings
+from core.tasks import stop_tasks
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
 from gateway.connection import Connection, Link, WireCounters
@@ -141,17 +142,10 @@ class Node:
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._fills_by_conv.values()):
-            task.cancel()
-        for task in self._tasks:
-            # Cancelled again until it ends: a cancellation can be lost on the way
-            # (redis-py's pipeline swallows one that lands as it starts, and the loop
-            # then waits for its next turn), and awaiting such a task never returned.
-            while not task.done():
-                await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
-                task.cancel()
-            if not task.cancelled():
-                task.exception()  # retrieved: a task's own failure was logged by it
+        for fill in list(self._fills_by_conv.values()):
+            fill.cancel()
+        # Cancelled again until each ends (core/tasks.py: a cancellation can be lost).
+        await stop_tasks(self._tasks, STOP_RECANCEL_S)
         for conn in list(self.connections):  # whoever outlived the drain (a forced exit)
             conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
         await self.presence.stop()

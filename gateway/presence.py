@@ -22,7 +22,6 @@ local connection subscribed to any of them. Bigger rooms ask `GET .../presence`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from core.tasks import stop_tasks
 from fanout.envelope import Delivery
 from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
@@ -44,6 +44,7 @@ COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
 COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
 MAX_KINDS = 100_000
 PRESENCE_LINGER_S = 0.02  # a batch of presence changes waits this long for more
+STOP_RECANCEL_S = 0.1  # how long `stop` waits for a cancelled task before cancelling again
 
 # A user coming online, for many users in one call (a single Redis): per user, `on` and
 # `seen` set in their presence hash (with its TTL) and the user added to this node's presence
@@ -412,11 +413,8 @@ class Presence:
 
     async def stop(self) -> None:
         await self.changes.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Cancelled again until each ends (core/tasks.py: a cancellation can be lost).
+        await stop_tasks(list(self._tasks), STOP_RECANCEL_S)
 
 
 def _keep(old: None, new: None) -> None:
