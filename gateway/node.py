@@ -110,6 +110,9 @@ class Node:
         self._inbox: list[bytes] = []
         self.user_conns: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
+        # Users whose presence was handed to `presence.attached` since their connections
+        # here last all closed (see attach).
+        self._present: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fills_by_conv: dict[int, asyncio.Task[None]] = {}
         # Catches subscribers up from storage after the pub/sub connection was down.
@@ -306,11 +309,14 @@ class Node:
             return  # closed already: detach has run and would not run again
         self.connections.add(conn)
         self._none_left.clear()
-        first = not self.user_conns.get(conn.user)
         self.user_conns[conn.user].add(conn)
         self.sync.changed(users=(conn.user,))
         await self.sync.ensure(user=conn.user)
-        if first and self.user_conns.get(conn.user):
+        # Online once a connection of the user is registered here, whichever it is: not
+        # "the first to attach" decided before registering, since that one's registration
+        # can fail after another of the user's has attached (then nobody announced it).
+        if self.user_conns.get(conn.user) and conn.user not in self._present:
+            self._present.add(conn.user)
             self.presence.attached(conn.user)
 
     def detach(self, conn: Connection) -> None:
@@ -324,6 +330,7 @@ class Node:
             if not users:
                 del self.user_conns[conn.user]
                 self.sync.changed(users=(conn.user,))
+                self._present.discard(conn.user)
                 self.presence.detached(conn.user)
         self.sync.changed(convs=drop_convs)
 
