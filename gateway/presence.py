@@ -17,6 +17,12 @@ Announcing costs O(conversations the user is in), never O(members): one `presenc
 per gateway that has subscribers of the user's direct conversations and groups of at most
 AGORA_PRESENCE_MAX_MEMBERS members (`Delivery.presence`); each node hands it once to each
 local connection subscribed to any of them. Bigger rooms ask `GET .../presence`.
+
+A key of the wrong type (something SET a string at a user's presence hash or route set)
+costs that user alone: coming online replaces a presence key that is not a hash; going
+offline takes it for offline, and a route key that is not a set for one with no gateway
+(fanout/routing.py). One such key once failed every batch it was in, retried for as long
+as it stayed bad: nobody on that node went online or offline meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from core.tasks import stop_tasks
 from fanout.envelope import Delivery
@@ -51,12 +58,17 @@ STOP_RECANCEL_S = 0.1  # how long `stop` waits for a cancelled task before cance
 # set (with its TTL); answers, per user in order, 1 when they were not online before.
 # KEYS: the users' presence hashes, then this node's presence set; ARGV: now ms, ttl, node
 # set ttl, then the users in KEYS' order. One command per batch of users coming online (a
-# storm: a few) instead of one script call per user.
+# storm: a few) instead of one script call per user. A presence key that is not a hash
+# (WRONGTYPE) is replaced, not the whole batch's failure (module docstring).
 _ONLINE_MANY = """
 local n = #KEYS - 1
 local node_set, out = KEYS[#KEYS], {}
 for i = 1, n do
-  local was = redis.call('HGET', KEYS[i], 'on')
+  local was = redis.pcall('HGET', KEYS[i], 'on')
+  if type(was) == 'table' and was.err then
+    redis.call('DEL', KEYS[i])
+    was = false
+  end
   redis.call('HSET', KEYS[i], 'on', '1', 'seen', ARGV[1])
   redis.call('EXPIRE', KEYS[i], ARGV[2])
   redis.call('SADD', node_set, ARGV[3 + i])
@@ -68,10 +80,13 @@ return out
 
 # KEYS: presence hash, the user's route set. ARGV: now ms, ttl, the node giving the user
 # up, the lease key prefix. 1 when the user went offline now; 0 when another live gateway
-# still has them (or they were offline already).
+# still has them (or they were offline already). Keys of the wrong type: a presence key
+# that is not a hash is not online, a route key that is not a set holds no gateway.
 _OFFLINE = """
-if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+if redis.pcall('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+local members = redis.pcall('SMEMBERS', KEYS[2])
+if members.err then members = {} end
+for _, node in ipairs(members) do
   if node ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. node) == 1 then return 0 end
 end
 redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
@@ -87,8 +102,8 @@ return 1
 # (a gateway that took the user meanwhile rewrote it: then nothing changes).
 # KEYS: presence hash. ARGV: now ms, ttl, the `seen` read before.
 _OFFLINE_CAS = """
-if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
-if redis.call('HGET', KEYS[1], 'seen') ~= ARGV[3] then return 0 end
+if redis.pcall('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+if redis.pcall('HGET', KEYS[1], 'seen') ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
@@ -96,7 +111,11 @@ return 1
 
 # KEYS: presence hash. ARGV: now ms, ttl. 1 when the user was not online before.
 _ONLINE_HASH = """
-local was = redis.call('HGET', KEYS[1], 'on')
+local was = redis.pcall('HGET', KEYS[1], 'on')
+if type(was) == 'table' and was.err then
+  redis.call('DEL', KEYS[1])
+  was = false
+end
 redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if was == '1' then return 0 end
@@ -258,7 +277,17 @@ class Presence:
         state, members = await asyncio.gather(
             self.redis.hmget(self.keys.presence(user), ["on", "seen"]),
             self.redis.smembers(self.keys.user_routes(user)),
+            return_exceptions=True,
         )
+        # Keys of the wrong type (_OFFLINE): not online; no gateway.
+        if isinstance(state, BaseException):
+            if not _wrong_type(state):
+                raise state
+            return 0
+        if isinstance(members, BaseException):
+            if not _wrong_type(members):
+                raise members
+            members = set()
         on, was_seen = (_text(v) if v is not None else None for v in state)
         if on != "1" or was_seen is None:
             return 0
@@ -419,6 +448,10 @@ class Presence:
 
 def _keep(old: None, new: None) -> None:
     return None
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _text(value: Any) -> str:
