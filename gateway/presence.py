@@ -18,6 +18,11 @@ per gateway that has subscribers of the user's direct conversations and groups o
 AGORA_PRESENCE_MAX_MEMBERS members (`Delivery.presence`); each node hands it once to each
 local connection subscribed to any of them. Bigger rooms ask `GET .../presence`.
 
+Announcements of two gateways keep the order of the states they announce (a single Redis):
+a gateway publishes a change only if it is still the user's state, checked and published
+in one script (`_PUBLISH_IF_CURRENT`): a slow "offline" never follows another gateway's
+"online" of a user who reconnected there.
+
 A key of the wrong type (something SET a string at a user's presence hash or route set)
 costs that user alone: coming online replaces a presence key that is not a hash; going
 offline takes it for offline, and a route key that is not a set for one with no gateway
@@ -37,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.tasks import stop_tasks
-from fanout.envelope import Delivery
+from fanout.envelope import Delivery, encode_delivery
 from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
 from gateway.protocol import frames
@@ -92,6 +97,27 @@ end
 redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+
+# Announcing (a single Redis): the frames are published only if every user's `on` is still
+# the state announced, checked in the same script. A gateway whose announcement was slow
+# (its rooms' read) no longer publishes "offline" after another gateway wrote the user
+# online and announced it: that write came before this script (then "offline" is stale
+# and dropped) or after it (then its "online" is published after this, on the same
+# channels). KEYS: the users' presence hashes; ARGV: '1' or '0' per key, then channel and
+# payload pairs. Returns the (1-based) indexes of the stale states; nothing is published
+# unless there are none.
+_PUBLISH_IF_CURRENT = """
+local stale = {}
+for i, key in ipairs(KEYS) do
+  local on = redis.pcall('HGET', key, 'on')
+  if type(on) ~= 'string' then on = '0' end
+  if on ~= ARGV[i] then stale[#stale + 1] = i end
+end
+if #stale > 0 then return stale end
+for j = #KEYS + 1, #ARGV, 2 do redis.call('PUBLISH', ARGV[j], ARGV[j + 1]) end
+return stale
 """
 
 
@@ -319,16 +345,38 @@ class Presence:
         by_conv, _ = await self.node.routes.nodes_for(
             convs=sorted({c for _, convs in wanted for c in convs})
         )
-        deliveries: dict[str, Delivery] = {}
-        for frame, convs in wanted:
-            per_node: dict[str, list[int]] = {}
-            for conv in convs:
-                for n in by_conv.get(conv, ()):
-                    per_node.setdefault(n, []).append(conv)
-            for n, node_convs in per_node.items():
-                deliveries.setdefault(n, Delivery()).presence.append((node_convs, frame))
-        await self.node.routes.publish(deliveries)
+        while True:  # each round that finds states stale drops at least one
+            deliveries = _deliveries(wanted, by_conv)
+            if self.keys.cluster or not deliveries:
+                # A cluster: the hashes and channels are in different slots (no script
+                # over them); announcements of two gateways may arrive out of order there.
+                await self.node.routes.publish(deliveries)
+                break
+            stale = await self._publish_if_current(wanted, deliveries)
+            if not stale:
+                break
+            # Changed meanwhile (another gateway's announcement of it is due, or out):
+            # the others go out without it.
+            wanted = [w for i, w in enumerate(wanted) if i not in stale]
+            if not wanted:
+                return
         self.announced += len(wanted)
+
+    async def _publish_if_current(
+        self, wanted: list[tuple[dict[str, Any], list[int]]], deliveries: dict[str, Delivery]
+    ) -> set[int]:
+        """Publish `deliveries` in one script that first checks every announced state is
+        still the user's (`_PUBLISH_IF_CURRENT`); the indexes in `wanted` of those that
+        are not (nothing published then)."""
+        keys = [self.keys.presence(frame["user"]) for frame, _ in wanted]
+        args: list[Any] = ["1" if frame["online"] else "0" for frame, _ in wanted]
+        for n, delivery in deliveries.items():
+            args += [self.keys.node_channel(n), encode_delivery(delivery)]
+        if self.line is not None:
+            found = await self.line.execute("EVAL", _PUBLISH_IF_CURRENT, len(keys), *keys, *args)
+        else:
+            found = await self.redis.eval(_PUBLISH_IF_CURRENT, len(keys), *keys, *args)
+        return {int(i) - 1 for i in found}
 
     # -- every node: heartbeat; one node at a time: sweep the dead ones -------------------
     async def run(self) -> None:
@@ -444,6 +492,22 @@ class Presence:
         await self.changes.stop()
         # Cancelled again until each ends (core/tasks.py: a cancellation can be lost).
         await stop_tasks(list(self._tasks), STOP_RECANCEL_S)
+
+
+def _deliveries(
+    wanted: list[tuple[dict[str, Any], list[int]]], by_conv: dict[int, set[str]]
+) -> dict[str, Delivery]:
+    """One delivery per gateway with subscribers of the rooms: each frame with its rooms
+    there."""
+    deliveries: dict[str, Delivery] = {}
+    for frame, convs in wanted:
+        per_node: dict[str, list[int]] = {}
+        for conv in convs:
+            for n in by_conv.get(conv, ()):
+                per_node.setdefault(n, []).append(conv)
+        for n, node_convs in per_node.items():
+            deliveries.setdefault(n, Delivery()).presence.append((node_convs, frame))
+    return deliveries
 
 
 def _keep(old: None, new: None) -> None:
