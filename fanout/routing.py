@@ -10,25 +10,45 @@ Every route set also expires (ROUTE_TTL_S) unless a live node refreshes it: a no
 dies leaves entries only in sets nobody publishes to, and those go with the TTL instead of
 staying forever. Each live node refreshes its own sets every ROUTE_REFRESH_S, far inside
 the TTL; a node cut off from Redis longer than its lease registers everything again.
+
+A route key holding something other than a set (written by hand or by a bug: SADD and
+SMEMBERS on it fail with WRONGTYPE) costs that key alone: a node's writes replace it with
+a set holding the node (`_REPAIR`; such a key held no node's registration anyway, and
+only a set can be written back), and lookups take it for a set without nodes. Its failure
+once failed every conversation and user of the same route batch, registration or fan-out
+lookup, for as long as the key stayed bad.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from fanout.envelope import Delivery, encode_delivery
 from storage.redis_keys import RedisKeys
 from storage.redisline import RedisLine
 
+log = logging.getLogger("agora.routing")
 _LIVENESS_CACHE_S = 1.0
 ROUTE_TTL_S = 3600
 ROUTE_REFRESH_S = ROUTE_TTL_S / 4
 _REFRESH_CHUNK = 2000
+
+# KEYS[1]: a route key found holding something else than a set; ARGV: the node, the TTL.
+# Replaced by a set of the node, unless another node's repair made it a set already (then
+# it is kept: the check and the write are one step, so no node's entry is deleted).
+_REPAIR = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then redis.call('DEL', KEYS[1]) end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 0
+"""
 
 
 class Routes:
@@ -42,6 +62,8 @@ class Routes:
         self.keys = keys
         self.line = line if not keys.cluster else None
         self._alive: dict[str, tuple[bool, float]] = {}
+        self._repair = redis.register_script(_REPAIR)
+        self.repaired = 0  # route keys found not to be sets and replaced
 
     # -- the gateway side ------------------------------------------------------------------
     async def register(
@@ -50,11 +72,14 @@ class Routes:
         """(Re)register a node and everything it serves, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
-        for conv in convs:
-            _add(pipe, self.keys.conv_routes(conv), node)
-        for user in users:
-            _add(pipe, self.keys.user_routes(user), node)
-        await pipe.execute()
+        keys = [self.keys.conv_routes(c) for c in convs]
+        keys += [self.keys.user_routes(u) for u in users]
+        for key in keys:
+            _add(pipe, key, node)
+        replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        await self._settle(node, keys, replies[1:], [])
 
     async def renew(self, node: str, lease_s: int) -> bool:
         """Extend the lease; False when it was gone (the caller must register again)."""
@@ -70,40 +95,55 @@ class Routes:
         drop_users: Iterable[str] = (),
     ) -> None:
         line = self.line
+        adds = [self.keys.conv_routes(c) for c in add_convs]
+        adds += [self.keys.user_routes(u) for u in add_users]
+        drops = [self.keys.conv_routes(c) for c in drop_convs]
+        drops += [self.keys.user_routes(u) for u in drop_users]
+        if not adds and not drops:
+            return
+        # Each command's error in its place (a bad key is that key's problem, `_settle`).
         if line is not None:
             # The same commands as below, written at once on the line (storage/redisline.py).
             commands: list[tuple[Any, ...]] = []
-            for conv in add_convs:
-                key = self.keys.conv_routes(conv)
+            for key in adds:
                 commands += [("SADD", key, node), ("EXPIRE", key, ROUTE_TTL_S)]
-            for user in add_users:
-                key = self.keys.user_routes(user)
-                commands += [("SADD", key, node), ("EXPIRE", key, ROUTE_TTL_S)]
-            commands += [("SREM", self.keys.conv_routes(c), node) for c in drop_convs]
-            commands += [("SREM", self.keys.user_routes(u), node) for u in drop_users]
-            if commands:
-                await line.pipeline(commands)
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
-        for conv in add_convs:
-            _add(pipe, self.keys.conv_routes(conv), node)
-            n += 1
-        for conv in drop_convs:
-            pipe.srem(self.keys.conv_routes(conv), node)
-            n += 1
-        for user in add_users:
-            _add(pipe, self.keys.user_routes(user), node)
-            n += 1
-        for user in drop_users:
-            pipe.srem(self.keys.user_routes(user), node)
-            n += 1
-        if n:
-            await pipe.execute()
+            commands += [("SREM", key, node) for key in drops]
+            replies = await line.pipeline(commands, raise_on_error=False)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in adds:
+                _add(pipe, key, node)
+            for key in drops:
+                pipe.srem(key, node)
+            replies = await pipe.execute(raise_on_error=False)
+        n = 2 * len(adds)
+        await self._settle(node, adds, replies[:n], replies[n:])
+
+    async def _settle(
+        self, node: str, adds: list[str], add_replies: list[Any], drop_replies: list[Any]
+    ) -> None:
+        """After a route batch sent with its errors in place (`add_replies`: SADD's and
+        EXPIRE's of each key added): a key that is not a set is repaired where the node
+        was added (`_REPAIR`), and left as it is where it was dropped (no set there: the
+        node is in none); any other error (Redis out of memory, read-only, a permission)
+        raises, the batch failed."""
+        for reply in (*add_replies, *drop_replies):
+            if isinstance(reply, Exception) and not _wrong_type(reply):
+                raise reply
+        bad = [
+            key
+            for key, reply in zip(adds, add_replies[::2], strict=True)
+            if isinstance(reply, Exception)
+        ]
+        for key in bad:  # rare: one script call each (on a cluster the keys' slots differ)
+            await self._repair(keys=[key], args=[node, ROUTE_TTL_S])
+            self.repaired += 1
+            log.warning("route key %s was not a set; replaced by one holding %s", key, node)
 
     async def refresh(self, node: str, convs: Iterable[int], users: Iterable[str]) -> int:
         """Push back the expiry of every route set the node is in (pipelined in chunks);
-        a set found gone is made again. Returns how many were gone."""
+        a set found gone is made again. Returns how many were gone. Only the sets' expiry:
+        a set that exists without the node is not mended (registering is `register`'s)."""
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
         gone = 0
@@ -190,8 +230,12 @@ class Routes:
             pipe.smembers(self.keys.conv_routes(conv))
         for user in user_list:
             pipe.smembers(self.keys.user_routes(user))
-        raw: list[Any] = await pipe.execute()
-        sets = [{m.decode() if isinstance(m, bytes) else m for m in r} for r in raw]
+        raw: list[Any] = await pipe.execute(raise_on_error=False)
+        for r in raw:
+            if isinstance(r, Exception) and not _wrong_type(r):
+                raise r
+        # A key that is not a set (module docstring) holds no node.
+        sets = [set() if isinstance(r, Exception) else {_text(m) for m in r} for r in raw]
         every = set().union(*sets) if sets else set()
         live = await self._live_nodes(every)
         dead = every - live
@@ -227,6 +271,14 @@ class Routes:
             else:
                 pipe.publish(channel, encode_delivery(delivery))
         await pipe.execute()
+
+
+def _wrong_type(exc: Exception) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _add(pipe: Any, key: str, node: str) -> None:

@@ -20,6 +20,7 @@ from core import logs
 from core.errors import AgoraError, Internal
 from core.metrics import ProcessRegistry
 from core.settings import Settings
+from core.tasks import stop_task
 from fanout.feeds import FeedCache
 from fanout.kafka import ensure_topics, make_producer, messages_topic, votes_topic, wait_for_broker
 from gateway.access import Access
@@ -42,7 +43,7 @@ from gateway.http import (
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
-from gateway.ratelimit import ClusterLimiter, stop_task
+from gateway.ratelimit import ClusterLimiter
 from gateway.revocation import RevocationWatcher
 from gateway.send import REDIS_TIMEOUT_S, SendPath
 from gateway.session import RequestHandler

@@ -27,6 +27,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from core.tasks import stop_task
+
 log = logging.getLogger("agora.gateway")
 
 K = TypeVar("K")
@@ -35,6 +37,7 @@ V = TypeVar("V")
 MAX_BATCH = 1000  # keys a pipeline: a few ms of Redis time, far below the command timeout
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 5.0
+STOP_RECANCEL_S = 0.1  # how long `stop` waits for the cancelled batch before cancelling again
 
 
 class Pending(Generic[K, V]):
@@ -173,8 +176,5 @@ class Batcher(Generic[K, V]):
         """Give what is pending `timeout` seconds to go out, then stop trying."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle(), timeout)
-        task = self._task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancelled again until it ends (core/tasks.py: a cancellation can be lost).
+        await stop_task(self._task, STOP_RECANCEL_S)

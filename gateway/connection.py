@@ -197,7 +197,13 @@ class Connection:
         self.gone()
 
     def on_close(self, callback: Callable[[Connection], object]) -> None:
-        """Call `callback(conn)` once, when the connection closes (either side)."""
+        """Call `callback(conn)` once, when the connection closes (either side); at once
+        if it has closed already (its callbacks ran: one added after them never would,
+        as a session count's release added once the count came back, the peer gone
+        meanwhile)."""
+        if self._gone:
+            callback(self)
+            return
         self._on_close.append(callback)
 
     def gone(self) -> None:

@@ -25,6 +25,7 @@ from redis.asyncio.cluster import ClusterPubSub
 
 from core.errors import Unavailable
 from core.settings import Settings
+from core.tasks import stop_tasks
 from fanout.envelope import Delivery, EnvelopeError, decode_delivery
 from fanout.routing import ROUTE_REFRESH_S, Routes
 from gateway.connection import Connection, Link, WireCounters
@@ -109,6 +110,9 @@ class Node:
         self._inbox: list[bytes] = []
         self.user_conns: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
+        # Users whose presence was handed to `presence.attached` since their connections
+        # here last all closed (see attach).
+        self._present: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fills_by_conv: dict[int, asyncio.Task[None]] = {}
         # Catches subscribers up from storage after the pub/sub connection was down.
@@ -120,6 +124,8 @@ class Node:
         self.lease_renewals = 0
         self.lease_failures = 0
         self.lease_losses = 0
+        # A registration of everything is due: one failed part way (see _register_all).
+        self._must_register = False
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
@@ -139,17 +145,10 @@ class Node:
         await asyncio.wait_for(ready.wait(), 10)
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._fills_by_conv.values()):
-            task.cancel()
-        for task in self._tasks:
-            # Cancelled again until it ends: a cancellation can be lost on the way
-            # (redis-py's pipeline swallows one that lands as it starts, and the loop
-            # then waits for its next turn), and awaiting such a task never returned.
-            while not task.done():
-                await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
-                task.cancel()
-            if not task.cancelled():
-                task.exception()  # retrieved: a task's own failure was logged by it
+        for fill in list(self._fills_by_conv.values()):
+            fill.cancel()
+        # Cancelled again until each ends (core/tasks.py: a cancellation can be lost).
+        await stop_tasks(self._tasks, STOP_RECANCEL_S)
         for conn in list(self.connections):  # whoever outlived the drain (a forced exit)
             conn.close(frames.CloseCode.GOING_AWAY, "server shutting down")
         await self.presence.stop()
@@ -180,9 +179,23 @@ class Node:
         return True
 
     async def _register_all(self) -> None:
+        """Register the lease and every local conversation and user, bounded by a lease.
+        Until one such registration succeeds, `_keep_lease` does it again instead of
+        renewing: a failed one may have set the lease (its first command) and not every
+        route, and a renewal, finding the lease, would then never register the rest (the
+        periodic refresh only extends sets that exist: it does not put the node back)."""
+        self._must_register = True
         convs, users = list(self.conv_subs), list(self.user_conns)
         self.sync.forget_registered()
-        await self.lease_routes.register(self.id, self.settings.route_lease_s, convs, users)
+        lease_s = self.settings.route_lease_s
+        try:
+            await asyncio.wait_for(
+                self.lease_routes.register(self.id, lease_s, convs, users), lease_s
+            )
+        except BaseException:
+            self._must_register = True  # even if a concurrent one succeeded meanwhile
+            raise
+        self._must_register = False
         self.sync.mark_registered(convs, users)
 
     async def _keep_lease(self) -> None:
@@ -193,10 +206,16 @@ class Node:
         while True:
             await asyncio.sleep(delay)
             try:
-                # Bounded: a Redis cut off by the network hangs instead of failing.
-                renewed = await asyncio.wait_for(
-                    self.lease_routes.renew(self.id, self.settings.route_lease_s), interval
-                )
+                if self._must_register:
+                    # The last registration failed (or timed out) part way.
+                    await self._register_all()
+                    log.warning("node %s: registered again after a failed try", self.id)
+                    renewed = True
+                else:
+                    # Bounded: a Redis cut off by the network hangs instead of failing.
+                    renewed = await asyncio.wait_for(
+                        self.lease_routes.renew(self.id, self.settings.route_lease_s), interval
+                    )
                 redis_seen = time.monotonic()
                 if self.cut_off:
                     log.warning("node %s: Redis answers again; accepting connections", self.id)
@@ -290,11 +309,14 @@ class Node:
             return  # closed already: detach has run and would not run again
         self.connections.add(conn)
         self._none_left.clear()
-        first = not self.user_conns.get(conn.user)
         self.user_conns[conn.user].add(conn)
         self.sync.changed(users=(conn.user,))
         await self.sync.ensure(user=conn.user)
-        if first and self.user_conns.get(conn.user):
+        # Online once a connection of the user is registered here, whichever it is: not
+        # "the first to attach" decided before registering, since that one's registration
+        # can fail after another of the user's has attached (then nobody announced it).
+        if self.user_conns.get(conn.user) and conn.user not in self._present:
+            self._present.add(conn.user)
             self.presence.attached(conn.user)
 
     def detach(self, conn: Connection) -> None:
@@ -308,6 +330,7 @@ class Node:
             if not users:
                 del self.user_conns[conn.user]
                 self.sync.changed(users=(conn.user,))
+                self._present.discard(conn.user)
                 self.presence.detached(conn.user)
         self.sync.changed(convs=drop_convs)
 

@@ -17,20 +17,32 @@ Announcing costs O(conversations the user is in), never O(members): one `presenc
 per gateway that has subscribers of the user's direct conversations and groups of at most
 AGORA_PRESENCE_MAX_MEMBERS members (`Delivery.presence`); each node hands it once to each
 local connection subscribed to any of them. Bigger rooms ask `GET .../presence`.
+
+Announcements of two gateways keep the order of the states they announce (a single Redis):
+a gateway publishes a change only if it is still the user's state, checked and published
+in one script (`_PUBLISH_IF_CURRENT`): a slow "offline" never follows another gateway's
+"online" of a user who reconnected there.
+
+A key of the wrong type (something SET a string at a user's presence hash or route set)
+costs that user alone: coming online replaces a presence key that is not a hash; going
+offline takes it for offline, and a route key that is not a set for one with no gateway
+(fanout/routing.py). One such key once failed every batch it was in, retried for as long
+as it stayed bad: nobody on that node went online or offline meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
-from fanout.envelope import Delivery
+from core.tasks import stop_tasks
+from fanout.envelope import Delivery, encode_delivery
 from gateway.batches import Batcher
 from gateway.coalesce import Coalescer
 from gateway.protocol import frames
@@ -44,18 +56,24 @@ COUNT_EVERY_S = 1.0  # presence_count: at most once a second per thread
 COUNT_VALID_MS = 3000  # a gateway's count is trusted this long after it wrote it
 MAX_KINDS = 100_000
 PRESENCE_LINGER_S = 0.02  # a batch of presence changes waits this long for more
+STOP_RECANCEL_S = 0.1  # how long `stop` waits for a cancelled task before cancelling again
 
 # A user coming online, for many users in one call (a single Redis): per user, `on` and
 # `seen` set in their presence hash (with its TTL) and the user added to this node's presence
 # set (with its TTL); answers, per user in order, 1 when they were not online before.
 # KEYS: the users' presence hashes, then this node's presence set; ARGV: now ms, ttl, node
 # set ttl, then the users in KEYS' order. One command per batch of users coming online (a
-# storm: a few) instead of one script call per user.
+# storm: a few) instead of one script call per user. A presence key that is not a hash
+# (WRONGTYPE) is replaced, not the whole batch's failure (module docstring).
 _ONLINE_MANY = """
 local n = #KEYS - 1
 local node_set, out = KEYS[#KEYS], {}
 for i = 1, n do
-  local was = redis.call('HGET', KEYS[i], 'on')
+  local was = redis.pcall('HGET', KEYS[i], 'on')
+  if type(was) == 'table' and was.err then
+    redis.call('DEL', KEYS[i])
+    was = false
+  end
   redis.call('HSET', KEYS[i], 'on', '1', 'seen', ARGV[1])
   redis.call('EXPIRE', KEYS[i], ARGV[2])
   redis.call('SADD', node_set, ARGV[3 + i])
@@ -67,15 +85,39 @@ return out
 
 # KEYS: presence hash, the user's route set. ARGV: now ms, ttl, the node giving the user
 # up, the lease key prefix. 1 when the user went offline now; 0 when another live gateway
-# still has them (or they were offline already).
+# still has them (or they were offline already). Keys of the wrong type: a presence key
+# that is not a hash is not online, a route key that is not a set holds no gateway.
 _OFFLINE = """
-if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+if redis.pcall('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+local members = redis.pcall('SMEMBERS', KEYS[2])
+if members.err then members = {} end
+for _, node in ipairs(members) do
   if node ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. node) == 1 then return 0 end
 end
 redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+
+# Announcing (a single Redis): the frames are published only if every user's `on` is still
+# the state announced, checked in the same script. A gateway whose announcement was slow
+# (its rooms' read) no longer publishes "offline" after another gateway wrote the user
+# online and announced it: that write came before this script (then "offline" is stale
+# and dropped) or after it (then its "online" is published after this, on the same
+# channels). KEYS: the users' presence hashes; ARGV: '1' or '0' per key, then channel and
+# payload pairs. Returns the (1-based) indexes of the stale states; nothing is published
+# unless there are none.
+_PUBLISH_IF_CURRENT = """
+local stale = {}
+for i, key in ipairs(KEYS) do
+  local on = redis.pcall('HGET', key, 'on')
+  if type(on) ~= 'string' then on = '0' end
+  if on ~= ARGV[i] then stale[#stale + 1] = i end
+end
+if #stale > 0 then return stale end
+for j = #KEYS + 1, #ARGV, 2 do redis.call('PUBLISH', ARGV[j], ARGV[j + 1]) end
+return stale
 """
 
 
@@ -86,8 +128,8 @@ return 1
 # (a gateway that took the user meanwhile rewrote it: then nothing changes).
 # KEYS: presence hash. ARGV: now ms, ttl, the `seen` read before.
 _OFFLINE_CAS = """
-if redis.call('HGET', KEYS[1], 'on') ~= '1' then return 0 end
-if redis.call('HGET', KEYS[1], 'seen') ~= ARGV[3] then return 0 end
+if redis.pcall('HGET', KEYS[1], 'on') ~= '1' then return 0 end
+if redis.pcall('HGET', KEYS[1], 'seen') ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'on', '0', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
@@ -95,7 +137,11 @@ return 1
 
 # KEYS: presence hash. ARGV: now ms, ttl. 1 when the user was not online before.
 _ONLINE_HASH = """
-local was = redis.call('HGET', KEYS[1], 'on')
+local was = redis.pcall('HGET', KEYS[1], 'on')
+if type(was) == 'table' and was.err then
+  redis.call('DEL', KEYS[1])
+  was = false
+end
 redis.call('HSET', KEYS[1], 'on', '1', 'seen', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if was == '1' then return 0 end
@@ -257,7 +303,17 @@ class Presence:
         state, members = await asyncio.gather(
             self.redis.hmget(self.keys.presence(user), ["on", "seen"]),
             self.redis.smembers(self.keys.user_routes(user)),
+            return_exceptions=True,
         )
+        # Keys of the wrong type (_OFFLINE): not online; no gateway.
+        if isinstance(state, BaseException):
+            if not _wrong_type(state):
+                raise state
+            return 0
+        if isinstance(members, BaseException):
+            if not _wrong_type(members):
+                raise members
+            members = set()
         on, was_seen = (_text(v) if v is not None else None for v in state)
         if on != "1" or was_seen is None:
             return 0
@@ -289,16 +345,38 @@ class Presence:
         by_conv, _ = await self.node.routes.nodes_for(
             convs=sorted({c for _, convs in wanted for c in convs})
         )
-        deliveries: dict[str, Delivery] = {}
-        for frame, convs in wanted:
-            per_node: dict[str, list[int]] = {}
-            for conv in convs:
-                for n in by_conv.get(conv, ()):
-                    per_node.setdefault(n, []).append(conv)
-            for n, node_convs in per_node.items():
-                deliveries.setdefault(n, Delivery()).presence.append((node_convs, frame))
-        await self.node.routes.publish(deliveries)
+        while True:  # each round that finds states stale drops at least one
+            deliveries = _deliveries(wanted, by_conv)
+            if self.keys.cluster or not deliveries:
+                # A cluster: the hashes and channels are in different slots (no script
+                # over them); announcements of two gateways may arrive out of order there.
+                await self.node.routes.publish(deliveries)
+                break
+            stale = await self._publish_if_current(wanted, deliveries)
+            if not stale:
+                break
+            # Changed meanwhile (another gateway's announcement of it is due, or out):
+            # the others go out without it.
+            wanted = [w for i, w in enumerate(wanted) if i not in stale]
+            if not wanted:
+                return
         self.announced += len(wanted)
+
+    async def _publish_if_current(
+        self, wanted: list[tuple[dict[str, Any], list[int]]], deliveries: dict[str, Delivery]
+    ) -> set[int]:
+        """Publish `deliveries` in one script that first checks every announced state is
+        still the user's (`_PUBLISH_IF_CURRENT`); the indexes in `wanted` of those that
+        are not (nothing published then)."""
+        keys = [self.keys.presence(frame["user"]) for frame, _ in wanted]
+        args: list[Any] = ["1" if frame["online"] else "0" for frame, _ in wanted]
+        for n, delivery in deliveries.items():
+            args += [self.keys.node_channel(n), encode_delivery(delivery)]
+        if self.line is not None:
+            found = await self.line.execute("EVAL", _PUBLISH_IF_CURRENT, len(keys), *keys, *args)
+        else:
+            found = await self.redis.eval(_PUBLISH_IF_CURRENT, len(keys), *keys, *args)
+        return {int(i) - 1 for i in found}
 
     # -- every node: heartbeat; one node at a time: sweep the dead ones -------------------
     async def run(self) -> None:
@@ -412,15 +490,32 @@ class Presence:
 
     async def stop(self) -> None:
         await self.changes.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Cancelled again until each ends (core/tasks.py: a cancellation can be lost).
+        await stop_tasks(list(self._tasks), STOP_RECANCEL_S)
+
+
+def _deliveries(
+    wanted: list[tuple[dict[str, Any], list[int]]], by_conv: dict[int, set[str]]
+) -> dict[str, Delivery]:
+    """One delivery per gateway with subscribers of the rooms: each frame with its rooms
+    there."""
+    deliveries: dict[str, Delivery] = {}
+    for frame, convs in wanted:
+        per_node: dict[str, list[int]] = {}
+        for conv in convs:
+            for n in by_conv.get(conv, ()):
+                per_node.setdefault(n, []).append(conv)
+        for n, node_convs in per_node.items():
+            deliveries.setdefault(n, Delivery()).presence.append((node_convs, frame))
+    return deliveries
 
 
 def _keep(old: None, new: None) -> None:
     return None
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _text(value: Any) -> str:

@@ -14,7 +14,6 @@ makes anyway; see gateway/send.py.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -95,17 +94,3 @@ class ClusterLimiter:
 
     def start(self) -> asyncio.Task[None]:
         return asyncio.create_task(self.run())
-
-
-async def stop_task(task: asyncio.Task[None] | None, recancel_s: float = 1.0) -> None:
-    """Cancel a background task and wait for its end. Cancelled again every `recancel_s`
-    while it runs on: a task can swallow one cancellation (Python 3.11's wait_for loses a
-    cancel that races with its inner future's completion), and a gateway's shutdown must
-    not wait for it until it is killed."""
-    if task is None:
-        return
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=recancel_s)
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        task.result()

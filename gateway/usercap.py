@@ -36,8 +36,11 @@ refuses a user's real connections for up to a day: the hash's TTL):
 
 A command error in a count pipeline (a user's key of the wrong type) fails that user's
 connect alone: the other users' increments ran and are kept, with their releases. A count
-whose connection is lost or times out fails every connect of its pipeline, admitted
-without a release (gateway/ws.py): if Redis had applied it, an over-count until the TTL.
+whose connection is lost or times out may or may not have been applied: `admit` raises
+`CountUnknown`, and gateway/ws.py admits the session and releases it when it ends, as a
+counted one. Had Redis not applied it, that release is an under-count of one while the
+user's other sessions here last (floored at 0); before, such a session got no release,
+and had Redis applied it, the user was over-counted by one for as long as the gateway ran.
 
 Connects that arrive together share a pipeline (three commands each; on a single Redis
 written at once on a pipelined connection of the node's own, storage/redisline.py), at most
@@ -86,6 +89,13 @@ return 0
 """
 
 
+class CountUnknown(Exception):
+    """A session may be counted though `admit` could not decide: its count went out and
+    no reply came back (the connection was lost, or Redis did not answer in time: Redis
+    may have applied it), or it was counted and reading the other nodes' liveness failed.
+    The caller admits it and releases it when it ends."""
+
+
 class UserConnectionCap:
     def __init__(
         self,
@@ -118,16 +128,25 @@ class UserConnectionCap:
         self._release = redis.register_script(_RELEASE)
 
     async def admit(self, user: str) -> bool:
-        """Count a new session of `user`; False (and not counted) when over the cap."""
+        """Count a new session of `user`; False (and not counted) when over the cap.
+        Raises CountUnknown when the session may be counted (release it when it ends),
+        another error when it was not counted."""
         if self.cap <= 0:
             return True
-        counts = await self._counting.read(0, user)
+        try:
+            counts = await self._counting.read(0, user)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise CountUnknown(f"{type(exc).__name__}: {exc}") from exc
         if isinstance(counts, Exception):
             raise counts  # this user's count failed (the others' of its batch did not)
-        total, dead = await self._live_total(counts)
-        total -= self.releases.pending.get(user) or 0  # ended, decrement not sent yet
-        if dead:
-            await self.redis.hdel(self.keys.user_sessions(user), *dead)
+        try:
+            total, dead = await self._live_total(counts)
+            total -= self.releases.pending.get(user) or 0  # ended, decrement not sent yet
+            if dead:
+                await self.redis.hdel(self.keys.user_sessions(user), *dead)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            # Counted already: whatever failed after it, the session is to be released.
+            raise CountUnknown(f"{type(exc).__name__}: {exc}") from exc
         if total > self.cap:
             self.refused += 1
             self.releases.add(user, 1)  # not counted after all: with the next decrements

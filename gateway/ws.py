@@ -45,6 +45,7 @@ from gateway.protocol.frames import (
 )
 from gateway.protocol.websocket import Upgrade
 from gateway.sendorder import Turn
+from gateway.usercap import CountUnknown
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
@@ -189,6 +190,12 @@ class Endpoint:
         if cap is not None:
             try:
                 admitted = await cap.admit(conn.user)
+            except CountUnknown as exc:
+                # Maybe counted (Redis may have applied it): released as a counted session
+                # (gateway/usercap.py). Not refused for it either.
+                log.warning("conn %d: session count unknown: %s", conn.id, exc)
+                admitted = True
+                conn.on_close(lambda c: cap.release(c.user))
             except Exception as exc:  # Redis down: sessions are not worth refusing for it
                 log.warning("conn %d: session count unavailable: %s", conn.id, exc)
                 admitted = True

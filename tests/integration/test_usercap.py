@@ -144,9 +144,13 @@ async def test_a_decrement_of_a_damaged_count_never_goes_below_zero(
 class ReplyLosingProxy:
     """A TCP proxy in front of Redis (on a thread of its own: the stack's start blocks the
     test's loop) that loses the replies of the first connection to send a decrement
-    (`HINCRBY` or `EVALSHA`) of `key`: Redis applies it, the sender times out and retries."""
+    (`HINCRBY` or `EVALSHA`) of `key`: Redis applies it, the sender times out and retries.
+    With `hold` given, that connection's replies are held until `hold` is set instead of
+    lost; `seen` is set once the command went through."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, hold: threading.Event | None = None) -> None:
+        self.hold = hold
+        self.seen = threading.Event()
         u = urlsplit(upstream)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 6379
         self.key = b""
@@ -185,12 +189,15 @@ class ReplyLosingProxy:
                 ):
                     losing[0] = True
                     self.lost += 1
+                    self.seen.set()
                 sw.write(data)
                 await sw.drain()
 
         async def down() -> None:
             while data := await sr.read(65536):
-                if not losing[0]:
+                if losing[0] and self.hold is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self.hold.wait)
+                if not losing[0] or self.hold is not None:
                     cw.write(data)
                     await cw.drain()
 
@@ -253,5 +260,111 @@ async def test_a_decrement_applied_twice_after_a_lost_reply_never_goes_below_zer
         for c in held:
             await c.close()
     finally:
+        s.stop_all()
+        proxy.stop()
+
+
+async def test_a_count_whose_reply_was_lost_is_released_when_its_session_ends(
+    settings: Settings, redis_client: Any
+) -> None:
+    """Redis applies a connect's count (HINCRBY) but the reply is lost: the gateway times
+    out, admits the session (a count that failed refuses nobody) and, before, attached no
+    release to it, so the user stayed counted one session too many for as long as the
+    gateway ran (refused at USER_CAP - 1 real sessions). The count's outcome is unknown:
+    it is released like any counted session (at worst, had Redis not applied it, an
+    under-count, floored at 0)."""
+    r: aioredis.Redis = redis_client
+    proxy = ReplyLosingProxy(settings.redis_url)
+    u = urlsplit(settings.redis_url)
+    s = Stack(
+        settings,
+        extra_env={
+            "AGORA_MAX_CONNECTIONS_PER_USER": str(USER_CAP),
+            "AGORA_REDIS_URL": f"redis://127.0.0.1:{proxy.listen_port}{u.path}",
+            "AGORA_REDIS_TIMEOUT_S": "3",  # the least allowed
+        },
+    )
+    try:
+        gw = s.gateway("ucap-lost-count")
+        keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
+        user = uid("ucap-lcount")
+        key = keys.user_sessions(user)
+        proxy.key = key.encode()
+        first = await counted(s, gw, user)  # admitted after the count timed out
+        assert proxy.lost == 1
+        assert sum(int(v) for v in (await r.hgetall(key)).values()) == 1  # Redis applied it
+        async with monitored(settings) as commands:
+            await first.close()
+            await commands.until(
+                lambda c: key in c and c.startswith("EVALSHA"), 15, "the session's release"
+            )
+        assert not await r.exists(key)  # back to nothing
+        held = [await counted(s, gw, user) for _ in range(USER_CAP)]
+        extra = await AgoraClient.connect(gw.ws_url, s.token(user))
+        await asyncio.wait_for(extra.closed.wait(), 5)
+        assert extra.close_code == 4008, f"session {USER_CAP + 1} admitted: {extra.close_code}"
+        for c in held:
+            await c.close()
+    finally:
+        s.stop_all()
+        proxy.stop()
+
+
+async def test_a_session_that_ends_while_it_is_counted_is_released(
+    settings: Settings, redis_client: Any
+) -> None:
+    """The peer leaves while its session's count is in flight (a client giving up on a
+    slow connect): the count succeeds and the session is admitted, but its release was
+    attached to a connection already closed, whose close callbacks had run: it never ran,
+    and the user stayed counted one session too many for as long as the gateway ran.
+    The count's replies are held by the proxy until the gateway has seen the peer leave
+    (its route of the user is dropped)."""
+    r: aioredis.Redis = redis_client
+    hold = threading.Event()
+    proxy = ReplyLosingProxy(settings.redis_url, hold=hold)
+    u = urlsplit(settings.redis_url)
+    s = Stack(
+        settings,
+        extra_env={
+            "AGORA_MAX_CONNECTIONS_PER_USER": str(USER_CAP),
+            "AGORA_REDIS_URL": f"redis://127.0.0.1:{proxy.listen_port}{u.path}",
+        },
+    )
+    try:
+        gw = s.gateway("ucap-gone-counting")
+        keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
+        user = uid("ucap-gone")
+        key, route = keys.user_sessions(user), keys.user_routes(user)
+        proxy.key = key.encode()
+        ws = urlsplit(gw.ws_url)
+        _reader, writer = await asyncio.open_connection(ws.hostname, ws.port)
+        writer.write(
+            (
+                f"GET {ws.path or '/'}?token={s.token(user)} HTTP/1.1\r\n"
+                f"Host: {ws.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        async with monitored(settings) as commands:
+            try:
+                # Registered (its route is in) and counted (the count went to Redis).
+                assert await loop.run_in_executor(None, proxy.seen.wait, 10)
+                assert await r.exists(route)
+                writer.close()  # the peer leaves while the count's reply is held
+                async with asyncio.timeout(10):
+                    while await r.exists(route):  # the gateway saw it go: route dropped
+                        await asyncio.sleep(0.02)
+                assert sum(int(v) for v in (await r.hgetall(key)).values()) == 1  # counted
+            finally:
+                hold.set()
+            await commands.until(
+                lambda c: key in c and c.startswith("EVALSHA"), 10, "the session's release"
+            )
+        assert not await r.exists(key)
+    finally:
+        hold.set()
         s.stop_all()
         proxy.stop()

@@ -103,6 +103,34 @@ async def test_stop_gives_up_after_its_timeout_while_redis_is_gone() -> None:
     assert b.pending.get("a") == 1  # kept, not sent: the caller's comment says what then
 
 
+async def test_stop_ends_a_batch_whose_flush_swallowed_the_cancellation() -> None:
+    # As redis-py 8.1's pipeline does with a cancellation that lands as it starts: the
+    # flush goes on (and fails: Redis is away), the batch is put back and retried after
+    # its backoff, for ever. `stop` cancelled once and awaited the task: it never returned.
+    in_flush = asyncio.Event()
+    swallowed = 0
+
+    async def flush(batch: dict[str, int]) -> None:
+        nonlocal swallowed
+        in_flush.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed += 1
+        raise ConnectionError("gone")
+
+    b: Batcher[str, int] = Batcher("test jobs", flush, operator.add, backoff=Backoff(0.01, 0.01))
+    b.add("a", 1)
+    await in_flush.wait()
+    stopping = asyncio.ensure_future(b.stop(timeout=0.01))
+    # Not wait_for: cancelling `stop` would cancel the task it awaits, and end the test.
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    assert stopping in done and swallowed == 1
+    assert b.pending.get("a") == 1 and b._task is None
+
+
 async def test_with_a_linger_the_jobs_of_the_next_ticks_join_the_first_batch() -> None:
     """Presence's batches linger (gateway/presence.py): jobs added a few loop turns after
     the first one go out with it, in one batch; without a linger the first goes alone."""

@@ -1,4 +1,4 @@
-"""gateway.ratelimit.stop_task: a background task ends at shutdown even if it swallows a
+"""core.tasks.stop_task: a background task ends at shutdown even if it swallows a
 cancellation (the gateway's lifespan waits on it before it can exit)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.ratelimit import stop_task
+from core.tasks import stop_task, stop_tasks
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
@@ -42,3 +42,27 @@ async def test_a_task_that_failed_or_ended_is_waited_for_quietly() -> None:
     await done
     await stop_task(done)
     assert failed.done() and done.done()
+
+
+async def test_several_tasks_are_all_cancelled_and_each_ended() -> None:
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    tasks = [asyncio.create_task(stubborn()), asyncio.create_task(asyncio.sleep(60))]
+    await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(stop_tasks(tasks, recancel_s=0.05), 5)
+        assert all(t.cancelled() for t in tasks) and swallowed == 1
+    finally:
+        swallowed = 1  # a failed test's stubborn task ends at its next cancellation
+        for task in tasks:
+            task.cancel()

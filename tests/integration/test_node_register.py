@@ -1,0 +1,87 @@
+"""A node's registration that fails part way is done again until it succeeds.
+
+Registering everything (gateway.node._register_all: after the lease was found gone, or the
+pub/sub connection came back) is one pipeline: the lease first, then the node's route
+sets. When the route writes failed after the lease was set (here Redis refuses SADD; a
+connection lost or a timeout part way does the same), the next renewals found the lease
+and succeeded, so the routes were never written again: publishers found no route to this
+node and its subscribers got nothing live (the periodic refresh only pushes back the
+expiry of sets that exist, and does not put the node back into them). Real Redis of the
+test's own and a node as gateway.app composes it; the connection's link is a recording
+socket."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.settings import Settings
+from gateway.connection import Connection
+from gateway.node import Node
+from gateway.protocol.codec import JsonCodec
+from storage.pools import ShardPools
+from storage.redis_client import make_lease_redis, make_redis
+from storage.redis_keys import RedisKeys
+from tests.faults import OwnRedis
+from tests.integration.helpers import uid
+from tests.integration.test_node_lease import LEASE_S, Socket, until
+
+pytestmark = pytest.mark.engines
+
+
+@pytest.fixture
+async def admin(own_redis: OwnRedis) -> AsyncIterator[aioredis.Redis]:
+    """A client of a user of its own, whom the test's ACL changes leave every command."""
+    default = aioredis.Redis.from_url(own_redis.url)
+    await default.execute_command("ACL", "SETUSER", "admin", "on", "nopass", "~*", "&*", "+@all")
+    await default.aclose()
+    client = aioredis.Redis.from_url(own_redis.url, username="admin", password="")
+    yield client
+    await client.aclose()
+
+
+async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    redis, lease_redis = make_redis(s), make_lease_redis(s)
+    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    user = uid("reg")
+    route = keys.user_routes(user)
+    try:
+        await node.start()
+        await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
+        assert await admin.sismember(route, node.id)
+        # Redis loses everything (a restart, a failover to an empty replica); another
+        # node registers the user again at once, so the set exists without this node.
+        # The node's own client may no longer SADD: its registration sets the lease, and
+        # its route writes fail.
+        await admin.execute_command("ACL", "SETUSER", "default", "-sadd")
+        await admin.flushall()
+        await admin.sadd(route, "other-node")
+        losses, failures = node.lease_losses, node.lease_failures
+        await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
+        await until(lambda: node.lease_failures > failures, LEASE_S * 3, "registering failing")
+        assert await admin.exists(keys.node_lease(node.id))  # set by the failed registration
+        assert not await admin.sismember(route, node.id)
+        await admin.execute_command("ACL", "SETUSER", "default", "+sadd")
+        # Redis takes every write again: the registration must be done again, in full.
+        # Before, the renewals held the lease and nothing registered the user again.
+        renewals = node.lease_renewals
+        for _ in range(100):
+            if await admin.sismember(route, node.id):
+                break
+            await asyncio.sleep(LEASE_S * 3 / 100)
+        assert await admin.sismember(route, node.id), (
+            f"not registered again ({node.lease_renewals - renewals} renewals since)"
+        )
+        assert await admin.smembers(route) == {b"other-node", node.id.encode()}
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
