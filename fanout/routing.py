@@ -69,17 +69,21 @@ class Routes:
     async def register(
         self, node: str, lease_s: int, convs: Iterable[int], users: Iterable[str]
     ) -> None:
-        """(Re)register a node and everything it serves, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
+        """(Re)register a node and everything it serves: the lease, then the routes in
+        one round trip. The lease goes alone first: a Redis that refuses it (out of
+        memory, read-only, an ACL) or does not answer is not sent every route too, only
+        to refuse them all (a node retries a failed registration every few seconds:
+        2 commands per local conversation and user each time, where this is one)."""
+        await self.redis.set(self.keys.node_lease(node), b"1", ex=lease_s)
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
+        if not keys:
+            return
+        pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             _add(pipe, key, node)
         replies = await pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        await self._settle(node, keys, replies[1:], [])
+        await self._settle(node, keys, replies, [])
 
     async def renew(self, node: str, lease_s: int) -> bool:
         """Extend the lease; False when it was gone (the caller must register again)."""

@@ -1,7 +1,7 @@
 """A node's registration that fails part way is done again until it succeeds.
 
 Registering everything (gateway.node._register_all: after the lease was found gone, or the
-pub/sub connection came back) is one pipeline: the lease first, then the node's route
+pub/sub connection came back) sets the lease, then writes the node's route
 sets. When the route writes failed after the lease was set (here Redis refuses SADD; a
 connection lost or a timeout part way does the same), the next renewals found the lease
 and succeeded, so the routes were never written again: publishers found no route to this
@@ -81,6 +81,62 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
             f"not registered again ({node.lease_renewals - renewals} renewals since)"
         )
         assert await admin.smembers(route) == {b"other-node", node.id.encode()}
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+
+
+async def _sadd_calls(admin: aioredis.Redis) -> int:
+    """SADDs Redis was sent since the last CONFIG RESETSTAT (refused ones included)."""
+    stats = await admin.info("commandstats")
+    sadd = stats.get("cmdstat_sadd", {})
+    return int(sadd.get("calls", 0)) + int(sadd.get("rejected_calls", 0))
+
+
+async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_routes(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # Once a registration failed, every turn of the lease loop registers everything again
+    # (every 0.1 s at first, then at most every third of the lease) until one succeeds.
+    # While Redis refuses the lease itself (here an ACL; out of memory, or a read-only
+    # replica after a failover, the same), each such try sent every route of the node
+    # again, all refused: 2 commands per local conversation and user (a node of 20,000
+    # sessions: ~80,000 commands and ~1 s of its CPU a try) where a renewal is one.
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    redis, lease_redis = make_redis(s), make_lease_redis(s)
+    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    users = [uid(f"reg{i}") for i in range(200)]
+    try:
+        await node.start()
+        for user in users:
+            await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
+        # A registration fails part way (its route writes refused), so the loop retries
+        # it; then Redis refuses the lease too.
+        await admin.execute_command("ACL", "SETUSER", "default", "-sadd")
+        await admin.delete(keys.node_lease(node.id))
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures > failures, LEASE_S * 3, "registering failing")
+        await admin.execute_command("ACL", "SETUSER", "default", "-set")
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures > failures, LEASE_S * 3, "one more failure")
+        await admin.config_resetstat()
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures >= failures + 3, LEASE_S * 6, "3 more tries")
+        tries = node.lease_failures - failures
+        sent = await _sadd_calls(admin)
+        # Presence's retried scripts add to the node's presence set (a SADD or two); a
+        # try that sends the routes is len(users) SADDs.
+        assert sent < len(users), f"{sent} SADDs sent in {tries} tries refused at the lease"
+        # Redis takes writes again: the next try registers every route.
+        await admin.execute_command("ACL", "SETUSER", "default", "+set", "+sadd")
+        for _ in range(100):
+            if all([await admin.sismember(keys.user_routes(u), node.id) for u in users]):
+                break
+            await asyncio.sleep(LEASE_S * 3 / 100)
+        for user in users:
+            assert await admin.sismember(keys.user_routes(user), node.id)
     finally:
         await node.stop()
         await lease_redis.aclose()
