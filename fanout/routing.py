@@ -21,9 +21,10 @@ lookup, for as long as the key stayed bad.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -67,18 +68,28 @@ class Routes:
 
     # -- the gateway side ------------------------------------------------------------------
     async def register(
-        self, node: str, lease_s: int, convs: Iterable[int], users: Iterable[str]
+        self,
+        node: str,
+        lease_s: int,
+        convs: Iterable[int],
+        users: Iterable[str],
+        timeout_s: float | None = None,
     ) -> None:
         """(Re)register a node and everything it serves: the lease, then the routes in
-        one round trip. The lease goes alone first: a Redis that refuses it (out of
-        memory, read-only, an ACL) or does not answer is not sent every route too, only
-        to refuse them all (a node retries a failed registration every few seconds:
-        2 commands per local conversation and user each time, where this is one)."""
-        await self.redis.set(self.keys.node_lease(node), b"1", ex=lease_s)
+        pipelines of `_REFRESH_CHUNK` keys. The lease goes alone first: a Redis that
+        refuses it (out of memory, read-only, an ACL) or does not answer is not sent every
+        route too, only to refuse them all (a node retries a failed registration every few
+        seconds: 2 commands per local conversation and user each time, where this is one).
+        `timeout_s` bounds each round trip, not the whole: a registration's time grows with
+        the node's sessions (~2 s of the gateway's CPU for 20,000 here, bench/RESULTS.md),
+        and one bounded as a whole by a short lease timed out on every try, forever."""
+        await _bounded(self.redis.set(self.keys.node_lease(node), b"1", ex=lease_s), timeout_s)
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
-        if not keys:
-            return
+        for i in range(0, len(keys), _REFRESH_CHUNK):
+            await _bounded(self._register_chunk(node, keys[i : i + _REFRESH_CHUNK]), timeout_s)
+
+    async def _register_chunk(self, node: str, keys: list[str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             _add(pipe, key, node)
@@ -275,6 +286,12 @@ class Routes:
             else:
                 pipe.publish(channel, encode_delivery(delivery))
         await pipe.execute()
+
+
+async def _bounded(step: Awaitable[Any], timeout_s: float | None) -> Any:
+    if timeout_s is None:
+        return await step
+    return await asyncio.wait_for(step, timeout_s)
 
 
 def _wrong_type(exc: Exception) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -141,3 +142,89 @@ async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_rou
         await node.stop()
         await lease_redis.aclose()
         await redis.aclose()
+
+
+class SlowUplink:
+    """A TCP proxy in front of Redis (in the test's loop) passing what clients send at
+    `rate` bytes a second (a slow link, or a Redis reading slowly); replies unthrottled."""
+
+    def __init__(self, upstream: str, rate: float) -> None:
+        u = urlsplit(upstream)
+        self.host, self.port, self.rate = u.hostname or "127.0.0.1", u.port or 6379, rate
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(self.host, self.port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await r.read(16384):
+                    if slow:
+                        await asyncio.sleep(len(data) / self.rate)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        for task in (
+            asyncio.create_task(pump(cr, sw, True)),
+            asyncio.create_task(pump(sr, cw, False)),
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # A registration is bounded so that a Redis cut off by the network does not hang it.
+    # Bounded as a whole by the lease, one whose commands take longer than a lease to go
+    # out (a node of many sessions, its own CPU busy: ~2 s for 20,000 of them here, or a
+    # slow link as here) timed out on every try, each a full registration again, and the
+    # node was never registered (before e853e4c it had no bound and finished once). Its
+    # parts (2,000 keys) are bounded instead: each is far inside a lease.
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    n = 6000  # ~150 bytes of route commands each: ~0.9 MB, ~4.5 s at the link's rate
+    uplink = SlowUplink(own_redis.url, 200_000)
+    await uplink.start()
+    redis = make_redis(s)
+    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
+    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    users = [uid(f"big{i}") for i in range(n)]
+    try:
+        await node.start()
+        await asyncio.gather(
+            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
+        )
+        await admin.delete(keys.node_lease(node.id), *[keys.user_routes(u) for u in users])
+        losses = node.lease_losses
+        await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
+        async with asyncio.timeout(30):
+            while True:
+                found = await admin.exists(*[keys.user_routes(u) for u in users])
+                if found == n:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+        await uplink.stop()
