@@ -201,8 +201,8 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
     # node was never registered (before e853e4c it had no bound and finished once). Its
     # parts (2,000 keys) are bounded instead: each is far inside a lease.
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
-    n = 6000  # ~150 bytes of route commands each: ~0.9 MB, ~4.5 s at the link's rate
-    uplink = SlowUplink(own_redis.url, 200_000)
+    n = 8000  # ~155 bytes of route commands each: ~1.2 MB, ~4 s at the link's rate
+    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~1 s
     await uplink.start()
     redis = make_redis(s)
     lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
