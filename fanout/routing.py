@@ -87,14 +87,21 @@ class Routes:
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
         for i in range(0, len(keys), _REFRESH_CHUNK):
-            await _bounded(self._register_chunk(node, keys[i : i + _REFRESH_CHUNK]), timeout_s)
+            chunk = keys[i : i + _REFRESH_CHUNK]
+            await _bounded(self._register_chunk(node, lease_s, chunk), timeout_s)
 
-    async def _register_chunk(self, node: str, keys: list[str]) -> None:
+    async def _register_chunk(self, node: str, lease_s: int, keys: list[str]) -> None:
+        """One part of a registration, the lease set again first: a registration that
+        takes longer than the lease (many sessions) keeps it; lapsed, the node's next
+        renewal would find it gone and register everything again, every time."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
         for key in keys:
             _add(pipe, key, node)
         replies = await pipe.execute(raise_on_error=False)
-        await self._settle(node, keys, replies, [])
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        await self._settle(node, keys, replies[1:], [])
 
     async def renew(self, node: str, lease_s: int) -> bool:
         """Extend the lease; False when it was gone (the caller must register again)."""

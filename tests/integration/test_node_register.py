@@ -223,6 +223,13 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
                 if found == n:
                     break
                 await asyncio.sleep(0.2)
+        # And registered for good: a registration longer than the lease set at its start
+        # must keep that lease, or the next renewal finds it gone and registers again
+        # (forever, each as long), while publishers take the node for dead meanwhile.
+        losses = node.lease_losses
+        renewals = node.lease_renewals
+        await until(lambda: node.lease_renewals >= renewals + 4, LEASE_S * 4, "renewals")
+        assert node.lease_losses == losses, "the lease lapsed during the registration"
     finally:
         await node.stop()
         await lease_redis.aclose()
