@@ -162,27 +162,44 @@ class Routes:
             self.repaired += 1
             log.warning("route key %s was not a set; replaced by one holding %s", key, node)
 
-    async def refresh(self, node: str, convs: Iterable[int], users: Iterable[str]) -> int:
+    async def refresh(
+        self,
+        node: str,
+        convs: Iterable[int],
+        users: Iterable[str],
+        timeout_s: float | None = None,
+        lease_s: int | None = None,
+    ) -> int:
         """Push back the expiry of every route set the node is in (pipelined in chunks);
         a set found gone is made again. Returns how many were gone. Only the sets' expiry:
-        a set that exists without the node is not mended (registering is `register`'s)."""
+        a set that exists without the node is not mended (registering is `register`'s).
+        `timeout_s` bounds each chunk, not the whole (see `register`); with `lease_s`, each
+        chunk renews the node's lease too (if it is still there: a lease found gone is
+        the next renewal's to see), so that a refresh longer than the lease keeps it."""
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
         gone = 0
         for i in range(0, len(keys), _REFRESH_CHUNK):
             chunk = keys[i : i + _REFRESH_CHUNK]
-            pipe = self.redis.pipeline(transaction=False)
-            for key in chunk:
-                pipe.expire(key, ROUTE_TTL_S)
-            found = await pipe.execute()
-            missing = [k for k, ok in zip(chunk, found, strict=True) if not ok]
-            if missing:
-                gone += len(missing)
-                pipe = self.redis.pipeline(transaction=False)
-                for key in missing:
-                    _add(pipe, key, node)
-                await pipe.execute()
+            gone += await _bounded(self._refresh_chunk(node, chunk, lease_s), timeout_s)
         return gone
+
+    async def _refresh_chunk(self, node: str, chunk: list[str], lease_s: int | None) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        if lease_s is not None:
+            pipe.set(self.keys.node_lease(node), b"1", ex=lease_s, xx=True)
+        for key in chunk:
+            pipe.expire(key, ROUTE_TTL_S)
+        found = await pipe.execute()
+        if lease_s is not None:
+            found = found[1:]
+        missing = [k for k, ok in zip(chunk, found, strict=True) if not ok]
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in missing:
+                _add(pipe, key, node)
+            await pipe.execute()
+        return len(missing)
 
     async def leave(self, node: str, convs: Iterable[int], users: Iterable[str]) -> None:
         """A clean shutdown: drop the lease and every registration."""

@@ -230,11 +230,15 @@ class Node:
                     self.lease_renewals += 1
                     if time.monotonic() >= refresh_at:
                         # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
-                        await asyncio.wait_for(
-                            self.lease_routes.refresh(
-                                self.id, list(self.conv_subs), list(self.user_conns)
-                            ),
-                            self.settings.route_lease_s,
+                        # Each chunk bounded by a lease, not the whole (it grows with
+                        # the sessions: bounded as a whole it could time out every try),
+                        # and renewing the lease (no renewal runs while it does).
+                        await self.lease_routes.refresh(
+                            self.id,
+                            list(self.conv_subs),
+                            list(self.user_conns),
+                            timeout_s=self.settings.route_lease_s,
+                            lease_s=self.settings.route_lease_s,
                         )
                         refresh_at = time.monotonic() + ROUTE_REFRESH_S
                 delay, failed = interval, 0

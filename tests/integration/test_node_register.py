@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
+import gateway.node
 from core.settings import Settings
 from gateway.connection import Connection
 from gateway.node import Node
@@ -230,6 +231,53 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
         renewals = node.lease_renewals
         await until(lambda: node.lease_renewals >= renewals + 4, LEASE_S * 4, "renewals")
         assert node.lease_losses == losses, "the lease lapsed during the registration"
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+        await uplink.stop()
+
+
+async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
+    settings: Settings,
+    pools: ShardPools,
+    own_redis: OwnRedis,
+    admin: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The periodic refresh (every ROUTE_REFRESH_S: pushing back the expiry of every route
+    # set the node is in) was bounded as a whole by the lease too: on a node whose
+    # refresh takes longer (many sessions, a busy CPU; here a slow link) it timed out on
+    # every try, so the route sets expired an hour later and the node's subscribers got
+    # nothing live (the parts a timed-out try had sent may still land, each try from the
+    # start: its whole cost again). Bounded per part, as registering is.
+    monkeypatch.setattr(gateway.node, "ROUTE_REFRESH_S", 1.0)  # due at once, not in 15 min
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    n = 12000  # ~70 bytes of EXPIRE each: ~0.85 MB, ~2.8 s at the link's rate
+    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~0.5 s
+    await uplink.start()
+    redis = make_redis(s)
+    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
+    node = Node(s, uid("ref-node"), redis, pools, lease_redis)
+    users = [uid(f"ref{i}") for i in range(n)]
+    try:
+        await node.start()
+        await asyncio.gather(
+            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
+        )
+        # Refreshes come due at once and then every second: each must end, not time out
+        # (a timed-out one is a lease failure, tried again 0.1 s later, from the start).
+        # Once the attaches are done (they starve this loop, the link's too), a turn to
+        # settle; then a refresh also keeps the lease (no renewal runs meanwhile).
+        settled = node.lease_renewals
+        await until(lambda: node.lease_renewals >= settled + 2, 30, "settled")
+        failures, renewals = node.lease_failures, node.lease_renewals
+        losses = node.lease_losses
+        await until(lambda: node.lease_renewals >= renewals + 4, 30, "renewals")
+        assert node.lease_failures == failures, (
+            f"{node.lease_failures - failures} refreshes timed out"
+        )
+        assert node.lease_losses == losses, "the lease lapsed during a refresh"
     finally:
         await node.stop()
         await lease_redis.aclose()
