@@ -96,8 +96,11 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.connecting = False
+        if self.closed:  # given up while connecting (the line closed)
+            transport.close()
+            return
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
