@@ -383,3 +383,25 @@ async def test_the_statement_keeps_an_index_probe_on_a_plan_made_while_messages_
             await conn.close()
     finally:
         await drop_databases((dsn,))
+
+
+async def test_the_send_paths_coalesced_read_keeps_its_generic_plan(
+    one_conn_pools: ShardPools, ids: IdGenerator
+) -> None:
+    """`messages.stored_ids` (the send path's reads asked while one was in flight) was
+    planned anew on every call: a custom plan for 2 keys always looked cheaper than the
+    generic one. Planned for the first five calls only, and it still finds what it should."""
+    pools = one_conn_pools
+    conv, a, _ = await _group(pools, ids, 0)
+    out = await sequence(pools, [new_message(conv, ids, a, "s0")])
+    stored = out.stored[0]
+    for i in range(8):
+        found = await messages.stored_ids(pools, 0, [(conv, a, "s0"), (conv, a, f"none{i}")])
+        assert found == [(stored.id, stored.ts), None]
+    async with pools.connection(0) as conn:
+        counts = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+            messages._STORED_IDS,
+        )
+    assert counts is not None
+    assert (counts["custom_plans"], counts["generic_plans"]) == (5, 3), dict(counts)
