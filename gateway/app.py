@@ -175,7 +175,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.sends_per_s,
             settings.idempotency_window_s,
             make_send_line(settings, REDIS_TIMEOUT_S),
-            make_produce_line(producer, messages_topic(settings), settings.kafka_idempotence),
+            make_produce_line(producer, messages_topic(settings), settings.kafka_produce_line),
         )
         state.settings = settings
         state.readiness = health.Readiness()

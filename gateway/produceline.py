@@ -24,8 +24,13 @@ record handed over may reach the broker twice (the failed request may have been 
 the same message, stored once under its (conversation, sender, cid) key, as with any
 producer retry without idempotence.
 
-Not for an idempotent producer (`enable_idempotence`: sequence numbers per producer id)
-nor for TLS/SASL: there the send path keeps aiokafka (`make_produce_line` returns None).
+Its records carry no producer id, whatever the producer's `enable_idempotence`: the send
+path does not rely on the broker's idempotence (the (conversation, sender, cid) unique key
+stores one copy), and a broker keeps sequence numbers per producer id, so the line's records
+and those an idempotent producer retries after a hand-over share a partition without
+conflict. Not for TLS/SASL, which the line does not speak, nor where an operator turned it
+off (AGORA_KAFKA_PRODUCE_LINE=false): there the send path keeps aiokafka
+(`make_produce_line` returns None).
 """
 
 from __future__ import annotations
@@ -398,11 +403,11 @@ def _copy(report: asyncio.Future[Any], fut: asyncio.Future[int]) -> None:
 
 
 def make_produce_line(
-    producer: AIOKafkaProducer, topic: str, idempotent: bool
+    producer: AIOKafkaProducer, topic: str, enabled: bool = True
 ) -> ProduceLine | None:
-    """The line for `topic`, or None where the send path keeps aiokafka (an idempotent
-    producer: its batches carry the producer id and sequence numbers; TLS or SASL)."""
-    if idempotent:
+    """The line for `topic`, or None where the send path keeps aiokafka (turned off by
+    AGORA_KAFKA_PRODUCE_LINE; TLS or SASL, which the line does not speak)."""
+    if not enabled:
         return None
     protocol = getattr(producer.client, "_security_protocol", "PLAINTEXT")
     if protocol != "PLAINTEXT":

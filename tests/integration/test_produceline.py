@@ -57,9 +57,9 @@ async def test_records_reach_their_keys_partition_in_order_and_share_requests(
 ) -> None:
     settings, producer = fresh
     topic = messages_topic(settings)
-    line = make_produce_line(producer, topic, idempotent=False)
+    line = make_produce_line(producer, topic)
     assert line is not None
-    assert make_produce_line(producer, topic, idempotent=True) is None  # keeps aiokafka
+    assert make_produce_line(producer, topic, enabled=False) is None  # keeps aiokafka
     keys = [str(770000000000000000 + 7919 * i).encode() for i in range(12)]
     # aiokafka's partition for each key, from its own producer: the line must agree, or a
     # conversation's records would be split between partitions (and reordered).
