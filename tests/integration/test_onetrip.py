@@ -315,7 +315,7 @@ async def test_poison_in_a_one_statement_batch_is_found_one_by_one(
     assert sent == ["WITH"] * 4
 
 
-async def test_the_statement_keeps_an_index_probe_on_a_plan_made_while_messages_was_small(
+async def test_the_statements_keep_an_index_probe_on_a_plan_made_while_messages_was_small(
     settings: Settings,
 ) -> None:
     """asyncpg prepares the statement; after five runs PostgreSQL keeps a generic plan for
@@ -379,6 +379,17 @@ async def test_the_statement_keeps_an_index_probe_on_a_plan_made_while_messages_
             old = plan[plan.index("CTE old") : plan.index("CTE fresh")]
             assert "Index Scan using messages_conv_id_sender_cid_key" in old, plan
             assert "Seq Scan on messages" not in old, plan
+            # The transactional path's read of earlier copies (storage/messages.py): the
+            # same, on the same generic-plan terms.
+            await conn.execute(f"PREPARE s(bigint[], text[], text[]) AS {messages._STORED_ROWS}")
+            rows = await conn.fetch("EXPLAIN EXECUTE s('{1}', '{s}', '{c1}')")
+            plan = "\n".join(r[0] for r in rows)
+            assert "Index Scan using messages_conv_id_sender_cid_key" in plan, plan
+            assert "Seq Scan on messages" not in plan, plan
+            found = await conn.fetch(
+                messages._STORED_ROWS, [1 + 7 % 30, 1], ["s", "s"], ["c7", "x"]
+            )
+            assert [(r["id"], r["cid"]) for r in found] == [(7, "c7")]
         finally:
             await conn.close()
     finally:
