@@ -232,6 +232,18 @@ class Settings:
         "InitProducerId, so the dev stack sets false; the (conversation, sender, cid) "
         "unique key still makes producer retries harmless.",
     )
+    kafka_produce_line: bool = _setting(
+        "AGORA_KAFKA_PRODUCE_LINE",
+        "true",
+        _bool,
+        "Produce the send path's messages through the gateway's own produce line "
+        "(gateway/produceline.py: Produce v3, acks=all, one request in flight per broker) "
+        "instead of aiokafka's producer: about half the gateway CPU per message. Its "
+        "records are not idempotent at the broker whatever AGORA_KAFKA_IDEMPOTENCE says: "
+        "a retry may append a second copy, which the (conversation, sender, cid) unique "
+        "key stores once. Any failure hands the records to aiokafka in order. Plaintext "
+        "only: with TLS or SASL the send path keeps aiokafka. false: always aiokafka.",
+    )
     kafka_fetch_wait_ms: int = _setting(
         "AGORA_KAFKA_FETCH_WAIT_MS",
         "500",

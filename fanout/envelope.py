@@ -143,6 +143,18 @@ def encode_delivery(d: Delivery) -> bytes:
     return out
 
 
+# What `encode_delivery` writes before the rows of a delivery of messages only: the map's
+# header, "v" and its value, the key "m" (the array's header and the rows follow). The
+# fan-out worker's publish script (fanout/routing.py) assembles deliveries from it.
+DELIVERY_HEAD: bytes = msgpack.packb({"v": VERSION, "m": []})[:-1]
+
+
+def message_rows(messages: list[Message]) -> bytes:
+    """The rows of `messages` as `encode_delivery` writes them in its "m" array, one after
+    another (without the array's header)."""
+    return b"".join(msgpack.packb(_message_row(m)) for m in messages)
+
+
 def _message_row(m: Message) -> list[Any]:
     row: list[Any] = [m.conv, m.id, m.seq, m.sender, m.body, m.ts, m.cid, m.kind]
     # The fields of edits, reactions and replies trail, only when set: a plain message's

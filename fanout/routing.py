@@ -31,7 +31,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from fanout.envelope import Delivery, encode_delivery
+from fanout.envelope import DELIVERY_HEAD, Delivery, encode_delivery, message_rows
+from storage.models import Message
 from storage.redis_keys import RedisKeys
 from storage.redisline import RedisLine
 
@@ -51,6 +52,76 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 0
 """
 
+# A worker batch's route lookup, liveness check, prune and per-node PUBLISH in one round
+# trip (a single Redis; a cluster keeps `nodes_for` + `publish`). Run after the batch's
+# commit, so a node that registered a route before it runs gets the messages. The same
+# decisions as `_live_nodes` and `_prune`, made fresh for every batch (no cache to go
+# stale: a node found dead and registered again within the cache's second is not pruned
+# again): a node whose lease is gone but that still listens on its channel is alive; one
+# that does neither is removed from the route sets it was found in; a route key that is not
+# a set holds no node, as in `nodes_for`. Each live node gets
+# one delivery, `encode_delivery(Delivery(messages=...))` byte for byte: the head of that
+# map, an array header for its count of rows, and the rows of its conversations in the
+# batch's order (each conversation's rows come encoded, one after another).
+# KEYS: the route set of each conversation. ARGV: lease key prefix, channel prefix, the
+# delivery's head, then per conversation its rows, then per conversation their count.
+_PUBLISH_BATCH = """
+local lease_prefix, chan_prefix, head = ARGV[1], ARGV[2], ARGV[3]
+local n = #KEYS
+local alive, parts, counts, order = {}, {}, {}, {}
+for i = 1, n do
+  local dead = {}
+  local members = redis.pcall('SMEMBERS', KEYS[i])
+  if members.err then
+    -- A key that is not a set (module docstring) holds no node; any other error fails.
+    if string.sub(members.err, 1, 9) ~= 'WRONGTYPE' then
+      return redis.error_reply(members.err)
+    end
+    members = {}
+  end
+  for _, node in ipairs(members) do
+    local live = alive[node]
+    if live == nil then
+      live = redis.call('EXISTS', lease_prefix .. node) == 1
+      if not live then
+        local found = redis.call('PUBSUB', 'NUMSUB', chan_prefix .. node)
+        live = tonumber(found[2]) > 0
+      end
+      alive[node] = live
+    end
+    if live then
+      if parts[node] == nil then
+        parts[node] = {}
+        counts[node] = 0
+        order[#order + 1] = node
+      end
+      local p = parts[node]
+      p[#p + 1] = ARGV[3 + i]
+      counts[node] = counts[node] + tonumber(ARGV[3 + n + i])
+    else
+      dead[#dead + 1] = node
+    end
+  end
+  if #dead > 0 then
+    redis.call('SREM', KEYS[i], unpack(dead))
+  end
+end
+for _, node in ipairs(order) do
+  local c = counts[node]
+  local header
+  if c < 16 then
+    header = string.char(0x90 + c)
+  elseif c < 65536 then
+    header = string.char(0xdc, math.floor(c / 256), c % 256)
+  else
+    header = string.char(0xdd, math.floor(c / 16777216) % 256, math.floor(c / 65536) % 256,
+                         math.floor(c / 256) % 256, c % 256)
+  end
+  redis.call('PUBLISH', chan_prefix .. node, head .. header .. table.concat(parts[node]))
+end
+return #order
+"""
+
 
 class Routes:
     def __init__(
@@ -65,6 +136,7 @@ class Routes:
         self._alive: dict[str, tuple[bool, float]] = {}
         self._repair = redis.register_script(_REPAIR)
         self.repaired = 0  # route keys found not to be sets and replaced
+        self._publish_batch = None if keys.cluster else redis.register_script(_PUBLISH_BATCH)
 
     # -- the gateway side ------------------------------------------------------------------
     async def register(
@@ -208,7 +280,8 @@ class Routes:
 
     # -- the publisher side ----------------------------------------------------------------
     async def live_nodes(self, nodes: set[str]) -> set[str]:
-        """Which of `nodes` are alive (lease held, or still listening); cached a second."""
+        """Which of `nodes` are alive (lease held, or still listening); an alive verdict is
+        cached a second."""
         return await self._live_nodes(nodes) if nodes else set()
 
     async def _live_nodes(self, nodes: set[str]) -> set[str]:
@@ -230,9 +303,15 @@ class Routes:
                     for ch, count in counts
                     if count
                 }
+            dead = {n for n in lapsed if n not in listening}
             for n in unknown:
-                alive = n not in lapsed or n in listening
-                self._alive[n] = (alive, now + _LIVENESS_CACHE_S)
+                if n in dead:
+                    # Not kept: its routes are pruned now, so it is only seen again once
+                    # it registered again (alive: a cached "dead" would prune that too).
+                    self._alive.pop(n, None)
+                else:
+                    self._alive[n] = (True, now + _LIVENESS_CACHE_S)
+            return {n for n in nodes if n not in dead}
         return {n for n in nodes if self._alive[n][0]}
 
     async def _get_many(self, keys: list[str]) -> list[Any]:
@@ -297,6 +376,32 @@ class Routes:
             if gone:
                 pipe.srem(self.keys.user_routes(user), *gone)
         await pipe.execute()
+
+    async def publish_messages(self, by_conv: dict[int, list[Message]]) -> int:
+        """Each live node serving any of the conversations gets one delivery of their
+        messages (per conversation in the order given, conversations in `by_conv`'s order);
+        dead nodes are pruned from these conversations' route sets. Routes are read now:
+        call it after the messages are stored. How many nodes were sent a delivery.
+
+        On a single Redis one round trip (`_PUBLISH_BATCH`); on a cluster, whose route sets
+        and channels live in different slots, `nodes_for` and then `publish`."""
+        if not by_conv:
+            return 0
+        script = self._publish_batch
+        if script is None:
+            nodes, _ = await self.nodes_for(convs=by_conv)
+            deliveries: dict[str, Delivery] = {}
+            for conv, msgs in by_conv.items():
+                for node in nodes.get(conv, ()):
+                    deliveries.setdefault(node, Delivery()).messages.extend(msgs)
+            await self.publish(deliveries)
+            return len(deliveries)
+        convs = list(by_conv)
+        rows = [message_rows(by_conv[c]) for c in convs]
+        args: list[Any] = [self.keys.node_lease(""), self.keys.node_channel(""), DELIVERY_HEAD]
+        args += rows
+        args += [len(by_conv[c]) for c in convs]
+        return int(await script(keys=[self.keys.conv_routes(c) for c in convs], args=args))
 
     async def publish(self, deliveries: dict[str, Delivery]) -> None:
         """One PUBLISH (SPUBLISH on a cluster) per node, all in one round trip."""

@@ -31,7 +31,7 @@ from core.errors import NotFound, Unavailable
 from core.settings import Settings
 from fanout.consumer import run_consumer_process
 from fanout.deadletter import DeadLetters
-from fanout.envelope import Delivery, EnvelopeError, decode_new_message
+from fanout.envelope import EnvelopeError, decode_new_message
 from fanout.holding import HoldingWorker, Outcome, PoisonRecord, Raw, Record, fenced_key
 from fanout.kafka import fanout_group, messages_topic
 from fanout.notify import notify
@@ -131,12 +131,8 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         by_conv: dict[int, list[Message]] = defaultdict(list)
         for m in messages:
             by_conv[m.conv].append(m)
-        nodes, _ = await self.routes.nodes_for(convs=by_conv)
-        deliveries: dict[str, Delivery] = {}
-        for conv, msgs in by_conv.items():
-            for node in nodes.get(conv, ()):
-                deliveries.setdefault(node, Delivery()).messages.extend(msgs)
-        await self.routes.publish(deliveries)
+        # Routes read now, after the commit: a subscriber that registered meanwhile gets it.
+        await self.routes.publish_messages(by_conv)
 
 
 async def run_worker(settings: Settings) -> None:

@@ -43,6 +43,7 @@ from gateway.http import (
 from gateway.http.common import JSONResponse, error_response, identity
 from gateway.metrics import GatewayMetrics, WireMetrics
 from gateway.node import Node, make_node_id
+from gateway.produceline import make_produce_line
 from gateway.ratelimit import ClusterLimiter
 from gateway.revocation import RevocationWatcher
 from gateway.send import REDIS_TIMEOUT_S, SendPath
@@ -174,6 +175,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.sends_per_s,
             settings.idempotency_window_s,
             make_send_line(settings, REDIS_TIMEOUT_S),
+            make_produce_line(producer, messages_topic(settings), settings.kafka_produce_line),
         )
         state.settings = settings
         state.readiness = health.Readiness()
@@ -218,6 +220,9 @@ def create_app(settings: Settings) -> Starlette:
             await node.stop()
             if endpoint.user_cap is not None:
                 await endpoint.user_cap.stop()  # decrements of the last sessions
+            if send_path.produce_line is not None:
+                with contextlib.suppress(Exception):  # its records answered or handed over
+                    await asyncio.wait_for(send_path.produce_line.close(), 10)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
             await lease_redis.aclose()

@@ -15,6 +15,8 @@ Messages replayed on `sub` with `since` are not observed: their age is not laten
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -118,6 +120,27 @@ class GatewayMetrics:
         )
         ReadAtScrape(
             r,
+            "agora_produce_line_records_total",
+            "Records given to the send path's own produce line (gateway/produceline.py).",
+            "counter",
+            lambda: _line_count(state, "records"),
+        )
+        ReadAtScrape(
+            r,
+            "agora_produce_line_requests_total",
+            "Produce requests the line sent (records / requests: the batch size).",
+            "counter",
+            lambda: _line_count(state, "requests"),
+        )
+        ReadAtScrape(
+            r,
+            "agora_produce_line_handed_over_total",
+            "Records the line handed to aiokafka's producer after a failed request.",
+            "counter",
+            lambda: _line_count(state, "handed_over"),
+        )
+        ReadAtScrape(
+            r,
             "agora_deliveries_total",
             "Frames written to local subscribers' sockets.",
             "counter",
@@ -183,3 +206,10 @@ class WireMetrics:
             await send(message)
 
         await self.app(scope, receive, send_counted)
+
+
+def _line_count(state: Any, attr: str) -> int:
+    """A counter of the send path's produce line; 0 where there is none (turned off, TLS or
+    SASL: every record goes through aiokafka)."""
+    line = state.send_path.produce_line
+    return int(getattr(line, attr)) if line is not None else 0

@@ -41,10 +41,7 @@ async def append_batch(
         return [], [], []
 
     existing_rows = await conn.fetch(
-        f"""SELECT {_M_COLUMNS}
-           FROM messages m
-           JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS k(conv_id, sender, cid)
-             ON m.conv_id = k.conv_id AND m.sender = k.sender AND m.cid = k.cid""",
+        _STORED_ROWS,
         [m.conv for m in items],
         [m.sender for m in items],
         [m.cid for m in items],
@@ -237,24 +234,39 @@ async def stored_ids(
         return [await stored_id(pools, conv, sender, cid)]
     async with pools.connection(physical) as conn:
         rows = await conn.fetch(
-            """SELECT k.i, m.id, m.ts
-               FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
-                    AS k(conv, sender, cid, i)
+            _STORED_IDS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+        )
+    out: list[tuple[int, int] | None] = [None] * len(keys)
+    for row in rows:
+        out[row["i"] - 1] = (row["id"], row["ts"])
+    return out
+
+
+# The arrays are read through `(SELECT $n)` so that no plan sees their length: otherwise a
+# custom plan (for 2 keys) always looks cheaper than the generic one (costed for 10), and
+# PostgreSQL plans the statement anew on every call (~0.2 ms of its CPU, 4x the execution;
+# bench/RESULTS.md, "PostgreSQL's share"). Each key is an index probe either way (LATERAL).
+# The transactional path's copies stored earlier, in the form storage/onetrip.py explains
+# ("Plans"): as a plain join, the generic plan asyncpg's prepared statement keeps, made
+# while `messages` was small, was a seq scan of the whole table per batch.
+_STORED_ROWS = f"""SELECT {_M_COLUMNS}
+               FROM unnest((SELECT $1::bigint[]), (SELECT $2::text[]), (SELECT $3::text[]))
+                    AS k(conv_id, sender, cid)
+               CROSS JOIN LATERAL (
+                   SELECT * FROM messages x
+                   WHERE x.conv_id = k.conv_id AND x.sender = k.sender AND x.cid = k.cid
+                   LIMIT 1) AS m"""
+
+_STORED_IDS = """SELECT k.i, m.id, m.ts
+               FROM unnest((SELECT $1::bigint[]), (SELECT $2::text[]), (SELECT $3::text[]))
+                    WITH ORDINALITY AS k(conv, sender, cid, i)
                CROSS JOIN LATERAL (
                    SELECT id, ts FROM messages
                    WHERE conv_id = k.conv AND sender = k.sender AND cid = k.cid
                    UNION ALL
                    SELECT id, ts FROM refused_events
                    WHERE conv_id = k.conv AND sender = k.sender AND cid = k.cid
-                   LIMIT 1) AS m""",
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-        )
-    out: list[tuple[int, int] | None] = [None] * len(keys)
-    for row in rows:
-        out[row["i"] - 1] = (row["id"], row["ts"])
-    return out
+                   LIMIT 1) AS m"""
 
 
 async def latest_seq(pools: ShardPools, conv: int) -> int:

@@ -46,15 +46,31 @@ from storage.notifications import with_dm_to
 # Seqs: each conversation's `n` fresh messages take last_seq + 1 .. last_seq + n, in batch
 # order (`pos`, from the array's ordinality). `bumped` sees the newest row version (READ
 # COMMITTED re-reads a row updated by a batch that committed while we waited for its lock).
+#
+# Plans: asyncpg prepares the statement, and after five executions PostgreSQL keeps one
+# generic plan for the connection's life (until an ANALYZE invalidates it), made with the
+# statistics of that moment. Two things keep that plan cheap whatever they said:
+# - the arrays are read through `(SELECT $n)`, so no plan sees their length: a custom plan
+#   would be no cheaper than the generic one, which is then kept (otherwise the statement
+#   is planned anew per batch, ~0.4 ms of PostgreSQL CPU, once `old` is a LATERAL);
+# - `old` probes the unique index per message (a LATERAL with LIMIT 1 is not flattened
+#   into a join): as a plain join, a generic plan made while `messages` was small (a new
+#   shard) hash-joined a seq scan of the whole table per batch, growing with it
+#   (bench/RESULTS.md, "PostgreSQL's share": 2 ms a batch after 5,000 messages).
 _APPEND = f"""
 WITH k AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::bigint[], $7::text[], $8::bigint[])
+    SELECT * FROM unnest((SELECT $1::bigint[]), (SELECT $2::bigint[]), (SELECT $3::text[]),
+                         (SELECT $4::text[]), (SELECT $5::text[]), (SELECT $6::bigint[]),
+                         (SELECT $7::text[]), (SELECT $8::bigint[]))
         WITH ORDINALITY AS k(conv_id, id, sender, cid, body, ts, kind, ref, i)
 ),
 old AS (
     SELECT k.i, {_M_COLUMNS} FROM k
-    JOIN messages m ON m.conv_id = k.conv_id AND m.sender = k.sender AND m.cid = k.cid
+    CROSS JOIN LATERAL (
+        SELECT * FROM messages x
+        WHERE x.conv_id = k.conv_id AND x.sender = k.sender AND x.cid = k.cid
+        LIMIT 1
+    ) m
 ),
 fresh AS (
     SELECT k.*,

@@ -313,3 +313,106 @@ async def test_poison_in_a_one_statement_batch_is_found_one_by_one(
     assert out.held == [] and out.errors == {}
     # The batch, then each message alone: every attempt one statement.
     assert sent == ["WITH"] * 4
+
+
+async def test_the_statements_keep_an_index_probe_on_a_plan_made_while_messages_was_small(
+    settings: Settings,
+) -> None:
+    """asyncpg prepares the statement; after five runs PostgreSQL keeps a generic plan for
+    the connection's life, made with the statistics of that moment. Made while `messages`
+    was small (a new shard), a join against it became a seq scan per batch that grew with
+    the table (bench/RESULTS.md, "PostgreSQL's share"). The statement must get its generic
+    plan (no planning per batch: ~0.4 ms each) and its dedup must probe the unique index
+    whatever the statistics said."""
+    from devstack.services import drop_databases, ensure_databases
+    from storage.migrate import migrate_all
+
+    base = settings.shard_dsns[0].rsplit("/", 1)[0]
+    dsn = f"{base}/agora_plan_{tag()}"
+    await ensure_databases((dsn,))
+    try:
+        await migrate_all((dsn,))
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "INSERT INTO conversations (id, kind, created_by)"
+                " SELECT g, 'group', 'u' FROM generate_series(1, 30) g"
+            )
+            # Through asyncpg on a fresh, never analyzed shard, as a worker starts: planned
+            # for the first five batches, then the generic plan every time.
+            for i in range(8):
+                batch = [
+                    NewMessage(
+                        conv=1 + i,
+                        id=10_000 + i,
+                        sender="t",
+                        cid=f"n{i}",
+                        body="hi",
+                        ts=now_ms(),
+                        kind="text",
+                    )
+                ]
+                stored, _, _ = await onetrip.append(conn, batch)
+                assert [m.seq for m in stored] == [1]
+            counts = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement = $1",
+                onetrip._APPEND,
+            )
+            assert counts is not None
+            assert (counts["custom_plans"], counts["generic_plans"]) == (5, 3), dict(counts)
+
+            # ~1,200 messages, analyzed: where the old join's generic plan was a seq scan.
+            await conn.execute(
+                "INSERT INTO messages (conv_id, seq, id, sender, cid, body, ts)"
+                " SELECT 1 + g % 30, 100 + g, g, 's', 'c' || g, 'x', 1"
+                " FROM generate_series(1, 1200) g"
+            )
+            await conn.execute("ANALYZE")
+            types = "bigint[], bigint[], text[], text[], text[], bigint[], text[], bigint[]"
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE p({types}) AS {onetrip._APPEND}")
+            rows = await conn.fetch(
+                "EXPLAIN EXECUTE p('{1}', '{1}', '{a}', '{b}', '{c}', '{1}', '{text}', '{NULL}')"
+            )
+            plan = "\n".join(r[0] for r in rows)
+            old = plan[plan.index("CTE old") : plan.index("CTE fresh")]
+            assert "Index Scan using messages_conv_id_sender_cid_key" in old, plan
+            assert "Seq Scan on messages" not in old, plan
+            # The transactional path's read of earlier copies (storage/messages.py): the
+            # same, on the same generic-plan terms.
+            await conn.execute(f"PREPARE s(bigint[], text[], text[]) AS {messages._STORED_ROWS}")
+            rows = await conn.fetch("EXPLAIN EXECUTE s('{1}', '{s}', '{c1}')")
+            plan = "\n".join(r[0] for r in rows)
+            assert "Index Scan using messages_conv_id_sender_cid_key" in plan, plan
+            assert "Seq Scan on messages" not in plan, plan
+            found = await conn.fetch(
+                messages._STORED_ROWS, [1 + 7 % 30, 1], ["s", "s"], ["c7", "x"]
+            )
+            assert [(r["id"], r["cid"]) for r in found] == [(7, "c7")]
+        finally:
+            await conn.close()
+    finally:
+        await drop_databases((dsn,))
+
+
+async def test_the_send_paths_coalesced_read_keeps_its_generic_plan(
+    one_conn_pools: ShardPools, ids: IdGenerator
+) -> None:
+    """`messages.stored_ids` (the send path's reads asked while one was in flight) was
+    planned anew on every call: a custom plan for 2 keys always looked cheaper than the
+    generic one. Planned for the first five calls only, and it still finds what it should."""
+    pools = one_conn_pools
+    conv, a, _ = await _group(pools, ids, 0)
+    out = await sequence(pools, [new_message(conv, ids, a, "s0")])
+    stored = out.stored[0]
+    for i in range(8):
+        found = await messages.stored_ids(pools, 0, [(conv, a, "s0"), (conv, a, f"none{i}")])
+        assert found == [(stored.id, stored.ts), None]
+    async with pools.connection(0) as conn:
+        counts = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+            messages._STORED_IDS,
+        )
+    assert counts is not None
+    assert (counts["custom_plans"], counts["generic_plans"]) == (5, 3), dict(counts)

@@ -22,15 +22,22 @@ from core.settings import Settings
 from gateway.protocol.frames import MAX_BODY_CHARS
 from gateway.ws import MAX_PENDING_REQUESTS
 from storage.pools import ShardPools
-from tests.integration.helpers import create_group, uid, wait_stored
+from tests.integration.helpers import create_group, metric, uid, wait_stored
 from tests.stack import Proc, Stack
 
 pytestmark = pytest.mark.engines
 
 
-@pytest.fixture(scope="module")
-def stack(settings: Settings) -> Iterator[Stack]:
-    s = Stack(settings, extra_env={"AGORA_PIPELINE_SENDS": "true"})
+# Every test runs twice: through the gateway's own produce line (the default) and through
+# aiokafka's producer alone (AGORA_KAFKA_PRODUCE_LINE=false), so order and failures in
+# place hold on both produce paths.
+@pytest.fixture(scope="module", params=["line", "aiokafka"])
+def stack(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    line = "true" if request.param == "line" else "false"
+    s = Stack(
+        settings,
+        extra_env={"AGORA_PIPELINE_SENDS": "true", "AGORA_KAFKA_PRODUCE_LINE": line},
+    )
     try:
         s.gateway("pipe-g1")
         s.fanout("pipe-f1")
@@ -75,6 +82,7 @@ async def test_pipelined_sends_are_stored_in_the_order_sent(
     a = uid("a")
     convs = [await create_group(http, stack, g1, a, []) for _ in range(3)]
     c = await AgoraClient.connect(g1.ws_url, stack.token(a))
+    through_line = await metric(g1, "agora_produce_line_records_total")
     # One conversation, then three interleaved: 200 sends each, none waiting for an ack.
     for targets in ([convs[0]], convs):
         tag = uid("p")
@@ -93,6 +101,12 @@ async def test_pipelined_sends_are_stored_in_the_order_sent(
             acked = {replies[i]["cid"]: replies[i]["id"] for i, f in enumerate(frames)}
             assert [acked[m.cid] for m in mine] == [str(m.id) for m in mine]
         print(f"replies out of rid order: {out_of_order} (allowed)")
+    # The path the parameter chose is the one the records took.
+    through_line = await metric(g1, "agora_produce_line_records_total") - through_line
+    if stack.extra_env["AGORA_KAFKA_PRODUCE_LINE"] == "true":
+        assert through_line >= 400
+    else:
+        assert through_line == 0
     # Any other request waits for the sends before it: its reply comes after their acks.
     tag = uid("q")
     for i in range(20):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from fanout.envelope import Delivery, decode_delivery
+from fanout.envelope import Delivery, decode_delivery, encode_delivery
 from fanout.routing import Routes
 from gateway.routesync import RouteSync
+from storage.models import Message
 from storage.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.engines
@@ -125,3 +127,125 @@ async def test_a_node_late_to_renew_but_still_listening_is_not_pruned(routes: Ro
     routes._alive.clear()
     by_conv, _ = await routes.nodes_for(convs=[7])
     assert by_conv == {7: set()}
+
+
+def _message(conv: int, seq: int, body: str = "hi") -> Message:
+    return Message(conv, 1000 * conv + seq, seq, "alice", body, 1, f"c{conv}-{seq}", "text")
+
+
+async def _listen(routes: Routes, *nodes: str) -> Any:
+    pubsub = routes.redis.pubsub()
+    await pubsub.subscribe(*(routes.keys.node_channel(n) for n in nodes))
+    for _ in nodes:  # until Redis has every subscription (see the test above)
+        confirmed = await pubsub.get_message(timeout=10)
+        assert confirmed is not None and confirmed["type"] == "subscribe", confirmed
+    return pubsub
+
+
+async def _received(pubsub: Any, count: int) -> dict[str, bytes]:
+    """The next `count` publishes, by node; then none more within 0.2 s."""
+    got: dict[str, bytes] = {}
+    for _ in range(count):
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+        assert msg is not None, f"only {len(got)} of {count} deliveries"
+        node = msg["channel"].decode().rsplit(":", 1)[1]
+        assert node not in got, f"two deliveries to {node}"
+        got[node] = msg["data"]
+    assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+    return got
+
+
+async def test_a_batch_goes_to_each_live_node_in_one_delivery_as_before(routes: Routes) -> None:
+    await routes.register("n1", 30, [1, 2], [])
+    await routes.register("n2", 30, [2, 3], [])
+    await routes.register("gone", 30, [1, 3], [])
+    await routes.redis.delete(routes.keys.node_lease("gone"))  # died, not listening
+    pubsub = await _listen(routes, "n1", "n2")
+    by_conv = {1: [_message(1, 1), _message(1, 2)], 2: [_message(2, 7)], 3: [_message(3, 1)]}
+    by_conv[2] += [_message(2, 8, "x" * 300)] + [_message(2, 9 + i) for i in range(20)]
+    assert await routes.publish_messages(by_conv) == 2
+    got = await _received(pubsub, 2)
+    # Byte for byte what the two round trips published (encode_delivery), in the same order.
+    assert got["n1"] == encode_delivery(Delivery(messages=by_conv[1] + by_conv[2]))
+    assert got["n2"] == encode_delivery(Delivery(messages=by_conv[2] + by_conv[3]))
+    assert decode_delivery(got["n2"]).messages == by_conv[2] + by_conv[3]
+    # The dead node was pruned where it was found, and only there.
+    r = routes.redis
+    assert await r.smembers(routes.keys.conv_routes(1)) == {b"n1"}
+    assert await r.smembers(routes.keys.conv_routes(3)) == {b"n2"}
+    assert await r.smembers(routes.keys.conv_routes(2)) == {b"n1", b"n2"}
+    assert await routes.publish_messages({4: [_message(4, 1)]}) == 0  # nobody serves it
+    assert await routes.publish_messages({}) == 0
+    await pubsub.aclose()
+
+
+async def test_a_node_late_to_renew_but_listening_gets_the_batch_and_keeps_its_routes(
+    routes: Routes,
+) -> None:
+    await routes.register("busy", 30, [7], [])
+    pubsub = await _listen(routes, "busy")
+    await routes.redis.delete(routes.keys.node_lease("busy"))  # renewed too late
+    assert await routes.publish_messages({7: [_message(7, 1)]}) == 1
+    got = await _received(pubsub, 1)
+    assert decode_delivery(got["busy"]).messages == [_message(7, 1)]
+    assert await routes.redis.sismember(routes.keys.conv_routes(7), "busy")
+    await pubsub.aclose()
+
+
+async def test_a_node_that_registers_before_the_publish_gets_it(routes: Routes) -> None:
+    """The routes are read when the batch is published (after its commit), never from
+    before: a node registering in between is not missed, even one that was found dead
+    and pruned a moment ago (a gateway that lost its lease and registered again)."""
+    await routes.register("n1", 30, [5], [])
+    await routes.register("back", 30, [5], [])
+    await routes.redis.delete(routes.keys.node_lease("back"))  # lapsed, not listening
+    pubsub = await _listen(routes, "n1", "back")
+    await pubsub.unsubscribe(routes.keys.node_channel("back"))
+    await pubsub.get_message(timeout=10)  # the unsubscribe confirmation
+    assert await routes.publish_messages({5: [_message(5, 1)]}) == 1
+    assert set(await _received(pubsub, 1)) == {"n1"}
+    assert not await routes.redis.sismember(routes.keys.conv_routes(5), "back")  # pruned
+
+    # It comes back: subscribes, takes its lease and registers its routes again. The next
+    # batch (within the second the liveness of nodes used to be cached) must reach it.
+    await pubsub.subscribe(routes.keys.node_channel("back"))
+    await pubsub.get_message(timeout=10)
+    await routes.register("back", 30, [5], [])
+    await routes.register("new", 30, [5], [])  # and one that was never seen before
+    await pubsub.subscribe(routes.keys.node_channel("new"))
+    await pubsub.get_message(timeout=10)
+    assert await routes.publish_messages({5: [_message(5, 2)]}) == 3
+    got = await _received(pubsub, 3)
+    assert set(got) == {"n1", "back", "new"}
+    assert all(decode_delivery(d).messages == [_message(5, 2)] for d in got.values())
+    assert await routes.redis.sismember(routes.keys.conv_routes(5), "back")
+    await pubsub.aclose()
+
+
+async def test_a_delivery_of_more_than_65535_messages_is_encoded_as_before(
+    routes: Routes,
+) -> None:
+    """The script writes the array's header itself: the 32-bit form too."""
+    await routes.register("n1", 30, [1, 2], [])
+    pubsub = await _listen(routes, "n1")
+    by_conv = {1: [_message(1, s, "") for s in range(1, 40_001)]}
+    by_conv[2] = [_message(2, s, "") for s in range(1, 30_001)]
+    assert await routes.publish_messages(by_conv) == 1
+    got = await _received(pubsub, 1)
+    assert got["n1"] == encode_delivery(Delivery(messages=by_conv[1] + by_conv[2]))
+    await pubsub.aclose()
+
+
+async def test_a_route_key_that_is_not_a_set_costs_its_conversation_alone(
+    routes: Routes,
+) -> None:
+    """As `nodes_for` takes it (module docstring): no node there, the rest published."""
+    await routes.register("n1", 30, [1], [])
+    await routes.redis.set(routes.keys.conv_routes(2), "garbage")
+    pubsub = await _listen(routes, "n1")
+    by_conv = {2: [_message(2, 1)], 1: [_message(1, 1)]}
+    assert await routes.publish_messages(by_conv) == 1
+    got = await _received(pubsub, 1)
+    assert decode_delivery(got["n1"]).messages == [_message(1, 1)]
+    assert await routes.redis.get(routes.keys.conv_routes(2)) == b"garbage"
+    await pubsub.aclose()

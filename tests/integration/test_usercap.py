@@ -84,6 +84,17 @@ async def counted(stack: Stack, gw: Proc, user: str) -> AgoraClient:
     return c
 
 
+async def cap_holds_exactly(stack: Stack, gw: Proc, user: str) -> None:
+    """`user` (holding no session) gets USER_CAP sessions and the next one is refused
+    4008: nothing of earlier sessions is still counted, and nothing was under-counted."""
+    held = [await counted(stack, gw, user) for _ in range(USER_CAP)]
+    extra = await AgoraClient.connect(gw.ws_url, stack.token(user))
+    await asyncio.wait_for(extra.closed.wait(), 5)
+    assert extra.close_code == 4008, f"session {USER_CAP + 1} admitted: {extra.close_code}"
+    for c in held:
+        await c.close()
+
+
 @pytest.mark.parametrize("damage", ["field", "hash", "restart", "ttl"])
 async def test_a_decrement_of_a_damaged_count_never_goes_below_zero(
     stack: Stack, g1: Proc, settings: Settings, redis_client: Any, damage: str
@@ -253,12 +264,7 @@ async def test_a_decrement_applied_twice_after_a_lost_reply_never_goes_below_zer
         assert all(v >= 0 for v in after.values()), after
         assert sum(after.values()) == 0
 
-        held = [await counted(s, gw, user) for _ in range(USER_CAP)]
-        extra = await AgoraClient.connect(gw.ws_url, s.token(user))
-        await asyncio.wait_for(extra.closed.wait(), 5)
-        assert extra.close_code == 4008, f"session {USER_CAP + 1} admitted: {extra.close_code}"
-        for c in held:
-            await c.close()
+        await cap_holds_exactly(s, gw, user)
     finally:
         s.stop_all()
         proxy.stop()
@@ -299,12 +305,7 @@ async def test_a_count_whose_reply_was_lost_is_released_when_its_session_ends(
                 lambda c: key in c and c.startswith("EVALSHA"), 15, "the session's release"
             )
         assert not await r.exists(key)  # back to nothing
-        held = [await counted(s, gw, user) for _ in range(USER_CAP)]
-        extra = await AgoraClient.connect(gw.ws_url, s.token(user))
-        await asyncio.wait_for(extra.closed.wait(), 5)
-        assert extra.close_code == 4008, f"session {USER_CAP + 1} admitted: {extra.close_code}"
-        for c in held:
-            await c.close()
+        await cap_holds_exactly(s, gw, user)
     finally:
         s.stop_all()
         proxy.stop()

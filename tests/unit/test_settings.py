@@ -29,6 +29,7 @@ def test_defaults() -> None:
     assert s.kafka_bootstrap == "127.0.0.1:9092"
     assert s.kafka_partitions == 8
     assert s.kafka_idempotence is True
+    assert s.kafka_produce_line is True
     assert s.jwt_algorithms == ("HS256",)
     assert s.dev_tokens is False
     assert s.heartbeat_ms == 25_000
@@ -66,6 +67,7 @@ def test_from_env_parses_values() -> None:
             "AGORA_LOGICAL_SHARDS": " 12 ",
             "AGORA_SHARD_MAP": "0-5=2,6-11=0",
             "AGORA_KAFKA_IDEMPOTENCE": "off",
+            "AGORA_KAFKA_PRODUCE_LINE": "false",
             "AGORA_DEV_TOKENS": "YES",
             "AGORA_JWT_ALGORITHMS": "HS512, RS256",
             "AGORA_REDIS_PREFIX": "t.a-b_c",
@@ -76,6 +78,7 @@ def test_from_env_parses_values() -> None:
     assert s.logical_shards == 12
     assert s.shard_map == "0-5=2,6-11=0"
     assert s.kafka_idempotence is False
+    assert s.kafka_produce_line is False
     assert s.dev_tokens is True
     assert s.jwt_algorithms == ("HS512", "RS256")
     assert s.redis_prefix == "t.a-b_c"
@@ -101,6 +104,7 @@ BAD_VALUES = [
     ("AGORA_LOGICAL_SHARDS", ""),
     ("AGORA_LOGICAL_SHARDS", "4096.0"),
     ("AGORA_KAFKA_IDEMPOTENCE", "maybe"),
+    ("AGORA_KAFKA_PRODUCE_LINE", "sometimes"),
     ("AGORA_KAFKA_FETCH_WAIT_MS", "0"),
     ("AGORA_KAFKA_FETCH_WAIT_MS", "10001"),
     ("AGORA_REDIS_CLUSTER", "sometimes"),

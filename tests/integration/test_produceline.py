@@ -1,0 +1,131 @@
+"""gateway/produceline.py against the real broker: records reach their key's partition (the
+one aiokafka's producer picks) in the order they were handed over, concurrent ones share
+requests, and a connection lost mid-request hands every record to aiokafka in order."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from core.settings import Settings
+from fanout.kafka import ensure_topics, make_producer, messages_topic
+from gateway.produceline import ProduceLine, make_produce_line
+
+pytestmark = pytest.mark.engines
+
+
+@pytest.fixture
+async def fresh(settings: Settings) -> AsyncIterator[tuple[Settings, AIOKafkaProducer]]:
+    fresh = settings.with_overrides(kafka_topic_prefix=f"pl{secrets.token_hex(3)}")
+    await ensure_topics(fresh)
+    producer = make_producer(fresh)
+    await producer.start()
+    try:
+        yield fresh, producer
+    finally:
+        await producer.stop()
+
+
+async def _read(settings: Settings, n: int) -> dict[int, list[tuple[bytes, bytes]]]:
+    """At least `n` records of the messages topic: (key, value) per partition, in order."""
+    consumer = AIOKafkaConsumer(
+        messages_topic(settings),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,
+    )
+    await consumer.start()
+    got: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+    try:
+        async with asyncio.timeout(20):
+            while sum(map(len, got.values())) < n:
+                batches = await consumer.getmany(timeout_ms=200)
+                for tp, records in batches.items():
+                    got[tp.partition] += [(r.key or b"", r.value or b"") for r in records]
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def test_records_reach_their_keys_partition_in_order_and_share_requests(
+    fresh: tuple[Settings, AIOKafkaProducer],
+) -> None:
+    settings, producer = fresh
+    topic = messages_topic(settings)
+    line = make_produce_line(producer, topic)
+    assert line is not None
+    assert make_produce_line(producer, topic, enabled=False) is None  # keeps aiokafka
+    keys = [str(770000000000000000 + 7919 * i).encode() for i in range(12)]
+    # aiokafka's partition for each key, from its own producer: the line must agree, or a
+    # conversation's records would be split between partitions (and reordered).
+    expected = {}
+    for key in keys:
+        report = await producer.send_and_wait(topic, b"probe", key=key)
+        expected[key] = report.partition
+    assert len(set(expected.values())) > 1  # the keys do spread over partitions
+    sent: list[tuple[bytes, bytes]] = []
+    futures = []
+    for i in range(300):  # all at once: queued behind the request in flight
+        key = keys[i % len(keys)]
+        value = f"m{i}".encode()
+        fut = line.send(key, value)
+        assert fut is not None
+        futures.append(fut)
+        sent.append((key, value))
+    partitions = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert partitions == [expected[k] for k, _ in sent]
+    assert line.records == 300 and line.handed_over == 0
+    assert 1 <= line.requests < 300 // 4  # batched without a timer: what waited went together
+    got = await _read(settings, len(keys) + 300)
+    for partition, records in got.items():
+        ours = [r for r in records if r[1] != b"probe"]
+        assert ours == [r for r in sent if expected[r[0]] == partition]
+    await line.close()
+
+
+async def test_a_connection_lost_mid_request_hands_every_record_to_aiokafka_in_order(
+    fresh: tuple[Settings, AIOKafkaProducer],
+) -> None:
+    settings, producer = fresh
+    topic = messages_topic(settings)
+    line = ProduceLine(producer, topic)
+    key = b"771234567890123456"
+    first = line.send(key, b"warm")  # connects
+    assert first is not None
+    await asyncio.wait_for(first, 10)
+    conn = next(iter(line._connections.values()))
+    futures = []
+    for i in range(40):
+        fut = line.send(key, f"r{i}".encode())
+        assert fut is not None
+        futures.append(fut)
+    assert conn.in_flight is not None and conn.queue  # one request out, the rest waiting
+    assert conn.transport is not None
+    conn.transport.abort()  # the connection breaks under the request in flight
+    late = line.send(key, b"r40")  # before the loss is seen: queued, handed over too
+    assert late is not None
+    futures.append(late)
+    for _ in range(100):  # connection_lost comes within a few loop iterations
+        if not line.usable():
+            break
+        await asyncio.sleep(0)
+    # From now on a record goes to aiokafka (None: the caller uses the producer), and
+    # only once the failed ones are in its hands: behind them.
+    assert not line.usable() and line.send(key, b"after") is None
+    await asyncio.wait_for(line.settled(), 10)
+    report = await producer.send(topic, b"after", key=key)
+    partitions = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    partition = (await asyncio.wait_for(report, 10)).partition
+    assert set(partitions) == {partition}
+    assert line.handed_over == 41  # every record not answered before the loss
+    values = [v for _, v in (await _read(settings, 43))[partition]]
+    # Each record at least once (the request that broke may have been stored too), the
+    # first copies in the order they were handed over, "after" last.
+    order = [b"warm"] + [f"r{i}".encode() for i in range(41)] + [b"after"]
+    assert list(dict.fromkeys(values)) == order
+    await line.close()
