@@ -21,9 +21,10 @@ lookup, for as long as the key stayed bad.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -139,13 +140,34 @@ class Routes:
 
     # -- the gateway side ------------------------------------------------------------------
     async def register(
-        self, node: str, lease_s: int, convs: Iterable[int], users: Iterable[str]
+        self,
+        node: str,
+        lease_s: int,
+        convs: Iterable[int],
+        users: Iterable[str],
+        timeout_s: float | None = None,
     ) -> None:
-        """(Re)register a node and everything it serves, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
+        """(Re)register a node and everything it serves: the lease, then the routes in
+        pipelines of `_REFRESH_CHUNK` keys. The lease goes alone first: a Redis that
+        refuses it (out of memory, read-only, an ACL) or does not answer is not sent every
+        route too, only to refuse them all (a node retries a failed registration every few
+        seconds: 2 commands per local conversation and user each time, where this is one).
+        `timeout_s` bounds each round trip, not the whole: a registration's time grows with
+        the node's sessions (~2 s of the gateway's CPU for 20,000 here, bench/RESULTS.md),
+        and one bounded as a whole by a short lease timed out on every try, forever."""
+        await _bounded(self.redis.set(self.keys.node_lease(node), b"1", ex=lease_s), timeout_s)
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
+        for i in range(0, len(keys), _REFRESH_CHUNK):
+            chunk = keys[i : i + _REFRESH_CHUNK]
+            await _bounded(self._register_chunk(node, lease_s, chunk), timeout_s)
+
+    async def _register_chunk(self, node: str, lease_s: int, keys: list[str]) -> None:
+        """One part of a registration, the lease set again first: a registration that
+        takes longer than the lease (many sessions) keeps it; lapsed, the node's next
+        renewal would find it gone and register everything again, every time."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.node_lease(node), b"1", ex=lease_s)
         for key in keys:
             _add(pipe, key, node)
         replies = await pipe.execute(raise_on_error=False)
@@ -212,27 +234,44 @@ class Routes:
             self.repaired += 1
             log.warning("route key %s was not a set; replaced by one holding %s", key, node)
 
-    async def refresh(self, node: str, convs: Iterable[int], users: Iterable[str]) -> int:
+    async def refresh(
+        self,
+        node: str,
+        convs: Iterable[int],
+        users: Iterable[str],
+        timeout_s: float | None = None,
+        lease_s: int | None = None,
+    ) -> int:
         """Push back the expiry of every route set the node is in (pipelined in chunks);
         a set found gone is made again. Returns how many were gone. Only the sets' expiry:
-        a set that exists without the node is not mended (registering is `register`'s)."""
+        a set that exists without the node is not mended (registering is `register`'s).
+        `timeout_s` bounds each chunk, not the whole (see `register`); with `lease_s`, each
+        chunk renews the node's lease too (if it is still there: a lease found gone is
+        the next renewal's to see), so that a refresh longer than the lease keeps it."""
         keys = [self.keys.conv_routes(c) for c in convs]
         keys += [self.keys.user_routes(u) for u in users]
         gone = 0
         for i in range(0, len(keys), _REFRESH_CHUNK):
             chunk = keys[i : i + _REFRESH_CHUNK]
-            pipe = self.redis.pipeline(transaction=False)
-            for key in chunk:
-                pipe.expire(key, ROUTE_TTL_S)
-            found = await pipe.execute()
-            missing = [k for k, ok in zip(chunk, found, strict=True) if not ok]
-            if missing:
-                gone += len(missing)
-                pipe = self.redis.pipeline(transaction=False)
-                for key in missing:
-                    _add(pipe, key, node)
-                await pipe.execute()
+            gone += await _bounded(self._refresh_chunk(node, chunk, lease_s), timeout_s)
         return gone
+
+    async def _refresh_chunk(self, node: str, chunk: list[str], lease_s: int | None) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        if lease_s is not None:
+            pipe.set(self.keys.node_lease(node), b"1", ex=lease_s, xx=True)
+        for key in chunk:
+            pipe.expire(key, ROUTE_TTL_S)
+        found = await pipe.execute()
+        if lease_s is not None:
+            found = found[1:]
+        missing = [k for k, ok in zip(chunk, found, strict=True) if not ok]
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in missing:
+                _add(pipe, key, node)
+            await pipe.execute()
+        return len(missing)
 
     async def leave(self, node: str, convs: Iterable[int], users: Iterable[str]) -> None:
         """A clean shutdown: drop the lease and every registration."""
@@ -376,6 +415,12 @@ class Routes:
             else:
                 pipe.publish(channel, encode_delivery(delivery))
         await pipe.execute()
+
+
+async def _bounded(step: Awaitable[Any], timeout_s: float | None) -> Any:
+    if timeout_s is None:
+        return await step
+    return await asyncio.wait_for(step, timeout_s)
 
 
 def _wrong_type(exc: Exception) -> bool:

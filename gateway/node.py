@@ -179,19 +179,20 @@ class Node:
         return True
 
     async def _register_all(self) -> None:
-        """Register the lease and every local conversation and user, bounded by a lease.
-        Until one such registration succeeds, `_keep_lease` does it again instead of
-        renewing: a failed one may have set the lease (its first command) and not every
-        route, and a renewal, finding the lease, would then never register the rest (the
-        periodic refresh only extends sets that exist: it does not put the node back)."""
+        """Register the lease and every local conversation and user, each round trip
+        bounded by a lease. Until one such registration succeeds, `_keep_lease` does it
+        again instead of renewing: a failed one may have set the lease (its first round
+        trip) and not every route, and a renewal, finding the lease, would then never
+        register the rest (the periodic refresh only extends sets that exist: it does not
+        put the node back)."""
         self._must_register = True
         convs, users = list(self.conv_subs), list(self.user_conns)
         self.sync.forget_registered()
         lease_s = self.settings.route_lease_s
         try:
-            await asyncio.wait_for(
-                self.lease_routes.register(self.id, lease_s, convs, users), lease_s
-            )
+            # Each round trip bounded by a lease (a Redis cut off hangs instead of
+            # failing), not the whole: it takes longer the more the node serves.
+            await self.lease_routes.register(self.id, lease_s, convs, users, timeout_s=lease_s)
         except BaseException:
             self._must_register = True  # even if a concurrent one succeeded meanwhile
             raise
@@ -229,11 +230,15 @@ class Node:
                     self.lease_renewals += 1
                     if time.monotonic() >= refresh_at:
                         # Route sets expire unless refreshed (fanout.routing.ROUTE_TTL_S).
-                        await asyncio.wait_for(
-                            self.lease_routes.refresh(
-                                self.id, list(self.conv_subs), list(self.user_conns)
-                            ),
-                            self.settings.route_lease_s,
+                        # Each chunk bounded by a lease, not the whole (it grows with
+                        # the sessions: bounded as a whole it could time out every try),
+                        # and renewing the lease (no renewal runs while it does).
+                        await self.lease_routes.refresh(
+                            self.id,
+                            list(self.conv_subs),
+                            list(self.user_conns),
+                            timeout_s=self.settings.route_lease_s,
+                            lease_s=self.settings.route_lease_s,
                         )
                         refresh_at = time.monotonic() + ROUTE_REFRESH_S
                 delay, failed = interval, 0

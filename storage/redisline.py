@@ -29,6 +29,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
+class NotSent(RedisConnectionError):
+    """Nothing of the command was written (no connection, or it could not be made):
+    Redis did not run it. Unlike a connection lost or a timeout once written, after
+    which the command may have run."""
+
+
 class _Replies:
     """The replies of several commands written together (`_Protocol.call_many`): stands
     in the reply queue once per command, and answers its future with every reply, in
@@ -120,7 +126,7 @@ class _Protocol(asyncio.Protocol):
     def call(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.lost is not None or self.transport is None:
-            fut.set_exception(self.lost or RedisConnectionError("not connected"))
+            fut.set_exception(NotSent(str(self.lost or "not connected")))
             return fut
         self.transport.write(hiredis.pack_command(args))
         self.waiting.append(fut)
@@ -135,7 +141,7 @@ class _Protocol(asyncio.Protocol):
             fut.set_result([])
             return fut
         if self.lost is not None or self.transport is None:
-            fut.set_exception(self.lost or RedisConnectionError("not connected"))
+            fut.set_exception(NotSent(str(self.lost or "not connected")))
             return fut
         self.transport.write(b"".join([hiredis.pack_command(c) for c in commands]))
         replies = _Replies(fut, len(commands), raise_on_error)
@@ -193,20 +199,25 @@ class RedisLine:
         raise_on_error: bool = True,
     ) -> Any:
         proto = self._proto
+        connected = False
         try:
             async with asyncio.timeout(self.timeout_s):
                 if proto is None or proto.lost is not None:
                     proto = await self._connect()
+                connected = True
                 if commands is not None:
                     return await proto.call_many(commands, raise_on_error)
                 return await proto.call(cast(tuple[Any, ...], args))
         except TimeoutError:
+            if not connected:  # still connecting: nothing written
+                raise NotSent("Redis did not accept a connection in time") from None
             timeout = RedisTimeoutError("Redis did not answer in time")
             if proto is not None:
                 proto.fail(timeout)
             raise timeout from None
         except OSError as exc:
-            raise RedisConnectionError(f"Redis unreachable: {exc}") from None
+            # Only connecting raises it here (a transport's writes do not): nothing sent.
+            raise NotSent(f"Redis unreachable: {exc}") from None
 
     def send(self, *args: Any) -> None:
         """One command written and not waited for: its reply (or failure) is dropped. A

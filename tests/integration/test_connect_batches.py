@@ -21,9 +21,10 @@ from agora_client import AgoraClient
 from core.settings import Settings
 from fanout.routing import ROUTE_TTL_S, Routes
 from gateway.presence import _ONLINE_MANY
-from gateway.usercap import KEY_TTL_S, UserConnectionCap
+from gateway.usercap import KEY_TTL_S, CountUnknown, UserConnectionCap
 from storage.redis_keys import RedisKeys
-from storage.redisline import RedisLine
+from storage.redisline import NotSent, RedisLine
+from tests.faults import OwnRedis
 from tests.integration.helpers import uid
 from tests.stack import Proc, Stack
 
@@ -197,3 +198,33 @@ async def test_connects_whose_registration_batch_fails_get_1013_and_are_not_coun
     assert await sessions(early_user) == 1
     for c in [early, *after, *stalled]:
         await c.close()
+
+
+async def test_a_count_that_never_left_the_gateway_is_not_taken_for_maybe_counted(
+    own_redis: OwnRedis,
+) -> None:
+    """Redis unreachable when a connect is counted (a restart, a failover; a user's
+    second session needs no route write first, so the count is its first Redis call):
+    the line cannot connect and writes nothing. That count was not applied, so `admit`
+    must not raise CountUnknown, which gateway/ws.py answers with a release when the
+    session ends: a decrement of the user's sessions counted before, an under-count of
+    one per such connect for as long as they last (the cap then admits more)."""
+    keys = fresh_keys()
+    r = aioredis.Redis.from_url(own_redis.url)
+    line = RedisLine(own_redis.url, 3.0)
+    cap = UserConnectionCap(r, keys, Routes(r, keys), "n1", 5, line)
+    try:
+        assert await cap.admit("ann") is True  # the line is connected
+        lost = line.connects
+        own_redis.kill()
+        async with asyncio.timeout(10):  # the line sees its connection go
+            while line._proto is not None and line._proto.lost is None:
+                await asyncio.sleep(0.01)
+        with pytest.raises(aioredis.RedisError) as raised:
+            await cap.admit("ann")
+        assert not isinstance(raised.value, CountUnknown), raised.value
+        assert isinstance(raised.value, NotSent), raised.value
+        assert line.connects == lost  # nothing could have been written
+    finally:
+        line.close()
+        await r.aclose()

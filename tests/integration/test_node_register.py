@@ -1,7 +1,7 @@
 """A node's registration that fails part way is done again until it succeeds.
 
 Registering everything (gateway.node._register_all: after the lease was found gone, or the
-pub/sub connection came back) is one pipeline: the lease first, then the node's route
+pub/sub connection came back) sets the lease, then writes the node's route
 sets. When the route writes failed after the lease was set (here Redis refuses SADD; a
 connection lost or a timeout part way does the same), the next renewals found the lease
 and succeeded, so the routes were never written again: publishers found no route to this
@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 
+import gateway.node
 from core.settings import Settings
 from gateway.connection import Connection
 from gateway.node import Node
@@ -85,3 +87,199 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
         await node.stop()
         await lease_redis.aclose()
         await redis.aclose()
+
+
+async def _sadd_calls(admin: aioredis.Redis) -> int:
+    """SADDs Redis was sent since the last CONFIG RESETSTAT (refused ones included)."""
+    stats = await admin.info("commandstats")
+    sadd = stats.get("cmdstat_sadd", {})
+    return int(sadd.get("calls", 0)) + int(sadd.get("rejected_calls", 0))
+
+
+async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_routes(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # Once a registration failed, every turn of the lease loop registers everything again
+    # (every 0.1 s at first, then at most every third of the lease) until one succeeds.
+    # While Redis refuses the lease itself (here an ACL; out of memory, or a read-only
+    # replica after a failover, the same), each such try sent every route of the node
+    # again, all refused: 2 commands per local conversation and user (a node of 20,000
+    # sessions: ~80,000 commands and ~1 s of its CPU a try) where a renewal is one.
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    redis, lease_redis = make_redis(s), make_lease_redis(s)
+    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    users = [uid(f"reg{i}") for i in range(200)]
+    try:
+        await node.start()
+        for user in users:
+            await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
+        # A registration fails part way (its route writes refused), so the loop retries
+        # it; then Redis refuses the lease too.
+        await admin.execute_command("ACL", "SETUSER", "default", "-sadd")
+        await admin.delete(keys.node_lease(node.id))
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures > failures, LEASE_S * 3, "registering failing")
+        await admin.execute_command("ACL", "SETUSER", "default", "-set")
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures > failures, LEASE_S * 3, "one more failure")
+        await admin.config_resetstat()
+        failures = node.lease_failures
+        await until(lambda: node.lease_failures >= failures + 3, LEASE_S * 6, "3 more tries")
+        tries = node.lease_failures - failures
+        sent = await _sadd_calls(admin)
+        # Presence's retried scripts add to the node's presence set (a SADD or two); a
+        # try that sends the routes is len(users) SADDs.
+        assert sent < len(users), f"{sent} SADDs sent in {tries} tries refused at the lease"
+        # Redis takes writes again: the next try registers every route.
+        await admin.execute_command("ACL", "SETUSER", "default", "+set", "+sadd")
+        for _ in range(100):
+            if all([await admin.sismember(keys.user_routes(u), node.id) for u in users]):
+                break
+            await asyncio.sleep(LEASE_S * 3 / 100)
+        for user in users:
+            assert await admin.sismember(keys.user_routes(user), node.id)
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+
+
+class SlowUplink:
+    """A TCP proxy in front of Redis (in the test's loop) passing what clients send at
+    `rate` bytes a second (a slow link, or a Redis reading slowly); replies unthrottled."""
+
+    def __init__(self, upstream: str, rate: float) -> None:
+        u = urlsplit(upstream)
+        self.host, self.port, self.rate = u.hostname or "127.0.0.1", u.port or 6379, rate
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(self.host, self.port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await r.read(16384):
+                    if slow:
+                        await asyncio.sleep(len(data) / self.rate)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        for task in (
+            asyncio.create_task(pump(cr, sw, True)),
+            asyncio.create_task(pump(sr, cw, False)),
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # A registration is bounded so that a Redis cut off by the network does not hang it.
+    # Bounded as a whole by the lease, one whose commands take longer than a lease to go
+    # out (a node of many sessions, its own CPU busy: ~2 s for 20,000 of them here, or a
+    # slow link as here) timed out on every try, each a full registration again, and the
+    # node was never registered (before e853e4c it had no bound and finished once). Its
+    # parts (2,000 keys) are bounded instead: each is far inside a lease.
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    n = 8000  # ~155 bytes of route commands each: ~1.2 MB, ~4 s at the link's rate
+    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~1 s
+    await uplink.start()
+    redis = make_redis(s)
+    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
+    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
+    keys = RedisKeys(s.redis_prefix)
+    users = [uid(f"big{i}") for i in range(n)]
+    try:
+        await node.start()
+        await asyncio.gather(
+            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
+        )
+        await admin.delete(keys.node_lease(node.id), *[keys.user_routes(u) for u in users])
+        losses = node.lease_losses
+        await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
+        async with asyncio.timeout(30):
+            while True:
+                found = await admin.exists(*[keys.user_routes(u) for u in users])
+                if found == n:
+                    break
+                await asyncio.sleep(0.2)
+        # And registered for good: a registration longer than the lease set at its start
+        # must keep that lease, or the next renewal finds it gone and registers again
+        # (forever, each as long), while publishers take the node for dead meanwhile.
+        losses = node.lease_losses
+        renewals = node.lease_renewals
+        await until(lambda: node.lease_renewals >= renewals + 4, LEASE_S * 4, "renewals")
+        assert node.lease_losses == losses, "the lease lapsed during the registration"
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+        await uplink.stop()
+
+
+async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
+    settings: Settings,
+    pools: ShardPools,
+    own_redis: OwnRedis,
+    admin: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The periodic refresh (every ROUTE_REFRESH_S: pushing back the expiry of every route
+    # set the node is in) was bounded as a whole by the lease too: on a node whose
+    # refresh takes longer (many sessions, a busy CPU; here a slow link) it timed out on
+    # every try, so the route sets expired an hour later and the node's subscribers got
+    # nothing live (the parts a timed-out try had sent may still land, each try from the
+    # start: its whole cost again). Bounded per part, as registering is.
+    monkeypatch.setattr(gateway.node, "ROUTE_REFRESH_S", 1.0)  # due at once, not in 15 min
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    n = 12000  # ~70 bytes of EXPIRE each: ~0.85 MB, ~2.8 s at the link's rate
+    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~0.5 s
+    await uplink.start()
+    redis = make_redis(s)
+    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
+    node = Node(s, uid("ref-node"), redis, pools, lease_redis)
+    users = [uid(f"ref{i}") for i in range(n)]
+    try:
+        await node.start()
+        await asyncio.gather(
+            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
+        )
+        # Refreshes come due at once and then every second: each must end, not time out
+        # (a timed-out one is a lease failure, tried again 0.1 s later, from the start).
+        # Once the attaches are done (they starve this loop, the link's too), a turn to
+        # settle; then a refresh also keeps the lease (no renewal runs meanwhile).
+        settled = node.lease_renewals
+        await until(lambda: node.lease_renewals >= settled + 2, 30, "settled")
+        failures, renewals = node.lease_failures, node.lease_renewals
+        losses = node.lease_losses
+        await until(lambda: node.lease_renewals >= renewals + 4, 30, "renewals")
+        assert node.lease_failures == failures, (
+            f"{node.lease_failures - failures} refreshes timed out"
+        )
+        assert node.lease_losses == losses, "the lease lapsed during a refresh"
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
+        await uplink.stop()
