@@ -261,7 +261,7 @@ async def test_bad_tokens_close_with_4001(stack: Stack, g1: Proc, case: str) -> 
     if case == "none":
         token = jwt.encode(claims, None, algorithm="none")
     elif case == "wrong_key":
-        token = jwt.encode(claims, "not-the-secret", algorithm="HS256")
+        token = jwt.encode(claims, "not-the-secret-but-a-key-of-full-length", algorithm="HS256")
     elif case == "expired":
         token = jwt.encode({**claims, "exp": int(time.time()) - 3600}, secret, algorithm="HS256")
     elif case == "no_sub":
