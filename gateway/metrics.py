@@ -120,6 +120,14 @@ class GatewayMetrics:
         )
         ReadAtScrape(
             r,
+            "agora_pg_held_connects_total",
+            "Connections made for the send path's shard reads, held between reads (one per "
+            "shard at first; more when one broke and was made again).",
+            "counter",
+            lambda: state.send_path.pools.held_connects,
+        )
+        ReadAtScrape(
+            r,
             "agora_produce_line_records_total",
             "Records given to the send path's own produce line (gateway/produceline.py).",
             "counter",

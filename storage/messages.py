@@ -211,6 +211,25 @@ async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tupl
     """(id, ts) of the message stored under (conv, sender, cid), or None: one read through
     the unique key. What the send path answers a retry that Redis no longer remembers."""
     async with pools.connection(pools.for_id(conv)) as conn:
+        return (await stored_ids_on(conn, [(conv, sender, cid)]))[0]
+
+
+async def stored_ids(
+    pools: ShardPools, physical: int, keys: Sequence[tuple[int, str, str]]
+) -> list[tuple[int, int] | None]:
+    """`stored_id` for several (conv, sender, cid) of one physical shard in one query, in
+    the order asked."""
+    async with pools.connection(physical) as conn:
+        return await stored_ids_on(conn, keys)
+
+
+async def stored_ids_on(
+    conn: Any, keys: Sequence[tuple[int, str, str]]
+) -> list[tuple[int, int] | None]:
+    """`stored_ids` on `conn` (of the keys' shard): the send path's reads, those made while
+    one was in flight together (gateway/lookups.py). A read only: safe to run again."""
+    if len(keys) == 1:
+        conv, sender, cid = keys[0]
         # An event the sequencer refused (storage/events.py) is settled too, unsequenced.
         row = await conn.fetchrow(
             """SELECT id, ts FROM messages WHERE conv_id = $1 AND sender = $2 AND cid = $3
@@ -221,21 +240,10 @@ async def stored_id(pools: ShardPools, conv: int, sender: str, cid: str) -> tupl
             sender,
             cid,
         )
-    return None if row is None else (row["id"], row["ts"])
-
-
-async def stored_ids(
-    pools: ShardPools, physical: int, keys: Sequence[tuple[int, str, str]]
-) -> list[tuple[int, int] | None]:
-    """`stored_id` for several (conv, sender, cid) of one physical shard in one query, in
-    the order asked: the send path's reads made while one was in flight (gateway/lookups.py)."""
-    if len(keys) == 1:
-        conv, sender, cid = keys[0]
-        return [await stored_id(pools, conv, sender, cid)]
-    async with pools.connection(physical) as conn:
-        rows = await conn.fetch(
-            _STORED_IDS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
-        )
+        return [None if row is None else (row["id"], row["ts"])]
+    rows = await conn.fetch(
+        _STORED_IDS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    )
     out: list[tuple[int, int] | None] = [None] * len(keys)
     for row in rows:
         out[row["i"] - 1] = (row["id"], row["ts"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -31,6 +31,21 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
 )
+
+# A held connection (`ShardPools.on_held`) that fails with one of these on use was closed
+# by the server while idle (a restart, pg_terminate_backend): the read runs once more on a
+# new connection. Not a timeout: a read that timed out is not tried again.
+_LOST: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+# How the held connections show in pg_stat_activity (docs/operations.md).
+HELD_APPLICATION_NAME = "agora-held"
+
+T = TypeVar("T")
 
 
 async def _no_reset(conn: Any) -> None:
@@ -54,6 +69,11 @@ class ShardPools:
         self._pools: list[asyncpg.Pool | None] = [None] * len(self._dsns)
         self._locks = [asyncio.Lock() for _ in self._dsns]
         self.names = [shard_name(d, i) for i, d in enumerate(self._dsns)]
+        # Per physical shard: the held connection and the pool it belongs to (on_held).
+        self._held: list[tuple[asyncpg.Pool, Any] | None] = [None] * len(self._dsns)
+        self._held_locks = [asyncio.Lock() for _ in self._dsns]
+        self.held_connects = 0  # held connections made (the first of each shard, then anew)
+        self.held_reads = 0  # reads run on them
 
     @property
     def physical_count(self) -> int:
@@ -83,6 +103,8 @@ class ShardPools:
         added = dsns[len(self._dsns) :]
         self._pools.extend([None] * len(added))
         self._locks.extend(asyncio.Lock() for _ in added)
+        self._held.extend([None] * len(added))
+        self._held_locks.extend(asyncio.Lock() for _ in added)
         self.names.extend(shard_name(d, len(self._dsns) + i) for i, d in enumerate(added))
         self._dsns = dsns
         self.map = new_map
@@ -99,7 +121,7 @@ class ShardPools:
                     min_size=0,
                     max_size=self._max,
                     timeout=self._timeout,
-                    command_timeout=max(self._timeout * 2, 10),
+                    command_timeout=self._command_timeout,
                     max_inactive_connection_lifetime=60,
                     # asyncpg resets session state on every release (one more round trip
                     # per query). Agora sets no session state on pooled connections: no
@@ -111,13 +133,89 @@ class ShardPools:
             assert pool is not None
             return pool
 
+    @property
+    def _command_timeout(self) -> float:
+        return max(self._timeout * 2, 10)
+
     @contextlib.asynccontextmanager
     async def connection(self, physical: int) -> AsyncIterator[Any]:
         """A connection to physical shard `physical`; connection failures -> ShardUnavailable."""
-        try:
+        with self._unavailable(physical):
             pool = await self._pool(physical)
             async with pool.acquire(timeout=self._timeout) as conn:
                 yield conn
+
+    async def on_held(self, physical: int, read: Callable[[Any], Awaitable[T]]) -> T:
+        """`read(conn)` on a connection to `physical` of its own, kept open between reads
+        instead of acquired from the pool each time (the pool's acquire and release cost
+        the gateway more CPU than a short read: bench/RESULTS.md). For a caller with one
+        query per shard in flight anyway (the send path's coalesced reads,
+        gateway/lookups.py): others wait for it. Errors as `connection`'s, within the same
+        timeouts (connect and command).
+
+        `read` must be safe to run twice: when the held connection turns out to have been
+        closed by the server while idle, it runs once more on a new one. A connection that
+        failed otherwise than by a query's error (a timeout, a cancellation) is closed and
+        made anew on the next read. It belongs to its shard's pool: when that pool is
+        closed (`close`) so is it. One connection per shard beyond the pool's
+        (docs/operations.md)."""
+        with self._unavailable(physical):
+            async with self._held_locks[physical]:
+                conn, reused = await self._held_conn(physical)
+                self.held_reads += 1
+                try:
+                    return await self._held_read(physical, conn, read)
+                except _LOST:
+                    if not reused:
+                        raise
+                conn, _ = await self._held_conn(physical)
+                return await self._held_read(physical, conn, read)
+
+    async def _held_conn(self, physical: int) -> tuple[Any, bool]:
+        """The held connection of `physical` (made if there is none, or if it is closed or
+        of a pool since closed), and whether it was there already."""
+        pool = await self._pool(physical)
+        held = self._held[physical]
+        if held is not None and held[0] is pool and not held[1].is_closed():
+            return held[1], True
+        self._drop_held(physical)
+        conn = await asyncpg.connect(
+            self._dsns[physical],
+            timeout=self._timeout,
+            command_timeout=self._command_timeout,
+            server_settings={"application_name": HELD_APPLICATION_NAME},
+        )
+        if self._pools[physical] is not pool:  # `close` ran meanwhile: not kept past it
+            conn.terminate()
+            raise asyncpg.ConnectionDoesNotExistError("the shard's pool was closed")
+        self.held_connects += 1
+        self._held[physical] = (pool, conn)
+        return conn, False
+
+    async def _held_read(self, physical: int, conn: Any, read: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            return await read(conn)
+        except BaseException as exc:
+            # A query's error leaves the connection as it was; anything else (a lost
+            # connection, a timeout, a cancellation mid-query) leaves it in a state
+            # nobody knows: it goes, and the next read makes a new one.
+            if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, _UNAVAILABLE):
+                held = self._held[physical]
+                if held is not None and held[1] is conn:
+                    self._drop_held(physical)
+            raise
+
+    def _drop_held(self, physical: int) -> None:
+        held = self._held[physical]
+        self._held[physical] = None
+        if held is not None and not held[1].is_closed():
+            held[1].terminate()
+
+    @contextlib.contextmanager
+    def _unavailable(self, physical: int) -> Iterator[None]:
+        """Failures that mean the shard cannot serve us now -> ShardUnavailable."""
+        try:
+            yield
         except _UNAVAILABLE as exc:
             raise ShardUnavailable(self.names[physical], exc) from exc
         except asyncpg.PostgresError as exc:
@@ -160,6 +258,13 @@ class ShardPools:
         return dict(results)
 
     async def close(self) -> None:
+        for i, held in enumerate(self._held):
+            self._held[i] = None
+            if held is not None:
+                try:
+                    await held[1].close(timeout=self._timeout)
+                except Exception:  # closing anyway: a read in flight on it, a dead server
+                    held[1].terminate()
         for pool in self._pools:
             if pool is not None:
                 await pool.close()

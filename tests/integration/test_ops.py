@@ -139,6 +139,8 @@ async def test_every_process_serves_metrics_that_move_with_traffic(ops: Ops) -> 
     node2 = reader.hello["node"]
     print({k: v for k, v in g2.items() if "bucket" not in k})
     assert total(g1, "agora_acked_sends_total") >= n
+    # The sends' shard reads on the gateway's held connections: one per shard, not per read.
+    assert 1 <= total(g1, "agora_pg_held_connects_total") <= 2
     assert total(g1, "agora_frames_in_total") >= n
     assert g2[f'agora_connections{{node="{node2}",role="gateway"}}'] >= 1
     assert total(g2, "agora_deliveries_total") - total(before, "agora_deliveries_total") >= n
