@@ -23,13 +23,11 @@ import redis.asyncio as aioredis
 import gateway.node
 from core.settings import Settings
 from gateway.connection import Connection
-from gateway.node import Node
 from gateway.protocol.codec import JsonCodec
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
 from tests.faults import OwnRedis
-from tests.integration.helpers import uid
+from tests.integration.helpers import running_node, uid
 from tests.integration.test_node_lease import LEASE_S, Socket, until
 
 pytestmark = pytest.mark.engines
@@ -50,13 +48,10 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
     settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
 ) -> None:
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     user = uid("reg")
     route = keys.user_routes(user)
-    try:
-        await node.start()
+    async with running_node(s, pools, "reg-node") as node:
         await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
         assert await admin.sismember(route, node.id)
         # Redis loses everything (a restart, a failover to an empty replica); another
@@ -83,10 +78,6 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
             f"not registered again ({node.lease_renewals - renewals} renewals since)"
         )
         assert await admin.smembers(route) == {b"other-node", node.id.encode()}
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 async def _sadd_calls(admin: aioredis.Redis) -> int:
@@ -106,12 +97,9 @@ async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_rou
     # again, all refused: 2 commands per local conversation and user (a node of 20,000
     # sessions: ~80,000 commands and ~1 s of its CPU a try) where a renewal is one.
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     users = [uid(f"reg{i}") for i in range(200)]
-    try:
-        await node.start()
+    async with running_node(s, pools, "reg-node") as node:
         for user in users:
             await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
         # A registration fails part way (its route writes refused), so the loop retries
@@ -139,10 +127,6 @@ async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_rou
             await asyncio.sleep(LEASE_S * 3 / 100)
         for user in users:
             assert await admin.sismember(keys.user_routes(user), node.id)
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 class SlowUplink:
@@ -191,6 +175,13 @@ class SlowUplink:
         for task in list(self.tasks):
             task.cancel()
 
+    async def __aenter__(self) -> SlowUplink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
 
 async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
     settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
@@ -203,15 +194,12 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
     # parts (2,000 keys) are bounded instead: each is far inside a lease.
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
     n = 8000  # ~155 bytes of route commands each: ~1.2 MB, ~4 s at the link's rate
-    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~1 s
-    await uplink.start()
-    redis = make_redis(s)
-    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     users = [uid(f"big{i}") for i in range(n)]
-    try:
-        await node.start()
+    async with (
+        SlowUplink(own_redis.url, 300_000) as uplink,  # a part of 2,000 keys: ~1 s
+        running_node(s, pools, "reg-node", lease_url=uplink.url) as node,
+    ):
         await asyncio.gather(
             *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
         )
@@ -231,11 +219,6 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
         renewals = node.lease_renewals
         await until(lambda: node.lease_renewals >= renewals + 4, LEASE_S * 4, "renewals")
         assert node.lease_losses == losses, "the lease lapsed during the registration"
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
-        await uplink.stop()
 
 
 async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
@@ -254,14 +237,11 @@ async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_su
     monkeypatch.setattr(gateway.node, "ROUTE_REFRESH_S", 1.0)  # due at once, not in 15 min
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
     n = 12000  # ~70 bytes of EXPIRE each: ~0.85 MB, ~2.8 s at the link's rate
-    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~0.5 s
-    await uplink.start()
-    redis = make_redis(s)
-    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
-    node = Node(s, uid("ref-node"), redis, pools, lease_redis)
     users = [uid(f"ref{i}") for i in range(n)]
-    try:
-        await node.start()
+    async with (
+        SlowUplink(own_redis.url, 300_000) as uplink,  # a part of 2,000 keys: ~0.5 s
+        running_node(s, pools, "ref-node", lease_url=uplink.url) as node,
+    ):
         await asyncio.gather(
             *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
         )
@@ -278,8 +258,3 @@ async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_su
             f"{node.lease_failures - failures} refreshes timed out"
         )
         assert node.lease_losses == losses, "the lease lapsed during a refresh"
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
-        await uplink.stop()
