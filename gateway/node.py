@@ -49,6 +49,7 @@ MAX_FILL_ROUNDS = 5
 # interval (a third of the lease) while they keep failing.
 LEASE_RETRY_S = 0.1
 STOP_RECANCEL_S = 0.1  # how long `stop` waits for a cancelled task before cancelling it again
+PUBSUB_RETRY_S = 0.5  # between a lost pub/sub connection and the next subscribe
 
 _LIVE = State.LIVE
 
@@ -124,8 +125,12 @@ class Node:
         self.lease_renewals = 0
         self.lease_failures = 0
         self.lease_losses = 0
-        # A registration of everything is due: one failed part way (see _register_all).
-        self._must_register = False
+        # Registrations of everything (see _register_all), one at a time: how many have
+        # begun, and the number of the last that succeeded and of the last that failed.
+        self._registering = asyncio.Lock()
+        self._registrations_begun = 0
+        self._registered = 0
+        self._registration_failed = 0
         self._none_left = asyncio.Event()  # set whenever the last connection detaches
         self.deliveries = 0  # frames pushed to local connections
         # Server-side end-to-end latency (accept ts to socket write) of live deliveries.
@@ -178,26 +183,44 @@ class Node:
             return False
         return True
 
-    async def _register_all(self) -> None:
+    @property
+    def _must_register(self) -> bool:
+        """A registration failed (or timed out) part way and none succeeded since."""
+        return self._registration_failed > self._registered
+
+    async def _register_all(self, seen: int | None = None) -> None:
         """Register the lease and every local conversation and user, each round trip
         bounded by a lease. Until one such registration succeeds, `_keep_lease` does it
         again instead of renewing: a failed one may have set the lease (its first round
         trip) and not every route, and a renewal, finding the lease, would then never
         register the rest (the periodic refresh only extends sets that exist: it does not
-        put the node back)."""
-        self._must_register = True
-        convs, users = list(self.conv_subs), list(self.user_conns)
-        self.sync.forget_registered()
-        lease_s = self.settings.route_lease_s
-        try:
-            # Each round trip bounded by a lease (a Redis cut off hangs instead of
-            # failing), not the whole: it takes longer the more the node serves.
-            await self.lease_routes.register(self.id, lease_s, convs, users, timeout_s=lease_s)
-        except BaseException:
-            self._must_register = True  # even if a concurrent one succeeded meanwhile
-            raise
-        self._must_register = False
-        self.sync.mark_registered(convs, users)
+        put the node back).
+
+        One at a time (the listener after a pub/sub reconnect and the lease loop can both
+        want one at once: each a full registration, every route written twice). `seen`:
+        how many registrations had begun when the caller learnt it needs one (default:
+        now). A registration begun after that, which succeeded, did what the caller
+        needs, so it returns once that one ends; one begun before may have written what
+        was lost since, so the caller's runs after it."""
+        if seen is None:
+            seen = self._registrations_begun
+        async with self._registering:
+            if self._registered > seen:
+                return
+            self._registrations_begun += 1
+            number = self._registrations_begun
+            convs, users = list(self.conv_subs), list(self.user_conns)
+            self.sync.forget_registered()
+            lease_s = self.settings.route_lease_s
+            try:
+                # Each round trip bounded by a lease (a Redis cut off hangs instead of
+                # failing), not the whole: it takes longer the more the node serves.
+                await self.lease_routes.register(self.id, lease_s, convs, users, timeout_s=lease_s)
+            except BaseException:
+                self._registration_failed = number
+                raise
+            self._registered = number
+            self.sync.mark_registered(convs, users)
 
     async def _keep_lease(self) -> None:
         interval = max(self.settings.route_lease_s / 3, 0.5)
@@ -208,8 +231,9 @@ class Node:
             await asyncio.sleep(delay)
             try:
                 if self._must_register:
-                    # The last registration failed (or timed out) part way.
-                    await self._register_all()
+                    # The last registration failed (or timed out) part way: one begun
+                    # since (the listener's, maybe running) will do.
+                    await self._register_all(self._registration_failed)
                     log.warning("node %s: registered again after a failed try", self.id)
                     renewed = True
                 else:
@@ -274,6 +298,9 @@ class Node:
 
     async def _listen(self, ready: asyncio.Event) -> None:
         channel = self.keys.node_channel(self.id)
+        # Registrations begun when the connection was last seen lost: what Redis lost
+        # (a restart) was lost by then, so a registration begun since covers it.
+        lost_at = 0
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -284,7 +311,7 @@ class Node:
                 if ready.is_set():
                     # A reconnect: anything registered may be gone (a Redis restart), and
                     # what was published meanwhile is lost: check every tail.
-                    await self._register_all()
+                    await self._register_all(lost_at)
                     self.tails.request()
                 ready.set()
                 if self.keys.cluster:
@@ -295,8 +322,9 @@ class Node:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                lost_at = self._registrations_begun
                 log.warning("node %s: pub/sub lost (%s); resubscribing", self.id, exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(PUBSUB_RETRY_S)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -41,8 +41,9 @@ whose connection is lost or times out may or may not have been applied: `admit` 
 counted one. Had Redis not applied it, that release is an under-count of one while the
 user's other sessions here last (floored at 0); before, such a session got no release,
 and had Redis applied it, the user was over-counted by one for as long as the gateway ran.
-A count the line never wrote (it could not connect: storage/redisline.py `NotSent`) was
-not applied, and fails like a command error: admitted, no release.
+A count the line never wrote (it could not connect, or Redis refused the connection's AUTH:
+storage/redisline.py `NotSent`) was not applied, and fails like a command error: admitted,
+no release.
 
 Connects that arrive together share a pipeline (three commands each; on a single Redis
 written at once on a pipelined connection of the node's own, storage/redisline.py), at most
@@ -138,7 +139,7 @@ class UserConnectionCap:
         try:
             counts = await self._counting.read(0, user)
         except NotSent:
-            raise  # never written (the line could not connect): not counted, no release
+            raise  # never written (no connection, or its AUTH refused): not counted
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             raise CountUnknown(f"{type(exc).__name__}: {exc}") from exc
         if isinstance(counts, Exception):

@@ -25,14 +25,14 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class NotSent(RedisConnectionError):
-    """Nothing of the command was written (no connection, or it could not be made):
-    Redis did not run it. Unlike a connection lost or a timeout once written, after
-    which the command may have run."""
+    """Nothing of the command was written (no connection, or it could not be made, or
+    Redis refused its AUTH or SELECT): Redis did not run it. Unlike a connection lost or
+    a timeout once written, after which the command may have run."""
 
 
 class _Replies:
@@ -218,6 +218,12 @@ class RedisLine:
         except OSError as exc:
             # Only connecting raises it here (a transport's writes do not): nothing sent.
             raise NotSent(f"Redis unreachable: {exc}") from None
+        except RedisError as exc:
+            if connected:
+                raise
+            # Connected, but its AUTH or SELECT refused (a password changed, a user
+            # disabled) or the connection lost during them: the command was not written.
+            raise NotSent(f"Redis refused the connection: {exc}") from exc
 
     def send(self, *args: Any) -> None:
         """One command written and not waited for: its reply (or failure) is dropped. A

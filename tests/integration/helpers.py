@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import secrets
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,10 +18,12 @@ import httpx
 from agora_client import AgoraClient
 from core.settings import Settings
 from fanout.sequencer import sequence
+from gateway.node import Node
 from storage import messages
 from storage.ids import IdGenerator, now_ms, shard_of_id
 from storage.models import Message, NewMessage
 from storage.pools import ShardPools
+from storage.redis_client import make_lease_redis, make_redis
 from tests.engines import settings_env
 from tests.stack import Proc, Stack
 
@@ -39,6 +44,27 @@ def agora(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    settings: Settings, pools: ShardPools, name: str, lease_url: str | None = None
+) -> AsyncIterator[Node]:
+    """A node as gateway.app composes it (Redis clients of its own; the lease's through
+    `lease_url` when given: a proxy in front of Redis), started; stopped and its clients
+    closed at the end."""
+    lease_settings = (
+        settings if lease_url is None else dataclasses.replace(settings, redis_url=lease_url)
+    )
+    redis, lease_redis = make_redis(settings), make_lease_redis(lease_settings)
+    node = Node(settings, uid(name), redis, pools, lease_redis)
+    try:
+        await node.start()
+        yield node
+    finally:
+        await node.stop()
+        await lease_redis.aclose()
+        await redis.aclose()
 
 
 async def store_texts(

@@ -228,3 +228,30 @@ async def test_a_count_that_never_left_the_gateway_is_not_taken_for_maybe_counte
     finally:
         line.close()
         await r.aclose()
+
+
+async def test_a_count_whose_connection_was_refused_at_auth_is_not_taken_for_maybe_counted(
+    own_redis: OwnRedis,
+) -> None:
+    """Redis refuses the line's AUTH as it connects (a password changed while the gateway
+    reconnects, its user disabled): the count was never written, so, as above, `admit`
+    must raise NotSent, not CountUnknown (a release for a count that never ran). It was
+    taken for a command error of a connected line, maybe applied. Real Redis with a
+    password."""
+    keys = fresh_keys()
+    r = aioredis.Redis.from_url(own_redis.url)
+    await r.config_set("requirepass", "right")
+    await r.aclose()
+    r = aioredis.Redis.from_url(own_redis.url, password="right")
+    line = RedisLine(own_redis.url.replace("redis://", "redis://:wrong@"), 3.0)
+    cap = UserConnectionCap(r, keys, Routes(r, keys), "n1", 5, line)
+    try:
+        with pytest.raises(aioredis.RedisError) as raised:
+            await cap.admit("ann")
+        assert not isinstance(raised.value, CountUnknown), raised.value
+        assert isinstance(raised.value, NotSent), raised.value
+        assert "WRONGPASS" in str(raised.value)
+        assert line.connects == 0 and not await r.exists(keys.user_sessions("ann"))
+    finally:
+        line.close()
+        await r.aclose()

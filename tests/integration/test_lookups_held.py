@@ -10,6 +10,8 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -39,6 +41,31 @@ async def _stored(pools: ShardPools, ids: IdGenerator, physical: int) -> list[Ne
 
 def _key(m: NewMessage, cid: str | None = None) -> tuple[int, str, str]:
     return m.conv, m.sender, cid or m.cid
+
+
+class _Held(NamedTuple):
+    batch: list[NewMessage]
+    want: int | None  # the first message's stored id
+    own: ShardPools
+    lookups: StoredLookups
+
+
+@contextlib.asynccontextmanager
+async def _first_read_held(
+    pools: ShardPools, ids: IdGenerator, settings: Settings
+) -> AsyncIterator[_Held]:
+    """Three messages stored on shard 0, and lookups on pools of their own (`settings`)
+    whose first read answered (so they hold a connection of the shard); those pools
+    closed at the end."""
+    batch = await _stored(pools, ids, 0)
+    want = await messages.stored_id(pools, *_key(batch[0]))
+    own = ShardPools(settings)
+    try:
+        lookups = StoredLookups(own)
+        assert await lookups.ask(*_key(batch[0])) == want
+        yield _Held(batch, want, own, lookups)
+    finally:
+        await own.close()
 
 
 async def _backend(pools: ShardPools, physical: int) -> int:
@@ -88,12 +115,7 @@ async def test_a_held_connection_the_server_closed_is_replaced_by_the_next_read(
 ) -> None:
     """pg_terminate_backend on the held connection: the very next read still answers, on a
     new connection; a connection of a closed pool is not used again."""
-    batch = await _stored(pools, ids, 0)
-    want = await messages.stored_id(pools, *_key(batch[0]))
-    own = ShardPools(settings)
-    try:
-        lookups = StoredLookups(own)
-        assert await lookups.ask(*_key(batch[0])) == want
+    async with _first_read_held(pools, ids, settings) as (batch, want, own, lookups):
         old = await _backend(own, 0)
         async with pools.connection(0) as conn:
             # With a timeout, it returns once the backend has exited.
@@ -108,8 +130,6 @@ async def test_a_held_connection_the_server_closed_is_replaced_by_the_next_read(
             pools, *_key(batch[1])
         )
         assert own.held_connects == 3 and await _backend(own, 0) not in (old, new)
-    finally:
-        await own.close()
 
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
@@ -119,12 +139,7 @@ async def test_a_held_connection_closed_unseen_is_read_again_on_a_new_one(
     """The backend terminated while the event loop was busy, so the client has not seen
     the connection close when the next read goes out on it: that read still answers, run
     once more on a new connection."""
-    batch = await _stored(pools, ids, 0)
-    want = await messages.stored_id(pools, *_key(batch[0]))
-    own = ShardPools(settings)
-    try:
-        lookups = StoredLookups(own)
-        assert await lookups.ask(*_key(batch[0])) == want
+    async with _first_read_held(pools, ids, settings) as (batch, want, own, lookups):
         old = await _backend(own, 0)
         # Blocking on purpose: the loop does not run until the backend has exited.
         subprocess.run(  # noqa: ASYNC221
@@ -135,8 +150,6 @@ async def test_a_held_connection_closed_unseen_is_read_again_on_a_new_one(
         )
         assert await lookups.ask(*_key(batch[0])) == want
         assert own.held_connects == 2 and await _backend(own, 0) != old
-    finally:
-        await own.close()
 
 
 class _Proxy:
@@ -193,28 +206,28 @@ async def test_a_shard_that_refuses_connections_fails_the_read_promptly_then_rec
     """The held connection cut and PostgreSQL refusing new ones: the read fails at once,
     as the send answers it (`unavailable`), never a false answer; once PostgreSQL listens
     again, the next read answers."""
-    batch = await _stored(pools, ids, 0)
-    want = await messages.stored_id(pools, *_key(batch[0]))
     target = urlsplit(settings.shard_dsns[0])
     proxy = _Proxy(target.hostname or "127.0.0.1", target.port or 5432)
     await proxy.start()
     dsns = (_via(settings.shard_dsns[0], proxy.listen_port), *settings.shard_dsns[1:])
-    own = ShardPools(settings.with_overrides(shard_dsns=dsns))
     try:
-        lookups = StoredLookups(own)
-        assert await lookups.ask(*_key(batch[0])) == want
-        await proxy.refuse()
-        started = time.monotonic()
-        with pytest.raises(ShardUnavailable):
-            await lookups.ask(*_key(batch[0]))
-        with pytest.raises(Unavailable):  # what the send path makes of it
-            await _found(lookups.ask(*_key(batch[1])))
-        assert time.monotonic() - started < 2.0  # refused: no timeout waited out
+        async with _first_read_held(pools, ids, settings.with_overrides(shard_dsns=dsns)) as (
+            batch,
+            want,
+            _own,
+            lookups,
+        ):
+            await proxy.refuse()
+            started = time.monotonic()
+            with pytest.raises(ShardUnavailable):
+                await lookups.ask(*_key(batch[0]))
+            with pytest.raises(Unavailable):  # what the send path makes of it
+                await _found(lookups.ask(*_key(batch[1])))
+            assert time.monotonic() - started < 2.0  # refused: no timeout waited out
 
-        await proxy.start()
-        assert await lookups.ask(*_key(batch[0])) == want
-        assert await _found(lookups.ask(*_key(batch[0]))) is not None
+            await proxy.start()
+            assert await lookups.ask(*_key(batch[0])) == want
+            assert await _found(lookups.ask(*_key(batch[0]))) is not None
     finally:
-        await own.close()
         if proxy._server is not None:
             await proxy.refuse()

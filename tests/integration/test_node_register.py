@@ -13,6 +13,7 @@ socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -26,10 +27,9 @@ from gateway.connection import Connection
 from gateway.node import Node
 from gateway.protocol.codec import JsonCodec
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
 from tests.faults import OwnRedis
-from tests.integration.helpers import uid
+from tests.integration.helpers import running_node, uid
 from tests.integration.test_node_lease import LEASE_S, Socket, until
 
 pytestmark = pytest.mark.engines
@@ -50,13 +50,10 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
     settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
 ) -> None:
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     user = uid("reg")
     route = keys.user_routes(user)
-    try:
-        await node.start()
+    async with running_node(s, pools, "reg-node") as node:
         await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
         assert await admin.sismember(route, node.id)
         # Redis loses everything (a restart, a failover to an empty replica); another
@@ -83,10 +80,6 @@ async def test_a_registration_that_failed_after_setting_the_lease_is_done_again(
             f"not registered again ({node.lease_renewals - renewals} renewals since)"
         )
         assert await admin.smembers(route) == {b"other-node", node.id.encode()}
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 async def _sadd_calls(admin: aioredis.Redis) -> int:
@@ -94,6 +87,22 @@ async def _sadd_calls(admin: aioredis.Redis) -> int:
     stats = await admin.info("commandstats")
     sadd = stats.get("cmdstat_sadd", {})
     return int(sadd.get("calls", 0)) + int(sadd.get("rejected_calls", 0))
+
+
+async def _registrations_over(node: Node, admin: aioredis.Redis) -> None:
+    """Wait until neither the listener nor the lease loop is registering: the listener
+    reads its channel only after the registration of its reconnect, and the lease loop
+    renews only when it does not register."""
+    heard = asyncio.Event()
+    node._on_delivery = lambda _data: heard.set()  # type: ignore[method-assign]
+    channel = node.keys.node_channel(node.id)
+    async with asyncio.timeout(30):
+        while not heard.is_set():
+            await admin.publish(channel, b"marker")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(heard.wait(), 0.1)
+    renewals = node.lease_renewals
+    await until(lambda: node.lease_renewals >= renewals + 2, LEASE_S * 3, "renewals")
 
 
 async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_routes(
@@ -106,12 +115,9 @@ async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_rou
     # again, all refused: 2 commands per local conversation and user (a node of 20,000
     # sessions: ~80,000 commands and ~1 s of its CPU a try) where a renewal is one.
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     users = [uid(f"reg{i}") for i in range(200)]
-    try:
-        await node.start()
+    async with running_node(s, pools, "reg-node") as node:
         for user in users:
             await node.attach(Connection(Socket(), JsonCodec(), user, 100, 1 << 20))
         # A registration fails part way (its route writes refused), so the loop retries
@@ -139,10 +145,6 @@ async def test_a_registration_retried_while_redis_refuses_the_lease_sends_no_rou
             await asyncio.sleep(LEASE_S * 3 / 100)
         for user in users:
             assert await admin.sismember(keys.user_routes(user), node.id)
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 class SlowUplink:
@@ -191,6 +193,29 @@ class SlowUplink:
         for task in list(self.tasks):
             task.cancel()
 
+    async def __aenter__(self) -> SlowUplink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+
+@contextlib.asynccontextmanager
+async def _on_slow_link(
+    s: Settings, pools: ShardPools, own_redis: OwnRedis, users: list[str], rate: float, name: str
+) -> AsyncIterator[Node]:
+    """A node serving a session of each of `users`, its lease's client (registrations,
+    refreshes) on a link that passes `rate` bytes a second."""
+    async with (
+        SlowUplink(own_redis.url, rate) as uplink,
+        running_node(s, pools, name, lease_url=uplink.url) as node,
+    ):
+        await asyncio.gather(
+            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
+        )
+        yield node
+
 
 async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
     settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
@@ -203,18 +228,10 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
     # parts (2,000 keys) are bounded instead: each is far inside a lease.
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
     n = 8000  # ~155 bytes of route commands each: ~1.2 MB, ~4 s at the link's rate
-    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~1 s
-    await uplink.start()
-    redis = make_redis(s)
-    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
-    node = Node(s, uid("reg-node"), redis, pools, lease_redis)
     keys = RedisKeys(s.redis_prefix)
     users = [uid(f"big{i}") for i in range(n)]
-    try:
-        await node.start()
-        await asyncio.gather(
-            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
-        )
+    # A part of 2,000 keys: ~1 s at the link's rate.
+    async with _on_slow_link(s, pools, own_redis, users, 300_000, "reg-node") as node:
         await admin.delete(keys.node_lease(node.id), *[keys.user_routes(u) for u in users])
         losses = node.lease_losses
         await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
@@ -231,11 +248,6 @@ async def test_a_registration_longer_than_a_lease_in_all_but_not_in_any_part_suc
         renewals = node.lease_renewals
         await until(lambda: node.lease_renewals >= renewals + 4, LEASE_S * 4, "renewals")
         assert node.lease_losses == losses, "the lease lapsed during the registration"
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
-        await uplink.stop()
 
 
 async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_succeeds(
@@ -254,17 +266,9 @@ async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_su
     monkeypatch.setattr(gateway.node, "ROUTE_REFRESH_S", 1.0)  # due at once, not in 15 min
     s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
     n = 12000  # ~70 bytes of EXPIRE each: ~0.85 MB, ~2.8 s at the link's rate
-    uplink = SlowUplink(own_redis.url, 300_000)  # a part of 2,000 keys: ~0.5 s
-    await uplink.start()
-    redis = make_redis(s)
-    lease_redis = make_lease_redis(dataclasses.replace(s, redis_url=uplink.url))
-    node = Node(s, uid("ref-node"), redis, pools, lease_redis)
     users = [uid(f"ref{i}") for i in range(n)]
-    try:
-        await node.start()
-        await asyncio.gather(
-            *(node.attach(Connection(Socket(), JsonCodec(), u, 100, 1 << 20)) for u in users)
-        )
+    # A part of 2,000 keys: ~0.5 s at the link's rate.
+    async with _on_slow_link(s, pools, own_redis, users, 300_000, "ref-node") as node:
         # Refreshes come due at once and then every second: each must end, not time out
         # (a timed-out one is a lease failure, tried again 0.1 s later, from the start).
         # Once the attaches are done (they starve this loop, the link's too), a turn to
@@ -278,8 +282,79 @@ async def test_a_route_refresh_longer_than_a_lease_in_all_but_not_in_any_part_su
             f"{node.lease_failures - failures} refreshes timed out"
         )
         assert node.lease_losses == losses, "the lease lapsed during a refresh"
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
-        await uplink.stop()
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis, n: int
+) -> AsyncIterator[tuple[Node, list[str]]]:
+    """A node serving `n` users (and their route keys), its lease's client on a slow link
+    (a registration ~1 s: a turn of the lease loop), every write of their connects out
+    and Redis's command counts reset."""
+    s = dataclasses.replace(settings, redis_url=own_redis.url, route_lease_s=LEASE_S)
+    keys = RedisKeys(s.redis_prefix)
+    users = [uid(f"once{i}") for i in range(n)]
+    # ~155 bytes of route commands each.
+    async with _on_slow_link(s, pools, own_redis, users, 150_000, "once-node") as node:
+        await asyncio.wait_for(node.presence.changes.idle(), 10)  # their SADDs out too
+        await admin.config_resetstat()
+        yield node, [keys.user_routes(u) for u in users]
+
+
+async def test_a_registration_after_a_pubsub_reconnect_runs_alone(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # The pub/sub connection came back: the listener registers everything (what Redis
+    # held may be gone). The lease loop, waking while that ran, found a registration due
+    # and ran a second one at once: every route written twice (a node of 20,000 users,
+    # 20,000 SADDs and their EXPIREs more). One registration at a time.
+    n = 1000
+    async with _serving(settings, pools, own_redis, admin, n) as (node, routes):
+        await admin.delete(*routes)  # written again: the registration is seen to happen
+        await admin.client_kill_filter(_type="pubsub")
+        await _registrations_over(node, admin)
+        assert await admin.exists(*routes) == n
+        sent = await _sadd_calls(admin)
+        assert n <= sent < 2 * n, f"{sent} SADDs: {n} users registered more than once"
+
+
+async def test_a_pubsub_reconnect_after_the_lease_loop_began_registering_adds_none(
+    settings: Settings,
+    pools: ShardPools,
+    own_redis: OwnRedis,
+    admin: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis lost everything (a restart): the lease loop finds its lease gone and registers
+    # everything; the listener, whose connection was lost with it, subscribes again after
+    # that began and registered everything once more. A registration begun after the
+    # loss was seen covers it: the listener waits for that one and writes nothing.
+    monkeypatch.setattr(gateway.node, "PUBSUB_RETRY_S", 2.0)  # after the lease loop's turn
+    n = 1000
+    async with _serving(settings, pools, own_redis, admin, n) as (node, routes):
+        await admin.delete(node.keys.node_lease(node.id), *routes)
+        await admin.client_kill_filter(_type="pubsub")
+        losses = node.lease_losses
+        await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
+        await _registrations_over(node, admin)
+        assert await admin.exists(*routes) == n
+        sent = await _sadd_calls(admin)
+        assert n <= sent < 2 * n, f"{sent} SADDs: {n} users registered more than once"
+
+
+async def test_a_pubsub_loss_seen_after_a_registration_began_registers_again(
+    settings: Settings, pools: ShardPools, own_redis: OwnRedis, admin: aioredis.Redis
+) -> None:
+    # The other side of running one at a time: the pub/sub connection lost while the lease
+    # loop's registration runs (Redis may have lost what that one wrote before) is not
+    # covered by it: the listener registers again once it has ended.
+    n = 1000
+    async with _serving(settings, pools, own_redis, admin, n) as (node, routes):
+        await admin.delete(node.keys.node_lease(node.id), *routes)
+        losses = node.lease_losses
+        await until(lambda: node.lease_losses > losses, LEASE_S * 3, "the lease found gone")
+        await admin.client_kill_filter(_type="pubsub")  # the registration is under way
+        await _registrations_over(node, admin)
+        assert await admin.exists(*routes) == n
+        sent = await _sadd_calls(admin)
+        assert sent >= 2 * n, f"{sent} SADDs: {n} users not registered after the loss"

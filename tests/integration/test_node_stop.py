@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from gateway.protocol.frames import CloseCode
+from tests.cancels import SwallowsOneCancel
 from tests.integration.test_joined_delivery import Room, Socket, connect, room
 
 pytestmark = pytest.mark.engines
@@ -33,22 +34,9 @@ async def test_stop_returns_when_a_presence_task_swallows_its_cancellation(room:
     # Presence.stop cancelled its tasks once and awaited each: a thread-count task whose
     # pipeline swallowed the cancellation went back to its once-a-second loop, and the
     # node's stop never returned. The task here swallows one as that one did.
-    swallowed = 0
-    looping = asyncio.Event()
-
-    async def counts_like() -> None:
-        nonlocal swallowed
-        while True:
-            looping.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                if swallowed:
-                    raise
-                swallowed += 1  # the loop goes on, as after a swallowed cancel
-
-    task = room.node.presence._spawn(counts_like())
-    await looping.wait()
+    counts_like = SwallowsOneCancel()
+    task = room.node.presence._spawn(counts_like.loop())
+    await counts_like.sleeping.wait()
     stopping = asyncio.ensure_future(room.node.stop())
     done, _ = await asyncio.wait({stopping}, timeout=10)
-    assert stopping in done and task.cancelled() and swallowed == 1
+    assert stopping in done and task.cancelled() and counts_like.swallowed == 1

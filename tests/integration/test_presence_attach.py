@@ -30,10 +30,9 @@ from gateway.node import Node
 from gateway.protocol.codec import JsonCodec
 from gateway.protocol.frames import CloseCode
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
 from tests.faults import OwnRedis
-from tests.integration.helpers import uid
+from tests.integration.helpers import running_node, uid
 from tests.integration.test_node_lease import Socket
 from tests.integration.test_node_register import admin
 
@@ -59,15 +58,8 @@ class OnFailure(logging.Handler):
 @pytest.fixture
 async def node(settings: Settings, pools: ShardPools, own_redis: OwnRedis) -> AsyncIterator[Node]:
     s = dataclasses.replace(settings, redis_url=own_redis.url)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("pa-node"), redis, pools, lease_redis)
-    await node.start()
-    try:
+    async with running_node(s, pools, "pa-node") as node:
         yield node
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 async def test_a_second_connection_goes_online_when_the_first_ones_registration_failed(

@@ -20,9 +20,8 @@ from gateway.node import Node
 from gateway.protocol.codec import JsonCodec
 from gateway.protocol.frames import CloseCode
 from storage.pools import ShardPools
-from storage.redis_client import make_lease_redis, make_redis
 from storage.redis_keys import RedisKeys
-from tests.integration.helpers import uid
+from tests.integration.helpers import running_node, uid
 from tests.integration.test_node_lease import Socket
 
 pytestmark = pytest.mark.engines
@@ -30,16 +29,10 @@ pytestmark = pytest.mark.engines
 
 @pytest.fixture
 async def node(settings: Settings, pools: ShardPools) -> AsyncIterator[Node]:
-    s = dataclasses.replace(settings, presence_grace_s=1)
-    redis, lease_redis = make_redis(s), make_lease_redis(s)
-    node = Node(s, uid("pk-node"), redis, pools, lease_redis)
-    await node.start()
-    try:
+    async with running_node(
+        dataclasses.replace(settings, presence_grace_s=1), pools, "pk-node"
+    ) as node:
         yield node
-    finally:
-        await node.stop()
-        await lease_redis.aclose()
-        await redis.aclose()
 
 
 async def on_of(r: aioredis.Redis, keys: RedisKeys, user: str) -> bytes | None:

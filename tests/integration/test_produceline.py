@@ -8,6 +8,7 @@ import asyncio
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -19,14 +20,20 @@ from gateway.produceline import ProduceLine, make_produce_line
 pytestmark = pytest.mark.engines
 
 
+class Fresh(NamedTuple):
+    settings: Settings  # with a topic prefix of the test's own
+    producer: AIOKafkaProducer
+    topic: str  # its messages topic
+
+
 @pytest.fixture
-async def fresh(settings: Settings) -> AsyncIterator[tuple[Settings, AIOKafkaProducer]]:
+async def fresh(settings: Settings) -> AsyncIterator[Fresh]:
     fresh = settings.with_overrides(kafka_topic_prefix=f"pl{secrets.token_hex(3)}")
     await ensure_topics(fresh)
     producer = make_producer(fresh)
     await producer.start()
     try:
-        yield fresh, producer
+        yield Fresh(fresh, producer, messages_topic(fresh))
     finally:
         await producer.stop()
 
@@ -53,10 +60,9 @@ async def _read(settings: Settings, n: int) -> dict[int, list[tuple[bytes, bytes
 
 
 async def test_records_reach_their_keys_partition_in_order_and_share_requests(
-    fresh: tuple[Settings, AIOKafkaProducer],
+    fresh: Fresh,
 ) -> None:
-    settings, producer = fresh
-    topic = messages_topic(settings)
+    settings, producer, topic = fresh
     line = make_produce_line(producer, topic)
     assert line is not None
     assert make_produce_line(producer, topic, enabled=False) is None  # keeps aiokafka
@@ -89,10 +95,9 @@ async def test_records_reach_their_keys_partition_in_order_and_share_requests(
 
 
 async def test_a_connection_lost_mid_request_hands_every_record_to_aiokafka_in_order(
-    fresh: tuple[Settings, AIOKafkaProducer],
+    fresh: Fresh,
 ) -> None:
-    settings, producer = fresh
-    topic = messages_topic(settings)
+    settings, producer, topic = fresh
     line = ProduceLine(producer, topic)
     key = b"771234567890123456"
     first = line.send(key, b"warm")  # connects

@@ -8,6 +8,7 @@ import operator
 
 from gateway.batches import Backoff, Batcher, Pending
 from gateway.routesync import _take
+from tests.cancels import SwallowsOneCancel
 
 
 def test_jobs_of_one_key_merge_and_are_taken_oldest_first_up_to_the_limit() -> None:
@@ -107,27 +108,19 @@ async def test_stop_ends_a_batch_whose_flush_swallowed_the_cancellation() -> Non
     # As redis-py 8.1's pipeline does with a cancellation that lands as it starts: the
     # flush goes on (and fails: Redis is away), the batch is put back and retried after
     # its backoff, for ever. `stop` cancelled once and awaited the task: it never returned.
-    in_flush = asyncio.Event()
-    swallowed = 0
+    stubborn = SwallowsOneCancel()
 
     async def flush(batch: dict[str, int]) -> None:
-        nonlocal swallowed
-        in_flush.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            if swallowed:
-                raise
-            swallowed += 1
+        await stubborn.sleep()
         raise ConnectionError("gone")
 
     b: Batcher[str, int] = Batcher("test jobs", flush, operator.add, backoff=Backoff(0.01, 0.01))
     b.add("a", 1)
-    await in_flush.wait()
+    await stubborn.sleeping.wait()
     stopping = asyncio.ensure_future(b.stop(timeout=0.01))
     # Not wait_for: cancelling `stop` would cancel the task it awaits, and end the test.
     done, _ = await asyncio.wait({stopping}, timeout=5)
-    assert stopping in done and swallowed == 1
+    assert stopping in done and stubborn.swallowed == 1
     assert b.pending.get("a") == 1 and b._task is None
 
 

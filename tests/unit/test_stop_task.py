@@ -7,26 +7,16 @@ import asyncio
 import time
 
 from core.tasks import stop_task, stop_tasks
+from tests.cancels import SwallowsOneCancel
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
-    swallowed = 0
-
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                if swallowed:
-                    raise
-                swallowed += 1  # as a lost cancel looks: the loop just goes on
-
-    task = asyncio.create_task(stubborn())
+    stubborn = SwallowsOneCancel()
+    task = asyncio.create_task(stubborn.loop())
     await asyncio.sleep(0)
     started = time.monotonic()
     await asyncio.wait_for(stop_task(task, recancel_s=0.05), 5)
-    assert task.cancelled() and swallowed == 1
+    assert task.cancelled() and stubborn.swallowed == 1
     assert time.monotonic() - started < 2
 
 
@@ -45,24 +35,13 @@ async def test_a_task_that_failed_or_ended_is_waited_for_quietly() -> None:
 
 
 async def test_several_tasks_are_all_cancelled_and_each_ended() -> None:
-    swallowed = 0
-
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                if swallowed:
-                    raise
-                swallowed += 1
-
-    tasks = [asyncio.create_task(stubborn()), asyncio.create_task(asyncio.sleep(60))]
+    stubborn = SwallowsOneCancel()
+    tasks = [asyncio.create_task(stubborn.loop()), asyncio.create_task(asyncio.sleep(60))]
     await asyncio.sleep(0)
     try:
         await asyncio.wait_for(stop_tasks(tasks, recancel_s=0.05), 5)
-        assert all(t.cancelled() for t in tasks) and swallowed == 1
+        assert all(t.cancelled() for t in tasks) and stubborn.swallowed == 1
     finally:
-        swallowed = 1  # a failed test's stubborn task ends at its next cancellation
+        stubborn.swallowed = 1  # a failed test's stubborn task ends at its next cancellation
         for task in tasks:
             task.cancel()
