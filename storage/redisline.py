@@ -72,7 +72,8 @@ class _Replies:
             self.fut.set_exception(exc)
 
 
-_SKIP_REPLY = hiredis.pack_command(("CLIENT", "REPLY", "SKIP"))
+_SKIP_ARGS: tuple[Any, ...] = ("CLIENT", "REPLY", "SKIP")
+_SKIP_REPLY = hiredis.pack_command(_SKIP_ARGS)
 
 
 class _Protocol(asyncio.Protocol):
