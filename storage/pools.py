@@ -161,15 +161,7 @@ class ShardPools:
         (docs/operations.md)."""
         with self._unavailable(physical):
             async with self._held_locks[physical]:
-                held = self._held[physical]
-                if (
-                    held is not None
-                    and held[0] is self._pools[physical]
-                    and not held[1].is_closed()
-                ):
-                    conn, reused = held[1], True  # `_held_conn`'s usual answer, no await
-                else:
-                    conn, reused = await self._held_conn(physical)
+                conn, reused = await self._held_conn(physical)
                 self.held_reads += 1
                 try:
                     return await self._held_read(physical, conn, read)
