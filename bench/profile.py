@@ -33,8 +33,13 @@ def py_spy() -> str | None:
 
 
 class Profiler:
-    def __init__(self, pid: int, path: Path, rate: int = 200, native: bool = False) -> None:
+    def __init__(
+        self, pid: int, path: Path, rate: int = 200, native: bool = False, gil: bool = False
+    ) -> None:
         self.pid = pid
+        # Only samples holding the GIL: uvloop waits for events without it, so these are
+        # the samples running Python (a process preempted while running still counts).
+        self.gil = gil
         self.path = path
         self.rate = rate
         self.native = native
@@ -53,6 +58,8 @@ class Profiler:
         cmd += ["--rate", str(self.rate), "-o", str(self.path)]
         # --native needs to pause the process per sample; otherwise sample without pausing.
         cmd.append("--native" if self.native else "--nonblocking")
+        if self.gil:
+            cmd.append("--gil")
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )

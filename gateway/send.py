@@ -371,7 +371,8 @@ class SendPath:
     async def _mark(self, key: str, value: str) -> None:
         if self.line is not None:
             # Written, not waited for: the ack goes out without Redis's reply (a failure
-            # changed nothing before either: see below). This node's later commands on
+            # changed nothing before either: see below), and Redis is asked for none
+            # (storage/redisline.py: no wake-up to read it). This node's later commands on
             # the line (a retry's claim) run after it; a retry through another node that
             # still finds the record pending waits for it (PENDING_WAIT_S).
             self.line.send("SET", key, value, "EX", self.window_s)

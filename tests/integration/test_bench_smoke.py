@@ -302,3 +302,14 @@ def test_sequencer_smoke(tmp_path: Path) -> None:
         assert r["batches"] == 20
         assert r["client_cpu_ms"] > 0 and r["pg_cpu_ms"] > 0 and r["wall_ms"] > 0
     assert "cheaper" in data["targets"]
+
+
+def test_sends_smoke() -> None:
+    """bench.sends prints one JSON line (no results file): lone sends, all acked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    cmd = [sys.executable, "-m", "bench.sends", "--sends", "60", "--warmup", "20", "--rate", "100"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["acked"] == 60 and out["errors"] == 0, out
+    assert out["us_per_send"]["gateway"] > 0 and out["ack_ms_p50"] > 0, out

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +17,9 @@ import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from devstack.services import wait_port
 from storage.redisline import RedisLine
+from tests.engines import free_port
 from tests.faults import OwnRedis
 
 pytestmark = pytest.mark.engines
@@ -107,6 +111,61 @@ async def test_a_command_not_waited_for_runs_before_the_next(own_redis: OwnRedis
         line.send("INCR", "no-such-command-reply-is-an-error", "extra")  # its error dropped
         assert await line.execute("PING") == b"PONG"
         assert line.connects == 1
+    finally:
+        line.close()
+
+
+async def test_a_command_not_waited_for_asks_redis_for_no_reply(own_redis: OwnRedis) -> None:
+    """`send` writes CLIENT REPLY SKIP with the command: Redis runs it and answers nothing
+    (a reply would be one nobody asked for: the line would give the connection up), and
+    the commands awaited after it get their own replies."""
+    line = RedisLine(own_redis.url, 5)
+    try:
+        await line.execute("PING")
+        proto = line._proto
+        assert proto is not None and proto.skips_replies
+        for i in range(50):
+            line.send("SET", "s", i)
+        assert not proto.waiting  # no reply expected for any of them
+        assert await line.execute("GET", "s") == b"49"
+        line.send("INCR", "s", "extra")  # an error: not answered either
+        assert await line.execute("INCR", "s") == 50
+        assert line.connects == 1 and line._proto is proto and proto.lost is None
+    finally:
+        line.close()
+
+
+@pytest.fixture
+def redis_without_client() -> Iterator[str]:
+    """A Redis whose CLIENT command is renamed away (like a proxy that refuses it)."""
+    port = free_port()
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    argv += ["--appendonly", "no", "--rename-command", "CLIENT", ""]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_port("127.0.0.1", port, 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_redis_without_client_reply_gets_each_reply_read_and_dropped(
+    redis_without_client: str,
+) -> None:
+    """A Redis (or proxy) that refuses CLIENT REPLY answers every command; `send`'s
+    replies are then read and dropped, in order, as before."""
+    line = RedisLine(redis_without_client, 5)
+    try:
+        for i in range(20):
+            line.send("SET", "s", i)  # queued until connected, then written
+        assert await line.execute("GET", "s") == b"19"
+        proto = line._proto
+        assert proto is not None and not proto.skips_replies
+        line.send("SET", "s", "x")
+        assert len(proto.waiting) == 1  # its reply is read and dropped
+        assert await line.execute("GET", "s") == b"x"
+        assert line.connects == 1 and proto.lost is None
     finally:
         line.close()
 

@@ -73,3 +73,48 @@ async def test_min_interval_gathers_reads_under_load_but_not_after_a_quiet_spell
         assert await asyncio.gather(b, c.ask(0, "c")) == ["b", "c"]
         assert batches == wanted, interval
         assert starts[1] - starts[0] >= interval * 0.9
+
+
+async def test_a_lone_read_is_answered_by_its_query_task_alone() -> None:
+    """A read with none of its shard in flight costs one task, the one running its query
+    (returned as its future); reads asked in the same turn still join that query, and
+    those asked while it is in flight go together after it."""
+    gate = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def fetch(_: int, keys: list[int]) -> list[int]:
+        batches.append(keys)
+        await gate.wait()
+        return [k + 1 for k in keys]
+
+    c: Coalescer[int, int] = Coalescer(fetch)
+    before = len(asyncio.all_tasks())
+    lone = c.ask(0, 0)
+    assert isinstance(lone, asyncio.Task) and len(asyncio.all_tasks()) == before + 1
+    same_turn = c.ask(0, 1)
+    await asyncio.sleep(0)  # the query is in flight, held by the gate
+    later = [c.ask(0, k) for k in (2, 3)]
+    gate.set()
+    assert await asyncio.gather(lone, same_turn, *later) == [1, 2, 3, 4]
+    assert batches == [[0, 1], [2, 3]] and c.queries == 2 and c.reads == 4
+
+
+async def test_a_lone_read_cancelled_by_its_caller_leaves_the_reads_behind_it_answered() -> None:
+    started = asyncio.Event()
+    gate = asyncio.Event()
+
+    async def fetch(_: int, keys: list[int]) -> list[int]:
+        started.set()
+        await gate.wait()
+        return keys
+
+    c: Coalescer[int, int] = Coalescer(fetch)
+    lone = c.ask(0, 0)
+    await started.wait()
+    behind = c.ask(0, 1)
+    lone.cancel()
+    gate.set()
+    assert await behind == 1
+    assert lone.cancelled()
+    # Nothing in flight any more: the next read is lone again.
+    assert await c.ask(0, 2) == 2
