@@ -12,6 +12,10 @@ frames itself (gateway/transport.py), and were removed from this file.
 - `timing`: the send, access, subscribe and attach awaits are timed; totals are written
   to $BENCH_TIMING_OUT.<pid>.json every 2 s (where a slow ack waits).
 - `batch-pace`: the workers start a batch at most every 25 ms (what a batch costs).
+- `stages`: every process stamps where each message is (the send's arrival, the broker's
+  ack, the worker's fetch, commit and publish, the receiving gateway's arrival and write),
+  appended to $BENCH_STAGES_OUT.<pid>.jsonl; `bench.fanout` joins them with its clients'
+  receive times into the delivery latency stage by stage (bench/stages.py).
 - `tracemalloc`: SIGUSR1 takes a baseline snapshot, the next SIGUSR1 writes the top
   allocation sites since then to $BENCH_TRACEMALLOC_OUT (where per-connection memory goes).
 """
@@ -159,6 +163,170 @@ def _timing() -> None:
             dump()
 
     holding.HoldingWorker.handle = handle_and_dump  # type: ignore[method-assign]
+
+
+@patch("stages")
+def _stages() -> None:
+    """Stamp each message (keyed by the send time its bench body starts with) at every
+    stage it passes in this process: rows (key, stage, time_ns) appended every second to
+    $BENCH_STAGES_OUT.<pid>.jsonl. Only the bench's bodies (19 digits first) are stamped.
+    The receiving gateway decodes each delivery a second time here: a latency aid, not
+    for CPU measurements."""
+    import functools
+    import json
+    import time
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from fanout import envelope, worker
+    from gateway import node, send
+
+    rows: list[tuple[str, str, int]] = []
+    flushing = [False]
+
+    def flush() -> None:
+        out = os.environ.get("BENCH_STAGES_OUT", "stages") + f".{os.getpid()}.jsonl"
+        batch = rows[:]
+        del rows[:]
+        if batch:
+            with open(out, "a") as f:
+                f.write("\n".join(json.dumps(r) for r in batch) + "\n")
+        asyncio.get_running_loop().call_later(1.0, flush)
+
+    def stamp(body: str, stage: str, t: int | None = None) -> None:
+        key = body[:19]
+        if not key.isdigit():
+            return
+        rows.append((key, stage, time.time_ns() if t is None else t))
+        if not flushing[0]:
+            flushing[0] = True
+            asyncio.get_running_loop().call_later(1.0, flush)
+
+    # The sending gateway: the send handed to the send path, the broker's ack, the ack.
+    sp = send.SendPath
+    send_fn, publish_fn = sp.send, sp._publish
+
+    @functools.wraps(send_fn)
+    async def timed_send(
+        self: Any, user: str, conv: int, cid: str, body: str, *a: Any, **k: Any
+    ) -> Any:
+        stamp(body, "gw_recv")
+        try:
+            return await send_fn(self, user, conv, cid, body, *a, **k)
+        finally:
+            stamp(body, "acked")
+
+    @functools.wraps(publish_fn)
+    async def timed_publish(self: Any, message: Any, *a: Any, **k: Any) -> Any:
+        try:
+            return await publish_fn(self, message, *a, **k)
+        finally:
+            stamp(message.body, "produced")
+
+    sp.send = timed_send  # type: ignore[method-assign]
+    sp._publish = timed_publish  # type: ignore[method-assign]
+
+    # The worker: the fetch request that brought the record (sent, answered), the batch
+    # handed to the worker, its commit (sequence returns after it), its PUBLISH.
+    fetched: list[tuple[int, int]] = []  # (sent, answered) of fetches that brought records
+    proc_fetch = Fetcher._proc_fetch_request
+
+    async def timed_fetch(self: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.time_ns()
+        got = await proc_fetch(self, *a, **k)
+        if got:
+            fetched.append((t0, time.time_ns()))
+        return got
+
+    Fetcher._proc_fetch_request = timed_fetch  # type: ignore[method-assign]
+    getmany = AIOKafkaConsumer.getmany
+
+    async def timed_getmany(self: Any, *a: Any, **k: Any) -> Any:
+        records = await getmany(self, *a, **k)
+        if records:
+            t = time.time_ns()
+            sent, answered = fetched[-1] if fetched else (t, t)
+            del fetched[:-1]
+            for recs in records.values():
+                for rec in recs:
+                    try:
+                        body = envelope.decode_new_message(rec.value).body
+                    except Exception:
+                        continue
+                    stamp(body, "fetch_sent", sent)
+                    stamp(body, "fetch_answered", answered)
+                    stamp(body, "taken", t)
+        return records
+
+    AIOKafkaConsumer.getmany = timed_getmany  # type: ignore[method-assign]
+    sequence = worker.sequence
+
+    async def timed_sequence(pools: Any, batch: list[Any], *a: Any, **k: Any) -> Any:
+        try:
+            return await sequence(pools, batch, *a, **k)
+        finally:
+            t = time.time_ns()
+            for m in batch:
+                stamp(m.body, "stored", t)
+
+    worker.sequence = timed_sequence  # type: ignore[attr-defined]
+    from storage import onetrip
+
+    append = onetrip.append
+
+    async def timed_append(conn: Any, batch: list[Any]) -> Any:
+        t = time.time_ns()
+        for m in batch:
+            stamp(m.body, "pg_sent", t)
+        try:
+            return await append(conn, batch)
+        finally:
+            t = time.time_ns()
+            for m in batch:
+                stamp(m.body, "pg_answered", t)
+
+    onetrip.append = timed_append  # type: ignore[assignment]
+    publish = worker.FanoutWorker.publish
+
+    async def timed_worker_publish(self: Any, messages: list[Any]) -> None:
+        try:
+            await publish(self, messages)
+        finally:
+            t = time.time_ns()
+            for m in messages:
+                stamp(m.body, "published", t)
+
+    worker.FanoutWorker.publish = timed_worker_publish  # type: ignore[method-assign]
+
+    # The receiving gateway: the delivery read off pub/sub, and written to the sockets
+    # (the inbox is drained in one call: every frame is written when it returns).
+    on_delivery, drain = node.Node._on_delivery, node.Node._drain_inbox
+
+    def timed_on_delivery(self: Any, data: bytes) -> None:
+        t = time.time_ns()
+        try:
+            for m in envelope.decode_delivery(data).messages:
+                stamp(m.body, "gw_arrived", t)
+        except Exception:
+            pass
+        on_delivery(self, data)
+
+    def timed_drain(self: Any) -> None:
+        inbox = list(self._inbox)
+        stamp_t = time.time_ns()
+        drain(self)
+        t = time.time_ns()
+        for data in inbox:
+            try:
+                for m in envelope.decode_delivery(data).messages:
+                    stamp(m.body, "gw_dispatch", stamp_t)
+                    stamp(m.body, "gw_written", t)
+            except Exception:
+                pass
+
+    node.Node._on_delivery = timed_on_delivery  # type: ignore[method-assign]
+    node.Node._drain_inbox = timed_drain  # type: ignore[method-assign]
 
 
 def main() -> None:

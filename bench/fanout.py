@@ -71,6 +71,9 @@ from bench.members import Member, Sender, SubClient, SubRefused, create_groups, 
 from bench.profile import Profiler
 from bench.profile import render as render_profile
 from bench.stack import BenchProc, BenchStack, bench_stack, http_json, unique_tag
+from bench.stages import attribute as stage_attribute
+from bench.stages import read_rows as stage_rows
+from bench.stages import render as render_stages
 from bench.storm import failure_reason
 from bench.wsclient import HandshakeError, open_client
 from core.settings import Settings
@@ -162,9 +165,12 @@ class FanoutWorker:
             "failures": dict(failures),
         }
 
-    async def start_step(self, step: int, rate: float, duration: float, pad: str) -> None:
+    async def start_step(
+        self, step: int, rate: float, duration: float, pad: str, arrivals: bool = False
+    ) -> None:
         for m, _ in self.members:
             m.latencies = []
+            m.arrivals = [] if arrivals else None
             m.record = True
         for s, _, _ in self.senders:
             s.ack_ms = []
@@ -224,7 +230,17 @@ class FanoutWorker:
         errors: Counter[str] = Counter()
         for m in members:
             errors.update(m.errors)
+        # Per gateway port: (send ns, receive ns) of each delivery (bench/stages.py).
+        arrivals: dict[int, list[tuple[int, int]]] = {}
+        for m, port in self.members:
+            if m.arrivals:
+                arrivals.setdefault(port, []).extend(m.arrivals)
+                m.arrivals = None
+        for port, pairs in arrivals.items():
+            if len(pairs) > MAX_LATENCY_SAMPLES // 4:
+                arrivals[port] = random.sample(pairs, MAX_LATENCY_SAMPLES // 4)
         return {
+            "arrivals": {str(p): v for p, v in arrivals.items()},
             **seq_report(members, totals),
             "t_last": max((m.t_last for m in members), default=0.0),
             "latencies_us": latencies,
@@ -255,10 +271,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clients = args.room if room else args.convs * args.members
     procs = args.procs or max(1, min(4, math.ceil(clients / 4000)))
     env = timing_env(Path(args.out))
+    env["BENCH_STAGES_OUT"] = str(Path(args.out).resolve() / "stages")
+    for old in Path(args.out).glob("stages.*.jsonl"):
+        old.unlink()  # an earlier run's stamps in this directory
     if server_cpus:
         # Production's pool size and wait (tests/engines.py has 4 and 3 s for a PostgreSQL
         # shared by every test process): 1,000 subscribes on one core must not time out.
         env.update({"AGORA_PG_POOL_MAX": "10", "AGORA_PG_TIMEOUT_S": "5"})
+    for item in args.agora_env:
+        name, _, value = item.partition("=")
+        if not name.startswith("AGORA_"):
+            raise SystemExit(f"--agora-env {item!r}: not an AGORA_ setting")
+        env[name] = value
     with bench_stack(gw_cpus, env, experiment=args.experiment, server_cpus=server_cpus) as stack:
         tag = unique_tag()
         a = stack.gateway(f"fo-a-{tag}")
@@ -372,6 +396,7 @@ async def _measure(
     profile: dict[str, Any] | None = None
     profiles: dict[str, Any] = {}
     warmup_rate = args.warmup_rate or (1.0 if room else 50.0)
+    stages = "stages" in args.experiment.split(",")
     for step, rate in enumerate([warmup_rate, *rates]):
         warm = step == 0
         duration = args.warmup_duration if warm else args.duration
@@ -395,9 +420,13 @@ async def _measure(
                 path = Path(args.out) / f"{_name(args)}-{int(rate)}-{label}-profile.txt"
                 profilers[label] = Profiler(proc.pid, path, native=args.native).start()
         t_start = time.monotonic()
+        t_start_ns = time.time_ns()
         await pool.call(
             "start_step",
-            [{"step": step, "rate": r, "duration": duration, "pad": pad} for r in per_worker],
+            [
+                {"step": step, "rate": r, "duration": duration, "pad": pad, "arrivals": stages}
+                for r in per_worker
+            ],
         )
         sends = await pool.call("finish_sends", {"timeout": 30.0})
         totals: Counter[str] = Counter()
@@ -496,6 +525,10 @@ async def _measure(
             # each transaction, publish and offset commit is shared.
             "consumer": {k: round(v, 3) for k, v in consumer.items()},
         }
+        if stages and not warm:
+            out["stages"] = await _stages(
+                args, got, {a.port or 0: a.pid, b.port or 0: b.pid}, t_start_ns
+            )
         prev_sent = sum(s["sent"] for s in sends)
         steps_out.append(out)
         prev_totals = totals
@@ -640,6 +673,20 @@ def _written_within(before: dict[str, float], after: dict[str, float]) -> dict[s
     }
 
 
+async def _stages(
+    args: argparse.Namespace, got: list[dict[str, Any]], pid_of: dict[int, int], since_ns: int
+) -> dict[str, Any]:
+    """The step's delivery latency stage by stage (bench/stages.py), once every process
+    wrote its stamps (each appends them every second)."""
+    await asyncio.sleep(2.5)
+    received: dict[int, list[tuple[int, int]]] = {}
+    for g in got:
+        for port, pairs in g["arrivals"].items():
+            received.setdefault(pid_of[int(port)], []).extend((int(k), int(t)) for k, t in pairs)
+    rows = await asyncio.to_thread(stage_rows, Path(args.out))
+    return stage_attribute(rows, received, since_ns)
+
+
 def _consumer_counts(stack: BenchStack) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in stack.procs:
@@ -753,6 +800,14 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {t['target']}: n/a for these parameters ({key})")
     if data.get("pinned"):
         lines += ["", *_render_pinned(data)]
+    for st in data["steps"]:
+        if "stages" in st:
+            lines += [
+                "",
+                f"Delivery latency by stage at {st['rate']:g} msgs/s (bench/stages.py):",
+                "",
+            ]
+            lines += render_stages(st["stages"])
     if data.get("profile"):
         lines += ["", "Gateway A profile (one step):", "", render_profile(data["profile"])]
     for label, prof in (data.get("profiles") or {}).items():
@@ -852,6 +907,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rate", type=float, default=0.0, help="that step (0: the last)")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. timing")
+    p.add_argument(
+        "--agora-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every Agora process, over the test engines' (repeatable), "
+        "e.g. AGORA_KAFKA_FETCH_WAIT_MS=10",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     args = p.parse_args(argv)

@@ -28,6 +28,7 @@ class Member:
 
     __slots__ = (
         "ahead",
+        "arrivals",
         "client",
         "conv",
         "dups",
@@ -60,6 +61,8 @@ class Member:
         self.t_last = 0.0  # monotonic time of the last msg frame
         self.latencies: list[int] = []  # microseconds
         self.record = False
+        # (send ns, receive ns) per message while recording, if kept (bench/stages.py)
+        self.arrivals: list[tuple[int, int]] | None = None
 
     @property
     def received(self) -> int:
@@ -83,6 +86,8 @@ class Member:
             sent = body[:19]
             if sent.isdigit():
                 self.latencies.append((now_ns - int(sent)) // 1000)
+                if self.arrivals is not None:
+                    self.arrivals.append((int(sent), now_ns))
 
 
 class SubRefused(RuntimeError):
