@@ -259,6 +259,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Production's pool size and wait (tests/engines.py has 4 and 3 s for a PostgreSQL
         # shared by every test process): 1,000 subscribes on one core must not time out.
         env.update({"AGORA_PG_POOL_MAX": "10", "AGORA_PG_TIMEOUT_S": "5"})
+    for kv in args.env:
+        name, _, value = kv.partition("=")
+        env[name] = value
     with bench_stack(gw_cpus, env, experiment=args.experiment, server_cpus=server_cpus) as stack:
         tag = unique_tag()
         a = stack.gateway(f"fo-a-{tag}")
@@ -380,6 +383,7 @@ async def _measure(
         split0 = proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid)
         written0 = _write_latency([a, b])
         consumer0 = _consumer_counts(stack)
+        kafka0 = _kafka_counts(stack, a, b)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
         profiler = None
@@ -414,6 +418,7 @@ async def _measure(
             k.removeprefix("agora_consumer_"): v - consumer0.get(k, 0.0)
             for k, v in _consumer_counts(stack).items()
         }
+        kafka = {k: v - kafka0.get(k, 0.0) for k, v in _kafka_counts(stack, a, b).items()}
         cpu_a, cpu_b = a.cpu_s() - cpu_a, b.cpu_s() - cpu_b
         cpu_split = [
             x - x0
@@ -495,6 +500,10 @@ async def _measure(
             # The fan-out workers' batches over the step: records per batch says how much
             # each transaction, publish and offset commit is shared.
             "consumer": {k: round(v, 3) for k, v in consumer.items()},
+            # What the broker was asked over the step, summed over the Agora processes: the
+            # produce line's requests and records (always), and with `--experiment
+            # kafka-count` every aiokafka request by API and each produce path's batches.
+            "kafka": {k: round(v) for k, v in sorted(kafka.items()) if v},
         }
         prev_sent = sum(s["sent"] for s in sends)
         steps_out.append(out)
@@ -645,6 +654,32 @@ def _consumer_counts(stack: BenchStack) -> dict[str, float]:
     for p in stack.procs:
         for k, v in p.consumer_counts().items():
             out[k] = out.get(k, 0.0) + v
+    return out
+
+
+KAFKA_COUNTERS = ("agora_produce_line_", "bench_kafka_")
+
+
+def _kafka_counts(stack: BenchStack, a: BenchProc, b: BenchProc) -> dict[str, float]:
+    """The broker-facing counters of every Agora process (gateways' /metrics and the
+    workers' metrics ports), summed, keyed by name and their own label (api, path)."""
+    urls = [f"{a.http_url}/metrics", f"{b.http_url}/metrics"]
+    urls += [f"http://127.0.0.1:{p.metrics_port}/metrics" for p in stack.procs if p.metrics_port]
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if not line.startswith(KAFKA_COUNTERS):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+            labels = line.split("{", 1)[1].split("}", 1)[0] if "{" in line else ""
+            own = [x for x in labels.split(",") if x.startswith(("api=", "path="))]
+            key = name + (f"[{own[0].split('=', 1)[1].strip(chr(34))}]" if own else "")
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -852,6 +887,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rate", type=float, default=0.0, help="that step (0: the last)")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--experiment", default="", help="bench.experiment patches, e.g. timing")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="AGORA_X=V",
+        help="a setting for every Agora process (e.g. AGORA_KAFKA_PRODUCE_LINE=false)",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     args = p.parse_args(argv)
