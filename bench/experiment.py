@@ -81,6 +81,81 @@ def _batch_pace() -> None:
     HoldingWorker.handle = paced  # type: ignore[method-assign]
 
 
+@patch("kafka-count")
+def _kafka_count() -> None:
+    """Count what each process asks the broker, on its /metrics (a measurement aid):
+    `bench_kafka_requests_total{api}` for every request aiokafka sends (Produce, Fetch,
+    OffsetCommit, Heartbeat, ...), and per produce path (`aiokafka`, or the send path's
+    `line`) `bench_kafka_produce_{requests,batches,records}_total`: records and partition
+    batches per Produce request (issue 14: what the broker's CPU per message follows)."""
+    from aiokafka.conn import AIOKafkaConnection
+    from aiokafka.producer.sender import SendProduceReqHandler
+    from prometheus_client.core import CounterMetricFamily
+
+    from core.metrics import ProcessRegistry
+    from gateway.produceline import _Connection
+
+    apis: dict[str, int] = {}
+    produced = {p: [0, 0, 0] for p in ("aiokafka", "line")}  # requests, batches, records
+
+    send = AIOKafkaConnection.send
+
+    def counted_send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        name = type(request).__name__.removesuffix("Request").split("_")[0]
+        apis[name] = apis.get(name, 0) + 1
+        return send(self, request, *args, **kwargs)
+
+    AIOKafkaConnection.send = counted_send  # type: ignore[method-assign]
+
+    create = SendProduceReqHandler.create_request
+
+    def counted_create(self: Any) -> Any:
+        p = produced["aiokafka"]
+        p[0] += 1
+        p[1] += len(self._batches)
+        p[2] += sum(b.record_count for b in self._batches.values())
+        return create(self)
+
+    SendProduceReqHandler.create_request = counted_create  # type: ignore[method-assign]
+
+    flush = _Connection._flush
+
+    def counted_flush(self: Any) -> None:
+        sent = self.line.requests
+        queued = {k: len(v) for k, v in self.queue.items()}
+        flush(self)
+        if self.line.requests != sent:
+            left = {k: len(v) for k, v in self.queue.items()}  # what did not fit
+            p = produced["line"]
+            p[0] += 1
+            p[1] += len(queued)
+            p[2] += sum(n - left.get(k, 0) for k, n in queued.items())
+
+    _Connection._flush = counted_flush  # type: ignore[method-assign]
+
+    class Counts:
+        def collect(self) -> Any:
+            m = CounterMetricFamily("bench_kafka_requests", "Requests sent", labels=["api"])
+            for api, n in sorted(apis.items()):
+                m.add_metric([api], n)
+            yield m
+            for i, what in enumerate(("requests", "batches", "records")):
+                m = CounterMetricFamily(
+                    f"bench_kafka_produce_{what}", f"Produce {what}", labels=["path"]
+                )
+                for path, counts in produced.items():
+                    m.add_metric([path], counts[i])
+                yield m
+
+    init = ProcessRegistry.__init__
+
+    def registered(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.register(Counts())
+
+    ProcessRegistry.__init__ = registered  # type: ignore[method-assign]
+
+
 @patch("timing")
 def _timing() -> None:
     """Time the awaits of the send and subscribe paths; every 2 s the totals are written to

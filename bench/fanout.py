@@ -405,6 +405,7 @@ async def _measure(
         split0 = proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid)
         written0 = _write_latency([a, b])
         consumer0 = _consumer_counts(stack)
+        kafka0 = _kafka_counts(stack, a, b)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
         profiler = None
@@ -443,6 +444,7 @@ async def _measure(
             k.removeprefix("agora_consumer_"): v - consumer0.get(k, 0.0)
             for k, v in _consumer_counts(stack).items()
         }
+        kafka = {k: v - kafka0.get(k, 0.0) for k, v in _kafka_counts(stack, a, b).items()}
         cpu_a, cpu_b = a.cpu_s() - cpu_a, b.cpu_s() - cpu_b
         cpu_split = [
             x - x0
@@ -524,6 +526,10 @@ async def _measure(
             # The fan-out workers' batches over the step: records per batch says how much
             # each transaction, publish and offset commit is shared.
             "consumer": {k: round(v, 3) for k, v in consumer.items()},
+            # What the broker was asked over the step, summed over the Agora processes: the
+            # produce line's requests and records (always), and with `--experiment
+            # kafka-count` every aiokafka request by API and each produce path's batches.
+            "kafka": {k: round(v) for k, v in sorted(kafka.items()) if v},
         }
         if stages and not warm:
             out["stages"] = await _stages(
@@ -692,6 +698,32 @@ def _consumer_counts(stack: BenchStack) -> dict[str, float]:
     for p in stack.procs:
         for k, v in p.consumer_counts().items():
             out[k] = out.get(k, 0.0) + v
+    return out
+
+
+KAFKA_COUNTERS = ("agora_produce_line_", "bench_kafka_")
+
+
+def _kafka_counts(stack: BenchStack, a: BenchProc, b: BenchProc) -> dict[str, float]:
+    """The broker-facing counters of every Agora process (gateways' /metrics and the
+    workers' metrics ports), summed, keyed by name and their own label (api, path)."""
+    urls = [f"{a.http_url}/metrics", f"{b.http_url}/metrics"]
+    urls += [f"http://127.0.0.1:{p.metrics_port}/metrics" for p in stack.procs if p.metrics_port]
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if not line.startswith(KAFKA_COUNTERS):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+            labels = line.split("{", 1)[1].split("}", 1)[0] if "{" in line else ""
+            own = [x for x in labels.split(",") if x.startswith(("api=", "path="))]
+            key = name + (f"[{own[0].split('=', 1)[1].strip(chr(34))}]" if own else "")
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 

@@ -46,7 +46,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, for_code
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ _I32 = struct.Struct(">i")
 _HEADER = struct.Struct(">ihhi")  # size, api key, api version, correlation id
 _PARTITION_ANSWER = struct.Struct(">ihqq")  # partition, error code, base offset, append time
 
-Record = tuple[bytes, bytes, "asyncio.Future[int]"]  # key, value, partition once acked
+# key, value, and what aiokafka's producer answers once the broker acked it
+Record = tuple[bytes, bytes, "asyncio.Future[RecordMetadata]"]
 
 
 def _string(s: str) -> bytes:
@@ -72,13 +73,15 @@ def _string(s: str) -> bytes:
 
 
 class _Request:
-    """One Produce request in flight: its records per partition, in order."""
+    """One Produce request in flight: its records per partition, in order, and their
+    timestamp (CreateTime, ms)."""
 
-    __slots__ = ("batches", "correlation", "timer")
+    __slots__ = ("batches", "correlation", "timer", "timestamp")
 
-    def __init__(self, correlation: int, batches: dict[int, list[Record]]) -> None:
+    def __init__(self, correlation: int, batches: dict[int, list[Record]], timestamp: int) -> None:
         self.correlation = correlation
         self.batches = batches
+        self.timestamp = timestamp
         self.timer: asyncio.TimerHandle | None = None
 
     def records(self) -> list[Record]:
@@ -159,7 +162,9 @@ class _Connection(asyncio.Protocol):
             return
         batches, self.queue = self.queue, {}
         self._correlation = (self._correlation + 1) & 0x7FFFFFFF
-        request = _Request(self._correlation, batches)
+        # One timestamp for the request's records (the builder would read the clock for
+        # each): what their RecordMetadata says unless the topic uses LogAppendTime.
+        request = _Request(self._correlation, batches, int(time.time() * 1000))
         line = self.line
         parts = [_I32.pack(len(batches))]
         for partition, records in batches.items():
@@ -168,7 +173,8 @@ class _Connection(asyncio.Protocol):
             for offset, (key, value, _) in enumerate(records):
                 # The first record always fits (`send` takes no larger ones); when the
                 # batch is full the rest go first in the next request.
-                if builder.append(offset, None, key=key, value=value, headers=[]) is None:
+                added = builder.append(offset, request.timestamp, key=key, value=value, headers=[])
+                if added is None:
                     self.queue[partition] = records[offset:]
                     del records[offset:]
                     break
@@ -213,16 +219,14 @@ class _Connection(asyncio.Protocol):
             (partitions,) = _I32.unpack_from(frame, pos)
             pos += 4
             for _ in range(partitions):
-                partition, code, _offset, _ts = _PARTITION_ANSWER.unpack_from(frame, pos)
+                partition, code, base, appended = _PARTITION_ANSWER.unpack_from(frame, pos)
                 pos += _PARTITION_ANSWER.size
                 records = request.batches.get(partition)
                 if records is None:
                     continue
                 answered.add(partition)
                 if code == 0:
-                    for _, _, fut in records:
-                        if not fut.done():
-                            fut.set_result(partition)
+                    _acked(self.line.topic, partition, base, appended, request, records)
                 else:
                     error = for_code(code)()
                     failed.extend(records)
@@ -311,9 +315,10 @@ class ProduceLine:
         chosen: int = sorted(partitions)[h % len(partitions)]
         return chosen
 
-    def send(self, key: bytes, value: bytes) -> asyncio.Future[int] | None:
-        """Queue the record (in call order); a future of its partition once the broker
-        acknowledged it with acks=all. None when it must go through aiokafka instead
+    def send(self, key: bytes, value: bytes) -> asyncio.Future[RecordMetadata] | None:
+        """Queue the record (in call order); a future of its RecordMetadata (what
+        `AIOKafkaProducer.send` answers) once the broker acknowledged it with acks=all.
+        None when it must go through aiokafka instead
         (`usable()` is False, or the partition's leader is not known)."""
         if not self.usable() or len(key) + len(value) > MAX_RECORD_BYTES:
             return None
@@ -328,7 +333,7 @@ class ProduceLine:
         conn = self._connections.get(leader)
         if conn is None:
             conn = self._connections[leader] = _Connection(self, leader)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         self.records += 1
         conn.add(partition, (key, value, fut))
         return fut
@@ -390,8 +395,25 @@ class ProduceLine:
             await asyncio.wait(tuple(self._tasks))
 
 
-def _copy(report: asyncio.Future[Any], fut: asyncio.Future[int]) -> None:
-    """aiokafka's delivery report into the line's future (its partition)."""
+def _acked(
+    topic: str, partition: int, base: int, appended: int, request: _Request, records: list[Record]
+) -> None:
+    """Answer a partition's records as aiokafka's producer would (`MessageBatch.done`):
+    each its RecordMetadata, offset from the batch's base, the broker's append time if
+    the topic keeps one (type 1), else the records' own (type 0). Produce v3 answers no
+    log start offset."""
+    tp = TopicPartition(topic, partition)
+    if appended == -1:
+        timestamp, kind = request.timestamp, 0
+    else:
+        timestamp, kind = appended, 1
+    for i, (_, _, fut) in enumerate(records):
+        if not fut.done():
+            fut.set_result(RecordMetadata(topic, partition, tp, base + i, timestamp, kind, None))
+
+
+def _copy(report: asyncio.Future[Any], fut: asyncio.Future[RecordMetadata]) -> None:
+    """aiokafka's delivery report into the line's future."""
     if fut.done():
         return
     if report.cancelled():
@@ -399,7 +421,7 @@ def _copy(report: asyncio.Future[Any], fut: asyncio.Future[int]) -> None:
     elif report.exception() is not None:
         fut.set_exception(report.exception())  # type: ignore[arg-type]
     else:
-        fut.set_result(report.result().partition)
+        fut.set_result(report.result())
 
 
 def make_produce_line(

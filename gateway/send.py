@@ -350,8 +350,8 @@ class SendPath:
         failure = fut.exception()
         if failure is not None:
             raise Unavailable(f"message broker unavailable: {type(failure).__name__}")
-        result = fut.result()
-        partition: int = result if isinstance(result, int) else result.partition
+        # RecordMetadata, from the line as from the producer.
+        partition: int = fut.result().partition
         return partition
 
     async def _stored(self, message: NewMessage) -> Accepted | None:

@@ -38,8 +38,9 @@ async def fresh(settings: Settings) -> AsyncIterator[Fresh]:
         await producer.stop()
 
 
-async def _read(settings: Settings, n: int) -> dict[int, list[tuple[bytes, bytes]]]:
-    """At least `n` records of the messages topic: (key, value) per partition, in order."""
+async def _read(settings: Settings, n: int) -> dict[int, list[tuple[bytes, bytes, int]]]:
+    """At least `n` records of the messages topic: (key, value, offset) per partition, in
+    order."""
     consumer = AIOKafkaConsumer(
         messages_topic(settings),
         bootstrap_servers=settings.kafka_bootstrap,
@@ -47,13 +48,13 @@ async def _read(settings: Settings, n: int) -> dict[int, list[tuple[bytes, bytes
         fetch_max_wait_ms=20,
     )
     await consumer.start()
-    got: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+    got: dict[int, list[tuple[bytes, bytes, int]]] = defaultdict(list)
     try:
         async with asyncio.timeout(20):
             while sum(map(len, got.values())) < n:
                 batches = await consumer.getmany(timeout_ms=200)
                 for tp, records in batches.items():
-                    got[tp.partition] += [(r.key or b"", r.value or b"") for r in records]
+                    got[tp.partition] += [(r.key or b"", r.value or b"", r.offset) for r in records]
     finally:
         await consumer.stop()
     return got
@@ -83,14 +84,20 @@ async def test_records_reach_their_keys_partition_in_order_and_share_requests(
         assert fut is not None
         futures.append(fut)
         sent.append((key, value))
-    partitions = await asyncio.wait_for(asyncio.gather(*futures), 10)
-    assert partitions == [expected[k] for k, _ in sent]
+    # What aiokafka's producer answers (RecordMetadata), each record's own.
+    reports = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert [m.partition for m in reports] == [expected[k] for k, _ in sent]
+    assert {m.topic for m in reports} == {topic}
+    assert all(m.topic_partition == (topic, m.partition) for m in reports)
     assert line.records == 300 and line.handed_over == 0
     assert 1 <= line.requests < 300 // 4  # batched without a timer: what waited went together
     got = await _read(settings, len(keys) + 300)
     for partition, records in got.items():
         ours = [r for r in records if r[1] != b"probe"]
-        assert ours == [r for r in sent if expected[r[0]] == partition]
+        assert [(k, v) for k, v, _ in ours] == [r for r in sent if expected[r[0]] == partition]
+    # Each report's offset is where the broker stored that record.
+    stored = {(p, offset): value for p, records in got.items() for _, value, offset in records}
+    assert [stored[m.partition, m.offset] for m in reports] == [v for _, v in sent]
     await line.close()
 
 
@@ -124,11 +131,11 @@ async def test_a_connection_lost_mid_request_hands_every_record_to_aiokafka_in_o
     assert not line.usable() and line.send(key, b"after") is None
     await asyncio.wait_for(line.settled(), 10)
     report = await producer.send(topic, b"after", key=key)
-    partitions = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    reports = await asyncio.wait_for(asyncio.gather(*futures), 10)
     partition = (await asyncio.wait_for(report, 10)).partition
-    assert set(partitions) == {partition}
+    assert {m.partition for m in reports} == {partition}  # aiokafka's own reports
     assert line.handed_over == 41  # every record not answered before the loss
-    values = [v for _, v in (await _read(settings, 43))[partition]]
+    values = [v for _, v, _ in (await _read(settings, 43))[partition]]
     # Each record at least once (the request that broke may have been stored too), the
     # first copies in the order they were handed over, "after" last.
     order = [b"warm"] + [f"r{i}".encode() for i in range(41)] + [b"after"]
