@@ -476,7 +476,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     redis.start()
     try:
         with bench_stack(gw_cpus) as stack, private_shard(stack.settings) as (two, pg):
-            stack.settings = two.with_overrides(redis_url=redis.url)
+            stack.settings = two.with_overrides(
+                redis_url=redis.url, kafka_produce_line=args.produce_line
+            )
             tag = unique_tag()
             a, b = stack.gateway(f"fl-a-{tag}"), stack.gateway(f"fl-b-{tag}")
             worker_name = f"fl-f-{tag}"
@@ -680,7 +682,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "conditions": started,
         "params": {
             k: vars(args)[k]
-            for k in ("rate", "convs", "members", "warmup", "baseline", "after", "hold")
+            for k in (
+                "rate",
+                "convs",
+                "members",
+                "warmup",
+                "baseline",
+                "after",
+                "hold",
+                "produce_line",
+            )
         },
         "summary": {
             "acked": sum(r["acked"] for r in rows),
@@ -774,6 +785,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=2.0, help="s latency must stay recovered")
     p.add_argument("--settle", type=float, default=90.0, help="s to wait for acks, deliveries")
     p.add_argument("--body-bytes", type=int, default=100)
+    p.add_argument(
+        "--no-produce-line",
+        dest="produce_line",
+        action="store_false",
+        help="the gateways produce through aiokafka (AGORA_KAFKA_PRODUCE_LINE=false; the "
+        "bench's settings do not come from the environment)",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     args = p.parse_args(argv)
