@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import (
     child_pids,
@@ -110,6 +111,7 @@ class BrokerLog:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = messages_topic(settings)
+        self.bootstrap = settings.kafka_bootstrap
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
 
     async def start(self) -> None:
@@ -125,6 +127,29 @@ class BrokerLog:
         except Exception:
             return -1
         return sum(end[tp] - begin[tp] for tp in tps)
+
+    async def partitions(self, group: str) -> dict[int, dict[str, int]]:
+        """Per partition: the log's end offset and `group`'s committed offset (-1: none),
+        so records acked and never stored can be told apart: not yet fetched or fetched
+        and committed past (-2 for both when the reading failed)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            await admin.start()
+            parts = self.consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            end = await self.consumer.end_offsets(tps)
+            committed = await admin.list_consumer_group_offsets(group)
+        except Exception:
+            return {-2: {"end": -2, "committed": -2}}
+        finally:
+            await admin.close()
+        return {
+            tp.partition: {
+                "end": end[tp],
+                "committed": committed[tp].offset if tp in committed else -1,
+            }
+            for tp in tps
+        }
 
     async def stop(self) -> None:
         await self.consumer.stop()
