@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import (
     child_pids,
@@ -132,21 +131,25 @@ class BrokerLog:
         """Per partition: the log's end offset and `group`'s committed offset (-1: none),
         so records acked and never stored can be told apart: not yet fetched or fetched
         and committed past (-2 for both when the reading failed)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        # A consumer of the group that never subscribes (so never joins it): its
+        # OffsetFetch reads the committed offsets (Tansu cannot answer the admin client's).
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+        )
         try:
-            await admin.start()
+            await reader.start()
             parts = self.consumer.partitions_for_topic(self.topic) or set()
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             end = await self.consumer.end_offsets(tps)
-            committed = await admin.list_consumer_group_offsets(group)
+            committed = {tp: await reader.committed(tp) for tp in tps}
         except Exception:
             return {-2: {"end": -2, "committed": -2}}
         finally:
-            await admin.close()
+            await reader.stop()
         return {
             tp.partition: {
                 "end": end[tp],
-                "committed": committed[tp].offset if tp in committed else -1,
+                "committed": -1 if committed[tp] is None else committed[tp],
             }
             for tp in tps
         }
