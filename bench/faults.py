@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ SCENARIOS = (
     "shard-restart",
     "redis-restart",
     "broker-pause",
+    "broker-stall",
     "worker-kill",
 )
 SHARD_DB = "agora_shard_x"  # the private shard's database (tests/faults.py)
@@ -162,6 +164,8 @@ class Outbox:
     conv: str
     bodies: dict[str, str] = field(default_factory=dict)
     acked: set[str] = field(default_factory=set)
+    ids: dict[str, str] = field(default_factory=dict)  # cid -> the id its ack gave
+    errored: set[str] = field(default_factory=set)  # cids answered `err` at least once
     errors: Counter[str] = field(default_factory=Counter)
     refused: int = 0
     retries: int = 0
@@ -207,10 +211,12 @@ class RetryingSender(Sender):
         box = self.box
         if t == "ack":
             box.acked.add(cid)
+            box.ids[cid] = str(f.get("id"))
             box.bodies.pop(cid, None)
             return
         code = str(f.get("code"))
         box.errors[code] += 1
+        box.errored.add(cid)
         if code in RETRYABLE:
             box.retries += 1
             delay = min(2.0, max(0.05, (f.get("retry_after_ms") or 200) / 1000))
@@ -406,6 +412,24 @@ async def _broker_pause(scene: Scene) -> None:
         broker.send_signal(signal.SIGCONT)
 
 
+async def _broker_stall(scene: Scene) -> None:
+    """Longer than the produce line's request timeout and aiokafka's (5 s each): the line
+    hands its records in flight and queued to aiokafka (gateway/produceline.py), whose own
+    request times out and is retried, and the line's degraded window ends while the broker
+    is still stopped."""
+    broker = scene.stack.broker
+    assert broker is not None
+    # aiokafka logs at ERROR each failed attempt to reach the stopped broker (past its
+    # request timeout): that is this fault (bench_stack fails a run on an undeclared one).
+    for proc in scene.stack.procs:
+        proc.expect_log(r"^aiokafka: Unable (connect to node|to update metadata)")
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(12)
+    finally:
+        broker.send_signal(signal.SIGCONT)
+
+
 async def _worker_kill(scene: Scene) -> None:
     """SIGKILL the supervised worker process; the fault ends when its supervisor has
     started the next one."""
@@ -430,6 +454,7 @@ FAULTS: dict[str, Callable[[Scene], Awaitable[None]]] = {
     "shard-restart": _shard_restart,
     "redis-restart": _redis_restart,
     "broker-pause": _broker_pause,
+    "broker-stall": _broker_stall,
     "worker-kill": _worker_kill,
 }
 WHAT = {
@@ -439,6 +464,7 @@ WHAT = {
     "shard-restart": "shard #1's PostgreSQL: pg_ctl stop -m fast, 3 s, start",
     "redis-restart": "Redis SIGKILL, 1 s, started empty on the same port",
     "broker-pause": "broker SIGSTOP 3 s, SIGCONT",
+    "broker-stall": "broker SIGSTOP 12 s (past the produce line's and aiokafka's 5 s timeouts)",
     "worker-kill": "the fan-out worker process SIGKILL (its supervisor restarts it)",
 }
 
@@ -454,7 +480,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     redis.start()
     try:
         with bench_stack(gw_cpus) as stack, private_shard(stack.settings) as (two, pg):
-            stack.settings = two.with_overrides(redis_url=redis.url)
+            stack.settings = two.with_overrides(
+                redis_url=redis.url, kafka_produce_line=args.produce_line
+            )
             tag = unique_tag()
             a, b = stack.gateway(f"fl-a-{tag}"), stack.gateway(f"fl-b-{tag}")
             worker_name = f"fl-f-{tag}"
@@ -515,7 +543,8 @@ async def _scenario(
     finally:
         sending.cancel()
     outcome = await load.settle(args.settle)
-    stored = await _stored(stack.settings, convs)
+    stored = await _stored(stack.settings, load.boxes)
+    line = await asyncio.to_thread(_line_counts, gateways)
     load.close()
     samples = load.samples()
     baseline = percentiles([ms for at, ms in samples if base_from <= at < fault_start])
@@ -529,8 +558,9 @@ async def _scenario(
         "fault": WHAT[name],
         "fault_s": round(fault_end - fault_start, 2),
         **outcome,
-        "stored": stored,
-        "stored_matches_acked": stored == outcome["acked"],
+        **stored,
+        "stored_matches_acked": stored["stored"] == outcome["acked"] and not stored["id_mismatch"],
+        "produce_line": line,
         "baseline_ms": baseline,
         "during_ms": percentiles(during),
         "until_recovered_ms": percentiles(after_fault),
@@ -543,22 +573,80 @@ async def _scenario(
     return row
 
 
-async def _stored(settings: Settings, convs: Sequence[str]) -> int:
+async def _stored(settings: Settings, boxes: Sequence[Outbox]) -> dict[str, Any]:
+    """What the shards hold against what was acked: the count, acked ids that are not the
+    stored row's, rows never acked, and each conversation's order (its one sender's cids
+    `c<n>` numbered in send order) by seq: an inversion is a message stored after one sent
+    later. With sends handled one at a time per connection (the default), a send acked at
+    its first attempt must precede every later send; one answered `err` first may be
+    stored later than sends after it (docs/protocol.md: `unavailable` may be stored late)."""
     pools = ShardPools(settings)
+    out: dict[str, Any] = {
+        "stored": 0,
+        "id_mismatch": 0,
+        "stored_unacked": 0,
+        "inversions_first_try": 0,
+        "inversions_retried": 0,
+    }
+    examples: list[str] = []
     try:
-        n = 0
-        for c in convs:
-            async with pools.connection(pools.for_id(int(c))) as conn:
-                n += await conn.fetchval("SELECT count(*) FROM messages WHERE conv_id = $1", int(c))
-        return n
+        for box in boxes:
+            conv = int(box.conv)
+            async with pools.connection(pools.for_id(conv)) as conn:
+                rows = await conn.fetch(
+                    "SELECT seq, id, cid FROM messages WHERE conv_id = $1 ORDER BY seq", conv
+                )
+            out["stored"] += len(rows)
+            by_cid = {r["cid"]: str(r["id"]) for r in rows}
+            for cid, acked_id in box.ids.items():
+                if by_cid.get(cid) != acked_id:
+                    out["id_mismatch"] += 1
+                    if len(examples) < 5:
+                        examples.append(
+                            f"{box.conv}/{cid}: acked {acked_id}, stored {by_cid.get(cid)}"
+                        )
+            out["stored_unacked"] += sum(1 for cid in by_cid if cid not in box.acked)
+            highest = -1
+            for r in rows:
+                cid = r["cid"]
+                if not (cid.startswith("c") and cid[1:].isdigit()):
+                    continue
+                n = int(cid[1:])
+                if n < highest:
+                    kind = "inversions_retried" if cid in box.errored else "inversions_first_try"
+                    out[kind] += 1
+                    if len(examples) < 5:
+                        examples.append(f"{box.conv}: {cid} (seq {r['seq']}) after c{highest}")
+                highest = max(highest, n)
     finally:
         await pools.close()
+    out["examples"] = examples
+    return out
+
+
+def _line_counts(gateways: Sequence[BenchProc]) -> dict[str, float]:
+    """The gateways' produce line counters (gateway/metrics.py), summed."""
+    out: dict[str, float] = {}
+    for g in gateways:
+        try:
+            with urllib.request.urlopen(f"{g.http_url}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("agora_produce_line_"):
+                name = line.split(" ", 1)[0].split("{", 1)[0].removeprefix("agora_produce_line_")
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _line(r: dict[str, Any]) -> str:
     return (
         f"{r['scenario']}: acked {r['acked']}, lost {r['lost']}, duplicated {r['duplicated']}, "
-        f"stored {r['stored']}; p50 {r['baseline_ms']['p50']} ms before, p99 "
+        f"stored {r['stored']}, ids not the stored one {r['id_mismatch']}, inversions "
+        f"{r['inversions_first_try']} first-try/{r['inversions_retried']} retried, handed over "
+        f"{r['produce_line'].get('handed_over_total', 0):g}; p50 {r['baseline_ms']['p50']} ms "
+        f"before, p99 "
         f"{r['during_ms']['p99']} ms during; recovered {r['recovery_s']} s after the fault"
     )
 
@@ -580,6 +668,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": "every acked message stored once, under its acked id",
             "reached": all(r["stored_matches_acked"] for r in rows),
         },
+        "in_order": {
+            "value": sum(r["inversions_first_try"] for r in rows),
+            "target": "a sender's messages acked at the first attempt stored in send order",
+            "reached": all(r["inversions_first_try"] == 0 for r in rows),
+        },
         "processes_alive": {
             "value": all(r["worker_alive"] and r["gateways_alive"] for r in rows),
             "target": "no worker or gateway exits",
@@ -593,7 +686,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "conditions": started,
         "params": {
             k: vars(args)[k]
-            for k in ("rate", "convs", "members", "warmup", "baseline", "after", "hold")
+            for k in (
+                "rate",
+                "convs",
+                "members",
+                "warmup",
+                "baseline",
+                "after",
+                "hold",
+                "produce_line",
+            )
         },
         "summary": {
             "acked": sum(r["acked"] for r in rows),
@@ -616,6 +718,9 @@ def render(data: dict[str, Any]) -> str:
             r["lost"],
             r["duplicated"],
             f"{r['stored']}",
+            r["id_mismatch"],
+            f"{r['inversions_first_try']} / {r['inversions_retried']}",
+            f"{r['produce_line'].get('handed_over_total', 0):g}",
             r["retried_sends"],
             r["baseline_ms"]["p50"],
             r["during_ms"]["p99"] if r["during_ms"]["count"] else "none delivered",
@@ -648,6 +753,9 @@ def render(data: dict[str, Any]) -> str:
                     "lost",
                     "duplicated",
                     "stored",
+                    "acked id not stored one",
+                    "inversions first-try / retried",
+                    "line handed over",
                     "sends retried",
                     "baseline p50 ms",
                     "p99 during ms",
@@ -662,7 +770,8 @@ def render(data: dict[str, Any]) -> str:
             "",
             f"Nothing lost: {verdict(t['lost']['reached'])}; nothing duplicated: "
             f"{verdict(t['duplicated']['reached'])}; stored once: "
-            f"{verdict(t['stored_once']['reached'])}; no process died: "
+            f"{verdict(t['stored_once']['reached'])}; in send order: "
+            f"{verdict(t['in_order']['reached'])}; no process died: "
             f"{verdict(t['processes_alive']['reached'])}.",
         ]
     )
@@ -680,6 +789,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=2.0, help="s latency must stay recovered")
     p.add_argument("--settle", type=float, default=90.0, help="s to wait for acks, deliveries")
     p.add_argument("--body-bytes", type=int, default=100)
+    p.add_argument(
+        "--no-produce-line",
+        dest="produce_line",
+        action="store_false",
+        help="the gateways produce through aiokafka (AGORA_KAFKA_PRODUCE_LINE=false; the "
+        "bench's settings do not come from the environment)",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--results-md", default=str(RESULTS_MD))
     args = p.parse_args(argv)

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+import urllib.request
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,7 @@ from bench.watch import (
     watch_list,
 )
 from core.settings import Settings
+from fanout.kafka import fanout_group
 from storage import messages
 from storage.pools import ShardPools
 
@@ -438,7 +440,6 @@ async def _measure(
         print(_progress(row), flush=True)
     for label, prof in profilers:
         profiles[label] = prof.stop()
-    await broker_log.stop()
     await pools.close()
 
     fin = await pool.call("finish", {"timeout": 30.0})
@@ -457,6 +458,13 @@ async def _measure(
             report[key] += g[key]
         missing += [(str(c), str(u), [int(x) for x in seqs]) for c, u, seqs in g["missing"]]
     losses = await _losses(stack.settings, missing, acked_cids, totals, conv_members)
+    # Where the unstored ones are: still in the log past what the worker committed
+    # (not fetched, or held), or committed past (taken and dropped).
+    losses["partitions"] = await broker_log.partitions(fanout_group(stack.settings))
+    losses["worker_metrics"] = [
+        _worker_metrics(p) for p in stack.procs if p.name.startswith("soak-f")
+    ]
+    await broker_log.stop()
     for k_str, n in losses["by_interval"].items():
         if k_str.isdigit() and int(k_str) < len(rows):
             rows[int(k_str)]["lost"] = n
@@ -522,6 +530,19 @@ def _progress(row: dict[str, Any]) -> str:
         f"{row['broker_log_records']}, backlog {row['backlog']}, load {row['load1']}, "
         f"others {row['others_cores']}; {procs}"
     )
+
+
+def _worker_metrics(proc: BenchProc) -> list[str]:
+    """A worker's consumer lines of /metrics (lag and held records per partition, hold
+    faults, skips healed...), as they are."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5
+        ) as r:
+            text = r.read().decode()
+    except OSError as exc:
+        return [repr(exc)]
+    return [x for x in text.splitlines() if x.startswith(("agora_consumer", "agora_worker"))]
 
 
 async def _losses(

@@ -110,6 +110,7 @@ class BrokerLog:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = messages_topic(settings)
+        self.bootstrap = settings.kafka_bootstrap
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
 
     async def start(self) -> None:
@@ -125,6 +126,33 @@ class BrokerLog:
         except Exception:
             return -1
         return sum(end[tp] - begin[tp] for tp in tps)
+
+    async def partitions(self, group: str) -> dict[int, dict[str, int]]:
+        """Per partition: the log's end offset and `group`'s committed offset (-1: none),
+        so records acked and never stored can be told apart: not yet fetched or fetched
+        and committed past (-2 for both when the reading failed)."""
+        # A consumer of the group that never subscribes (so never joins it): its
+        # OffsetFetch reads the committed offsets (Tansu cannot answer the admin client's).
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+        )
+        try:
+            await reader.start()
+            parts = self.consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            end = await self.consumer.end_offsets(tps)
+            committed = {tp: await reader.committed(tp) for tp in tps}
+        except Exception:
+            return {-2: {"end": -2, "committed": -2}}
+        finally:
+            await reader.stop()
+        return {
+            tp.partition: {
+                "end": end[tp],
+                "committed": -1 if committed[tp] is None else committed[tp],
+            }
+            for tp in tps
+        }
 
     async def stop(self) -> None:
         await self.consumer.stop()

@@ -19,7 +19,12 @@ What it leaves to aiokafka: anything that is not a plain, successful round trip.
 request fails (an error code, a lost connection, no answer in time), its records and those
 queued behind it are handed to the aiokafka producer, in order, which retries them as
 before; until that hand-over is done and for `DEGRADED_S` after, every record goes through
-aiokafka (`usable()` is False), so no record overtakes an earlier one of its partition. A
+aiokafka (`usable()` is False), and after it a partition's records keep going through
+aiokafka while it still holds one of that partition unacknowledged (the records handed
+over, and those the caller gave it meanwhile and told the line of with `track`): the line's
+own connection would otherwise reach the broker before aiokafka's retries (a broker that
+stopped answering for longer than `DEGRADED_S` does that). So no record overtakes an
+earlier one of its partition. A
 record handed over may reach the broker twice (the failed request may have been appended):
 the same message, stored once under its (conversation, sender, cid) key, as with any
 producer retry without idempotence.
@@ -287,6 +292,7 @@ class ProduceLine:
         self._hashes: dict[bytes, int] = {}
         self._degraded_until = 0.0
         self._handing_over: asyncio.Future[None] | None = None
+        self._held: dict[int, int] = {}  # partition -> records aiokafka holds unacknowledged
         self._tasks: set[asyncio.Future[Any]] = set()
         self.requests = 0  # Produce requests this line sent (records / requests = batch size)
         self.records = 0
@@ -323,8 +329,8 @@ class ProduceLine:
         if not self.usable() or len(key) + len(value) > MAX_RECORD_BYTES:
             return None
         partition = self.partition(key)
-        if partition is None:
-            return None
+        if partition is None or partition in self._held:
+            return None  # unknown, or behind records aiokafka has not got acknowledged yet
         leader = self.producer.client.cluster.leader_for_partition(
             TopicPartition(self.topic, partition)
         )
@@ -337,6 +343,25 @@ class ProduceLine:
         self.records += 1
         conn.add(partition, (key, value, fut))
         return fut
+
+    def track(self, key: bytes, report: asyncio.Future[Any]) -> None:
+        """A record of `key` the caller gave aiokafka (`send` returned None): until its
+        delivery `report` is done, the line takes no record of its partition."""
+        partition = self.partition(key)
+        if partition is not None and not report.done():
+            self._hold(partition, report)
+
+    def _hold(self, partition: int, report: asyncio.Future[Any]) -> None:
+        self._held[partition] = self._held.get(partition, 0) + 1
+
+        def release(_: asyncio.Future[Any]) -> None:
+            left = self._held[partition] - 1
+            if left:
+                self._held[partition] = left
+            else:
+                del self._held[partition]
+
+        report.add_done_callback(release)
 
     def _hand_over(self, records: list[Record], exc: Exception) -> None:
         self._degraded_until = self._now() + DEGRADED_S
@@ -369,6 +394,9 @@ class ProduceLine:
                     fut.set_exception(exc)
                     continue
                 report.add_done_callback(lambda r, fut=fut: _copy(r, fut))
+                partition = self.partition(key)
+                if partition is not None and not report.done():
+                    self._hold(partition, report)
         finally:
             done.set_result(None)
             if self._handing_over is done:

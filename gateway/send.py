@@ -333,6 +333,8 @@ class SendPath:
                         await line.settled()
                 if fut is None:
                     fut = await self.producer.send(self.topic, value, key=key)
+                    if line is not None:
+                        line.track(key, fut)  # the line's records wait for it
         except (KafkaError, TimeoutError) as exc:
             if not turn_came:
                 raise Unavailable("an earlier send of this connection is still in flight") from None

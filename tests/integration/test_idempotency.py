@@ -12,6 +12,7 @@ Real processes: two gateways, one fan-out worker, a private Redis and a private 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import time
@@ -123,6 +124,26 @@ async def retry_until_acked(client: AgoraClient, conv: str, body: str, cid: str)
             await asyncio.sleep(0.2)
 
 
+async def acked_at_once(client: AgoraClient, conv: str, prefix: str) -> str:
+    """Sends with new cids until one is acked at its first attempt; its cid. Then the
+    worker runs, and this client's gateway knows every earlier record of the
+    conversation's (partition, shard) stored (gateway/idempotency.py, EpochWatch): a send
+    there is acked when the broker has it, without waiting for its copy to be stored. A
+    send acked only at a retry proves nothing (its copy may be the first attempt's): while
+    the module's Redis epoch is young, a worker slower than the gateway's settle wait (one
+    starting, or starved of CPU) leaves the pair unproven."""
+    deadline = time.monotonic() + 30
+    for k in itertools.count():
+        cid = f"{prefix}-{k}"
+        try:
+            await client.send(conv, "warm-up", cid=cid)
+            return cid
+        except ServerError as exc:
+            assert exc.code == "unavailable", exc.frame
+            assert time.monotonic() < deadline, "no send acked at its first attempt in 30 s"
+    raise AssertionError("unreachable")
+
+
 async def sender(env: Env, http: httpx.AsyncClient) -> tuple[str, str, AgoraClient, AgoraClient]:
     """A user with a fresh group, connected to both gateways."""
     user = uid("idem")
@@ -197,8 +218,9 @@ async def test_retry_while_the_first_copy_is_in_flight_and_redis_lost_it(
     env: Env, http: httpx.AsyncClient, pools: ShardPools, r: aioredis.Redis
 ) -> None:
     user, conv, c1, c2 = await sender(env, http)
-    await retry_until_acked(c1, conv, "warm-up", "fl-0")  # the worker is known to run
-    await wait_for("the warm-up stored", lambda: stored(pools, conv, user, "fl-0"))
+    # The worker runs, and the first copy's send below is acked while it is stopped.
+    warm = await acked_at_once(c1, conv, "fl-0")
+    await wait_for("the warm-up stored", lambda: stored(pools, conv, user, warm))
     env.fanout.signal_all(signal.SIGSTOP)
     try:
         first = await retry_until_acked(c1, conv, "hello", "fl-1")

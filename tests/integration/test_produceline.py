@@ -1,21 +1,27 @@
 """gateway/produceline.py against the real broker: records reach their key's partition (the
 one aiokafka's producer picks) in the order they were handed over, concurrent ones share
-requests, and a connection lost mid-request hands every record to aiokafka in order."""
+requests, a connection lost mid-request hands every record to aiokafka in order, and so
+does a broker that stops answering (a private one, stopped), after which no record of the
+line overtakes one aiokafka still holds."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from core.settings import Settings
+from devstack import services
 from fanout.kafka import ensure_topics, make_producer, messages_topic
-from gateway.produceline import ProduceLine, make_produce_line
+from gateway.produceline import DEGRADED_S, ProduceLine, make_produce_line
+from tests.engines import free_port
 
 pytestmark = pytest.mark.engines
 
@@ -141,3 +147,63 @@ async def test_a_connection_lost_mid_request_hands_every_record_to_aiokafka_in_o
     order = [b"warm"] + [f"r{i}".encode() for i in range(41)] + [b"after"]
     assert list(dict.fromkeys(values)) == order
     await line.close()
+
+
+async def _produce(line: ProduceLine, producer: AIOKafkaProducer, key: bytes, value: bytes) -> Any:
+    """As the send path produces (gateway/send.py `_publish`): through the line, else
+    behind the records it is handing over, through aiokafka, which the line is told of."""
+    fut = line.send(key, value)
+    if fut is not None:
+        return fut
+    await line.settled()
+    report = await producer.send(line.topic, value, key=key)
+    line.track(key, report)
+    return report
+
+
+async def test_a_broker_that_stops_answering_gets_every_record_in_order(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    broker = services.start_tansu("127.0.0.1", port, tmp_path / "tansu.log")
+    try:
+        own = settings.with_overrides(kafka_bootstrap=f"127.0.0.1:{port}")
+        await ensure_topics(own)
+        producer = make_producer(own)
+        await producer.start()
+        clock = [0.0]  # the line's degraded window, moved by hand
+        line = ProduceLine(producer, messages_topic(own), timeout_s=1.0, now=lambda: clock[0])
+        key = b"771234567890123456"
+        first = line.send(key, b"warm")
+        assert first is not None
+        await asyncio.wait_for(first, 10)
+        broker.send_signal(signal.SIGSTOP)  # hangs: its sockets stay open, nothing answers
+        futures = [await _produce(line, producer, key, f"r{i}".encode()) for i in range(20)]
+        await asyncio.wait_for(line.settled(), 10)
+        while line.handed_over < 20:  # the request times out (timeout_s): handed over
+            await asyncio.sleep(0.05)
+            await asyncio.wait_for(line.settled(), 10)
+        # Degraded: the next ones go to aiokafka, behind the handed-over records.
+        futures.append(await _produce(line, producer, key, b"behind"))
+        # The degraded window is over, but aiokafka holds every record above unacknowledged
+        # (the broker is still stopped): one through the line now could reach the broker
+        # before them on its own connection.
+        clock[0] += DEGRADED_S + 1
+        assert line.send(key, b"probe") is None
+        futures.append(await _produce(line, producer, key, b"last"))
+        broker.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*futures), 30)
+        # Every record acknowledged by aiokafka: the line takes records again.
+        clock[0] += DEGRADED_S + 1
+        again = line.send(key, b"line again")
+        assert again is not None
+        partition = await asyncio.wait_for(again, 10)
+        values = [v for _, v in (await _read(own, 24))[partition]]
+        order = [b"warm", *(f"r{i}".encode() for i in range(20)), b"behind", b"last"]
+        assert list(dict.fromkeys(values)) == [*order, b"line again"]
+        await line.close()
+        await producer.stop()
+    finally:
+        broker.send_signal(signal.SIGCONT)
+        broker.kill()
+        broker.wait()
