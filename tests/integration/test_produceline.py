@@ -197,8 +197,8 @@ async def test_a_broker_that_stops_answering_gets_every_record_in_order(
         clock[0] += DEGRADED_S + 1
         again = line.send(key, b"line again")
         assert again is not None
-        partition = await asyncio.wait_for(again, 10)
-        values = [v for _, v in (await _read(own, 24))[partition]]
+        partition = (await asyncio.wait_for(again, 10)).partition
+        values = [v for _, v, _ in (await _read(own, 24))[partition]]
         order = [b"warm", *(f"r{i}".encode() for i in range(20)), b"behind", b"last"]
         assert list(dict.fromkeys(values)) == [*order, b"line again"]
         await line.close()
