@@ -355,7 +355,7 @@ class HoldingWorker(Generic[T]):
         behind: dict[TopicPartition, int] = {}
         for tp in owned:
             expected = self.continuity.expected.get(tp)
-            high = self.consumer.highwater(tp)
+            high = self._highwater(tp)
             if expected is None and high is None:
                 continue  # nothing fetched yet: nothing to check
             try:
@@ -369,8 +369,19 @@ class HoldingWorker(Generic[T]):
                 continue
             if position > expected:
                 await self._heal(tp, expected, position - 1)
-        if got is not None:
+        if got is None:
+            self.stalls.unasked()
+        else:
             self._watch_stalls(behind, got)
+
+    def _highwater(self, tp: TopicPartition) -> int | None:
+        """The high watermark of the last fetch answer; None when not known, or when a
+        rebalance took the partition during this round's awaits (aiokafka asserts it)."""
+        try:
+            high: int | None = self.consumer.highwater(tp)
+        except (AssertionError, IllegalStateError, KeyError):
+            return None
+        return high
 
     def _watch_stalls(self, behind: dict[TopicPartition, int], got: set[TopicPartition]) -> None:
         step = self.stalls.observe(asyncio.get_running_loop().time(), behind, got)

@@ -109,6 +109,12 @@ class StallWatch:
                 step.wait_ms = self._set(self.setting_ms, now)
         return step
 
+    def unasked(self) -> None:
+        """A round that did not ask the consumer (the worker holds all it may): nothing it
+        fetched could move, so the partitions' counts start again."""
+        self._since.clear()
+        self._empty_rounds.clear()
+
     def forget(self, tps: list[TopicPartition]) -> None:
         """Partitions revoked: their new owner watches them."""
         for tp in tps:

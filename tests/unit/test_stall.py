@@ -64,6 +64,10 @@ def test_a_slow_round_is_no_stall_and_a_caught_up_partition_is_none() -> None:
     # Caught up (lag 0) starts the count again.
     w.observe(5.1, {A: 0}, set())
     assert not w.observe(7.0, {A: 1}, set()).started
+    # So does a round that did not ask the consumer (the worker held all it may).
+    w.observe(7.1, {A: 1}, set())
+    w.unasked()
+    assert not w.observe(9.0, {A: 1}, set()).started
     assert w.episodes == 0
 
 
