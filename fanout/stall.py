@@ -14,7 +14,10 @@ rounds, so one slow batch is no stall) it is stalled: one WARNING per episode, a
 and the fetch wait doubled, again every `STALL_AFTER_S` while any partition stays stalled,
 up to `WAIT_CAP_MS`. Once no partition has stalled for `CALM_S`, the wait goes back to the
 setting. A broker that needs the longer wait again stalls again: the next episode starts
-at the wait that healed the last one, so it costs one step instead of a ladder.
+at the wait that healed the last one, so it costs one step instead of a ladder, and the
+calm it takes to go back doubles with each episode (up to `CALM_MAX_S`): a broker that
+keeps stalling keeps the longer wait instead of stalling (1.5 s of a partition's
+deliveries, and a WARNING) every minute.
 
 `StallWatch` is the pure bookkeeping; `set_fetch_wait` is the one place that reaches into
 aiokafka.
@@ -33,6 +36,7 @@ log = logging.getLogger("agora.fanout")
 STALL_AFTER_S = 1.5  # ~75 fetches of the dev stack's 20 ms wait; 3 of production's 500 ms
 STALL_ROUNDS = 3
 CALM_S = 60.0
+CALM_MAX_S = 1800.0
 WAIT_CAP_MS = 1000
 
 
@@ -59,11 +63,13 @@ class StallWatch:
         after_s: float = STALL_AFTER_S,
         rounds: int = STALL_ROUNDS,
         calm_s: float = CALM_S,
+        calm_max_s: float = CALM_MAX_S,
         cap_ms: int = WAIT_CAP_MS,
     ) -> None:
         self.setting_ms = setting_ms
         self.wait_ms = setting_ms
-        self.after_s, self.rounds, self.calm_s = after_s, rounds, calm_s
+        self.after_s, self.rounds = after_s, rounds
+        self.calm_s, self._calm_first_s, self._calm_max_s = calm_s, calm_s, calm_max_s
         self.cap_ms = max(cap_ms, setting_ms)
         self.episodes = 0
         self.in_episode = False
@@ -96,6 +102,8 @@ class StallWatch:
             if not self.in_episode:
                 self.in_episode = True
                 self.episodes += 1
+                if self.episodes > 1:
+                    self.calm_s = min(self._calm_max_s, self.calm_s * 2)
                 step.started = stalled
                 start = min(self.cap_ms, max(self._healed_ms or 0, self._doubled(self.setting_ms)))
                 if start != self.wait_ms:  # a setting at the cap: detected, not changed

@@ -54,6 +54,11 @@ def test_records_flowing_end_the_count_and_calm_restores_the_setting() -> None:
     # It stalls again at 20 ms: the new episode starts at the wait that healed the last.
     _, again = rounds(w, 11.6, 13.1, {A: 9})[-1]
     assert again.started and again.wait_ms == 40 and w.episodes == 2
+    # A broker that keeps stalling keeps the longer wait longer: twice the calm this time.
+    rounds(w, 13.2, 32.9, {A: 3}, frozenset({A}))
+    assert w.wait_ms == 40 and w.in_episode
+    _, back = rounds(w, 33.0, 33.1, {A: 3}, frozenset({A}))[-1]
+    assert back.wait_ms == 20 and not w.in_episode
 
 
 def test_a_slow_round_is_no_stall_and_a_caught_up_partition_is_none() -> None:
