@@ -37,6 +37,7 @@ from core.settings import Settings
 from fanout.consumer import Committer
 from fanout.deadletter import DeadLetters
 from fanout.metrics import ConsumerMetrics, installed
+from fanout.stall import StallWatch, set_fetch_wait
 
 T = TypeVar("T")
 log = logging.getLogger("agora.fanout")
@@ -186,8 +187,12 @@ class HoldingWorker(Generic[T]):
         self.done = 0
         self.dead_lettered = 0
         self.skips_healed = 0
+        self.stalls = StallWatch(settings.kafka_fetch_wait_ms)
+        self._wait_settable = True
         self.metrics: ConsumerMetrics | None = installed()
         self.commits = Committer(consumer, settings.worker_commit_interval_ms / 1000)
+        if self.metrics is not None:
+            self.metrics.fetch_wait.labels(self.group).set(settings.kafka_fetch_wait_ms)
 
     # -- what a worker says ----------------------------------------------------------------
 
@@ -213,6 +218,7 @@ class HoldingWorker(Generic[T]):
         self.generation += 1
         self.commits.drop()
         self.continuity.forget(tps)
+        self.stalls.forget(list(tps))
         self.held = []
         self.letters = []
         self._gauge()
@@ -220,7 +226,8 @@ class HoldingWorker(Generic[T]):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
-            if len(self.held) + len(self.letters) >= self.max_held:
+            fetched = len(self.held) + len(self.letters) < self.max_held
+            if not fetched:
                 records: dict[TopicPartition, list[Any]] = {}
                 await asyncio.sleep(self._until_due(loop.time()) or FIRST_RETRY_S)
             else:
@@ -234,7 +241,8 @@ class HoldingWorker(Generic[T]):
             # Held records whose backoff has not ended are left alone (no empty rounds).
             if records or self._until_due(loop.time()) == 0:
                 await self.handle(records)
-            await self._check_positions()
+            # Not while full: the consumer is not asked, so nothing it has fetched moves.
+            await self._check_positions(set(records) if fetched else None)
         # What is done is committed before the consumer leaves the group.
         await self.commits.flush(COMMIT_FLUSH_S)
 
@@ -335,23 +343,72 @@ class HoldingWorker(Generic[T]):
             await self._heal(tp, skipped, recs[-1].offset)
         return taken
 
-    async def _check_positions(self) -> None:
+    async def _check_positions(self, got: set[TopicPartition] | None) -> None:
         """A fetch whose skip is at its end (a batch that claims offsets past the records it
         carries, or carries none) moves the consumer's position past those offsets with no
         later record to show the gap: if nothing follows on that partition, its records
         would wait for the next one, or for ever. So the position is compared with what
-        was taken, after every round (an in-memory read for an owned partition)."""
+        was taken, after every round (an in-memory read for an owned partition). And with
+        the high watermark of the last fetch answer, for fetches that stall (`fanout.stall`;
+        `got`: the partitions that gave records this round, None when none was asked)."""
         owned = self.consumer.assignment()
-        for tp, expected in list(self.continuity.expected.items()):
-            if tp not in owned:
-                continue
+        behind: dict[TopicPartition, int] = {}
+        for tp in owned:
+            expected = self.continuity.expected.get(tp)
+            high = self._highwater(tp)
+            if expected is None and high is None:
+                continue  # nothing fetched yet: nothing to check
             try:
                 async with asyncio.timeout(1):  # no task per partition, unlike wait_for
                     position = await self.consumer.position(tp)
             except (IllegalStateError, KafkaError, TimeoutError):
                 continue  # revoked meanwhile, or no position yet: nothing fetched to check
-            if position > expected and self.continuity.expected.get(tp) == expected:
+            if high is not None:
+                behind[tp] = high - position
+            if expected is None or self.continuity.expected.get(tp) != expected:
+                continue
+            if position > expected:
                 await self._heal(tp, expected, position - 1)
+        if got is None:
+            self.stalls.unasked()
+        else:
+            self._watch_stalls(behind, got)
+
+    def _highwater(self, tp: TopicPartition) -> int | None:
+        """The high watermark of the last fetch answer; None when not known, or when a
+        rebalance took the partition during this round's awaits (aiokafka asserts it)."""
+        try:
+            high: int | None = self.consumer.highwater(tp)
+        except (AssertionError, IllegalStateError, KeyError):
+            return None
+        return high
+
+    def _watch_stalls(self, behind: dict[TopicPartition, int], got: set[TopicPartition]) -> None:
+        step = self.stalls.observe(asyncio.get_running_loop().time(), behind, got)
+        if step.started:
+            if self.metrics is not None:
+                self.metrics.fetch_stalls.labels(self.group).inc()
+            log.warning(
+                "%s: fetches of %s come back empty below the high watermark; "
+                "fetch wait %d ms -> %d ms while it lasts",
+                self.group,
+                ", ".join(f"{s.tp} (lag {s.lag}, {s.seconds:.1f}s)" for s in step.started),
+                self.stalls.setting_ms,
+                step.wait_ms if step.wait_ms is not None else self.stalls.wait_ms,
+            )
+        if step.wait_ms is None or not self._wait_settable:
+            return
+        if not set_fetch_wait(self.consumer, step.wait_ms):
+            self._wait_settable = False
+            log.warning(
+                "%s: this aiokafka's fetch wait cannot be changed; fetch stalls are only detected",
+                self.group,
+            )
+            return
+        if self.metrics is not None:
+            self.metrics.fetch_wait.labels(self.group).set(step.wait_ms)
+        if not step.started:
+            log.info("%s: fetch wait now %d ms", self.group, step.wait_ms)
 
     async def _heal(self, tp: TopicPartition, expected: int, seen: int) -> None:
         try:

@@ -92,6 +92,19 @@ class ConsumerMetrics:
             ["group"],
             registry=registry,
         )
+        self.fetch_stalls = Counter(
+            "agora_consumer_fetch_stalls_total",
+            "Episodes of fetches answered empty below a partition's high watermark "
+            "(fanout.stall); each raised the fetch wait while it lasted.",
+            ["group"],
+            registry=registry,
+        )
+        self.fetch_wait = Gauge(
+            "agora_consumer_fetch_wait_ms",
+            "The fetch wait in use: the setting, or longer while a fetch stall lasts.",
+            ["group"],
+            registry=registry,
+        )
         self.restarts = Counter(
             "agora_worker_restarts_total",
             "Times the supervisor restarted this worker slot after an unexpected exit.",

@@ -13,22 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
 
 from agora_client import AgoraClient, ServerError
@@ -450,12 +452,19 @@ async def produce_text(
 
 @contextlib.asynccontextmanager
 async def isolated_worker(
-    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, tag: str
+    settings: Settings,
+    pools: ShardPools,
+    redis_client: aioredis.Redis,
+    tag: str,
+    before: Callable[[IsolatedWorker], Awaitable[None]] | None = None,
 ) -> AsyncIterator[IsolatedWorker]:
+    """`before`: what to do to the topic (its producer started) before the worker starts."""
     w = IsolatedWorker(settings, pools, redis_client, tag)
     await ensure_topics(w.settings)
     w.consumer.subscribe([w.topic], listener=w.worker.listener())
     await w.producer.start()
+    if before is not None:
+        await before(w)
     await w.consumer.start()
     async with pools.transaction(pools.for_id(w.conv)) as conn:
         await conn.execute(
@@ -510,6 +519,98 @@ async def test_a_fetch_that_skips_its_last_offsets_is_sought_back_with_nothing_a
         assert [m.cid for m in got] == [f"c{i}" for i in range(4)]
         assert w.worker.skips_healed >= 1
         await w.until_committed(tp, first + 4, 10)
+
+
+# -- a broker that answers a partition empty below its high watermark ----------------------
+
+# Tansu 0.6 (memory-only) reads a partition's whole log on each fetch: at ~40,000 batches
+# that takes longer than the tests' 20 ms wait, and it answers the partition empty
+# (bench/RESULTS.md, "fetch stalls"; at 15,000 it still answered in 12 ms).
+STALL_BATCHES = 40_000
+
+
+async def fill(producer: AIOKafkaProducer, tp: TopicPartition, batches: int) -> None:
+    """`batches` one-record batches (what a worker's partition gets at a few hundred
+    messages a second), 200 in flight: ~20 s for 40,000 on the 2-core dev machine."""
+    sent: list[asyncio.Future[RecordMetadata]] = []
+    for _ in range(batches):
+        batch = producer.create_batch()
+        batch.append(key=None, value=b"filler", timestamp=None)
+        batch.close()
+        sent.append(await producer.send_batch(batch, tp.topic, partition=tp.partition))
+        if len(sent) >= 200:
+            await asyncio.gather(*sent)
+            sent = []
+    await asyncio.gather(*sent)
+
+
+async def records_at(bootstrap: str, tp: TopicPartition, offset: int, wait_ms: int) -> int:
+    """How many records a plain consumer fetching with `wait_ms` gets at `offset` in 1.5 s."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, fetch_max_wait_ms=wait_ms, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        got = await consumer.getmany(timeout_ms=1500)
+        return sum(len(recs) for recs in got.values())
+    finally:
+        await consumer.stop()
+
+
+async def test_a_partition_fetched_empty_below_its_high_watermark_heals_with_a_longer_wait(
+    settings: Settings,
+    pools: ShardPools,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The soak's stall, at CI size: the worker's partition holds 40,000 batches, its
+    committed offset is near the end, and the broker answers every 20 ms fetch of it
+    empty. The worker sees its position below the high watermark with no records, says
+    so once, fetches with a longer wait and stores the messages."""
+    assert settings.kafka_fetch_wait_ms == 20  # tests/engines.py: what the soak ran with
+    port = free_port()
+    broker = services.start_tansu("127.0.0.1", port, tmp_path / "tansu.log")
+    own = settings.with_overrides(kafka_bootstrap=f"127.0.0.1:{port}", kafka_partitions=1)
+    caplog.set_level(logging.WARNING, logger="agora.fanout")
+
+    async def long_log(w: IsolatedWorker) -> None:
+        tp = TopicPartition(w.topic, 0)
+        await fill(w.producer, tp, STALL_BATCHES)
+        # The group is past the filler (it is no message): the worker starts at its end.
+        committer = AIOKafkaConsumer(
+            bootstrap_servers=own.kafka_bootstrap,
+            group_id=fanout_group(w.settings),
+            enable_auto_commit=False,
+        )
+        await committer.start()
+        try:
+            committer.assign([tp])
+            await committer.commit({tp: STALL_BATCHES})
+        finally:
+            await committer.stop()
+        for i in range(5):
+            await w.send(i)
+        if await records_at(own.kafka_bootstrap, tp, STALL_BATCHES, 20):
+            pytest.skip("this broker answered the long partition at 20 ms: no stall to heal")
+        assert await records_at(own.kafka_bootstrap, tp, STALL_BATCHES, 200) == 5
+
+    try:
+        async with isolated_worker(own, pools, redis_client, "stall", long_log) as w:
+            await w.until_stored(5, 30)
+            got = await messages.after(pools, w.conv, 0, 100)
+            assert [m.cid for m in got] == [f"c{i}" for i in range(5)]
+            assert w.worker.stalls.episodes == 1
+            assert w.worker.stalls.wait_ms > 20
+            await w.until_committed(TopicPartition(w.topic, 0), STALL_BATCHES + 5, 10)
+        warned = [r for r in caplog.records if "come back empty" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert "lag 5" in warned[0].getMessage()
+    finally:
+        broker.kill()
+        broker.wait()
 
 
 # -- the scores worker: poison votes to their dead-letter topic ------------------------------
