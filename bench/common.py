@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -493,3 +494,19 @@ def cpu_seconds_by(
                 total += max(0.0, after[pid][1] - before.get(pid, ("", 0.0))[1])
         out[name] = round(total, 2)
     return out
+
+
+def metric_samples(url: str, prefixes: tuple[str, ...] = ("",)) -> list[str] | None:
+    """The sample lines (no `#` comments) of one /metrics page that start with one of
+    `prefixes`; None when the page cannot be read (a process that is gone or busy)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return [x for x in text.splitlines() if x.startswith(prefixes) and not x.startswith("#")]
+
+
+def sample_value(line: str) -> float:
+    """The value of one Prometheus sample line (its last field)."""
+    return float(line.rsplit(" ", 1)[1])

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,12 +54,14 @@ from bench.common import (
     machine,
     machine_line,
     md_table,
+    metric_samples,
     percentiles,
     pin,
     proc_cpu_split_s,
     raise_nofile,
     read_timing,
     result_name,
+    sample_value,
     timing_env,
     verdict,
     wait_until,
@@ -655,15 +656,10 @@ def _write_latency(procs: list[BenchProc]) -> dict[str, float]:
     load generator's reading."""
     out: dict[str, float] = {}
     for p in procs:
-        try:
-            with urllib.request.urlopen(f"{p.http_url}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("agora_delivery_latency_seconds_bucket"):
-                le = line.split('le="', 1)[1].split('"', 1)[0]
-                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+        bucket = ("agora_delivery_latency_seconds_bucket",)
+        for line in metric_samples(f"{p.http_url}/metrics", bucket) or ():
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = out.get(le, 0.0) + sample_value(line)
     return out
 
 
@@ -711,19 +707,12 @@ def _kafka_counts(stack: BenchStack, a: BenchProc, b: BenchProc) -> dict[str, fl
     urls += [f"http://127.0.0.1:{p.metrics_port}/metrics" for p in stack.procs if p.metrics_port]
     out: dict[str, float] = {}
     for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if not line.startswith(KAFKA_COUNTERS):
-                continue
+        for line in metric_samples(url, KAFKA_COUNTERS) or ():
             name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
             labels = line.split("{", 1)[1].split("}", 1)[0] if "{" in line else ""
             own = [x for x in labels.split(",") if x.startswith(("api=", "path="))]
             key = name + (f"[{own[0].split('=', 1)[1].strip(chr(34))}]" if own else "")
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            out[key] = out.get(key, 0.0) + sample_value(line)
     return out
 
 

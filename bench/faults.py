@@ -28,7 +28,6 @@ import os
 import random
 import signal
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +47,10 @@ from bench.common import (
     machine,
     machine_line,
     md_table,
+    metric_samples,
     percentiles,
     raise_nofile,
+    sample_value,
     verdict,
     wait_until,
     write_results,
@@ -628,15 +629,9 @@ def _line_counts(gateways: Sequence[BenchProc]) -> dict[str, float]:
     """The gateways' produce line counters (gateway/metrics.py), summed."""
     out: dict[str, float] = {}
     for g in gateways:
-        try:
-            with urllib.request.urlopen(f"{g.http_url}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("agora_produce_line_"):
-                name = line.split(" ", 1)[0].split("{", 1)[0].removeprefix("agora_produce_line_")
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        for line in metric_samples(f"{g.http_url}/metrics", ("agora_produce_line_",)) or ():
+            name = line.split(" ", 1)[0].split("{", 1)[0].removeprefix("agora_produce_line_")
+            out[name] = out.get(name, 0.0) + sample_value(line)
     return out
 
 

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import time
-import urllib.request
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from bench.common import (
     machine,
     machine_line,
     md_table,
+    metric_samples,
     percentiles,
     pin,
     raise_nofile,
@@ -535,14 +535,9 @@ def _progress(row: dict[str, Any]) -> str:
 def _worker_metrics(proc: BenchProc) -> list[str]:
     """A worker's consumer lines of /metrics (lag and held records per partition, hold
     faults, skips healed...), as they are."""
-    try:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5
-        ) as r:
-            text = r.read().decode()
-    except OSError as exc:
-        return [repr(exc)]
-    return [x for x in text.splitlines() if x.startswith(("agora_consumer", "agora_worker"))]
+    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
+    lines = metric_samples(url, ("agora_consumer", "agora_worker"))
+    return lines if lines is not None else [f"{url}: not readable"]
 
 
 async def _losses(

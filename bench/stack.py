@@ -29,7 +29,15 @@ from typing import Any
 
 import orjson
 
-from bench.common import child_pids, pin_threads, proc_cpu_s, proc_rss_kib, proc_sched_s
+from bench.common import (
+    child_pids,
+    metric_samples,
+    pin_threads,
+    proc_cpu_s,
+    proc_rss_kib,
+    proc_sched_s,
+    sample_value,
+)
 from core.settings import Settings
 from gateway.auth import make_token
 from tests.engines import STATE_DIR as ENGINE_STATE_DIR
@@ -66,18 +74,11 @@ class BenchProc(Proc):
         over labels; empty when it serves no /metrics."""
         if not self.metrics_port:
             return {}
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-            ) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return {}
         out: dict[str, float] = {}
-        for line in text.splitlines():
+        for line in metric_samples(f"http://127.0.0.1:{self.metrics_port}/metrics") or ():
             name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in CONSUMER_COUNTERS and not line.startswith("#"):
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            if name in CONSUMER_COUNTERS:
+                out[name] = out.get(name, 0.0) + sample_value(line)
         return out
 
     @property
