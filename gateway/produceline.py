@@ -394,9 +394,7 @@ class ProduceLine:
                     fut.set_exception(exc)
                     continue
                 report.add_done_callback(lambda r, fut=fut: _copy(r, fut))
-                partition = self.partition(key)
-                if partition is not None and not report.done():
-                    self._hold(partition, report)
+                self.track(key, report)
         finally:
             done.set_result(None)
             if self._handing_over is done:
