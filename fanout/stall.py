@@ -30,7 +30,10 @@ back since the last round (`last_poll_timestamp`, public: set on every answer wi
 error) and the consumer holds none of its records (`unread`: handed out this round or still
 buffered count as records). Without that the false alarm was real
 (tests/integration/test_worker_faults.py, "slow worker with a backlog": 4 partitions x 200
-records, batches of 25 taking 0.15 s: an episode, partitions 2 and 3 at lag 200).
+records, batches of 25 taking 0.15 s: an episode, partitions 2 and 3 at lag 200). Should a
+later aiokafka hide its buffer, a round that took `max_records` (the buffer may hold more)
+says nothing of the broker and starts the counts again: a real stall is then noticed once
+the worker has caught up, not during the catch-up.
 
 `StallWatch` is the pure bookkeeping; `set_fetch_wait` and `unread` are the places that
 reach into aiokafka's privates.
