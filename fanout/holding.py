@@ -37,7 +37,7 @@ from core.settings import Settings
 from fanout.consumer import Committer
 from fanout.deadletter import DeadLetters
 from fanout.metrics import ConsumerMetrics, installed
-from fanout.stall import StallWatch, set_fetch_wait
+from fanout.stall import StallWatch, set_fetch_wait, unread
 
 T = TypeVar("T")
 log = logging.getLogger("agora.fanout")
@@ -242,7 +242,10 @@ class HoldingWorker(Generic[T]):
             if records or self._until_due(loop.time()) == 0:
                 await self.handle(records)
             # Not while full: the consumer is not asked, so nothing it has fetched moves.
-            await self._check_positions(set(records) if fetched else None)
+            took = sum(len(recs) for recs in records.values())
+            await self._check_positions(
+                set(records) if fetched else None, took >= self.settings.fanout_batch_max
+            )
         # What is done is committed before the consumer leaves the group.
         await self.commits.flush(COMMIT_FLUSH_S)
 
@@ -343,14 +346,15 @@ class HoldingWorker(Generic[T]):
             await self._heal(tp, skipped, recs[-1].offset)
         return taken
 
-    async def _check_positions(self, got: set[TopicPartition] | None) -> None:
+    async def _check_positions(self, got: set[TopicPartition] | None, full: bool) -> None:
         """A fetch whose skip is at its end (a batch that claims offsets past the records it
         carries, or carries none) moves the consumer's position past those offsets with no
         later record to show the gap: if nothing follows on that partition, its records
         would wait for the next one, or for ever. So the position is compared with what
         was taken, after every round (an in-memory read for an owned partition). And with
         the high watermark of the last fetch answer, for fetches that stall (`fanout.stall`;
-        `got`: the partitions that gave records this round, None when none was asked)."""
+        `got`: the partitions that gave records this round, None when none was asked; `full`:
+        the round took all it may, so the consumer may hold more)."""
         owned = self.consumer.assignment()
         behind: dict[TopicPartition, int] = {}
         for tp in owned:
@@ -369,10 +373,13 @@ class HoldingWorker(Generic[T]):
                 continue
             if position > expected:
                 await self._heal(tp, expected, position - 1)
-        if got is None:
+        # Read together, with no await between: a partition whose records came meanwhile
+        # is in the consumer's buffer, not an empty answer.
+        waiting = unread(self.consumer)
+        if got is None or (waiting is None and full):
             self.stalls.unasked()
         else:
-            self._watch_stalls(behind, got)
+            self._watch_stalls(behind, got | (waiting or set()), self._polled(owned))
 
     def _highwater(self, tp: TopicPartition) -> int | None:
         """The high watermark of the last fetch answer; None when not known, or when a
@@ -383,8 +390,23 @@ class HoldingWorker(Generic[T]):
             return None
         return high
 
-    def _watch_stalls(self, behind: dict[TopicPartition, int], got: set[TopicPartition]) -> None:
-        step = self.stalls.observe(asyncio.get_running_loop().time(), behind, got)
+    def _polled(self, owned: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """When each owned partition's last fetch answer came (aiokafka's clock, ms)."""
+        polled: dict[TopicPartition, int | None] = {}
+        for tp in owned:
+            try:
+                polled[tp] = self.consumer.last_poll_timestamp(tp)
+            except (AssertionError, IllegalStateError, KeyError):
+                continue  # revoked during this round's awaits
+        return polled
+
+    def _watch_stalls(
+        self,
+        behind: dict[TopicPartition, int],
+        got: set[TopicPartition],
+        polled: dict[TopicPartition, int | None],
+    ) -> None:
+        step = self.stalls.observe(asyncio.get_running_loop().time(), behind, got, polled)
         if step.started:
             if self.metrics is not None:
                 self.metrics.fetch_stalls.labels(self.group).inc()

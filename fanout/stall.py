@@ -19,8 +19,24 @@ calm it takes to go back doubles with each episode (up to `CALM_MAX_S`): a broke
 keeps stalling keeps the longer wait instead of stalling (1.5 s of a partition's
 deliveries, and a WARNING) every minute.
 
-`StallWatch` is the pure bookkeeping; `set_fetch_wait` is the one place that reaches into
-aiokafka.
+What counts as an empty answer. A partition behind with no record is not always a broker
+answering empty: a slow or busy worker catching up has every partition's records fetched
+into aiokafka's buffer, and `getmany(max_records=...)` hands them out one partition after
+another (the buffer is drained in the order the answers came), so a partition can wait
+there, behind its high watermark (from the answer that filled the buffer), for seconds and
+many rounds; the fetcher does not fetch it again meanwhile. Nor is a fetch still in flight
+an empty answer. So a round counts for a partition only when a fetch answer for it came
+back since the last round (`last_poll_timestamp`, public: set on every answer without an
+error) and the consumer holds none of its records (`unread`: handed out this round or still
+buffered count as records). Without that the false alarm was real
+(tests/integration/test_worker_faults.py, "slow worker with a backlog": 4 partitions x 200
+records, batches of 25 taking 0.15 s: an episode, partitions 2 and 3 at lag 200). Should a
+later aiokafka hide its buffer, a round that took `max_records` (the buffer may hold more)
+says nothing of the broker and starts the counts again: a real stall is then noticed once
+the worker has caught up, not during the catch-up.
+
+`StallWatch` is the pure bookkeeping; `set_fetch_wait` and `unread` are the places that
+reach into aiokafka's privates.
 """
 
 from __future__ import annotations
@@ -75,22 +91,34 @@ class StallWatch:
         self.in_episode = False
         self._since: dict[TopicPartition, float] = {}  # behind, no record, since
         self._empty_rounds: dict[TopicPartition, int] = {}
+        self._polled: dict[TopicPartition, int] = {}  # the last answer's timestamp seen
         self._stepped_at = 0.0
         self._last_stalled = 0.0
         self._healed_ms: int | None = None  # the wait that ended the last episode
 
     def observe(
-        self, now: float, behind: dict[TopicPartition, int], got: set[TopicPartition]
+        self,
+        now: float,
+        behind: dict[TopicPartition, int],
+        got: set[TopicPartition],
+        polled: dict[TopicPartition, int | None] | None = None,
     ) -> Step:
         """One fetch round: `behind` maps each owned partition whose high watermark is known
-        to high watermark minus position; `got` are the partitions that gave records."""
+        to high watermark minus position; `got` are the partitions that gave records (handed
+        out, or fetched and still in the consumer's buffer); `polled` the timestamp of each
+        partition's last fetch answer (None: every round counts as answered)."""
         for tp in list(self._since):
             if tp in got or behind.get(tp, 0) <= 0:
                 del self._since[tp]
                 del self._empty_rounds[tp]
+        answered = self._answered(polled)
         stalled: list[Stalled] = []
         for tp, lag in behind.items():
             if lag <= 0 or tp in got:
+                continue
+            if answered is not None and tp not in answered:
+                # No answer since the last round: a fetch in flight, or not sent while the
+                # consumer still holds the partition's records. Nothing said about the broker.
                 continue
             since = self._since.setdefault(tp, now)
             rounds = self._empty_rounds[tp] = self._empty_rounds.get(tp, 0) + 1
@@ -118,8 +146,9 @@ class StallWatch:
         return step
 
     def unasked(self) -> None:
-        """A round that did not ask the consumer (the worker holds all it may): nothing it
-        fetched could move, so the partitions' counts start again."""
+        """A round that says nothing of the broker: it did not ask the consumer (the worker
+        holds all it may), or the consumer may still hold records it did not hand out and
+        they cannot be seen. The partitions' counts start again."""
         self._since.clear()
         self._empty_rounds.clear()
 
@@ -128,6 +157,20 @@ class StallWatch:
         for tp in tps:
             self._since.pop(tp, None)
             self._empty_rounds.pop(tp, None)
+            self._polled.pop(tp, None)
+
+    def _answered(
+        self, polled: dict[TopicPartition, int | None] | None
+    ) -> set[TopicPartition] | None:
+        """The partitions whose last answer is newer than at the last round."""
+        if polled is None:
+            return None
+        fresh: set[TopicPartition] = set()
+        for tp, at in polled.items():
+            if at is not None and self._polled.get(tp) != at:
+                fresh.add(tp)
+                self._polled[tp] = at
+        return fresh
 
     def _doubled(self, ms: int) -> int:
         return min(self.cap_ms, ms * 2)
@@ -150,3 +193,16 @@ def set_fetch_wait(consumer: Any, ms: int) -> bool:
         return False
     fetcher._fetch_max_wait_ms = ms
     return True
+
+
+def unread(consumer: Any) -> set[TopicPartition] | None:
+    """The partitions whose fetched records the consumer holds and has not handed out (or
+    an error it will raise for them); None when this aiokafka's fetcher cannot be read.
+
+    aiokafka (0.11 to 0.14 at least) keeps them in its Fetcher's private `_records`, keyed
+    by partition, an entry dropped once all its records were handed out; no public way."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    records = getattr(fetcher, "_records", None)
+    if not isinstance(records, dict):
+        return None
+    return set(records)

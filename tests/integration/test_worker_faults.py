@@ -613,6 +613,70 @@ async def test_a_partition_fetched_empty_below_its_high_watermark_heals_with_a_l
         broker.wait()
 
 
+async def test_a_slow_worker_with_a_backlog_on_several_partitions_is_no_stall(
+    settings: Settings,
+    pools: ShardPools,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker catching up: every partition's records already fetched, handed out a batch
+    at a time from one partition after another (aiokafka's getmany drains its buffer in
+    order), each batch slow. A partition whose records wait in that buffer is behind its
+    high watermark with no record for seconds and many rounds: no broker stall, so no
+    WARNING and no longer fetch wait."""
+    partitions, per_partition, batch = 4, 200, 25
+    own = settings.with_overrides(fanout_batch_max=batch)
+    caplog.set_level(logging.WARNING, logger="agora.fanout")
+    ids = IdGenerator()
+    convs = [await _conversation(pools, ids, 40 + p) for p in range(partitions)]
+    w = InProcess(own, "msg")
+    await ensure_topics(w.settings)
+    # The backlog first, each conversation on a partition of its own.
+    filler = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await filler.start()
+    try:
+        sent = [
+            await filler.send(
+                w.topic,
+                encode_new_message(_message(conv, ids, f"b{i}")),
+                key=str(conv).encode(),
+                partition=p,
+            )
+            for i in range(per_partition)
+            for p, conv in enumerate(convs)
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await filler.stop()
+    apply_batch = FanoutWorker.apply_batch
+    sizes: list[int] = []
+
+    async def slow(self: FanoutWorker, work: list[Record[NewMessage]]) -> Outcome[NewMessage]:
+        sizes.append(len(work))
+        await asyncio.sleep(0.15)  # a busy shard: the 32 batches take ~5 s
+        return await apply_batch(self, work)
+
+    monkeypatch.setattr(FanoutWorker, "apply_batch", slow)
+    worker = await w.start(pools, redis_client)
+    try:
+        deadline = time.monotonic() + 60
+        for conv in convs:
+            while len(await messages.after(pools, conv, 0, 1000)) < per_partition:
+                assert time.monotonic() < deadline, f"{conv}: not all stored"
+                await asyncio.sleep(0.1)
+        for conv in convs:
+            got = [(m.cid, m.seq) for m in await messages.after(pools, conv, 0, 1000)]
+            assert got == [(f"b{i}", i + 1) for i in range(per_partition)]
+        # The backlog was taken in batches (so partitions waited for rounds), not at once.
+        assert max(sizes) <= batch and len(sizes) >= partitions * per_partition // batch
+        warned = [r.getMessage() for r in caplog.records if "come back empty" in r.getMessage()]
+        assert worker.stalls.episodes == 0, warned
+        assert worker.stalls.wait_ms == own.kafka_fetch_wait_ms
+    finally:
+        await w.stop()
+
+
 # -- the scores worker: poison votes to their dead-letter topic ------------------------------
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import Fetcher
 
-from fanout.stall import StallWatch, Step, set_fetch_wait
+from fanout.stall import StallWatch, Step, set_fetch_wait, unread
 
 A, B = TopicPartition("t", 0), TopicPartition("t", 1)
 
@@ -93,6 +93,45 @@ async def test_the_fetch_wait_of_a_running_consumer_changes_in_its_fetcher() -> 
         consumer._fetcher = fetcher
         assert set_fetch_wait(consumer, 40)
         assert fetcher._fetch_max_wait_ms == 40
+    finally:
+        consumer._fetcher = None
+        await fetcher.close()
+        await consumer._client.close()
+
+
+def test_a_round_counts_only_for_a_partition_a_fetch_answered_since_the_last() -> None:
+    w = StallWatch(20, after_s=1.5, rounds=3)
+    # An answer brought A's records (ts 1000); then no answer for 3 s (the next fetch in
+    # flight, or not sent yet): A is behind with no record, but nothing says the broker
+    # answered it empty. No stall.
+    assert not w.observe(0.0, {A: 200}, {A}, {A: 1000}).started
+    for i in range(1, 30):
+        assert not w.observe(i * 0.1, {A: 200}, set(), {A: 1000}).started
+    # Answers that keep coming back empty do count, from the first of them on.
+    steps = [w.observe(round(3 + i * 0.1, 6), {A: 200}, set(), {A: 2000 + i}) for i in range(16)]
+    assert [i for i, s in enumerate(steps) if s.started] == [15]
+    assert w.episodes == 1
+
+
+def test_records_still_in_the_consumers_buffer_are_records() -> None:
+    w = StallWatch(20, after_s=1.5, rounds=3)
+    # Answered every round, but the answer's records are not handed out yet (`got` holds
+    # what the consumer has fetched and not handed out, fanout.stall.unread).
+    for i in range(30):
+        assert not w.observe(i * 0.1, {A: 50}, {A}, {A: i}).started
+    assert w.episodes == 0
+
+
+async def test_the_records_a_consumer_holds_are_read_from_its_fetcher() -> None:
+    # Checked against this aiokafka's Fetcher (scripts/lowest-test: its floor's too).
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
+    assert unread(consumer) is None  # not started: no fetcher yet
+    fetcher = Fetcher(consumer._client, consumer._subscription)
+    try:
+        consumer._fetcher = fetcher
+        assert unread(consumer) == set()
+        fetcher._records[B] = object()  # what an answer with records leaves there
+        assert unread(consumer) == {B}
     finally:
         consumer._fetcher = None
         await fetcher.close()
