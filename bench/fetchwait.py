@@ -106,6 +106,9 @@ async def phase(
         "records": len(latencies),
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "mean_ms": round(statistics.fmean(latencies), 2) if latencies else None,
+        "p99_ms": (
+            round(sorted(latencies)[int(0.99 * (len(latencies) - 1))], 2) if latencies else None
+        ),
         "fetches_per_s": round((FETCHES["sent"] - fetches0["sent"]) / span, 1),
         "with_records_per_s": round((FETCHES["with_records"] - fetches0["with_records"]) / span, 1),
         "tansu_cores": round(cpu / span, 3),
