@@ -236,8 +236,9 @@ class ShardPools:
                 # The cancel request is made by a callback of the cancelled query's
                 # future: it runs in this loop turn, before this.
                 await asyncio.sleep(0)
-                await wait(self._timeout)
-            except Exception:  # timed out (asyncpg terminated it) or the server is gone
+                async with asyncio.timeout(self._timeout):  # 0.30 takes no timeout of its own
+                    await wait()
+            except Exception:  # timed out, or the server is gone
                 pass
             finally:
                 conn.terminate()
