@@ -169,7 +169,11 @@ class Settings:
         "and switch to a changed map without a restart (moving logical shards).",
     )
     pg_pool_max: int = _setting(
-        "AGORA_PG_POOL_MAX", "10", _int_range(1, 500), "Max connections per physical shard pool."
+        "AGORA_PG_POOL_MAX",
+        "10",
+        _int_range(1, 500),
+        "Max connections per physical shard pool. A gateway (its send path's shard reads) and a"
+        " fan-out worker (its batches) each hold one more per shard, of their own.",
     )
     pg_timeout_s: int = _setting(
         "AGORA_PG_TIMEOUT_S",
@@ -390,12 +394,13 @@ class Settings:
     )
     worker_commit_interval_ms: int = _setting(
         "AGORA_WORKER_COMMIT_INTERVAL_MS",
-        "100",
+        "500",
         _int_range(0, 60_000),
         "Shortest time between two offset commits of a fan-out or scores worker. Commits "
         "go out in the background, one at a time, never past an unfinished record; a "
         "worker that dies redelivers at most this much, which the sequencer recognises "
-        "(0: commit after every batch, still in the background).",
+        "(0: commit after every batch, still in the background). Each commit costs the "
+        "worker about a third of a batch's CPU.",
     )
     worker_retry_max_ms: int = _setting(
         "AGORA_WORKER_RETRY_MAX_MS",

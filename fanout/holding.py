@@ -37,6 +37,7 @@ from core.settings import Settings
 from fanout.consumer import Committer
 from fanout.deadletter import DeadLetters
 from fanout.metrics import ConsumerMetrics, installed
+from fanout.positions import position_now
 from fanout.stall import StallWatch, set_fetch_wait, unread
 
 T = TypeVar("T")
@@ -193,6 +194,8 @@ class HoldingWorker(Generic[T]):
         self.commits = Committer(consumer, settings.worker_commit_interval_ms / 1000)
         if self.metrics is not None:
             self.metrics.fetch_wait.labels(self.group).set(settings.kafka_fetch_wait_ms)
+        # Set after every batch: its child looked up once (`labels()` locks and hashes).
+        self._held_gauge = None if self.metrics is None else self.metrics.held.labels(self.group)
 
     # -- what a worker says ----------------------------------------------------------------
 
@@ -351,7 +354,7 @@ class HoldingWorker(Generic[T]):
         carries, or carries none) moves the consumer's position past those offsets with no
         later record to show the gap: if nothing follows on that partition, its records
         would wait for the next one, or for ever. So the position is compared with what
-        was taken, after every round (an in-memory read for an owned partition). And with
+        was taken, after every round (an in-memory read, not awaited). And with
         the high watermark of the last fetch answer, for fetches that stall (`fanout.stall`;
         `got`: the partitions that gave records this round, None when none was asked; `full`:
         the round took all it may, so the consumer may hold more)."""
@@ -362,10 +365,8 @@ class HoldingWorker(Generic[T]):
             high = self._highwater(tp)
             if expected is None and high is None:
                 continue  # nothing fetched yet: nothing to check
-            try:
-                async with asyncio.timeout(1):  # no task per partition, unlike wait_for
-                    position = await self.consumer.position(tp)
-            except (IllegalStateError, KafkaError, TimeoutError):
+            position = position_now(self.consumer, tp)  # from memory (fanout.positions)
+            if position is None:
                 continue  # revoked meanwhile, or no position yet: nothing fetched to check
             if high is not None:
                 behind[tp] = high - position
@@ -511,8 +512,8 @@ class HoldingWorker(Generic[T]):
                 log.info("%s: %s works again", self.group, key)
 
     def _gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.held.labels(self.group).set(len(self.held) + len(self.letters))
+        if self._held_gauge is not None:
+            self._held_gauge.set(len(self.held) + len(self.letters))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

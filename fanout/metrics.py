@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from core import logs
 from core.metrics import MetricsServer, ProcessRegistry
 from core.settings import Settings
+from fanout.positions import position_now
 
 log = logging.getLogger("agora.metrics")
 
@@ -134,30 +135,36 @@ class MeteredConsumer(AIOKafkaConsumer):  # type: ignore[misc]
         self._batch_started: float | None = None
         self._lag_at = 0.0
         self._lag_parts: set[TopicPartition] = set()
+        # The group's children, looked up once: `labels()` takes a lock and hashes its
+        # values on every call, three times a batch.
+        self._batch_seconds = metrics.batch_seconds.labels(group_id)
+        self._batches = metrics.batches.labels(group_id)
+        self._records = metrics.records.labels(group_id)
+        self._commits = metrics.commits.labels(group_id)
 
     async def getmany(self, *partitions: TopicPartition, **kwargs: Any) -> Any:
         now = time.monotonic()
         if self._batch_started is not None:
-            self._m.batch_seconds.labels(self._group).observe(now - self._batch_started)
+            self._batch_seconds.observe(now - self._batch_started)
             self._batch_started = None
         records = await super().getmany(*partitions, **kwargs)
         count = sum(len(recs) for recs in records.values())
         if count:
             self._batch_started = time.monotonic()
-            self._m.batches.labels(self._group).inc()
-            self._m.records.labels(self._group).inc(count)
+            self._batches.inc()
+            self._records.inc(count)
         # At most once a second, batch or not: a gauge scraped every few seconds needs no
         # more, and the refresh asks every owned partition's position (issue 14: it was 3%
         # of a busy worker when done after every batch).
         if time.monotonic() - self._lag_at >= LAG_REFRESH_S:
-            await self._refresh_lag()
+            self._refresh_lag()
         return records
 
     async def commit(self, offsets: Any = None) -> None:
         await super().commit(offsets)
-        self._m.commits.labels(self._group).inc()
+        self._commits.inc()
 
-    async def _refresh_lag(self) -> None:
+    def _refresh_lag(self) -> None:
         self._lag_at = time.monotonic()
         owned = set(self.assignment())
         for gone in self._lag_parts - owned:  # rebalanced away: not ours to report
@@ -167,11 +174,8 @@ class MeteredConsumer(AIOKafkaConsumer):  # type: ignore[misc]
             high = self.highwater(tp)
             if high is None:
                 continue  # not fetched yet: no watermark known
-            try:
-                # Immediate once the partition has been fetched; bounded in case it resets.
-                async with asyncio.timeout(0.05):  # no task per call, unlike wait_for
-                    pos = await self.position(tp)
-            except Exception:
+            pos = position_now(self, tp)  # from memory, not awaited (fanout.positions)
+            if pos is None:
                 continue
             self._m.lag.labels(self._group, tp.topic, str(tp.partition)).set(max(0, high - pos))
 

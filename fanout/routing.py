@@ -127,9 +127,10 @@ class Routes:
     def __init__(
         self, redis: aioredis.Redis, keys: RedisKeys, line: RedisLine | None = None
     ) -> None:
-        """`line` (a single Redis only): the pipelined connection `update` goes over
-        instead of redis-py's pool (storage/redisline.py: a third of the client CPU per
-        command; a gateway's route updates are one write per batch of connects)."""
+        """`line` (a single Redis only): the pipelined connection `update` and
+        `publish_messages` go over instead of redis-py's pool (storage/redisline.py: a third
+        of the client CPU per command; a gateway's route updates are one write per batch of
+        connects, a fan-out worker's publish one script call per batch)."""
         self.redis = redis
         self.keys = keys
         self.line = line if not keys.cluster else None
@@ -137,6 +138,7 @@ class Routes:
         self._repair = redis.register_script(_REPAIR)
         self.repaired = 0  # route keys found not to be sets and replaced
         self._publish_batch = None if keys.cluster else redis.register_script(_PUBLISH_BATCH)
+        self._publish_sha = None if self.line is None else self.line.script(_PUBLISH_BATCH)
 
     # -- the gateway side ------------------------------------------------------------------
     async def register(
@@ -401,7 +403,11 @@ class Routes:
         args: list[Any] = [self.keys.node_lease(""), self.keys.node_channel(""), DELIVERY_HEAD]
         args += rows
         args += [len(by_conv[c]) for c in convs]
-        return int(await script(keys=[self.keys.conv_routes(c) for c in convs], args=args))
+        keys = [self.keys.conv_routes(c) for c in convs]
+        if self.line is not None and self._publish_sha is not None:
+            # The same script, its errors as redis-py's (a RedisError, or an OSError).
+            return int(await self.line.evalsha(self._publish_sha, keys, args))
+        return int(await script(keys=keys, args=args))
 
     async def publish(self, deliveries: dict[str, Delivery]) -> None:
         """One PUBLISH (SPUBLISH on a cluster) per node, all in one round trip."""

@@ -156,9 +156,16 @@ async def _one_shard_tx(pools: ShardPools, physical: int, batch: list[NewMessage
     while True:
         try:
             if onetrip.fits(batch):
-                # One statement, its own transaction: one round trip instead of ~6.
-                async with pools.connection(physical) as conn:
-                    stored, already, orphans = await onetrip.append(conn, batch)
+                # One statement, its own transaction: one round trip instead of ~6. On the
+                # shard's held connection (`ShardPools.on_held`): the pool's acquire and
+                # release cost the worker ~40% of the statement's client CPU
+                # (bench/RESULTS.md, issue 14, "the worker's per-batch CPU"). The worker
+                # has one attempt per shard in flight (`FanoutWorker.slow`): nothing waits
+                # for it. A connection lost during the statement fails it as a pooled one
+                # would (`again=False`): held, retried with the worker's backoff.
+                stored, already, orphans = await pools.on_held(
+                    physical, lambda conn: onetrip.append(conn, batch), again=False
+                )
             else:
                 async with pools.transaction(physical) as conn:
                     stored, already, orphans = await append_batch(conn, batch)

@@ -41,7 +41,9 @@ from storage.ids import shard_of_id
 from storage.models import Message, NewMessage
 from storage.pgerrors import describe
 from storage.pools import ShardPools
+from storage.redis_client import make_line
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 log = logging.getLogger("agora.fanout")
 
@@ -62,10 +64,14 @@ class FanoutWorker(HoldingWorker[NewMessage]):
         redis: aioredis.Redis,
         consumer: AIOKafkaConsumer,
         dead_letters: DeadLetters | None = None,
+        line: RedisLine | None = None,
     ) -> None:
+        """`line`: the pipelined Redis connection each batch's publish goes over
+        (storage/redisline.py; `make_line`), else redis-py's pool."""
         super().__init__(settings, consumer, dead_letters)
         self.pools = pools
-        self.routes = Routes(redis, RedisKeys(settings.redis_prefix, settings.redis_cluster))
+        keys = RedisKeys(settings.redis_prefix, settings.redis_cluster)
+        self.routes = Routes(redis, keys, line)
         self.max_held = MAX_HELD
         self.slow: dict[int, asyncio.Future[Sequenced]] = {}  # physical -> attempt in flight
 
@@ -137,13 +143,22 @@ class FanoutWorker(HoldingWorker[NewMessage]):
 
 async def run_worker(settings: Settings) -> None:
     """A fan-out worker process."""
-    worker = await run_consumer_process(
-        settings,
-        messages_topic(settings),
-        fanout_group(settings),
-        lambda pools, redis, consumer, dlq: FanoutWorker(settings, pools, redis, consumer, dlq),
-        "fanout",
-    )
+    # A batch's publish is one script call: over the pipelined connection its client side
+    # costs a third of redis-py's (bench/RESULTS.md, issue 14, "the worker's per-batch CPU").
+    line = make_line(settings)
+    try:
+        worker = await run_consumer_process(
+            settings,
+            messages_topic(settings),
+            fanout_group(settings),
+            lambda pools, redis, consumer, dlq: FanoutWorker(
+                settings, pools, redis, consumer, dlq, line
+            ),
+            "fanout",
+        )
+    finally:
+        if line is not None:
+            line.close()
     assert isinstance(worker, FanoutWorker)
     log.info(
         "fanout worker stopped after %d batches, %d messages, %d dead-lettered",

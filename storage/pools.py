@@ -74,6 +74,7 @@ class ShardPools:
         self._held_locks = [asyncio.Lock() for _ in self._dsns]
         self.held_connects = 0  # held connections made (the first of each shard, then anew)
         self.held_reads = 0  # reads run on them
+        self._ending: set[asyncio.Future[None]] = set()  # held connections cancelled mid-read
 
     @property
     def physical_count(self) -> int:
@@ -145,7 +146,9 @@ class ShardPools:
             async with pool.acquire(timeout=self._timeout) as conn:
                 yield conn
 
-    async def on_held(self, physical: int, read: Callable[[Any], Awaitable[T]]) -> T:
+    async def on_held(
+        self, physical: int, read: Callable[[Any], Awaitable[T]], *, again: bool = True
+    ) -> T:
         """`read(conn)` on a connection to `physical` of its own, kept open between reads
         instead of acquired from the pool each time (the pool's acquire and release cost
         the gateway more CPU than a short read: bench/RESULTS.md). For a caller with one
@@ -158,7 +161,9 @@ class ShardPools:
         failed otherwise than by a query's error (a timeout, a cancellation) is closed and
         made anew on the next read. It belongs to its shard's pool: when that pool is
         closed (`close`) so is it. One connection per shard beyond the pool's
-        (docs/operations.md)."""
+        (docs/operations.md). With `again` False a connection lost during `read` fails
+        the call as a pooled one would (for a caller that retries on its own and whose
+        statement may hang: the fan-out worker's batches)."""
         with self._unavailable(physical):
             async with self._held_locks[physical]:
                 conn, reused = await self._held_conn(physical)
@@ -166,7 +171,7 @@ class ShardPools:
                 try:
                     return await self._held_read(physical, conn, read)
                 except _LOST:
-                    if not reused:
+                    if not reused or not again:
                         raise
                 conn, _ = await self._held_conn(physical)
                 return await self._held_read(physical, conn, read)
@@ -202,8 +207,46 @@ class ShardPools:
             if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, _UNAVAILABLE):
                 held = self._held[physical]
                 if held is not None and held[1] is conn:
-                    self._drop_held(physical)
+                    self._held[physical] = None
+                    if isinstance(exc, asyncio.CancelledError):
+                        # Cancelled once already: the wait goes on (shielded) whatever
+                        # comes, so the caller returns once the statement is stopped,
+                        # as out of the pool's release.
+                        await asyncio.shield(self._end_after_cancel(conn))
+                    elif not conn.is_closed():
+                        conn.terminate()
             raise
+
+    def _end_after_cancel(self, conn: Any) -> asyncio.Future[None]:
+        """A statement cancelled by its caller: asyncpg asks the server to cancel it (a
+        request of its own, made in the background); terminating the connection at once
+        would drop that request and leave the statement to run to its end, so a write
+        would commit after all (a worker's batch stopped at shutdown). So it ends once the
+        server has the cancellation, as the pool's release waits for it, at most the
+        connect timeout later. The wait is asyncpg's own (`_wait_for_cancellation`, what
+        its pool calls); an asyncpg without it is terminated at once, as before."""
+        protocol = getattr(conn, "_protocol", None)
+        wait = getattr(protocol, "_wait_for_cancellation", None)
+
+        async def end() -> None:
+            if wait is None:
+                conn.terminate()
+                return
+            try:
+                # The cancel request is made by a callback of the cancelled query's
+                # future: it runs in this loop turn, before this.
+                await asyncio.sleep(0)
+                async with asyncio.timeout(self._timeout):  # 0.30 takes no timeout of its own
+                    await wait()
+            except Exception:  # timed out, or the server is gone
+                pass
+            finally:
+                conn.terminate()
+                self._ending.discard(task)
+
+        task = asyncio.ensure_future(end())
+        self._ending.add(task)  # the loop holds tasks weakly
+        return task
 
     def _drop_held(self, physical: int) -> None:
         held = self._held[physical]

@@ -169,9 +169,20 @@ async def one_conn_pools(settings: Settings) -> AsyncIterator[ShardPools]:
 
 
 async def _statements(pools: ShardPools, physical: int, sent: list[str]) -> None:
-    """Record each statement the client sends on `physical`'s only pooled connection."""
+    """Record each statement the client sends on `physical`'s only pooled connection and
+    on its held one (`ShardPools.on_held`: the one-statement batches go there)."""
+
+    def log(q: Any) -> None:
+        if "typeinfo_tree" not in q.query:  # asyncpg's introspection: once per connection
+            sent.append(q.query.split()[0].upper().rstrip(";"))
+
     async with pools.connection(physical) as conn:
-        conn.add_query_logger(lambda q: sent.append(q.query.split()[0].upper().rstrip(";")))
+        conn.add_query_logger(log)
+
+    async def on(conn: Any) -> None:
+        conn.add_query_logger(log)
+
+    await pools.on_held(physical, on)
 
 
 async def test_the_sequencer_takes_it_one_statement_per_shard_batch(
@@ -187,10 +198,12 @@ async def test_the_sequencer_takes_it_one_statement_per_shard_batch(
     await asyncio.sleep(0)  # the logger is called soon after each statement
     sent.clear()
 
+    held = pools.held_reads
     out = await sequence(pools, [new_message(conv, ids, a, "p1"), new_message(conv, ids, b, "p2")])
     await asyncio.sleep(0)
     assert [m.seq for m in out.stored] == [2, 3]
     assert sent == ["WITH"]  # one statement: no BEGIN, no COMMIT
+    assert pools.held_reads == held + 1  # on the held connection: no acquire, no release
 
     # A batch that needs the transaction (an @mention is written to the inbox in it).
     sent.clear()

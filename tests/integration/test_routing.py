@@ -5,23 +5,33 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from core.settings import Settings
 from fanout.envelope import Delivery, decode_delivery, encode_delivery
 from fanout.routing import Routes
 from gateway.routesync import RouteSync
 from storage.models import Message
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 
 pytestmark = pytest.mark.engines
 
 
-@pytest.fixture
-def routes(redis_client: aioredis.Redis) -> Routes:
-    return Routes(redis_client, RedisKeys(f"rt{secrets.token_hex(3)}"))
+@pytest.fixture(params=["pool", "line"])
+def routes(
+    redis_client: aioredis.Redis, settings: Settings, request: pytest.FixtureRequest
+) -> Iterator[Routes]:
+    """Over redis-py's pool, or with the pipelined line (storage/redisline.py) that a
+    fan-out worker publishes over (and a gateway updates its routes over)."""
+    line = RedisLine(settings.redis_url, 5) if request.param == "line" else None
+    yield Routes(redis_client, RedisKeys(f"rt{secrets.token_hex(3)}"), line)
+    if line is not None:
+        line.close()
 
 
 async def test_live_nodes_are_found_and_dead_ones_pruned(routes: Routes) -> None:
@@ -176,6 +186,8 @@ async def test_a_batch_goes_to_each_live_node_in_one_delivery_as_before(routes: 
     assert await r.smembers(routes.keys.conv_routes(2)) == {b"n1", b"n2"}
     assert await routes.publish_messages({4: [_message(4, 1)]}) == 0  # nobody serves it
     assert await routes.publish_messages({}) == 0
+    if routes.line is not None:
+        assert routes.line.connects == 1  # published over the line, not the pool
     await pubsub.aclose()
 
 

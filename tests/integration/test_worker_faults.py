@@ -59,6 +59,7 @@ from storage.ids import IdGenerator, compose, shard_of_id
 from storage.models import NewMessage
 from storage.pools import ShardPools
 from storage.redis_keys import RedisKeys
+from storage.redisline import RedisLine
 from tests.engines import free_port
 from tests.faults import (
     Fault,
@@ -953,7 +954,9 @@ class InProcess:
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self, pools: ShardPools, redis: aioredis.Redis) -> FanoutWorker | ScoresWorker:
+    async def start(
+        self, pools: ShardPools, redis: aioredis.Redis, line: RedisLine | None = None
+    ) -> FanoutWorker | ScoresWorker:
         await ensure_topics(self.settings)
         await self.producer.start()
         s = self.settings
@@ -962,7 +965,9 @@ class InProcess:
         )
         if self.kind == "msg":
             consumer = make_consumer(s, self.topic, fanout_group(s))
-            worker: FanoutWorker | ScoresWorker = FanoutWorker(s, pools, redis, consumer, letters)
+            worker: FanoutWorker | ScoresWorker = FanoutWorker(
+                s, pools, redis, consumer, letters, line
+            )
         else:
             consumer = make_consumer(s, self.topic, scores_group(s))
             worker = ScoresWorker(s, pools, redis, consumer, letters)
@@ -1045,15 +1050,20 @@ async def test_ids_that_name_no_shard_are_dead_lettered_by_both_workers(
             await w.stop()
 
 
+@pytest.mark.parametrize("over", ["pool", "line"])
 async def test_messages_stored_while_redis_is_down_are_held_then_published_once(
-    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis
+    settings: Settings, pools: ShardPools, redis_client: aioredis.Redis, over: str
 ) -> None:
+    """`over`: the publish goes over redis-py's pool, or the pipelined line (the worker
+    process's, storage/redisline.py)."""
     ids = IdGenerator()
     conv = await _conversation(pools, ids, 21)
     # Redis down for this worker: a client of a port nothing listens on (connection refused).
     down = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
+    down_line = RedisLine("redis://127.0.0.1:1", 1) if over == "line" else None
+    back_line = RedisLine(settings.redis_url, 3) if over == "line" else None
     w = InProcess(settings, "msg")
-    worker = await w.start(pools, down)
+    worker = await w.start(pools, down, down_line)
     assert isinstance(worker, FanoutWorker)
     try:
         tp, offset = await w.send(encode_new_message(_message(conv, ids, "r1")), conv)
@@ -1063,12 +1073,17 @@ async def test_messages_stored_while_redis_is_down_are_held_then_published_once(
         assert [r.hold for r in worker.held] == ["redis"]
         assert await worker.consumer.committed(tp) in (None, offset)
         # Redis is back: the retry finds it stored and publishes it under its seq.
-        worker.routes = Routes(redis_client, RedisKeys(w.settings.redis_prefix))
+        worker.routes = Routes(redis_client, RedisKeys(w.settings.redis_prefix), back_line)
         await wait_for(lambda: not worker.held and not worker.backoff.failing("redis"), 20, "sent")
         assert await _stored(pools, conv) == [("r1", 1)]
+        if back_line is not None:
+            assert back_line.connects == 1  # published over the line
     finally:
         await w.stop()
         await down.aclose()
+        for line in (down_line, back_line):
+            if line is not None:
+                line.close()
 
 
 async def test_votes_counted_while_redis_is_down_are_held_then_sent_once(
