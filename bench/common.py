@@ -374,6 +374,40 @@ def _classify(pid: int, comm: str) -> str:
     return comm
 
 
+def core_ticks() -> dict[str, list[int]]:
+    """Per core, the /proc/stat tick counters (user nice system idle iowait irq softirq
+    steal)."""
+    out: dict[str, list[int]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                out[name] = [int(t) for t in ticks[:8]]
+    return out
+
+
+def core_shares(
+    before: dict[str, list[int]], after: dict[str, list[int]]
+) -> dict[str, dict[str, float]]:
+    """Per core, the share of the interval it was busy (not idle or iowait), and the share
+    it spent in interrupts and softirqs. The softirq share matters on loopback: a socket
+    write runs the receiving socket's TCP processing in softirq on the writer's core (work
+    a real network does on the receiver's machine), counted in the writer's system time
+    (tick accounting) or ksoftirqd's."""
+    out: dict[str, dict[str, float]] = {}
+    for name, t1 in after.items():
+        t0 = before.get(name)
+        if t0 is None:
+            continue
+        d = [b - a for a, b in zip(t0, t1, strict=True)]
+        total = sum(d) or 1
+        out[name] = {
+            "busy": round((total - d[3] - d[4]) / total, 3),
+            "irq": round((d[5] + d[6]) / total, 3),
+        }
+    return out
+
+
 def cpu_snapshot() -> dict[int, tuple[str, float]]:
     """CPU seconds of every process on the machine: pid -> (class, seconds)."""
     out: dict[int, tuple[str, float]] = {}

@@ -45,6 +45,8 @@ from bench.common import (
     SOURCE_IPS,
     command_line,
     conditions,
+    core_shares,
+    core_ticks,
     cpu_by_process,
     cpu_seconds_by,
     cpu_sets,
@@ -409,6 +411,7 @@ async def _measure(
         kafka0 = _kafka_counts(stack, a, b)
         sched_a, sched_b = a.sched_s(), b.sched_s()
         snap = cpu_snapshot()
+        ticks = core_ticks()
         profiler = None
         profilers: dict[str, Profiler] = {}
         profiled = not warm and rate == (args.profile_rate or rates[-1])
@@ -441,6 +444,7 @@ async def _measure(
         if profilers:
             profiles = {label: p.stop() for label, p in profilers.items()}
         snap_end = cpu_snapshot()
+        ticks_end = core_ticks()
         consumer = {
             k.removeprefix("agora_consumer_"): v - consumer0.get(k, 0.0)
             for k, v in _consumer_counts(stack).items()
@@ -486,6 +490,8 @@ async def _measure(
             "warmup": warm,
             "duration_s": duration,
             "elapsed_s": round(elapsed, 2),
+            # Wall clock of the step (epoch s), to line it up with outside samplers.
+            "wall_s": [round(t_start_ns / 1e9, 2), round(t_start_ns / 1e9 + elapsed, 2)],
             "sent": sum(s["sent"] for s in sends) - prev_sent,
             "acked": step_acked,
             "send_errors": dict(errors),
@@ -523,6 +529,9 @@ async def _measure(
             ),
             "closed_members": sum(g["closed"] for g in got),
             "cpu": machine_cpu,
+            # Per core: busy and interrupt/softirq shares of the step (on loopback the
+            # server's core runs the clients' receive processing in softirq: core_shares).
+            "cores": core_shares(ticks, ticks_end),
             "cpu_s": _component_cpu_s(stack, a, b, pool, snap, snap_end),
             # The fan-out workers' batches over the step: records per batch says how much
             # each transaction, publish and offset commit is shared.
@@ -813,6 +822,10 @@ def render(data: dict[str, Any]) -> str:
         "",
         "CPU by process at the last step (cores): " + str(data["steps"][-1]["cpu"]),
         "",
+        "Cores per step, busy share (of it interrupts and softirqs: on loopback the "
+        "receiving sockets' TCP processing, run on the writer's core and counted in its "
+        "system time): " + _cores_line(data["steps"]),
+        "",
     ]
     for key, t in data["targets"].items():
         if t.get("applies", True):
@@ -834,6 +847,18 @@ def render(data: dict[str, Any]) -> str:
     for label, prof in (data.get("profiles") or {}).items():
         lines += ["", f"Profile of {label} (one step):", "", render_profile(prof, top=10)]
     return "\n".join(lines)
+
+
+def _cores_line(steps: list[dict[str, Any]]) -> str:
+    parts = []
+    for st in steps:
+        cores = st.get("cores") or {}
+        cells = ", ".join(
+            f"{name} {c['busy']:.0%} ({c['irq']:.0%})" for name, c in sorted(cores.items())
+        )
+        if cells:
+            parts.append(f"{st['rate']:g}/s: {cells}")
+    return "; ".join(parts) or "-"
 
 
 def _per_delivery_cell(st: dict[str, Any]) -> str:

@@ -53,7 +53,31 @@ def test_stages_add_up_to_the_delivery_and_the_fetch_wait_is_split(tmp_path: Pat
     assert round(sum(s["mean_ms"] for s in result["stages"]), 2) == result["total"]["mean_ms"]
     assert result["total"]["p50_ms"] == 20.0
     assert result["fetch_waited_for_record"] == 0.5
-    assert "| **client send -> client receives** | **20.0** | **20.0** |" in render(result)
+    # The server's part ends when the receiving gateway has written every local socket.
+    assert result["server"] == {"p50_ms": 19.0, "p99_ms": 19.0, "mean_ms": 19.0}
+    assert result["total"]["p99_ms"] == 20.0
+    lines = render(result)
+    assert "| client send -> every local socket written | 19.0 | 19.0 | 19.0 |" in lines
+    assert "| **client send -> client receives** | **20.0** | **20.0** | **20.0** |" in lines
+
+
+def test_the_tail_of_the_server_and_of_the_client_apart(tmp_path: Path) -> None:
+    """100 messages: the gateway wrote each at 19 ms; the client read one of them 60 ms
+    after that (its own backlog): the total's p99 is the client's, the server's is not."""
+    keys = [KEY + i for i in range(100)]
+    rows: Rows = []
+    for k in keys:
+        sender, worker = _stamps(k, produced=3, fetch_sent=5)
+        rows += sender + worker
+        rows += [(str(k), s, k + at * MS) for s, at in (("gw_arrived", 17), ("gw_dispatch", 18))]
+        rows.append((str(k), "gw_written", k + 19 * MS))
+    (tmp_path / "stages.1.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    received = {1: [(k, k + (80 if i == 99 else 20) * MS) for i, k in enumerate(keys)]}
+    result = attribute(read_rows(tmp_path), received)
+    assert result["server"]["p99_ms"] == 19.0
+    assert result["total"]["p99_ms"] == 80.0
+    by = {s["stage"]: s for s in result["stages"]}
+    assert by["written -> client receives"]["p99_ms"] == 61.0
 
 
 def test_a_delivery_missing_a_stamp_is_left_out(tmp_path: Path) -> None:
