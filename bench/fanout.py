@@ -182,6 +182,9 @@ class FanoutWorker:
     async def _send_loop(self, step: int, rate: float, duration: float, pad: str) -> None:
         senders = self.senders
         if not senders or rate <= 0:
+            # An idle step (rate 0): the connections' own cost (heartbeats, leases,
+            # timers) over as long a spell as a loaded step.
+            await asyncio.sleep(duration if rate == 0 else 0)
             return
         start = time.monotonic()
         sent = 0
