@@ -201,23 +201,7 @@ class SendPath:
         bucket = self.keys.send_bucket(user)
         watch = self.epochs[bucket]
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
-        lookup: asyncio.Future[Found] | None = None
-        proofs = 0
-        first = True
         while True:
-            # The shard read goes out with the claim rather than after it: its answer
-            # (PostgreSQL, on another core) and the claim's then often share one wake-up
-            # of the loop, instead of the read's answer waking it alone while the produce
-            # is in flight (each wake-up of an idle loop costs more CPU than the read's
-            # Python: bench/RESULTS.md). A read for a cid whose record turns out acked is
-            # wasted (a retry: rare). `proofs` notes what the epoch watch had proven when
-            # the read went out (see `_produce`). Only with the first claim: a claim that
-            # waited for another attempt's outcome reads after it, as before.
-            if first:
-                first = False
-                lookup = self.lookups.ask(conv, user, cid)
-                lookup.add_done_callback(_consume)  # not awaited unless this one produces
-                proofs = watch.proofs
             record, produce, fresh = await self._claim_or_get(key, conv, user, bucket)
             if record.conv != conv:
                 raise Conflict("this cid was already used for another conversation")
@@ -225,13 +209,8 @@ class SendPath:
             if record.state == "a":
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
-                if lookup is None:  # after this claim (an earlier claim's read is stale)
-                    lookup = self.lookups.ask(conv, user, cid)
-                    lookup.add_done_callback(_consume)
-                    proofs = watch.proofs
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
-                return await self._produce(key, message, record, fresh, watch, lookup, proofs, turn)
-            lookup = None  # the next claim's attempt reads afresh
+                return await self._produce(key, message, record, fresh, watch, turn)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
@@ -282,15 +261,18 @@ class SendPath:
         record: Record,
         fresh: bool,
         watch: EpochWatch,
-        lookup: asyncio.Future[Found],
-        proofs: int,
         turn: Turn | None = None,
     ) -> Accepted:
-        """Produce the message while `lookup`, the shard read for a copy stored earlier
-        (asked before the claim, when the watch's proofs were `proofs`), runs; answer
-        with the id that is (or will be) stored."""
+        """Produce the message and, meanwhile, read the shard for a copy stored earlier;
+        answer with the id that is (or will be) stored."""
         ours = Accepted(message.id, message.ts)
         epoch = watch.epoch
+        # A future, not a task: the read is coalesced (gateway/lookups.py) and answered
+        # by the coalescer's own task. `proofs`: what the epoch watch had proven when the
+        # read went out (a pair proven later says nothing about this read).
+        lookup = self.lookups.ask(message.conv, message.sender, message.cid)
+        lookup.add_done_callback(_consume)
+        proofs = watch.proofs
         try:
             partition = await self._publish(message, turn)
         except Unavailable:

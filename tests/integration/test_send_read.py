@@ -1,5 +1,5 @@
-"""The send path's shard read goes out with the claim (gateway/send.py), before the produce
-waits for its turn. A copy of the cid stored after that read, whose (partition, shard) a
+"""The send path's shard read goes out before the produce waits for its turn
+(gateway/send.py). A copy of the cid stored after that read, whose (partition, shard) a
 proof then clears (gateway/idempotency.py, EpochWatch), must not be vouched for by the
 proof: the send waits for the shard instead and answers the stored id. Real PostgreSQL,
 Redis and broker, the send path in-process (no fan-out worker: nothing of this send's
