@@ -184,6 +184,9 @@ class FanoutWorker:
     async def _send_loop(self, step: int, rate: float, duration: float, pad: str) -> None:
         senders = self.senders
         if not senders or rate <= 0:
+            # An idle step (rate 0): the connections' own cost (heartbeats, leases,
+            # timers) over as long a spell as a loaded step.
+            await asyncio.sleep(duration if rate == 0 else 0)
             return
         start = time.monotonic()
         sent = 0
@@ -410,6 +413,7 @@ async def _measure(
         consumer0 = _consumer_counts(stack)
         kafka0 = _kafka_counts(stack, a, b)
         sched_a, sched_b = a.sched_s(), b.sched_s()
+        sleeps0 = _sleeps(a.pid) + _sleeps(b.pid)
         snap = cpu_snapshot()
         ticks = core_ticks()
         profiler = None
@@ -456,6 +460,9 @@ async def _measure(
             for x, x0 in zip(proc_cpu_split_s(a.pid) + proc_cpu_split_s(b.pid), split0, strict=True)
         ]
         elapsed = t_end - t_start
+        # Times each gateway blocked (went idle) and was woken again: its event loop's
+        # wake-ups from idle, each paid in full on this VM (bench/RESULTS.md).
+        sleeps = [x - x0 for x, x0 in zip(_sleeps(a.pid) + _sleeps(b.pid), sleeps0, strict=True)]
         wait_a = a.sched_s()[1] - sched_a[1]
         wait_b = b.sched_s()[1] - sched_b[1]
         t_last = max(g["t_last"] for g in got)
@@ -505,6 +512,7 @@ async def _measure(
             "deliveries_per_s": round(deliveries / delivery_window, 1),
             "delivery_window_s": round(delivery_window, 2),
             # Runnable but not running (a neighbour had the core), share of the step.
+            "gateway_wakeups": {"a": sleeps[0], "b": sleeps[1]},
             "gateway_a_runqueue_wait": round(wait_a / elapsed, 2),
             "gateway_b_runqueue_wait": round(wait_b / elapsed, 2),
             "latency_ms": lat,
@@ -616,6 +624,20 @@ async def _measure(
             },
         ),
     }
+
+
+def _sleeps(pid: int) -> list[int]:
+    """The process's voluntary context switches over all its threads (0 if unreadable)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    except OSError:
+        return [0]
+    return [total]
 
 
 def _us_per_delivery(

@@ -62,6 +62,9 @@ class EpochWatch:
         self.epoch: str | None = None
         self._until = 0
         self._cleared: set[tuple[int, int]] = set()
+        # Bumped by every pair `clear` proves: a send whose shard read went out before a
+        # proof cannot lean on it (its read may predate the copy the proof covers).
+        self.proofs = 0
 
     def observe(self, epoch: str, now_ms: int) -> bool:
         """Note the epoch a claim returned; True when it differs from the last one seen."""
@@ -84,5 +87,6 @@ class EpochWatch:
 
     def clear(self, epoch: str | None, partition: int, physical: int) -> None:
         """A send made under `epoch` saw its copy stored: the rest of the pair is proven."""
-        if epoch is not None and epoch == self.epoch:
+        if epoch is not None and epoch == self.epoch and (partition, physical) not in self._cleared:
             self._cleared.add((partition, physical))
+            self.proofs += 1

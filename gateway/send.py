@@ -199,6 +199,7 @@ class SendPath:
             raise BadRequest("comments belong to a post's thread")
         key = self.keys.idempotency(user, cid)
         bucket = self.keys.send_bucket(user)
+        watch = self.epochs[bucket]
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
             record, produce, fresh = await self._claim_or_get(key, conv, user, bucket)
@@ -209,7 +210,7 @@ class SendPath:
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
-                return await self._produce(key, message, record, fresh, self.epochs[bucket], turn)
+                return await self._produce(key, message, record, fresh, watch, turn)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
@@ -267,9 +268,11 @@ class SendPath:
         ours = Accepted(message.id, message.ts)
         epoch = watch.epoch
         # A future, not a task: the read is coalesced (gateway/lookups.py) and answered
-        # by the coalescer's own task.
+        # by the coalescer's own task. `proofs`: what the epoch watch had proven when the
+        # read went out (a pair proven later says nothing about this read).
         lookup = self.lookups.ask(message.conv, message.sender, message.cid)
         lookup.add_done_callback(_consume)
+        proofs = watch.proofs
         try:
             partition = await self._publish(message, turn)
         except Unavailable:
@@ -283,8 +286,11 @@ class SendPath:
             return await self._answer(key, found, ours, record)
         try:
             found = await _found(lookup)
-            if found is None and watch.suspect(
-                partition, self.pools.for_id(message.conv), now_ms()
+            # A pair proven since the read went out proves nothing about that read (it
+            # may predate the earlier copy's storing): it waits as if still suspect.
+            if found is None and (
+                watch.suspect(partition, self.pools.for_id(message.conv), now_ms())
+                or watch.proofs != proofs
             ):
                 found = await self._settle(message)
                 # Proof only if the stored copy is the one just produced: a new id has
@@ -312,29 +318,34 @@ class SendPath:
     async def _publish(self, message: NewMessage, turn: Turn | None = None) -> int:
         """Produce (after the previous send of the connection, given its `turn`) and wait
         for the broker's ack; its partition. Unavailable otherwise."""
+        loop = asyncio.get_running_loop()
+        # One bound for the turn and the append: the time from the claim to the record
+        # being in the producer stays what it was when a connection's sends were handled
+        # one at a time (a pending record must not outlive its attempt). A timeout scope
+        # only around what may wait: a lone send's turn is free and the line takes its
+        # record at once (a scope is a timer handle and ~5 us of Python per send).
+        deadline = loop.time() + PRODUCE_TIMEOUT_S
         turn_came = False
         try:
-            # One bound for the turn and the append: the time from the claim to the
-            # record being in the producer stays what it was when a connection's sends
-            # were handled one at a time (a pending record must not outlive its attempt).
-            async with asyncio.timeout(PRODUCE_TIMEOUT_S):
-                if turn is not None:
+            if turn is not None and not turn.free():
+                async with asyncio.timeout_at(deadline):
                     await turn.wait()
-                turn_came = True
-                value = encode_new_message(message)
-                key = str(message.conv).encode()
-                line = self.produce_line
-                fut: asyncio.Future[Any] | None = None
-                if line is not None:
-                    fut = line.send(key, value)  # handed over in call order, like send()
-                    if fut is None:
+            turn_came = True
+            value = encode_new_message(message)
+            key = str(message.conv).encode()
+            line = self.produce_line
+            fut: asyncio.Future[Any] | None = None
+            if line is not None:
+                fut = line.send(key, value)  # handed over in call order, like send()
+            if fut is None:
+                async with asyncio.timeout_at(deadline):
+                    if line is not None:
                         # After a failure of the line: behind its records, which it is
                         # handing to the producer (the partition's order is kept).
                         await line.settled()
-                if fut is None:
                     fut = await self.producer.send(self.topic, value, key=key)
-                    if line is not None:
-                        line.track(key, fut)  # the line's records wait for it
+                if line is not None:
+                    line.track(key, fut)  # the line's records wait for it
         except (KafkaError, TimeoutError) as exc:
             if not turn_came:
                 raise Unavailable("an earlier send of this connection is still in flight") from None
@@ -345,8 +356,7 @@ class SendPath:
         # Not wait_for: cancelling the delivery future would not take the record back. A
         # copy acknowledged after this gives up is stored under this record's id, which
         # the failed record keeps: the retry produces it again and finds it on the shard.
-        done, _ = await asyncio.wait({fut}, timeout=PRODUCE_TIMEOUT_S)
-        if not done:
+        if not await _done_within(fut, PRODUCE_TIMEOUT_S):
             fut.add_done_callback(_consume)
             raise Unavailable("message broker unavailable: no acknowledgement in time")
         failure = fut.exception()
@@ -384,6 +394,27 @@ class SendPath:
                 await self.redis.set(key, value, ex=self.window_s)
         except (aioredis.RedisError, TimeoutError):
             pass  # the pending record expires; a retry then reads the shard
+
+
+async def _done_within(fut: asyncio.Future[Any], timeout_s: float) -> bool:
+    """Whether `fut` is done within `timeout_s`, never cancelling it: `asyncio.wait({fut},
+    timeout)` without its sets, counter and closures (~5 us less per send)."""
+    if fut.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(fut.done())
+
+    timer = loop.call_later(timeout_s, wake, None)
+    fut.add_done_callback(wake)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
 
 
 async def _found(lookup: asyncio.Future[Found]) -> Accepted | None:

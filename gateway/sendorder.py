@@ -35,6 +35,12 @@ class Turn:
     def released(self) -> bool:
         return self._done.done()
 
+    def free(self) -> bool:
+        """The previous send appended its record or ended without producing: `wait`
+        would not wait (the send path then needs no timeout around it)."""
+        before = self._before
+        return before is None or before.done()
+
     async def wait(self) -> None:
         """Until the previous send appended its record or ended without producing."""
         before = self._before

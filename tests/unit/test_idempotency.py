@@ -82,3 +82,17 @@ def test_proof_gathered_under_an_older_epoch_does_not_count() -> None:
     assert w.suspect(0, 0, now + 2)
     w.clear(None, 0, 0)
     assert w.suspect(0, 0, now + 2)
+
+
+def test_each_pair_proven_counts_once() -> None:
+    # The send path compares the count from when its shard read went out with the count
+    # when it decides (gateway/send.py): only a new proof may change it.
+    w = EpochWatch(horizon_ms=1000)
+    w.observe("100-a", now_ms=150)
+    assert w.proofs == 0
+    w.clear("100-a", partition=0, physical=0)
+    w.clear("100-a", partition=0, physical=0)  # proven already
+    w.clear("99-z", partition=1, physical=0)  # another epoch's proof: none
+    assert w.proofs == 1
+    w.clear("100-a", partition=1, physical=0)
+    assert w.proofs == 2

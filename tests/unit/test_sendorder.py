@@ -55,3 +55,12 @@ async def test_abandon_leaves_a_held_turn_to_the_send_path() -> None:
     assert not held.released and free.released
     held.release()
     assert held.released
+
+
+async def test_free_says_whether_wait_would_wait() -> None:
+    first = Turn(None)
+    second = Turn(first)
+    assert first.free() and not second.free()
+    first.release()
+    assert second.free()
+    await asyncio.wait_for(second.wait(), 1)
