@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from core.settings import Settings
 from fanout.kafka import ensure_topics, make_producer, messages_topic
 from gateway.access import Access
+from gateway.lookups import Found
 from gateway.produceline import ProduceLine
 from gateway.send import SendPath
 from gateway.sendorder import Turn
@@ -77,12 +78,21 @@ async def test_a_pair_proven_after_the_read_went_out_does_not_vouch_for_it(
     # produced yet: its claim and shard read are done by then.
     before = Turn(None)
     turn = Turn(before)
-    reads = path.lookups.reads
+    asked: list[asyncio.Future[Found]] = []
+    ask = path.lookups.ask
+
+    def recording_ask(conv: int, sender: str, cid: str) -> asyncio.Future[Found]:
+        asked.append(ask(conv, sender, cid))
+        return asked[-1]
+
+    path.lookups.ask = recording_ask  # type: ignore[method-assign]
     task = asyncio.ensure_future(path.send(alice, conv, cid, "hi", "text", turn=turn))
     async with asyncio.timeout(10):
-        while path.lookups.reads == reads or not await _pending(path, alice, cid):
+        while not asked:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the read answered (nothing stored under the cid yet)
+        # The read answered: nothing stored under the cid yet.
+        assert await asyncio.shield(asked[0]) is None
+        assert await _pending(path, alice, cid)
     # Meanwhile an earlier copy of the cid (an attempt whose record Redis lost) is stored,
     # and another send proves the conversation's (partition, shard): every record before
     # its own is stored, which says nothing about what this send's read saw before.
