@@ -89,8 +89,8 @@ class StallWatch:
         self.cap_ms = max(cap_ms, setting_ms)
         self.episodes = 0
         self.in_episode = False
-        self._since: dict[TopicPartition, float] = {}  # behind, no record, since
-        self._empty_rounds: dict[TopicPartition, int] = {}
+        # Per partition behind with no record: since when, and for how many answered rounds.
+        self._empty: dict[TopicPartition, tuple[float, int]] = {}
         self._polled: dict[TopicPartition, int] = {}  # the last answer's timestamp seen
         self._stepped_at = 0.0
         self._last_stalled = 0.0
@@ -107,10 +107,9 @@ class StallWatch:
         to high watermark minus position; `got` are the partitions that gave records (handed
         out, or fetched and still in the consumer's buffer); `polled` the timestamp of each
         partition's last fetch answer (None: every round counts as answered)."""
-        for tp in list(self._since):
+        for tp in list(self._empty):
             if tp in got or behind.get(tp, 0) <= 0:
-                del self._since[tp]
-                del self._empty_rounds[tp]
+                del self._empty[tp]
         answered = self._answered(polled)
         stalled: list[Stalled] = []
         for tp, lag in behind.items():
@@ -120,8 +119,9 @@ class StallWatch:
                 # No answer since the last round: a fetch in flight, or not sent while the
                 # consumer still holds the partition's records. Nothing said about the broker.
                 continue
-            since = self._since.setdefault(tp, now)
-            rounds = self._empty_rounds[tp] = self._empty_rounds.get(tp, 0) + 1
+            since, rounds = self._empty.get(tp, (now, 0))
+            rounds += 1
+            self._empty[tp] = (since, rounds)
             if now - since >= self.after_s and rounds >= self.rounds:
                 stalled.append(Stalled(tp, lag, now - since))
         step = Step()
@@ -149,14 +149,12 @@ class StallWatch:
         """A round that says nothing of the broker: it did not ask the consumer (the worker
         holds all it may), or the consumer may still hold records it did not hand out and
         they cannot be seen. The partitions' counts start again."""
-        self._since.clear()
-        self._empty_rounds.clear()
+        self._empty.clear()
 
     def forget(self, tps: list[TopicPartition]) -> None:
         """Partitions revoked: their new owner watches them."""
         for tp in tps:
-            self._since.pop(tp, None)
-            self._empty_rounds.pop(tp, None)
+            self._empty.pop(tp, None)
             self._polled.pop(tp, None)
 
     def _answered(

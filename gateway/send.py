@@ -199,7 +199,6 @@ class SendPath:
             raise BadRequest("comments belong to a post's thread")
         key = self.keys.idempotency(user, cid)
         bucket = self.keys.send_bucket(user)
-        watch = self.epochs[bucket]
         deadline = asyncio.get_running_loop().time() + PENDING_WAIT_S
         while True:
             record, produce, fresh = await self._claim_or_get(key, conv, user, bucket)
@@ -210,7 +209,7 @@ class SendPath:
                 return Accepted(msg_id, record.ms)
             if record.state == "p" and produce:  # this attempt made the record: it produces
                 message = NewMessage(conv, msg_id, user, cid, body, record.ms, kind, ref, reply_to)
-                return await self._produce(key, message, record, fresh, watch, turn)
+                return await self._produce(key, message, record, fresh, self.epochs[bucket], turn)
             # Someone else's attempt with this cid is in flight: wait for its outcome.
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("an earlier send with this cid is still in flight")
