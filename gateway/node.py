@@ -125,6 +125,7 @@ class Node:
         self.lease_renewals = 0
         self.lease_failures = 0
         self.lease_losses = 0
+        self.pubsub_losses = 0  # the listener's connection seen lost
         # Registrations of everything (see _register_all), one at a time: how many have
         # begun, and the number of the last that succeeded and of the last that failed.
         self._registering = asyncio.Lock()
@@ -323,6 +324,7 @@ class Node:
                 raise
             except Exception as exc:
                 lost_at = self._registrations_begun
+                self.pubsub_losses += 1
                 log.warning("node %s: pub/sub lost (%s); resubscribing", self.id, exc)
                 await asyncio.sleep(PUBSUB_RETRY_S)
             finally:

@@ -82,8 +82,14 @@ async def test_a_node_whose_routes_vanish_registers_them_again_and_keeps_deliver
             offset = len(g.log_text())
             await admin.flushall()
             await wait_log(g, "lease lost, registering again", 10, offset)
+            # The line is logged as the registration begins (the lease first, then the
+            # routes): wait, bounded, for the route it writes, not for the log alone.
+            route = keys.conv_routes(int(conv))
+            deadline = time.monotonic() + 10
+            while not await admin.sismember(route, node):
+                assert time.monotonic() < deadline, "the route was not registered again"
+                await asyncio.sleep(0.05)
             assert await admin.exists(keys.node_lease(node))
-            assert await admin.sismember(keys.conv_routes(int(conv)), node)
             ack = await writer.send(conv, "after the flush", cid="after")
             got = await reader.next_event("msg", timeout=10)
             assert (got["id"], got["body"]) == (ack["id"], "after the flush")
