@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -58,6 +58,15 @@ async def wait_log(node: Proc, text: str, timeout: float, after: int = 0) -> Non
         await asyncio.sleep(0.05)
 
 
+async def written(probe: Callable[[], Awaitable[object]], timeout: float, what: str) -> None:
+    """Wait, bounded, for a registration's write: the node logs "lease lost, registering
+    again" as the registration begins, before it writes the lease and then the routes."""
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        assert time.monotonic() < deadline, f"{what} was not registered again in {timeout} s"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_node_whose_routes_vanish_registers_them_again_and_keeps_delivering(
     settings: Settings, http: httpx.AsyncClient, own_redis: OwnRedis, admin: aioredis.Redis
 ) -> None:
@@ -82,13 +91,8 @@ async def test_a_node_whose_routes_vanish_registers_them_again_and_keeps_deliver
             offset = len(g.log_text())
             await admin.flushall()
             await wait_log(g, "lease lost, registering again", 10, offset)
-            # The line is logged as the registration begins (the lease first, then the
-            # routes): wait, bounded, for the route it writes, not for the log alone.
             route = keys.conv_routes(int(conv))
-            deadline = time.monotonic() + 10
-            while not await admin.sismember(route, node):
-                assert time.monotonic() < deadline, "the route was not registered again"
-                await asyncio.sleep(0.05)
+            await written(lambda: admin.sismember(route, node), 10, "the route")
             assert await admin.exists(keys.node_lease(node))
             ack = await writer.send(conv, "after the flush", cid="after")
             got = await reader.next_event("msg", timeout=10)
@@ -133,7 +137,8 @@ async def test_a_node_cut_off_from_redis_sheds_with_1013_refuses_then_readmits(
             await client.close()
         await wait_log(g, "Redis answers again; accepting connections", 10, offset)
         await wait_log(g, "lease lost, registering again", 10, offset)
-        assert await admin.exists(RedisKeys(settings.redis_prefix).node_lease(node))
+        lease = RedisKeys(settings.redis_prefix).node_lease(node)
+        await written(lambda: admin.exists(lease), 10, "the lease")
         again = await AgoraClient.connect(g.ws_url, s.token(uid("r")), timeout=5)
         try:
             assert again.hello["node"] == node
