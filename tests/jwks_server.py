@@ -7,6 +7,7 @@ gateway and bound how often the gateway fetched.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -16,9 +17,22 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.algorithms import RSAAlgorithm
 
 JWKS_PATH = "/.well-known/jwks.json"
+
+
+def _ec_jwk(public: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """A P-256 public JWK with each coordinate the curve's full 32 bytes (RFC 7518
+    6.2.1.2), as identity providers publish them. Not PyJWT's `ECAlgorithm.to_jwk`: before
+    2.10 it drops a coordinate's leading zero bytes (1 key in ~128) while its `from_jwk`
+    refuses such a key, so the lowest-versions run failed at random."""
+    numbers = public.public_numbers()
+
+    def coord(value: int) -> str:
+        return base64.urlsafe_b64encode(value.to_bytes(32, "big")).rstrip(b"=").decode()
+
+    return {"kty": "EC", "crv": "P-256", "x": coord(numbers.x), "y": coord(numbers.y)}
 
 
 @dataclass
@@ -35,8 +49,10 @@ class SigningKey:
 
     def jwk(self) -> dict[str, Any]:
         public = self.private.public_key()
-        text = RSAAlgorithm.to_jwk(public) if self.alg == "RS256" else ECAlgorithm.to_jwk(public)
-        data: dict[str, Any] = json.loads(text)
+        if self.alg == "RS256":
+            data: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(public))
+        else:
+            data = _ec_jwk(public)
         data.update(kid=self.kid, use="sig", alg=self.alg)
         return data
 
