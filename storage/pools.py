@@ -213,15 +213,24 @@ class ShardPools:
                         # comes, so the caller returns once the statement is stopped,
                         # as out of the pool's release.
                         await asyncio.shield(self._end_after_cancel(conn))
+                    elif isinstance(exc, TimeoutError):
+                        # asyncpg's command timeout asked the server to cancel the
+                        # statement, as a cancellation does: the same wait. Terminated at
+                        # once, the statement ran on (a lock waited for) and a batch the
+                        # worker held as failed committed later (test_sequencer.py,
+                        # "timed out"): found again by the retry, but counted failed while
+                        # stored, and one more backend left running per retry.
+                        await self._end_after_cancel(conn)
                     elif not conn.is_closed():
                         conn.terminate()
             raise
 
     def _end_after_cancel(self, conn: Any) -> asyncio.Future[None]:
-        """A statement cancelled by its caller: asyncpg asks the server to cancel it (a
-        request of its own, made in the background); terminating the connection at once
-        would drop that request and leave the statement to run to its end, so a write
-        would commit after all (a worker's batch stopped at shutdown). So it ends once the
+        """A statement cancelled by its caller, or timed out: asyncpg asks the server to
+        cancel it (a request of its own, made in the background); terminating the
+        connection at once would drop that request and leave the statement to run to its
+        end, so a write would commit after all (a worker's batch stopped at shutdown, or
+        held after its timeout while it waited for a lock). So it ends once the
         server has the cancellation, as the pool's release waits for it, at most the
         connect timeout later. The wait is asyncpg's own (`_wait_for_cancellation`, what
         its pool calls); an asyncpg without it is terminated at once, as before."""

@@ -25,7 +25,7 @@ from storage.fence import fence, unfence
 from storage.ids import IdGenerator, compose, now_ms, shard_of_id
 from storage.models import NewMessage
 from storage.pgerrors import IDEMPOTENCY_KEY
-from storage.pools import ShardPools
+from storage.pools import HELD_APPLICATION_NAME, ShardPools
 from tests.integration.test_storage import new_message, users_on
 
 pytestmark = pytest.mark.engines
@@ -266,3 +266,39 @@ async def test_a_fence_refuses_only_its_logical_shards_messages_and_the_rest_is_
     done = await sequence(pools, out.fenced)
     assert [(m.cid, m.seq) for m in done.stored] == [("f1", 1), ("f2", 2)]
     assert done.fenced == [] and done.errors == {}
+
+
+async def test_an_attempt_that_timed_out_is_stopped_on_the_server_not_left_to_commit(
+    pools: ShardPools, ids: IdGenerator, settings: Settings
+) -> None:
+    """A batch whose statement hangs (a row lock) until the command timeout is held by the
+    worker and retried; the statement must be stopped on the server, as a pooled
+    connection's release makes sure of. A held connection terminated at once drops the
+    cancel request asyncpg just asked for: the backend goes on waiting and, once the
+    lock goes, commits a batch the worker was told had failed (one more backend per retry
+    meanwhile, each holding a connection slot)."""
+    conv, a = await _group(pools, ids, 0)
+    m = new_message(conv, ids, a, "t1")
+    admin = await asyncpg.connect(settings.shard_dsns[0])
+    db = settings.shard_dsns[0].rsplit("/", 1)[1]
+    waiting = """SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = $2 AND state = 'active'"""
+    try:
+        async with row_locked(settings, 0, conv):
+            _, attempt = await _slow(pools, m, 0)
+            # The command timeout (at least 10 s) ends it: held, nothing stored.
+            late = await asyncio.wait_for(attempt, pools._command_timeout + 10)
+            assert late.held == [m] and late.stored == []
+            # Still under the lock: the statement must be gone from the server by now.
+            running = await admin.fetchval(waiting, db, HELD_APPLICATION_NAME)
+        # Bounded: a statement left running gets the lock now and commits at once.
+        deadline = asyncio.get_running_loop().time() + 5
+        while await admin.fetchval(waiting, db, HELD_APPLICATION_NAME):
+            assert asyncio.get_running_loop().time() < deadline, "a held backend still runs"
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+    assert await messages.after(pools, conv, 0, 10) == [], "committed after it failed"
+    assert running == 0, "the timed-out statement still runs on the server"
+    again = await sequence(pools, [m], budget_s=5)
+    assert [(x.cid, x.seq) for x in again.stored] == [("t1", 1)]
