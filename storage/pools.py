@@ -208,19 +208,15 @@ class ShardPools:
                 held = self._held[physical]
                 if held is not None and held[1] is conn:
                     self._held[physical] = None
-                    if isinstance(exc, asyncio.CancelledError):
-                        # Cancelled once already: the wait goes on (shielded) whatever
-                        # comes, so the caller returns once the statement is stopped,
-                        # as out of the pool's release.
+                    if isinstance(exc, (asyncio.CancelledError, TimeoutError)):
+                        # Cancelled, or asyncpg's command timeout (which asks the server
+                        # to cancel the statement too): the caller returns once the
+                        # statement is stopped, as out of the pool's release. Terminated
+                        # at once, a timed-out write waiting for a lock ran on and
+                        # committed a batch the worker held as failed (test_sequencer.py,
+                        # "timed out"). Shielded: a caller cancelled (again) meanwhile
+                        # leaves the wait, and the end, to run on.
                         await asyncio.shield(self._end_after_cancel(conn))
-                    elif isinstance(exc, TimeoutError):
-                        # asyncpg's command timeout asked the server to cancel the
-                        # statement, as a cancellation does: the same wait. Terminated at
-                        # once, the statement ran on (a lock waited for) and a batch the
-                        # worker held as failed committed later (test_sequencer.py,
-                        # "timed out"): found again by the retry, but counted failed while
-                        # stored, and one more backend left running per retry.
-                        await self._end_after_cancel(conn)
                     elif not conn.is_closed():
                         conn.terminate()
             raise
@@ -251,10 +247,10 @@ class ShardPools:
                 pass
             finally:
                 conn.terminate()
-                self._ending.discard(task)
 
         task = asyncio.ensure_future(end())
         self._ending.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._ending.discard)
         return task
 
     def _drop_held(self, physical: int) -> None:

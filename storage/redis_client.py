@@ -72,9 +72,10 @@ def _client(settings: Settings, max_connections: int | None) -> aioredis.Redis:
 
 
 def make_line(settings: Settings) -> RedisLine | None:
-    """A pipelined connection (storage/redisline.py) for a gateway's batched writes of
-    connects and disconnects (route updates, session counts, presence), with the settings'
-    command timeout; None where it does not apply (as `make_send_line`)."""
+    """A pipelined connection (storage/redisline.py), with the settings' command timeout,
+    for batched writes: a gateway's connects and disconnects (route updates, session
+    counts, presence) and a fan-out worker's publish of each batch. None where it does not
+    apply (as `make_send_line`)."""
     return make_send_line(settings, settings.redis_timeout_s)
 
 
