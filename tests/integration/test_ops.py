@@ -152,12 +152,16 @@ async def test_every_process_serves_metrics_that_move_with_traffic(ops: Ops) -> 
     assert g2[f'process_resident_memory_bytes{{node="{node2}",role="gateway"}}'] > 0
     assert total(g2, "python_gc_collections_total") >= 1
 
-    # The workers: batches, records and lag per partition, on their own ports.
+    # The workers: batches, records and lag per partition, on their own ports. A commit
+    # is counted when the broker answers it, in the background after the batch was
+    # delivered: wait for it too, not only for the vote's record.
     deadline = time.monotonic() + 10
     while True:
         fan = await scrape(f"http://127.0.0.1:{ops.fanout_port}/metrics")
         sco = await scrape(f"http://127.0.0.1:{ops.scores_port}/metrics")
-        if total(sco, "agora_consumer_records_total") >= 1 or time.monotonic() > deadline:
+        counted = total(sco, "agora_consumer_records_total") >= 1
+        committed = total(fan, "agora_consumer_commits_total") >= 1
+        if (counted and committed) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.3)
     assert total(fan, "agora_consumer_batches_total") >= 1

@@ -17,12 +17,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from agora_client import AgoraClient, ServerError
 from core.settings import Settings
 from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
 from tests.integration.helpers import (
     collect,
     create_group,
@@ -111,14 +113,37 @@ async def test_frame_flood_gets_rate_limited_then_closed_with_4008(settings: Set
         s.stop_all()
 
 
+async def flushed(r: aioredis.Redis, keys: RedisKeys, user: str, seconds: float = 10) -> None:
+    """Until the node's HTTP limiter has added `user`'s requests to Redis (a flush)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        now = int(time.time())
+        if await r.exists(*(keys.rate("http", user, w) for w in (now - 1, now))):
+            return
+        assert time.monotonic() < deadline, f"no flush of {user}'s count in {seconds} s"
+        await asyncio.sleep(0.005)
+
+
 async def test_http_rate_limit_answers_429_with_retry_after(
-    settings: Settings, http: httpx.AsyncClient
+    settings: Settings, http: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
     s = Stack(settings, extra_env={"AGORA_HTTP_PER_S": "2"})
     try:
         g = s.gateway("http-rl")
+        # The node adds what each user was allowed to a per-second count in Redis every
+        # 0.2 s and refuses a user past 2 in that second from then on (gateway/ratelimit.py):
+        # a flush between the burst's third and fourth request (about 1 run in 75) counted
+        # 3 and refused the fourth. So the burst goes out, all at once, just after a flush
+        # (another user's request seen counted), far from the next one.
+        ticker = uid("tick")
+        tick = {"Authorization": f"Bearer {s.token(ticker)}"}
+        assert (await http.get(f"{g.http_url}/v1/me", headers=tick)).status_code == 200
+        await flushed(redis_client, RedisKeys(settings.redis_prefix), ticker)
         hdr = {"Authorization": f"Bearer {s.token(uid('curl'))}"}
-        statuses = [(await http.get(f"{g.http_url}/v1/me", headers=hdr)) for _ in range(10)]
+        statuses = list(
+            await asyncio.gather(*(http.get(f"{g.http_url}/v1/me", headers=hdr) for _ in range(4)))
+        )
+        statuses += [(await http.get(f"{g.http_url}/v1/me", headers=hdr)) for _ in range(6)]
         codes = [r.status_code for r in statuses]
         print(f"10 quick GET /v1/me at 2/s: {codes}")
         limited = [r for r in statuses if r.status_code == 429]

@@ -10,10 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from agora_client import AgoraClient, ServerError
 from core.settings import Settings
+from fanout.envelope import Delivery, encode_delivery
 from storage.pools import ShardPools
+from storage.redis_keys import RedisKeys
 from tests.integration.helpers import auth, collect, create_group, uid
 from tests.stack import Proc, Stack
 
@@ -52,7 +55,12 @@ async def frames_of(client: AgoraClient, t: str, until: Any, timeout: float = 15
 
 
 async def test_pointers_stay_monotonic_under_concurrent_devices(
-    stack: Stack, g1: Proc, g2: Proc, http: httpx.AsyncClient, pools: ShardPools
+    stack: Stack,
+    g1: Proc,
+    g2: Proc,
+    http: httpx.AsyncClient,
+    pools: ShardPools,
+    redis_client: aioredis.Redis,
 ) -> None:
     a, b = uid("a"), uid("b")
     conv = await create_group(http, stack, g1, a, [b])
@@ -102,9 +110,15 @@ async def test_pointers_stay_monotonic_under_concurrent_devices(
     # A read that does not move it changes nothing and is echoed to no one.
     await devices[0].read(conv, 1)
     assert await pointer(pools, conv, a) == final
-    await asyncio.sleep(0.5)  # frames of the storm still in flight: drain them
-    while not devices[1].events.empty():
-        assert devices[1].events.get_nowait()["seq"] <= final
+    # Frames of the storm may still be on their way to devices[1]: each was published
+    # before its read was answered (gateway/readstate.py), so a marker published on its
+    # node's channel now reaches it after all of them (not a fixed pause: under load a
+    # node can take longer). Drain them up to the marker.
+    channel = RedisKeys(stack.settings.redis_prefix).node_channel(devices[1].hello["node"])
+    marker = {"t": "notify", "n": {"id": "storm-over", "kind": "dm"}}
+    await redis_client.publish(channel, encode_delivery(Delivery(user_frames=[(a, marker)])))
+    while (frame := await devices[1].next_event(timeout=10)) != marker:
+        assert frame["t"] == "read" and frame["seq"] <= final, frame
     await devices[0].read(conv, 2)
     with pytest.raises(TimeoutError):
         await devices[1].next_event("read", timeout=0.5)

@@ -63,8 +63,9 @@ async def test_a_bad_route_key_fails_no_other_registration_of_its_batch(routes: 
         await asyncio.wait_for(sync.ensure(conv=1), 10)
         flushes = sync.flushes
         sync.changed(convs=(3,))
-        while sync.flushes == flushes:  # the drop's batch went out (and did not fail)
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while sync.flushes == flushes:  # the drop's batch went out (and did not fail)
+                await asyncio.sleep(0.01)
         assert sync.backoff.streak == 0
     finally:
         runner.cancel()

@@ -158,7 +158,9 @@ def test_a_token_is_checked_once_while_valid(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_remembered_token_still_expires() -> None:
     verifier, secret = _verifier(leeway_s=0)
-    token = make_token(secret, "carol", None, 1)
+    # exp is whole seconds (int(time.time()) + ttl): with a ttl of 1 it could be a
+    # millisecond away, and the first check below fail as expired. 2 leaves at least 1 s.
+    token = make_token(secret, "carol", None, 2)
     assert verifier.verify(token).user == "carol"
     exp = jwt.decode(token, options={"verify_signature": False})["exp"]
     while time.time() < exp - 0.05:
