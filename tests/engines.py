@@ -26,11 +26,37 @@ REDIS_DB = 15
 STATE_DIR = Path(".agora/test")
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port nobody listens on, for a server started next. Drawn from below the
+    kernel's ephemeral range: a port from `bind(0)` is one the kernel hands out again, to
+    the next `bind(0)` or to an outgoing connection, before the server binds it (a rare
+    failed start); below the range only another draw can take it, and this process never
+    draws one twice."""
+    low = _ephemeral_low()
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low) if low > 2048 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+            port = s.getsockname()[1]
+        _HANDED_OUT.add(port)
         return port
+    raise RuntimeError("no free loopback port below the ephemeral range in 200 draws")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
